@@ -1,0 +1,44 @@
+"""Metric rows as JSON pages, a plain-text log, or a live server-sent event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from starlette.concurrency import run_in_threadpool
+
+from app.models import JobStatus
+from app.schemas import MetricRead
+from app.services import jobs
+from app.settings import get_settings
+
+
+def format_text_line(row: MetricRead) -> str:
+    fields = [f"step={row.step}"]
+    for name, value, fmt in (
+        ("epoch", row.epoch, ".3f"),
+        ("loss", row.loss, ".4f"),
+        ("eval_loss", row.eval_loss, ".4f"),
+        ("lr", row.learning_rate, ".3e"),
+        ("grad_norm", row.grad_norm, ".4f"),
+        ("tokens_per_s", row.tokens_per_second, ".1f"),
+    ):
+        if value is not None:
+            fields.append(f"{name}={value:{fmt}}")
+    return f"{row.time.isoformat(timespec='seconds')} " + " ".join(fields)
+
+
+async def metric_events(job_id: str, after_step: int) -> AsyncIterator[dict]:
+    """Rows as they are written (`id:` is the step); ends with an `end` event once the job is final."""
+    poll = get_settings().stream_poll_s
+    while True:
+        status, rows = await run_in_threadpool(jobs.metrics_since, job_id, after_step)
+        for row in rows:
+            after_step = row.step
+            yield {"id": str(row.step), "event": "metric", "data": row.model_dump_json()}
+        if status in JobStatus.TERMINAL:
+            job = await run_in_threadpool(jobs.get_job, job_id)
+            yield {"event": "end", "data": json.dumps({"status": job.status, "error": job.error})}
+            return
+        await asyncio.sleep(poll)

@@ -1,0 +1,120 @@
+"""Routes for /jobs and /healthz."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi.responses import FileResponse, PlainTextResponse, Response
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.api.logs import format_text_line, metric_events
+from app.errors import InvalidCursor
+from app.models import JobStatus
+from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page, ResumeRequest
+from app.services import jobs
+from app.spec import JobSpec
+
+router = APIRouter()
+
+JobStatusFilter = Annotated[
+    str | None, Query(pattern="^(" + "|".join(JobStatus.ALL) + ")$", description="Only jobs in this status.")
+]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+
+@router.get("/healthz", tags=["ops"])
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.post("/jobs", status_code=201, response_model=JobRead, tags=["jobs"])
+def create_job(spec: Annotated[JobSpec, Body()] = None) -> JobRead:  # type: ignore[assignment]
+    """Submit a fine-tune job. `{}` (or no body) runs the default recipe."""
+    return jobs.create_job(spec or JobSpec())
+
+
+@router.get("/jobs", response_model=Page[JobRead], tags=["jobs"])
+def list_jobs(status: JobStatusFilter = None, limit: Limit = 50, cursor: str | None = None) -> Page[JobRead]:
+    return jobs.list_jobs(status, limit, cursor)
+
+
+@router.get("/jobs/{job_id}", response_model=JobRead, tags=["jobs"])
+def get_job(job_id: str) -> JobRead:
+    return jobs.get_job(job_id)
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobRead, tags=["jobs"])
+def cancel_job(job_id: str) -> JobRead:
+    """Cancel: a queued job at once, a running one at its next step boundary."""
+    return jobs.cancel_job(job_id)
+
+
+@router.post("/jobs/{job_id}/resume", status_code=202, response_model=JobRead, tags=["jobs"])
+def resume_job(job_id: str, body: Annotated[ResumeRequest | None, Body()] = None) -> JobRead:
+    """Queue a failed or cancelled job again from a checkpoint (default the latest)."""
+    return jobs.resume_job(job_id, body.checkpoint if body else None)
+
+
+@router.get(
+    "/jobs/{job_id}/logs",
+    response_model=Page[MetricRead],
+    tags=["metrics"],
+    responses={200: {"content": {"text/event-stream": {}, "text/plain": {}}}},
+)
+async def job_logs(
+    request: Request,
+    job_id: str,
+    after_step: Annotated[int | None, Query(ge=-1)] = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+    format: Annotated[str, Query(pattern="^(json|text)$")] = "json",
+    accept: Annotated[str, Header()] = "",
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> Response | Page[MetricRead]:
+    """Metric rows. `Accept: text/event-stream` streams them live; `?format=text` gives a log file."""
+    if "text/event-stream" in accept:
+        start = after_step if after_step is not None else -1
+        if last_event_id:
+            if not last_event_id.isdigit():
+                raise InvalidCursor("Last-Event-ID must be a step number")
+            start = int(last_event_id)
+        await run_in_threadpool(jobs.get_job, job_id)  # 404 before the stream starts
+        return EventSourceResponse(metric_events(job_id, start), ping=15)
+    page = await run_in_threadpool(jobs.list_metrics, job_id, after_step, limit)
+    if format == "text":
+        text = "".join(format_text_line(row) + "\n" for row in page.items)
+        return PlainTextResponse(text)
+    return page
+
+
+@router.get("/jobs/{job_id}/events", response_model=Page[EventRead], tags=["jobs"])
+def job_events(job_id: str, after: Annotated[int | None, Query(ge=0)] = None, limit: Limit = 200) -> Page[EventRead]:
+    return jobs.list_events(job_id, after, limit)
+
+
+@router.get("/jobs/{job_id}/checkpoints", response_model=Page[CheckpointRead], tags=["artifacts"])
+def job_checkpoints(job_id: str) -> Page[CheckpointRead]:
+    return Page(items=jobs.list_checkpoints(job_id), next=None)
+
+
+@router.get(
+    "/jobs/{job_id}/checkpoints/{name}/download",
+    response_class=FileResponse,
+    tags=["artifacts"],
+    responses={200: {"content": {"application/zip": {}}}},
+)
+def download_checkpoint(job_id: str, name: str) -> FileResponse:
+    path = jobs.checkpoint_zip(job_id, name)
+    return FileResponse(path, media_type="application/zip", filename=f"{job_id}-{name}.zip")
+
+
+@router.get(
+    "/jobs/{job_id}/adapter",
+    response_class=FileResponse,
+    tags=["artifacts"],
+    responses={200: {"content": {"application/zip": {}}}},
+)
+def download_adapter(job_id: str) -> FileResponse:
+    path = jobs.adapter_zip(job_id)
+    return FileResponse(path, media_type="application/zip", filename=f"{job_id}-adapter.zip")

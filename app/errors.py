@@ -1,0 +1,56 @@
+"""Domain errors. Each carries its HTTP status and error code; one handler renders them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, detail: Any = None):
+        super().__init__(detail)
+        self.detail = detail if detail is not None else self.__doc__
+
+
+class JobNotFound(ServiceError):
+    """No such job."""
+
+    status_code = 404
+    code = "job_not_found"
+
+
+class CheckpointNotFound(ServiceError):
+    """No such checkpoint for this job."""
+
+    status_code = 404
+    code = "checkpoint_not_found"
+
+
+class ArtifactNotReady(ServiceError):
+    """The job has not produced this file (yet)."""
+
+    status_code = 404
+    code = "artifact_not_ready"
+
+
+class JobStateConflict(ServiceError):
+    """The job's status does not allow this action."""
+
+    status_code = 409
+    code = "invalid_job_state"
+
+
+class InvalidCursor(ServiceError):
+    """The cursor is not one this API handed out."""
+
+    status_code = 422
+    code = "invalid_cursor"
+
+
+class BrokerUnavailable(ServiceError):
+    """The job queue's broker could not be reached."""
+
+    status_code = 503
+    code = "broker_unavailable"

@@ -1,0 +1,47 @@
+"""The Celery client the API uses to dispatch job ids; the worker shares its configuration."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from app.errors import BrokerUnavailable
+from app.settings import get_settings
+
+TASK_RUN_JOB = "finetune.run_job"
+QUEUE = "finetune"
+
+
+def make_celery(broker_url: str) -> Celery:
+    celery = Celery("finetune", broker=broker_url)
+    celery.conf.update(
+        task_default_queue=QUEUE,
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        # Trainings run for hours: acknowledge a job only once it has finished, take one at a
+        # time, and give each its own child process so GPU memory is returned afterwards.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=1,
+        worker_concurrency=1,
+        # Redelivery after this many seconds without an ack; the job row's status guards
+        # against running a job twice (see services.runs.claim_job).
+        broker_transport_options={"visibility_timeout": 7 * 24 * 3600},
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+    )
+    return celery
+
+
+@lru_cache
+def get_celery() -> Celery:
+    return make_celery(get_settings().broker_url)
+
+
+def enqueue_job(job_id: str) -> None:
+    try:
+        get_celery().send_task(TASK_RUN_JOB, args=[job_id], queue=QUEUE)
+    except (OperationalError, ConnectionError, OSError) as exc:
+        raise BrokerUnavailable(f"could not enqueue job {job_id}: {exc}") from exc

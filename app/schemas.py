@@ -1,0 +1,77 @@
+"""What the API sends and receives (apart from the job spec, in app.spec)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next: str | None = Field(None, description="Cursor for the next page; null on the last.")
+
+
+class _FromRow(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class JobRead(_FromRow):
+    id: str
+    status: str
+    spec: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    current_step: int
+    total_steps: int | None
+    error: str | None
+    attempts: int
+    cancel_requested: bool
+    resume_from: str | None
+    adapter_sha256: str | None
+    adapter_size_bytes: int | None
+
+
+class MetricRead(_FromRow):
+    step: int
+    epoch: float | None
+    loss: float | None
+    eval_loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    tokens_per_second: float | None
+    time: datetime
+
+
+class EventRead(_FromRow):
+    id: int
+    time: datetime
+    kind: str
+    message: str
+    data: dict[str, Any] | None
+
+
+class CheckpointRead(_FromRow):
+    name: str
+    step: int
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class ResumeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str | None = Field(
+        None, pattern=r"^checkpoint-\d+$", description="Default: the latest checkpoint."
+    )
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: Any = None

@@ -1,0 +1,1 @@
+"""Shared services: the one implementation under every interface (REST, CLI, worker)."""

@@ -1,0 +1,238 @@
+"""What a user can do with jobs: create, read, cancel, resume, and read their metrics and files."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.db import session_scope
+from app.errors import (
+    ArtifactNotReady,
+    CheckpointNotFound,
+    InvalidCursor,
+    JobNotFound,
+    JobStateConflict,
+)
+from app.models import Checkpoint, Event, Job, JobStatus, Metric, utcnow
+from app.queue import enqueue_job
+from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
+from app.services.events import add_state_event
+from app.settings import get_settings
+from app.spec import JobSpec
+
+RESUMABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def create_job(spec: JobSpec) -> JobRead:
+    with session_scope() as session:
+        job = Job(status=JobStatus.QUEUED, spec=spec.model_dump(mode="json"))
+        session.add(job)
+        session.flush()
+        add_state_event(session, job.id, JobStatus.QUEUED, "job created")
+        read = JobRead.model_validate(job)
+    # Only after the commit: a worker that picks the id up must find the row.
+    _enqueue_or_fail(read.id)
+    return read
+
+
+def _enqueue_or_fail(job_id: str) -> None:
+    try:
+        enqueue_job(job_id)
+    except Exception as exc:
+        with session_scope() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+                .values(status=JobStatus.FAILED, error=str(exc), finished_at=utcnow())
+            )
+            add_state_event(session, job_id, JobStatus.FAILED, f"could not enqueue: {exc}")
+        raise
+
+
+def _get(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    return job
+
+
+def get_job(job_id: str) -> JobRead:
+    with session_scope() as session:
+        return JobRead.model_validate(_get(session, job_id))
+
+
+def _encode_cursor(created_at: datetime, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{job_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, _, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return datetime.fromisoformat(created), job_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidCursor() from exc
+
+
+def list_jobs(status: str | None, limit: int, cursor: str | None) -> Page[JobRead]:
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    if status:
+        query = query.where(Job.status == status)
+    if cursor:
+        created_at, job_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
+        )
+    with session_scope() as session:
+        rows = list(session.scalars(query))
+    items = [JobRead.model_validate(row) for row in rows[:limit]]
+    more = len(rows) > limit
+    return Page(items=items, next=_encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if more else None)
+
+
+def cancel_job(job_id: str) -> JobRead:
+    """A queued job is cancelled at once; a running one when the worker reaches a step boundary."""
+    with session_scope() as session:
+        job = _get(session, job_id)
+        now = utcnow()
+        queued = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now)
+        ).rowcount
+        if queued:
+            add_state_event(session, job_id, JobStatus.CANCELLED, "cancelled before it started")
+        else:
+            running = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                .values(cancel_requested=True, updated_at=now)
+            ).rowcount
+            if not running:
+                raise JobStateConflict(f"job is {job.status}; only queued or running jobs can be cancelled")
+            add_state_event(session, job_id, JobStatus.RUNNING, "cancel requested")
+        session.refresh(job)
+        return JobRead.model_validate(job)
+
+
+def resume_job(job_id: str, checkpoint: str | None) -> JobRead:
+    """Queue a failed or cancelled job again, continuing from a checkpoint (default the latest)."""
+    stale: list[Checkpoint] = []
+    with session_scope() as session:
+        job = _get(session, job_id)
+        if job.status not in RESUMABLE:
+            raise JobStateConflict(f"job is {job.status}; only failed or cancelled jobs can be resumed")
+        checkpoints = list(
+            session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
+        )
+        if checkpoint is not None:
+            chosen = next((c for c in checkpoints if c.name == checkpoint), None)
+            if chosen is None:
+                raise CheckpointNotFound(f"job {job_id} has no checkpoint {checkpoint!r}")
+        else:
+            chosen = checkpoints[-1] if checkpoints else None
+        start_step = chosen.step if chosen else 0
+        # The run branches off at the chosen checkpoint: what came after it is replaced.
+        stale = [c for c in checkpoints if c.step > start_step]
+        for row in stale:
+            session.delete(row)
+        session.execute(delete(Metric).where(Metric.job_id == job_id, Metric.step > start_step))
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(RESUMABLE))
+            .values(
+                status=JobStatus.QUEUED,
+                resume_from=chosen.name if chosen else None,
+                current_step=start_step,
+                cancel_requested=False,
+                error=None,
+                finished_at=None,
+                updated_at=utcnow(),
+            )
+        ).rowcount
+        if not claimed:
+            raise JobStateConflict("job changed state while resuming; try again")
+        message = f"resuming from {chosen.name}" if chosen else "no checkpoint; restarting from step 0"
+        add_state_event(session, job_id, JobStatus.QUEUED, message, checkpoint=chosen.name if chosen else None)
+        session.flush()
+        session.refresh(job)
+        read = JobRead.model_validate(job)
+    for row in stale:
+        remove_checkpoint_files(job_id, row.name)
+    _enqueue_or_fail(job_id)
+    return read
+
+
+def remove_checkpoint_files(job_id: str, name: str) -> None:
+    job_dir = get_settings().job_dir(job_id)
+    shutil.rmtree(job_dir / "output" / name, ignore_errors=True)
+    (job_dir / "checkpoints" / f"{name}.zip").unlink(missing_ok=True)
+
+
+def list_metrics(job_id: str, after_step: int | None, limit: int) -> Page[MetricRead]:
+    with session_scope() as session:
+        _get(session, job_id)
+        query = select(Metric).where(Metric.job_id == job_id).order_by(Metric.step).limit(limit + 1)
+        if after_step is not None:
+            query = query.where(Metric.step > after_step)
+        rows = list(session.scalars(query))
+    items = [MetricRead.model_validate(row) for row in rows[:limit]]
+    return Page(items=items, next=str(items[-1].step) if len(rows) > limit else None)
+
+
+def metrics_since(job_id: str, after_step: int) -> tuple[str, list[MetricRead]]:
+    """The job's status, read before its new rows: when it is final, no row can follow."""
+    with session_scope() as session:
+        status = _get(session, job_id).status
+        rows = session.scalars(
+            select(Metric).where(Metric.job_id == job_id, Metric.step > after_step).order_by(Metric.step)
+        )
+        return status, [MetricRead.model_validate(row) for row in rows]
+
+
+def list_events(job_id: str, after: int | None, limit: int) -> Page[EventRead]:
+    with session_scope() as session:
+        _get(session, job_id)
+        query = select(Event).where(Event.job_id == job_id).order_by(Event.id).limit(limit + 1)
+        if after is not None:
+            query = query.where(Event.id > after)
+        rows = list(session.scalars(query))
+    items = [EventRead.model_validate(row) for row in rows[:limit]]
+    return Page(items=items, next=str(items[-1].id) if len(rows) > limit else None)
+
+
+def list_checkpoints(job_id: str) -> list[CheckpointRead]:
+    with session_scope() as session:
+        _get(session, job_id)
+        rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
+        return [CheckpointRead.model_validate(row) for row in rows]
+
+
+def _confined(job_id: str, path: str) -> Path:
+    """A file the database names, refused unless it lies inside the job's own directory."""
+    job_dir = get_settings().job_dir(job_id).resolve()
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(job_dir) or not resolved.is_file():
+        raise ArtifactNotReady(f"file for job {job_id} is missing")
+    return resolved
+
+
+def checkpoint_zip(job_id: str, name: str) -> Path:
+    with session_scope() as session:
+        _get(session, job_id)
+        row = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == name))
+        if row is None:
+            raise CheckpointNotFound(f"job {job_id} has no checkpoint {name!r}")
+        return _confined(job_id, row.path)
+
+
+def adapter_zip(job_id: str) -> Path:
+    with session_scope() as session:
+        job = _get(session, job_id)
+        if not job.adapter_path:
+            raise ArtifactNotReady(f"job {job_id} is {job.status}; the adapter is written when it succeeds")
+        return _confined(job_id, job.adapter_path)

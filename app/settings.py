@@ -1,0 +1,48 @@
+"""Every setting of the service, read once from FINETUNE_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FINETUNE_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("finetune-data")
+    # Empty means a SQLite file under data_dir.
+    database_url: str = ""
+    # Redis in production; `finetune dev` switches to an embedded SQLite broker
+    # (kombu's sqla transport) when this is not set.
+    broker_url: str = DEFAULT_REDIS_URL
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+    # How often the worker flushes metric rows and looks for a cancel request.
+    flush_interval_s: float = 1.0
+    # How often an SSE stream polls the database for new metric rows.
+    stream_poll_s: float = 0.5
+
+    @model_validator(mode="after")
+    def _fill_derived(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'finetune.db'}"
+        return self
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,113 @@
+"""The job spec: every field optional, `{}` is the seed recipe (Phi-2 QLoRA on English oasst1).
+
+Shared by the API (validation) and the worker (training); it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+# org/name, optionally pinned: org/name@revision
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{1,128})?$")
+
+
+def resolve_model_or_dataset(value: str) -> str:
+    """A local path that exists (made absolute) or a hub id `org/name[@revision]`."""
+    value = value.strip()
+    path = Path(value).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if "://" in value or not HUB_ID.match(value):
+        raise ValueError("must be a hub id like 'org/name' (optionally '@revision') or an existing local path")
+    return value
+
+
+# A field naming a model or dataset: validated and made absolute when local.
+ModelOrDataset = Annotated[str, AfterValidator(resolve_model_or_dataset)]
+
+
+def split_revision(hub_id: str) -> tuple[str, str | None]:
+    name, _, revision = hub_id.partition("@")
+    return name, revision or None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(_Strict):
+    source: ModelOrDataset = "OpenAssistant/oasst1"
+    split: str = Field("train", pattern=r"^[\w.\-\[\]:%]+$")
+    languages: list[str] | None = Field(
+        default_factory=lambda: ["en"], description="Keep messages in these languages; null keeps all."
+    )
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Which tokens carry loss: assistant replies only, or every token."
+    )
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many samples.")
+
+
+class QuantizationSpec(_Strict):
+    bits: Literal[4] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "float16", description="'auto' picks bfloat16 where the GPU supports it, else float16."
+    )
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense"], min_length=1
+    )
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Which bias vectors train beside the LoRA weights (peft's `bias`)."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][\w.]*", name):
+                raise ValueError(f"{name!r} is not a module name")
+        return value
+
+
+LrScheduler = Literal[
+    "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"
+]
+Optimizer = Literal[
+    "paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_bnb_8bit", "sgd", "adafactor"
+]
+
+
+class TrainingSpec(_Strict):
+    epochs: float = Field(1.0, gt=0, le=1000)
+    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
+    batch_size: int = Field(4, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(4, ge=1, le=1024)
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    lr_scheduler: LrScheduler = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    optimizer: Optimizer = "paged_adamw_32bit"
+    max_seq_length: int = Field(2048, ge=16, le=131072)
+    gradient_checkpointing: bool = True
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int = Field(2, ge=1, le=1000)
+    logging_steps: int = Field(10, ge=1)
+    seed: int = Field(42, ge=0, le=2**32 - 1)
+
+
+class JobSpec(_Strict):
+    base_model: ModelOrDataset = "microsoft/phi-2"
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec)
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)

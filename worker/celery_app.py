@@ -1,0 +1,9 @@
+"""The worker's Celery app. Importing it must stay cheap: no torch in the parent process."""
+
+from __future__ import annotations
+
+from app.queue import make_celery
+from app.settings import get_settings
+
+celery = make_celery(get_settings().broker_url)
+celery.conf.update(include=["worker.tasks"], worker_hijack_root_logger=False)

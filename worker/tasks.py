@@ -1,0 +1,44 @@
+"""The one task: run a job, given only its id. The job row records how it ended."""
+
+from __future__ import annotations
+
+import logging
+
+from app.models import JobStatus
+from app.queue import TASK_RUN_JOB
+from app.services import runs
+from app.settings import get_settings
+from worker.celery_app import celery
+
+log = logging.getLogger(__name__)
+
+
+@celery.task(name=TASK_RUN_JOB)
+def run_job(job_id: str) -> None:
+    execute_job(job_id)
+
+
+def execute_job(job_id: str) -> None:
+    claim = runs.claim_job(job_id)
+    if claim is None:
+        log.info("job %s is not queued (cancelled or already taken); skipping", job_id)
+        return
+    log.info("job %s: attempt %d, resume from %s", job_id, claim.attempt, claim.resume_from or "start")
+    # Imported here, in the task's own child process: the worker's parent never loads torch/CUDA.
+    from worker.training.recipe import run_training
+
+    try:
+        outcome = run_training(claim, get_settings())
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        runs.finish_job(job_id, JobStatus.FAILED, "training failed", error=f"{type(exc).__name__}: {exc}")
+        return
+    if outcome.cancelled:
+        runs.finish_job(job_id, JobStatus.CANCELLED, f"cancelled at step {outcome.summary['steps']}")
+    else:
+        adapter = outcome.adapter
+        assert adapter is not None
+        runs.finish_job(
+            job_id, JobStatus.SUCCEEDED, f"finished: {outcome.summary}",
+            adapter={"path": str(adapter.path), "size_bytes": adapter.size_bytes, "sha256": adapter.sha256},
+        )

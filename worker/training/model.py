@@ -1,0 +1,68 @@
+"""The base model in 4-bit (bitsandbytes) with LoRA adapters on top (peft)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from app.spec import JobSpec, QuantizationSpec, split_revision
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def compute_dtype(quantization: QuantizationSpec) -> torch.dtype:
+    """`auto`: bfloat16 on GPUs that support it, float16 on older ones (T4), float32 on a CPU."""
+    if quantization.compute_dtype != "auto":
+        return DTYPES[quantization.compute_dtype]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(base_model: str):
+    name, revision = split_revision(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
+    name, revision = split_revision(spec.base_model)
+    q = spec.quantization
+    quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        name,
+        revision=revision,
+        quantization_config=quantization_config,
+        dtype=dtype,
+        device_map={"": torch.cuda.current_device()} if torch.cuda.is_available() else None,
+        trust_remote_code=False,
+    )
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=spec.training.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    lora = LoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=spec.lora.target_modules,
+        bias=spec.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA: %d trainable of %d parameters (%.3f %%)", trainable, total, 100 * trainable / total)
+    return model

@@ -1,0 +1,130 @@
+"""The training a job runs, top to bottom: data, model, trainer, train, adapter.
+
+`run_training` is the one entry point: the Celery task calls it, and so do the GPU proof
+and the tests.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+from app.services.runs import Claim, log_message
+from app.settings import Settings
+from app.spec import JobSpec
+from worker.training.artifacts import ZipInfo, write_model_card, zip_directory
+from worker.training.callbacks import JobProgressCallback
+from worker.training.data import IGNORE_INDEX, build_training_data
+from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    cancelled: bool
+    adapter: ZipInfo | None
+    summary: dict[str, Any]
+
+
+def _warmup(ratio: float) -> dict[str, float]:
+    # transformers 5 dropped warmup_ratio: a float warmup_steps below 1 is read as a ratio.
+    if "warmup_ratio" in inspect.signature(TrainingArguments.__init__).parameters:
+        return {"warmup_ratio": ratio}
+    return {"warmup_steps": ratio}
+
+
+def training_arguments(spec: JobSpec, output_dir: Path, dtype: torch.dtype) -> TrainingArguments:
+    t = spec.training
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        optim=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # Mixed precision is a GPU matter; on a CPU the 4-bit layers compute in `dtype` as they are.
+        fp16=on_gpu and dtype == torch.float16,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        use_cpu=not on_gpu,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        include_num_input_tokens_seen="non_padding",
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        disable_tqdm=True,
+        **_warmup(t.warmup_ratio),
+    )
+
+
+def run_training(claim: Claim, settings: Settings) -> Outcome:
+    job_id = claim.job_id
+    spec = JobSpec.model_validate(claim.spec)
+    job_dir = settings.job_dir(job_id)
+    output_dir = job_dir / "output"
+    set_seed(spec.training.seed)
+
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(spec.base_model)
+    data = build_training_data(spec.dataset, tokenizer, spec.training.max_seq_length)
+    log_message(
+        job_id,
+        f"data ready: {len(data)} samples from {data.conversations} conversations",
+        samples=len(data), truncated=data.truncated, dropped=data.dropped,
+    )
+    dtype = compute_dtype(spec.quantization)
+    model = load_quantized_lora_model(spec, dtype)
+    log.info("job %s: data and model ready in %.1f s", job_id, time.perf_counter() - started)
+
+    progress = JobProgressCallback(job_id, settings.flush_interval_s)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(spec, output_dir, dtype),
+        train_dataset=data,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest"),
+        processing_class=tokenizer,
+        callbacks=[progress],
+    )
+    resume_dir = output_dir / claim.resume_from if claim.resume_from else None
+    if resume_dir is not None and not resume_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint {claim.resume_from} is missing on disk")
+    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+
+    summary = {
+        "steps": trainer.state.global_step,
+        "final_train_loss": _last(trainer.state.log_history, "loss"),
+        "train_loss_mean": round(result.training_loss, 4),
+    }
+    if progress.cancelled:
+        return Outcome(cancelled=True, adapter=None, summary=summary)
+    return Outcome(cancelled=False, adapter=_save_adapter(trainer, spec, job_id, job_dir, summary), summary=summary)
+
+
+def _last(history: list[dict[str, Any]], key: str) -> float | None:
+    return next((entry[key] for entry in reversed(history) if key in entry), None)
+
+
+def _save_adapter(trainer: Trainer, spec: JobSpec, job_id: str, job_dir: Path, summary: dict) -> ZipInfo:
+    adapter_dir = job_dir / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    trainer.save_model(str(adapter_dir))  # adapter weights, adapter config, tokenizer files
+    write_model_card(adapter_dir, spec.model_dump(mode="json"), job_id, summary)
+    return zip_directory(adapter_dir, job_dir / "adapter.zip")
