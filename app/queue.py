@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Celery
-from kombu.exceptions import OperationalError
 
 from app.errors import BrokerUnavailable
 from app.settings import get_settings
@@ -27,11 +26,12 @@ def make_celery(broker_url: str) -> Celery:
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=1,
         worker_concurrency=1,
-        # Redelivery after this many seconds without an ack; the job row's status guards
-        # against running a job twice (see services.runs.claim_job).
-        broker_transport_options={"visibility_timeout": 7 * 24 * 3600},
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
     )
+    if broker_url.startswith(("redis://", "rediss://")):
+        # Redis redelivers an unacknowledged task after this many seconds; the job row's status
+        # guards against running a job twice (see services.runs.claim_job).
+        celery.conf.broker_transport_options = {"visibility_timeout": 7 * 24 * 3600}
     return celery
 
 
@@ -43,5 +43,5 @@ def get_celery() -> Celery:
 def enqueue_job(job_id: str) -> None:
     try:
         get_celery().send_task(TASK_RUN_JOB, args=[job_id], queue=QUEUE)
-    except (OperationalError, ConnectionError, OSError) as exc:
+    except Exception as exc:  # any failure to publish leaves the job undispatched
         raise BrokerUnavailable(f"could not enqueue job {job_id}: {exc}") from exc

@@ -1,0 +1,110 @@
+"""Fixtures that build real things: a migrated SQLite or Postgres database, a real broker,
+the real tiny Phi model. Postgres and Redis join when FINETUNE_TEST_POSTGRES_URL /
+FINETUNE_TEST_REDIS_URL are set (.ci/run sets both)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_JOB = REPO / "examples" / "demo-job.json"
+DEMO_MODEL = REPO / "examples" / "tiny-phi2"
+
+POSTGRES_URL = os.environ.get("FINETUNE_TEST_POSTGRES_URL")
+REDIS_URL = os.environ.get("FINETUNE_TEST_REDIS_URL")
+
+DATABASES = ["sqlite"] + (["postgres"] if POSTGRES_URL else [])
+
+
+def demo_spec(**training: object) -> dict:
+    """The demo job, with training overrides (e.g. fewer steps for a quick test)."""
+    spec = json.loads(DEMO_JOB.read_text())
+    spec["base_model"] = str(DEMO_MODEL)
+    spec["dataset"]["source"] = str(REPO / spec["dataset"]["source"])
+    spec["training"].update(training)
+    return spec
+
+
+def reset_caches() -> None:
+    from app import db, queue, settings
+
+    if db.get_engine.cache_info().currsize:
+        db.get_engine().dispose()
+    for cached in (settings.get_settings, db.get_engine, db._session_factory, queue.get_celery):
+        cached.cache_clear()
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty database on the test server, dropped afterwards."""
+    assert POSTGRES_URL
+    name = "finetune_test_" + secrets.token_hex(6)
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def database_url(kind: str, data_dir: Path) -> Iterator[str]:
+    if kind == "postgres":
+        with fresh_postgres_database() as url:
+            yield url
+    else:
+        yield f"sqlite:///{data_dir / 'finetune.db'}"
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    from worker.demo_model import ensure_demo_model
+
+    return ensure_demo_model(DEMO_MODEL)
+
+
+@pytest.fixture(params=DATABASES)
+def service_env(request, tmp_path: Path, monkeypatch) -> Iterator[dict[str, str]]:
+    """FINETUNE_* settings for one test: its own data dir, a migrated database, a broker in a
+    SQLite file (tests that need Redis set their own). Applied to this process and returned for
+    child processes."""
+    from app import migrate
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with database_url(request.param, data_dir) as url:
+        env = {
+            "FINETUNE_DATA_DIR": str(data_dir),
+            "FINETUNE_DATABASE_URL": url,
+            "FINETUNE_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
+            "FINETUNE_FLUSH_INTERVAL_S": "0",
+            "FINETUNE_STREAM_POLL_S": "0.1",
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        reset_caches()
+        migrate.upgrade()
+        yield env
+        reset_caches()
+
+
+@pytest.fixture
+def client(service_env):
+    from fastapi.testclient import TestClient
+
+    from app.api.main import create_app
+
+    with TestClient(create_app()) as test_client:
+        yield test_client

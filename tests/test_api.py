@@ -1,0 +1,262 @@
+"""The REST API over a real database and a real broker (no worker: rows move through the
+same services a worker calls)."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from app.models import utcnow
+from app.services import runs
+from worker.training.artifacts import zip_directory
+
+
+def job_count(client) -> int:
+    return len(client.get("/jobs", params={"limit": 1000}).json()["items"])
+
+
+def submit(client, body=None) -> dict:
+    response = client.post("/jobs", json=body if body is not None else {})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_health_and_openapi_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/docs").status_code == 200
+    assert "/jobs/{job_id}/resume" in client.get("/openapi.json").json()["paths"]
+
+
+def test_empty_spec_creates_a_queued_seed_recipe_job_and_enqueues_its_id(client, service_env):
+    job = submit(client)
+
+    assert job["status"] == "queued" and job["id"].startswith("job_")
+    assert job["spec"]["base_model"] == "microsoft/phi-2"
+    assert job["spec"]["training"]["gradient_accumulation_steps"] == 4
+    assert (job["current_step"], job["total_steps"], job["attempts"]) == (0, None, 0)
+    broker = service_env["FINETUNE_BROKER_URL"].removeprefix("sqla+sqlite:///")
+    with sqlite3.connect(broker) as conn:
+        payloads = [row[0] for row in conn.execute("select payload from kombu_message")]
+    assert len(payloads) == 1 and job["id"] in payloads[0]
+
+
+def test_job_ids_are_random_and_unguessable(client):
+    ids = {submit(client)["id"] for _ in range(3)}
+    assert len(ids) == 3 and all(len(i) >= 24 for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"training": {"learning_rate": -1}}, "training.learning_rate"),
+        ({"lora": {"r": 0}}, "lora.r"),
+        ({"training": {"epochz": 3}}, "training.epochz"),
+        ({"base_model": "http://example.com/x"}, "base_model"),
+    ],
+)
+def test_bad_spec_is_a_422_naming_the_field_and_writes_nothing(client, body, field):
+    before = job_count(client)
+
+    response = client.post("/jobs", json=body)
+
+    assert response.status_code == 422
+    error = response.json()
+    assert error["error"] == "validation_error"
+    assert [d["field"] for d in error["detail"]] == [field]
+    assert job_count(client) == before
+
+
+def test_malformed_json_is_a_422(client):
+    response = client.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"] == "validation_error"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("get", "/jobs/job_nope"),
+        ("post", "/jobs/job_nope/cancel"),
+        ("post", "/jobs/job_nope/resume"),
+        ("get", "/jobs/job_nope/logs"),
+        ("get", "/jobs/job_nope/events"),
+        ("get", "/jobs/job_nope/checkpoints"),
+        ("get", "/jobs/job_nope/checkpoints/checkpoint-1/download"),
+        ("get", "/jobs/job_nope/adapter"),
+    ],
+)
+def test_unknown_job_is_a_404(client, method, path):
+    response = getattr(client, method)(path)
+    assert response.status_code == 404
+    assert response.json()["error"] == "job_not_found"
+
+
+def test_cancel_a_queued_job_at_once_and_a_second_cancel_is_a_409(client):
+    job = submit(client)
+
+    response = client.post(f"/jobs/{job['id']}/cancel")
+    assert response.status_code == 202 and response.json()["status"] == "cancelled"
+    again = client.post(f"/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and again.json()["error"] == "invalid_job_state"
+    assert runs.claim_job(job["id"]) is None  # a late delivery of its id does not run it
+
+
+def test_cancel_a_running_job_asks_the_worker_to_stop(client):
+    job = submit(client)
+    assert runs.claim_job(job["id"]) is not None
+
+    response = client.post(f"/jobs/{job['id']}/cancel")
+
+    assert response.status_code == 202
+    assert response.json()["status"] == "running" and response.json()["cancel_requested"]
+    assert runs.report_progress(job["id"], 3, []) is True
+
+
+@pytest.mark.parametrize("state", ["queued", "running", "succeeded"])
+def test_resume_is_a_409_unless_failed_or_cancelled(client, state):
+    job = submit(client)
+    if state != "queued":
+        runs.claim_job(job["id"])
+    if state == "succeeded":
+        runs.finish_job(job["id"], "succeeded", "done")
+    before = client.get(f"/jobs/{job['id']}").json()
+
+    response = client.post(f"/jobs/{job['id']}/resume")
+
+    assert response.status_code == 409
+    after = client.get(f"/jobs/{job['id']}").json()
+    assert (after["status"], after["updated_at"]) == (before["status"], before["updated_at"])
+
+
+def test_resume_body_is_validated(client):
+    job = submit(client)
+    client.post(f"/jobs/{job['id']}/cancel")
+
+    bad = client.post(f"/jobs/{job['id']}/resume", json={"checkpoint": "../../etc/passwd"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "checkpoint"
+    missing = client.post(f"/jobs/{job['id']}/resume", json={"checkpoint": "checkpoint-7"})
+    assert missing.status_code == 404 and missing.json()["error"] == "checkpoint_not_found"
+    assert client.get(f"/jobs/{job['id']}").json()["status"] == "cancelled"
+
+
+def test_list_jobs_pages_with_a_cursor_and_filters_by_status(client):
+    ids = [submit(client)["id"] for _ in range(5)]
+    client.post(f"/jobs/{ids[0]}/cancel")
+
+    seen, cursor = [], None
+    while True:
+        page = client.get("/jobs", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+        seen += [job["id"] for job in page["items"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))  # newest first, each once
+    cancelled = client.get("/jobs", params={"status": "cancelled"}).json()["items"]
+    assert [job["id"] for job in cancelled] == [ids[0]]
+    assert client.get("/jobs", params={"status": "sleeping"}).status_code == 422
+    assert client.get("/jobs", params={"cursor": "garbage"}).status_code == 422
+
+
+def test_broker_down_is_a_503_and_the_job_is_kept_as_failed(client, monkeypatch):
+    from tests.conftest import reset_caches
+
+    monkeypatch.setenv("FINETUNE_BROKER_URL", "redis://127.0.0.1:9/0")
+    reset_caches()
+
+    response = client.post("/jobs", json={})
+
+    assert response.status_code == 503 and response.json()["error"] == "broker_unavailable"
+    [job] = client.get("/jobs").json()["items"]
+    assert job["status"] == "failed" and "enqueue" in job["error"]
+
+
+def _running_job_with_metrics(client, steps: int) -> str:
+    job_id = submit(client)["id"]
+    runs.claim_job(job_id)
+    rows = [
+        {"step": s, "epoch": s / 10, "loss": 3.0 - s / 10, "learning_rate": 1e-4, "grad_norm": 0.5,
+         "tokens_per_second": 1000.0, "time": utcnow()}
+        for s in range(1, steps + 1)
+    ]
+    runs.report_progress(job_id, steps, rows)
+    return job_id
+
+
+def test_logs_as_pages_and_as_text(client):
+    job_id = _running_job_with_metrics(client, 5)
+
+    page = client.get(f"/jobs/{job_id}/logs", params={"after_step": 1, "limit": 2}).json()
+    assert [row["step"] for row in page["items"]] == [2, 3] and page["next"] == "3"
+    assert set(page["items"][0]) >= {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "time"}
+    text = client.get(f"/jobs/{job_id}/logs", params={"format": "text"}).text.splitlines()
+    assert len(text) == 5 and "step=5" in text[-1] and "loss=2.5000" in text[-1]
+
+
+def test_log_stream_sends_rows_from_last_event_id_and_ends_with_the_job(client):
+    job_id = _running_job_with_metrics(client, 4)
+    runs.finish_job(job_id, "failed", "boom", error="boom")
+
+    with client.stream(
+        "GET", f"/jobs/{job_id}/logs", headers={"Accept": "text/event-stream", "Last-Event-ID": "2"}
+    ) as response:
+        body = "".join(response.iter_text())
+
+    events = [block for block in body.split("\r\n\r\n") if block.strip() and not block.startswith(":")]
+    assert [e.splitlines()[0] for e in events[:-1]] == ["id: 3", "id: 4"]
+    assert events[-1].startswith("event: end") and '"failed"' in events[-1]
+
+
+def test_metric_rows_are_unique_per_step_and_merge(client):
+    job_id = _running_job_with_metrics(client, 2)
+
+    runs.report_progress(job_id, 2, [{"step": 2, "loss": 9.0, "time": utcnow()}])
+    runs.report_progress(job_id, 2, [{"step": 2, "eval_loss": 1.5, "time": utcnow()}])
+
+    rows = client.get(f"/jobs/{job_id}/logs").json()["items"]
+    assert [(r["step"], r["loss"], r["eval_loss"], r["learning_rate"]) for r in rows] == [
+        (1, 2.9, None, 1e-4),
+        (2, 9.0, 1.5, 1e-4),
+    ]
+
+
+def _fake_checkpoint(data_dir: Path, job_id: str, step: int) -> None:
+    """A checkpoint folder and zip as the trainer callback writes them."""
+    name = f"checkpoint-{step}"
+    folder = data_dir / "jobs" / job_id / "output" / name
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(bytes([step]) * 100)
+    info = zip_directory(folder, data_dir / "jobs" / job_id / "checkpoints" / f"{name}.zip")
+    runs.record_checkpoint(job_id, name, step, str(info.path), info.size_bytes, info.sha256, keep=2)
+
+
+def test_checkpoints_are_listed_pruned_downloaded_and_resumed_from(client, service_env):
+    data_dir = Path(service_env["FINETUNE_DATA_DIR"])
+    job_id = _running_job_with_metrics(client, 30)
+    for step in (10, 20, 30):
+        _fake_checkpoint(data_dir, job_id, step)
+    runs.finish_job(job_id, "failed", "worker died", error="worker died")
+
+    listed = client.get(f"/jobs/{job_id}/checkpoints").json()["items"]
+    assert [c["name"] for c in listed] == ["checkpoint-20", "checkpoint-30"]  # save_total_limit 2
+    assert not (data_dir / "jobs" / job_id / "checkpoints" / "checkpoint-10.zip").exists()
+    download = client.get(f"/jobs/{job_id}/checkpoints/checkpoint-20/download")
+    assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
+    assert hashlib.sha256(download.content).hexdigest() == listed[0]["sha256"]
+    assert client.get(f"/jobs/{job_id}/checkpoints/..%2F..%2Fsecrets/download").status_code == 404
+    assert client.get(f"/jobs/{job_id}/adapter").status_code == 404
+
+    resumed = client.post(f"/jobs/{job_id}/resume", json={"checkpoint": "checkpoint-20"})
+
+    assert resumed.status_code == 202
+    job = resumed.json()
+    assert (job["status"], job["resume_from"], job["current_step"], job["error"]) == (
+        "queued", "checkpoint-20", 20, None,
+    )
+    assert [c["name"] for c in client.get(f"/jobs/{job_id}/checkpoints").json()["items"]] == ["checkpoint-20"]
+    assert not (data_dir / "jobs" / job_id / "output" / "checkpoint-30").exists()
+    assert client.get(f"/jobs/{job_id}/logs", params={"limit": 1000}).json()["items"][-1]["step"] == 20
+    events = [e["message"] for e in client.get(f"/jobs/{job_id}/events").json()["items"]]
+    assert events[-1] == "resuming from checkpoint-20"

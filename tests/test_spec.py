@@ -1,0 +1,67 @@
+"""The job spec: `{}` is the seed recipe, every value overridable, bad values named."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.spec import JobSpec
+
+
+def test_empty_spec_is_the_seed_recipe():
+    spec = JobSpec.model_validate({})
+
+    assert spec.base_model == "microsoft/phi-2"
+    assert (spec.dataset.source, spec.dataset.languages) == ("OpenAssistant/oasst1", ["en"])
+    q = spec.quantization
+    assert (q.bits, q.quant_type, q.double_quant, q.compute_dtype) == (4, "nf4", True, "float16")
+    lora = spec.lora
+    assert (lora.r, lora.alpha, lora.dropout) == (16, 32, 0.05)
+    assert lora.target_modules == ["q_proj", "k_proj", "v_proj", "dense"]
+    t = spec.training
+    assert (t.batch_size, t.gradient_accumulation_steps) == (4, 4)
+    assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio) == (2e-4, "cosine", 0.03)
+    assert t.optimizer == "paged_adamw_32bit"
+    assert (t.max_seq_length, t.gradient_checkpointing) == (2048, True)
+    assert (t.save_steps, t.save_total_limit) == (100, 2)
+
+
+def test_every_value_is_overridable_and_the_rest_keep_their_defaults():
+    spec = JobSpec.model_validate({"lora": {"r": 8}, "training": {"learning_rate": 1e-4, "max_steps": 50}})
+
+    assert (spec.lora.r, spec.lora.alpha) == (8, 32)
+    assert (spec.training.learning_rate, spec.training.max_steps, spec.training.batch_size) == (1e-4, 50, 4)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"training": {"learning_rate": 0}}, ("training", "learning_rate")),
+        ({"training": {"batch_size": -1}}, ("training", "batch_size")),
+        ({"lora": {"dropout": 1.5}}, ("lora", "dropout")),
+        ({"lora": {"target_modules": []}}, ("lora", "target_modules")),
+        ({"lora": {"target_modules": ["q_proj; rm -rf"]}}, ("lora", "target_modules")),
+        ({"quantization": {"bits": 3}}, ("quantization", "bits")),
+        ({"training": {"optimizer": "magic"}}, ("training", "optimizer")),
+        ({"training": {"bogus": 1}}, ("training", "bogus")),
+        ({"surprise": True}, ("surprise",)),
+        ({"base_model": "https://evil.example/model"}, ("base_model",)),
+        ({"base_model": "./no/such/model/dir"}, ("base_model",)),
+        ({"dataset": {"source": "not a name"}}, ("dataset", "source")),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_field(body, field):
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate(body)
+
+    assert [tuple(err["loc"]) for err in caught.value.errors()] == [field]
+
+
+def test_hub_ids_may_pin_a_revision_and_local_paths_become_absolute(tmp_path, monkeypatch):
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    spec = JobSpec.model_validate({"base_model": "my-model", "dataset": {"source": "org/data@v1.2"}})
+
+    assert spec.base_model == str(tmp_path / "my-model")
+    assert spec.dataset.source == "org/data@v1.2"

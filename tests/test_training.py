@@ -1,0 +1,112 @@
+"""The worker's real training path on the CPU: tiny Phi-2, bitsandbytes 4-bit NF4, LoRA,
+paged AdamW, run through the same `execute_job` the Celery task calls."""
+
+from __future__ import annotations
+
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from app.services import jobs, runs
+from app.spec import JobSpec
+from tests.conftest import demo_spec
+from worker.tasks import execute_job
+
+pytestmark = pytest.mark.usefixtures("demo_model")
+
+
+def quick_spec(lora: dict | None = None, **training) -> JobSpec:
+    spec = demo_spec(**{"max_steps": 6, "save_steps": 2, "max_seq_length": 128, **training})
+    spec["lora"].update(lora or {})
+    return JobSpec.model_validate(spec)
+
+
+def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env):
+    job = jobs.create_job(quick_spec())
+
+    execute_job(job.id)
+
+    done = jobs.get_job(job.id)
+    assert done.status == "succeeded", done.error
+    assert (done.current_step, done.total_steps, done.attempts) == (6, 6, 1)
+    rows = jobs.list_metrics(job.id, None, 100).items
+    assert [r.step for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r.loss and r.grad_norm is not None and r.tokens_per_second for r in rows)
+    # warmup (ratio 0.03 of 6 steps rounds up to 1 step), then cosine decay to zero
+    rates = [r.learning_rate for r in rows]
+    assert rates[0] == 0 and rates[1] == pytest.approx(0.03) and rates == sorted(rates[:2]) + sorted(rates[2:], reverse=True)
+
+    checkpoints = jobs.list_checkpoints(job.id)
+    assert [c.name for c in checkpoints] == ["checkpoint-4", "checkpoint-6"]  # save_total_limit 2
+    for checkpoint in checkpoints:
+        path = jobs.checkpoint_zip(job.id, checkpoint.name)
+        with zipfile.ZipFile(path) as archive:
+            assert archive.testzip() is None
+            names = set(archive.namelist())
+        assert f"{checkpoint.name}/optimizer.pt" in names and f"{checkpoint.name}/adapter_model.safetensors" in names
+
+    with zipfile.ZipFile(jobs.adapter_zip(job.id)) as archive:
+        names = set(archive.namelist())
+        card = archive.read("adapter/README.md").decode()
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json"} <= names
+    assert "examples/tiny-phi2" in card and "Final train loss" in card and '"max_steps": 6' in card
+
+
+def test_lora_weights_move_and_the_4bit_base_does_not(service_env, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    job = jobs.create_job(quick_spec(lora={"bias": "none"}, max_steps=3, save_steps=3))
+    execute_job(job.id)
+
+    adapter_dir = Path(service_env["FINETUNE_DATA_DIR"]) / "jobs" / job.id / "adapter"
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # lora_B starts at zero
+    assert not any("base_layer" in name for name in weights)  # only adapter weights are saved
+    base = AutoModelForCausalLM.from_pretrained(quick_spec().base_model)
+    before = base.model.layers[0].self_attn.q_proj.weight.clone()
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.equal(before)
+
+
+def _cancel_after_checkpoint(job_id: str, name: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(c.name == name for c in jobs.list_checkpoints(job_id)):
+            jobs.cancel_job(job_id)
+            return
+        time.sleep(0.05)
+
+
+def test_cancel_then_resume_continues_from_the_checkpoint_like_an_uninterrupted_run(service_env):
+    spec = quick_spec(max_steps=8, save_steps=3, save_total_limit=3)
+    reference = jobs.create_job(spec)
+    execute_job(reference.id)
+    expected = {r.step: r for r in jobs.list_metrics(reference.id, None, 100).items}
+
+    job = jobs.create_job(spec)
+    canceller = threading.Thread(target=_cancel_after_checkpoint, args=(job.id, "checkpoint-3"))
+    canceller.start()
+    execute_job(job.id)
+    canceller.join()
+    stopped = jobs.get_job(job.id)
+    assert stopped.status == "cancelled" and 3 <= stopped.current_step < 8
+    assert stopped.adapter_sha256 is None
+
+    resumed = jobs.resume_job(job.id, None)
+    assert (resumed.status, resumed.resume_from) == ("queued", f"checkpoint-{stopped.current_step // 3 * 3}")
+    execute_job(job.id)
+
+    done = jobs.get_job(job.id)
+    assert (done.status, done.attempts, done.current_step) == ("succeeded", 2, 8)
+    rows = jobs.list_metrics(job.id, None, 100).items
+    assert [r.step for r in rows] == list(range(1, 9))
+    # Same LR schedule, optimizer state and data position as the run that was never stopped.
+    for row in rows:
+        assert row.learning_rate == pytest.approx(expected[row.step].learning_rate, rel=1e-6)
+        assert row.loss == pytest.approx(expected[row.step].loss, abs=1e-3)
