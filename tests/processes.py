@@ -1,0 +1,82 @@
+"""Real service processes for end-to-end tests: `finetune serve`, `finetune worker`, `finetune dev`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def finetune_process(command: str, env: dict[str, str], log_dir: Path) -> Iterator[subprocess.Popen]:
+    log_path = log_dir / f"{command}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", command],
+            cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    if process.returncode not in (0, -15, 143):
+        print(f"--- {command} exited {process.returncode}; log tail:\n{log_path.read_text()[-4000:]}")
+
+
+def wait_healthy(base_url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{base_url} did not become healthy")
+
+
+@contextmanager
+def running_service(env: dict[str, str], log_dir: Path, dev: bool = False) -> Iterator[httpx.Client]:
+    """API and worker as separate processes (or one `finetune dev`); yields a client for the API."""
+    port = free_port()
+    env = {**env, "FINETUNE_HOST": "127.0.0.1", "FINETUNE_PORT": str(port)}
+    with ExitStack() as stack:
+        if dev:
+            stack.enter_context(finetune_process("dev", env, log_dir))
+        else:
+            stack.enter_context(finetune_process("worker", env, log_dir))
+            stack.enter_context(finetune_process("serve", env, log_dir))
+        base_url = f"http://127.0.0.1:{port}"
+        wait_healthy(base_url)
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            yield client
+
+
+def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.25)
+    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
