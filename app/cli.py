@@ -32,7 +32,9 @@ def serve() -> None:
 
     _configure_logging()
     settings = get_settings()
-    uvicorn.run("app.api.main:app", host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        "app.api.main:app", host=settings.host, port=settings.port, log_level=settings.log_level.lower()
+    )
 
 
 @cli.command()
@@ -58,7 +60,9 @@ def migrate() -> None:
 
 
 @cli.command("demo-model")
-def demo_model(directory: Path = typer.Argument(DEMO_MODEL_DIR, help="Folder with a Phi config and tokenizer.")) -> None:
+def demo_model(
+    directory: Path = typer.Argument(DEMO_MODEL_DIR, help="Folder with a Phi config and tokenizer."),
+) -> None:
     """Write the offline demo model's weights (seeded, so identical everywhere)."""
     from worker.demo_model import ensure_demo_model
 

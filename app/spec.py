@@ -22,7 +22,9 @@ def resolve_model_or_dataset(value: str) -> str:
     if path.exists():
         return str(path.resolve())
     if "://" in value or not HUB_ID.match(value):
-        raise ValueError("must be a hub id like 'org/name' (optionally '@revision') or an existing local path")
+        raise ValueError(
+            "must be a hub id like 'org/name' (optionally '@revision') or an existing local path"
+        )
     return value
 
 

@@ -28,7 +28,10 @@ def finetune_process(command: str, env: dict[str, str], log_dir: Path) -> Iterat
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", command],
-            cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             yield process

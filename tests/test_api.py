@@ -177,8 +177,15 @@ def _running_job_with_metrics(client, steps: int) -> str:
     job_id = submit(client)["id"]
     runs.claim_job(job_id)
     rows = [
-        {"step": s, "epoch": s / 10, "loss": 3.0 - s / 10, "learning_rate": 1e-4, "grad_norm": 0.5,
-         "tokens_per_second": 1000.0, "time": utcnow()}
+        {
+            "step": s,
+            "epoch": s / 10,
+            "loss": 3.0 - s / 10,
+            "learning_rate": 1e-4,
+            "grad_norm": 0.5,
+            "tokens_per_second": 1000.0,
+            "time": utcnow(),
+        }
         for s in range(1, steps + 1)
     ]
     runs.report_progress(job_id, steps, rows)
@@ -190,7 +197,15 @@ def test_logs_as_pages_and_as_text(client):
 
     page = client.get(f"/jobs/{job_id}/logs", params={"after_step": 1, "limit": 2}).json()
     assert [row["step"] for row in page["items"]] == [2, 3] and page["next"] == "3"
-    assert set(page["items"][0]) >= {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "time"}
+    assert set(page["items"][0]) >= {
+        "step",
+        "epoch",
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "time",
+    }
     text = client.get(f"/jobs/{job_id}/logs", params={"format": "text"}).text.splitlines()
     assert len(text) == 5 and "step=5" in text[-1] and "loss=2.5000" in text[-1]
 
@@ -253,7 +268,10 @@ def test_checkpoints_are_listed_pruned_downloaded_and_resumed_from(client, servi
     assert resumed.status_code == 202
     job = resumed.json()
     assert (job["status"], job["resume_from"], job["current_step"], job["error"]) == (
-        "queued", "checkpoint-20", 20, None,
+        "queued",
+        "checkpoint-20",
+        20,
+        None,
     )
     assert [c["name"] for c in client.get(f"/jobs/{job_id}/checkpoints").json()["items"]] == ["checkpoint-20"]
     assert not (data_dir / "jobs" / job_id / "output" / "checkpoint-30").exists()

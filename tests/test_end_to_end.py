@@ -32,7 +32,9 @@ def redis_env(service_env) -> dict[str, str]:
 def stream_metrics(client: httpx.Client, job_id: str) -> tuple[list[dict], dict]:
     """Read the live SSE stream until the job ends: (metric rows, end event)."""
     rows, end, event = [], None, None
-    with client.stream("GET", f"/jobs/{job_id}/logs", headers={"Accept": "text/event-stream"}, timeout=300) as response:
+    with client.stream(
+        "GET", f"/jobs/{job_id}/logs", headers={"Accept": "text/event-stream"}, timeout=300
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             if line.startswith("event: "):
@@ -71,9 +73,11 @@ def check_demo_run(client: httpx.Client, job: dict) -> None:
     done = client.get(f"/jobs/{job['id']}").json()
     assert hashlib.sha256(adapter.content).hexdigest() == done["adapter_sha256"]
     with zipfile.ZipFile(io.BytesIO(adapter.content)) as archive:
-        assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/README.md"} <= set(
-            archive.namelist()
-        )
+        assert {
+            "adapter/adapter_model.safetensors",
+            "adapter/adapter_config.json",
+            "adapter/README.md",
+        } <= set(archive.namelist())
 
 
 @needs_redis

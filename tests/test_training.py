@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.services import jobs, runs
+from app.services import jobs
 from app.spec import JobSpec
 from tests.conftest import demo_spec
 from worker.tasks import execute_job
@@ -37,7 +37,11 @@ def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env):
     assert all(r.loss and r.grad_norm is not None and r.tokens_per_second for r in rows)
     # warmup (ratio 0.03 of 6 steps rounds up to 1 step), then cosine decay to zero
     rates = [r.learning_rate for r in rows]
-    assert rates[0] == 0 and rates[1] == pytest.approx(0.03) and rates == sorted(rates[:2]) + sorted(rates[2:], reverse=True)
+    assert (
+        rates[0] == 0
+        and rates[1] == pytest.approx(0.03)
+        and rates == sorted(rates[:2]) + sorted(rates[2:], reverse=True)
+    )
 
     checkpoints = jobs.list_checkpoints(job.id)
     assert [c.name for c in checkpoints] == ["checkpoint-4", "checkpoint-6"]  # save_total_limit 2
@@ -46,12 +50,19 @@ def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env):
         with zipfile.ZipFile(path) as archive:
             assert archive.testzip() is None
             names = set(archive.namelist())
-        assert f"{checkpoint.name}/optimizer.pt" in names and f"{checkpoint.name}/adapter_model.safetensors" in names
+        assert (
+            f"{checkpoint.name}/optimizer.pt" in names
+            and f"{checkpoint.name}/adapter_model.safetensors" in names
+        )
 
     with zipfile.ZipFile(jobs.adapter_zip(job.id)) as archive:
         names = set(archive.namelist())
         card = archive.read("adapter/README.md").decode()
-    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json"} <= names
+    assert {
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json",
+    } <= names
     assert "examples/tiny-phi2" in card and "Final train loss" in card and '"max_steps": 6' in card
 
 

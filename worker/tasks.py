@@ -39,6 +39,8 @@ def execute_job(job_id: str) -> None:
         adapter = outcome.adapter
         assert adapter is not None
         runs.finish_job(
-            job_id, JobStatus.SUCCEEDED, f"finished: {outcome.summary}",
+            job_id,
+            JobStatus.SUCCEEDED,
+            f"finished: {outcome.summary}",
             adapter={"path": str(adapter.path), "size_bytes": adapter.size_bytes, "sha256": adapter.sha256},
         )

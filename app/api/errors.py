@@ -28,7 +28,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         detail = [
-            {"field": _field(tuple(err.get("loc", ()))), "message": err.get("msg", ""), "type": err.get("type")}
+            {
+                "field": _field(tuple(err.get("loc", ()))),
+                "message": err.get("msg", ""),
+                "type": err.get("type"),
+            }
             for err in exc.errors()
         ]
         return JSONResponse({"error": "validation_error", "detail": detail}, status_code=422)

@@ -12,7 +12,7 @@ def create_app() -> FastAPI:
     app = FastAPI(
         title="Fine-tune job service",
         version="0.1.0",
-        description="Submit QLoRA fine-tune jobs, watch their metrics live, download checkpoints and adapters.",
+        description="Submit QLoRA fine-tune jobs, watch metrics live, download checkpoints and adapters.",
     )
     install_error_handlers(app)
     app.include_router(router)

@@ -89,7 +89,9 @@ async def job_logs(
 
 
 @router.get("/jobs/{job_id}/events", response_model=Page[EventRead], tags=["jobs"])
-def job_events(job_id: str, after: Annotated[int | None, Query(ge=0)] = None, limit: Limit = 200) -> Page[EventRead]:
+def job_events(
+    job_id: str, after: Annotated[int | None, Query(ge=0)] = None, limit: Limit = 200
+) -> Page[EventRead]:
     return jobs.list_events(job_id, after, limit)
 
 

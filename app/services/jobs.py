@@ -91,7 +91,9 @@ def list_jobs(status: str | None, limit: int, cursor: str | None) -> Page[JobRea
         rows = list(session.scalars(query))
     items = [JobRead.model_validate(row) for row in rows[:limit]]
     more = len(rows) > limit
-    return Page(items=items, next=_encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if more else None)
+    return Page(
+        items=items, next=_encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if more else None
+    )
 
 
 def cancel_job(job_id: str) -> JobRead:
@@ -157,7 +159,9 @@ def resume_job(job_id: str, checkpoint: str | None) -> JobRead:
         if not claimed:
             raise JobStateConflict("job changed state while resuming; try again")
         message = f"resuming from {chosen.name}" if chosen else "no checkpoint; restarting from step 0"
-        add_state_event(session, job_id, JobStatus.QUEUED, message, checkpoint=chosen.name if chosen else None)
+        add_state_event(
+            session, job_id, JobStatus.QUEUED, message, checkpoint=chosen.name if chosen else None
+        )
         session.flush()
         session.refresh(job)
         read = JobRead.model_validate(job)
@@ -208,7 +212,9 @@ def list_events(job_id: str, after: int | None, limit: int) -> Page[EventRead]:
 def list_checkpoints(job_id: str) -> list[CheckpointRead]:
     with session_scope() as session:
         _get(session, job_id)
-        rows = session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
+        rows = session.scalars(
+            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
+        )
         return [CheckpointRead.model_validate(row) for row in rows]
 
 

@@ -59,7 +59,9 @@ def _upsert_metrics(session: Session, job_id: str, rows: list[dict[str, Any]]) -
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     for row in rows:
         stmt = insert(Metric).values(job_id=job_id, **row)
-        merged = {name: func.coalesce(stmt.excluded[name], Metric.__table__.c[name]) for name in METRIC_FIELDS}
+        merged = {
+            name: func.coalesce(stmt.excluded[name], Metric.__table__.c[name]) for name in METRIC_FIELDS
+        }
         merged["time"] = stmt.excluded.time
         session.execute(stmt.on_conflict_do_update(index_elements=["job_id", "step"], set_=merged))
 
@@ -85,7 +87,9 @@ def record_checkpoint(
             session.delete(existing)
             session.flush()
         session.add(
-            Checkpoint(job_id=job_id, name=name, step=step, path=zip_path, size_bytes=size_bytes, sha256=sha256)
+            Checkpoint(
+                job_id=job_id, name=name, step=step, path=zip_path, size_bytes=size_bytes, sha256=sha256
+            )
         )
         add_event(session, job_id, f"saved {name}", data={"step": step, "size_bytes": size_bytes})
         session.flush()
@@ -106,10 +110,17 @@ def finish_job(
 ) -> None:
     assert status in JobStatus.TERMINAL
     with session_scope() as session:
-        values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "updated_at": utcnow(), "error": error}
+        values: dict[str, Any] = {
+            "status": status,
+            "finished_at": utcnow(),
+            "updated_at": utcnow(),
+            "error": error,
+        }
         if adapter:
             values.update(
-                adapter_path=adapter["path"], adapter_size_bytes=adapter["size_bytes"], adapter_sha256=adapter["sha256"]
+                adapter_path=adapter["path"],
+                adapter_size_bytes=adapter["size_bytes"],
+                adapter_sha256=adapter["sha256"],
             )
         session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(**values))
         add_state_event(session, job_id, status, message, **({"error": error} if error else {}))

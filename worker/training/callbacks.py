@@ -69,11 +69,21 @@ class JobProgressCallback(TrainerCallback):
         started = time.perf_counter()
         info = zip_directory(directory, Path(args.output_dir).parent / "checkpoints" / f"{name}.zip")
         runs.record_checkpoint(
-            self.job_id, name, state.global_step, str(info.path), info.size_bytes, info.sha256,
+            self.job_id,
+            name,
+            state.global_step,
+            str(info.path),
+            info.size_bytes,
+            info.sha256,
             keep=args.save_total_limit or 1_000_000,
         )
-        log.info("job %s: %s zipped (%d bytes) in %.2f s", self.job_id, name, info.size_bytes,
-                 time.perf_counter() - started)
+        log.info(
+            "job %s: %s zipped (%d bytes) in %.2f s",
+            self.job_id,
+            name,
+            info.size_bytes,
+            time.perf_counter() - started,
+        )
 
     def on_train_end(self, args, state: TrainerState, control: TrainerControl, **_):
         self.flush(state, control)

@@ -106,5 +106,7 @@ def build_training_data(spec: DatasetSpec, tokenizer, max_length: int) -> Traini
         samples.append(sample)
         truncated += was_truncated
     if not samples:
-        raise ValueError(f"dataset {spec.source!r} produced no training samples ({dict(conversations.dropped)})")
+        raise ValueError(
+            f"dataset {spec.source!r} produced no training samples ({dict(conversations.dropped)})"
+        )
     return TrainingData(samples, len(turns_list), truncated, dict(conversations.dropped))

@@ -88,7 +88,9 @@ def run_training(claim: Claim, settings: Settings) -> Outcome:
     log_message(
         job_id,
         f"data ready: {len(data)} samples from {data.conversations} conversations",
-        samples=len(data), truncated=data.truncated, dropped=data.dropped,
+        samples=len(data),
+        truncated=data.truncated,
+        dropped=data.dropped,
     )
     dtype = compute_dtype(spec.quantization)
     model = load_quantized_lora_model(spec, dtype)
@@ -115,7 +117,9 @@ def run_training(claim: Claim, settings: Settings) -> Outcome:
     }
     if progress.cancelled:
         return Outcome(cancelled=True, adapter=None, summary=summary)
-    return Outcome(cancelled=False, adapter=_save_adapter(trainer, spec, job_id, job_dir, summary), summary=summary)
+    return Outcome(
+        cancelled=False, adapter=_save_adapter(trainer, spec, job_id, job_dir, summary), summary=summary
+    )
 
 
 def _last(history: list[dict[str, Any]], key: str) -> float | None:

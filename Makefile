@@ -1,0 +1,32 @@
+# The README's commands. `make run` and `make test` each install what they need first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build is enough for the demo and the tests; on a GPU box pick the CUDA build you need.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install run test lint clean
+
+$(BIN)/finetune: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[train,dev]"
+	touch $@
+
+install: $(BIN)/finetune
+
+examples/tiny-phi2/model.safetensors: | $(BIN)/finetune
+	$(BIN)/finetune demo-model
+
+## run: install, then start the API and one worker on this machine (SQLite, no Redis needed)
+run: install examples/tiny-phi2/model.safetensors
+	$(BIN)/finetune dev
+
+## test: install, then run the whole test suite
+test: install examples/tiny-phi2/model.safetensors
+	$(BIN)/ruff check app worker tests migrations
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) finetune-data examples/tiny-phi2/model.safetensors
