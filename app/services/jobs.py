@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from app.models import Checkpoint, Event, Job, JobStatus, Metric, utcnow
 from app.queue import enqueue_job
 from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
 from app.services.events import add_state_event
-from app.settings import get_settings
 from app.spec import JobSpec
+from app.storage import job_files
 
 RESUMABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
 
@@ -166,15 +165,9 @@ def resume_job(job_id: str, checkpoint: str | None) -> JobRead:
         session.refresh(job)
         read = JobRead.model_validate(job)
     for row in stale:
-        remove_checkpoint_files(job_id, row.name)
+        job_files(job_id).remove_checkpoint(row.name)
     _enqueue_or_fail(job_id)
     return read
-
-
-def remove_checkpoint_files(job_id: str, name: str) -> None:
-    job_dir = get_settings().job_dir(job_id)
-    shutil.rmtree(job_dir / "output" / name, ignore_errors=True)
-    (job_dir / "checkpoints" / f"{name}.zip").unlink(missing_ok=True)
 
 
 def list_metrics(job_id: str, after_step: int | None, limit: int) -> Page[MetricRead]:
@@ -220,9 +213,8 @@ def list_checkpoints(job_id: str) -> list[CheckpointRead]:
 
 def _confined(job_id: str, path: str) -> Path:
     """A file the database names, refused unless it lies inside the job's own directory."""
-    job_dir = get_settings().job_dir(job_id).resolve()
-    resolved = Path(path).resolve()
-    if not resolved.is_relative_to(job_dir) or not resolved.is_file():
+    resolved = job_files(job_id).confine(path)
+    if resolved is None:
         raise ArtifactNotReady(f"file for job {job_id} is missing")
     return resolved
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.db import session_scope
 from app.models import Checkpoint, Job, JobStatus, Metric, utcnow
 from app.services.events import add_event, add_state_event
-from app.services.jobs import remove_checkpoint_files
+from app.storage import job_files
 
 METRIC_FIELDS = ("epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second")
 
@@ -102,7 +102,7 @@ def record_checkpoint(
         for row in rows[keep:]:
             session.delete(row)
     for old in pruned:
-        remove_checkpoint_files(job_id, old)
+        job_files(job_id).remove_checkpoint(old)
 
 
 def finish_job(

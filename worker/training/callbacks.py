@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from app.models import utcnow
 from app.services import runs
+from app.storage import JobFiles
 from worker.training.artifacts import zip_directory
 
 log = logging.getLogger(__name__)
@@ -23,8 +23,9 @@ class JobProgressCallback(TrainerCallback):
     boundary after it is seen, without a database round trip on every step.
     """
 
-    def __init__(self, job_id: str, flush_interval_s: float):
+    def __init__(self, job_id: str, files: JobFiles, flush_interval_s: float):
         self.job_id = job_id
+        self.files = files
         self.flush_interval_s = flush_interval_s
         self.cancelled = False
         self._rows: list[dict[str, Any]] = []
@@ -65,9 +66,8 @@ class JobProgressCallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_):
         self.flush(state, control)
         name = f"checkpoint-{state.global_step}"
-        directory = Path(args.output_dir) / name
         started = time.perf_counter()
-        info = zip_directory(directory, Path(args.output_dir).parent / "checkpoints" / f"{name}.zip")
+        info = zip_directory(self.files.checkpoint_dir(name), self.files.checkpoint_zip(name))
         runs.record_checkpoint(
             self.job_id,
             name,

@@ -20,6 +20,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set
 from app.services.runs import Claim, log_message
 from app.settings import Settings
 from app.spec import JobSpec
+from app.storage import JobFiles
 from worker.training.artifacts import ZipInfo, write_model_card, zip_directory
 from worker.training.callbacks import JobProgressCallback
 from worker.training.data import IGNORE_INDEX, build_training_data
@@ -78,8 +79,7 @@ def training_arguments(spec: JobSpec, output_dir: Path, dtype: torch.dtype) -> T
 def run_training(claim: Claim, settings: Settings) -> Outcome:
     job_id = claim.job_id
     spec = JobSpec.model_validate(claim.spec)
-    job_dir = settings.job_dir(job_id)
-    output_dir = job_dir / "output"
+    files = JobFiles(settings.job_dir(job_id))
     set_seed(spec.training.seed)
 
     started = time.perf_counter()
@@ -96,16 +96,16 @@ def run_training(claim: Claim, settings: Settings) -> Outcome:
     model = load_quantized_lora_model(spec, dtype)
     log.info("job %s: data and model ready in %.1f s", job_id, time.perf_counter() - started)
 
-    progress = JobProgressCallback(job_id, settings.flush_interval_s)
+    progress = JobProgressCallback(job_id, files, settings.flush_interval_s)
     trainer = Trainer(
         model=model,
-        args=training_arguments(spec, output_dir, dtype),
+        args=training_arguments(spec, files.output_dir, dtype),
         train_dataset=data,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest"),
         processing_class=tokenizer,
         callbacks=[progress],
     )
-    resume_dir = output_dir / claim.resume_from if claim.resume_from else None
+    resume_dir = files.checkpoint_dir(claim.resume_from) if claim.resume_from else None
     if resume_dir is not None and not resume_dir.is_dir():
         raise FileNotFoundError(f"checkpoint {claim.resume_from} is missing on disk")
     result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
@@ -118,7 +118,7 @@ def run_training(claim: Claim, settings: Settings) -> Outcome:
     if progress.cancelled:
         return Outcome(cancelled=True, adapter=None, summary=summary)
     return Outcome(
-        cancelled=False, adapter=_save_adapter(trainer, spec, job_id, job_dir, summary), summary=summary
+        cancelled=False, adapter=_save_adapter(trainer, spec, job_id, files, summary), summary=summary
     )
 
 
@@ -126,9 +126,8 @@ def _last(history: list[dict[str, Any]], key: str) -> float | None:
     return next((entry[key] for entry in reversed(history) if key in entry), None)
 
 
-def _save_adapter(trainer: Trainer, spec: JobSpec, job_id: str, job_dir: Path, summary: dict) -> ZipInfo:
-    adapter_dir = job_dir / "adapter"
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    trainer.save_model(str(adapter_dir))  # adapter weights, adapter config, tokenizer files
-    write_model_card(adapter_dir, spec.model_dump(mode="json"), job_id, summary)
-    return zip_directory(adapter_dir, job_dir / "adapter.zip")
+def _save_adapter(trainer: Trainer, spec: JobSpec, job_id: str, files: JobFiles, summary: dict) -> ZipInfo:
+    shutil.rmtree(files.adapter_dir, ignore_errors=True)
+    trainer.save_model(str(files.adapter_dir))  # adapter weights, adapter config, tokenizer files
+    write_model_card(files.adapter_dir, spec.model_dump(mode="json"), job_id, summary)
+    return zip_directory(files.adapter_dir, files.adapter_zip)

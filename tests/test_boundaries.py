@@ -1,0 +1,19 @@
+"""Architecture rules that are easy to break by accident."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_the_api_and_the_worker_parent_never_import_torch_or_transformers():
+    # worker.tasks is what the Celery parent process imports; training is imported in the child.
+    code = (
+        "import sys, app.api.main, app.cli, worker.tasks\n"
+        "heavy = sorted({'torch', 'transformers', 'peft', 'bitsandbytes', 'datasets'} & set(sys.modules))\n"
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
