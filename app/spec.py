@@ -47,6 +47,14 @@ class DatasetSpec(_Strict):
     languages: list[str] | None = Field(
         default_factory=lambda: ["en"], description="Keep messages in these languages; null keeps all."
     )
+    format: Literal["auto", "oasst_rows", "oasst_trees", "chat"] = Field(
+        "auto", description="oasst1 message rows, OpenAssistant tree export, or chat `messages` records."
+    )
+    conversations: Literal["all_replies", "best_path"] = Field(
+        "all_replies",
+        description="One sample per assistant reply with its ancestors, or the best-ranked path per tree.",
+    )
+    include_synthetic: bool = True
     train_on: Literal["assistant", "all"] = Field(
         "assistant", description="Which tokens carry loss: assistant replies only, or every token."
     )

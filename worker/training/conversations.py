@@ -1,22 +1,26 @@
-"""oasst1 message rows into conversations: one sample per assistant reply, ancestors as context.
+"""Conversations from the three shapes users bring, as lists of turns; each turn says whether
+its tokens carry loss. Pure Python (no torch, no tokenizer): cheap to test and to reuse.
 
-Pure Python (no torch, no tokenizer), so it is cheap to test and to reuse for reports.
+- oasst1 message rows (`message_id`, `parent_id`, `role`, `text`, …), as `load_dataset` gives;
+- OpenAssistant's nested tree export (`{message_tree_id, prompt: {…, replies: [...]}}`);
+- chat records (`{"messages": [{"role": "user"|"assistant"|"system", "content": …}]}`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-HUMAN, ASSISTANT = "Human", "Assistant"
-ROLE_NAMES = {"prompter": HUMAN, "user": HUMAN, "assistant": ASSISTANT}
+HUMAN, ASSISTANT, SYSTEM = "Human", "Assistant", "System"
+ROLE_NAMES = {"prompter": HUMAN, "user": HUMAN, "assistant": ASSISTANT, "system": SYSTEM}
 
 
 @dataclass(frozen=True)
 class Turn:
-    speaker: str  # HUMAN or ASSISTANT
+    speaker: str  # HUMAN, ASSISTANT or SYSTEM
     text: str
+    train: bool = False  # whether this turn's tokens carry loss
 
 
 @dataclass
@@ -25,30 +29,67 @@ class Conversations:
     dropped: Counter = field(default_factory=Counter)
 
 
-def _kept(row: dict, languages: set[str] | None) -> str | None:
-    """Why a row is dropped, or None when it is kept."""
+def detect_format(record: dict) -> str:
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record and "message_tree_id" in record:
+        return "oasst_trees"
+    if "message_id" in record and "role" in record:
+        return "oasst_rows"
+    raise ValueError(f"unrecognised record with fields {sorted(record)[:8]}")
+
+
+def flatten_trees(trees: Iterable[dict]) -> Iterator[dict]:
+    """Tree export → message rows with parent_id, the form the thread builder reads."""
+    for tree in trees:
+        stack = [(tree["prompt"], None)]
+        while stack:
+            node, parent_id = stack.pop()
+            row = {k: v for k, v in node.items() if k != "replies"}
+            row.setdefault("parent_id", parent_id)
+            row.setdefault("message_tree_id", tree.get("message_tree_id"))
+            yield row
+            stack.extend((reply, node["message_id"]) for reply in reversed(node.get("replies") or []))
+
+
+def _drop_reason(row: dict, languages: set[str] | None, include_synthetic: bool) -> str | None:
     if row.get("deleted"):
         return "deleted"
     if row.get("review_result") is False:
         return "failed_review"
     if languages is not None and row.get("lang") not in languages:
         return "language"
+    if not include_synthetic and row.get("synthetic"):
+        return "synthetic"
     if not (row.get("text") or "").strip():
         return "empty_text"
     return None
 
 
-def conversations_from_rows(rows: Iterable[dict], languages: list[str] | None) -> Conversations:
-    """Rebuild threads from parent_id; each kept assistant reply becomes one sample."""
+def conversations_from_rows(
+    rows: Iterable[dict],
+    languages: list[str] | None,
+    *,
+    include_synthetic: bool = True,
+    mode: str = "all_replies",
+) -> Conversations:
+    """Rebuild threads from parent_id.
+
+    `all_replies`: one sample per kept assistant reply, its ancestors as context, loss on the
+    reply. `best_path`: one sample per tree following the best-ranked reply at each level
+    (the guanaco way), loss on every assistant turn.
+    """
     wanted = set(languages) if languages is not None else None
     dropped: Counter = Counter()
     by_id: dict[str, dict] = {}
     for row in rows:
-        reason = _kept(row, wanted)
+        reason = _drop_reason(row, wanted, include_synthetic)
         if reason:
             dropped[f"rows_{reason}"] += 1
         else:
             by_id[row["message_id"]] = row
+    if mode == "best_path":
+        return Conversations(_best_paths(by_id, dropped), dropped)
     samples = []
     for row in by_id.values():
         if row["role"] != "assistant":
@@ -57,8 +98,13 @@ def conversations_from_rows(rows: Iterable[dict], languages: list[str] | None) -
         if thread is None:
             dropped["replies_missing_ancestor"] += 1
             continue
-        samples.append([Turn(ROLE_NAMES[r["role"]], r["text"].strip()) for r in thread])
+        *context, reply = thread
+        samples.append([_turn(r) for r in context] + [_turn(reply, train=True)])
     return Conversations(samples, dropped)
+
+
+def _turn(row: dict, train: bool = False) -> Turn:
+    return Turn(ROLE_NAMES[row["role"]], row["text"].strip(), train)
 
 
 def _thread(reply: dict, by_id: dict[str, dict]) -> list[dict] | None:
@@ -73,3 +119,60 @@ def _thread(reply: dict, by_id: dict[str, dict]) -> list[dict] | None:
         parent_id = parent.get("parent_id")
     thread.reverse()
     return thread
+
+
+def _best_paths(by_id: dict[str, dict], dropped: Counter) -> list[list[Turn]]:
+    children: dict[str, list[dict]] = defaultdict(list)
+    for row in by_id.values():
+        if row.get("parent_id") is not None:
+            children[row["parent_id"]].append(row)
+    samples = []
+    for root in (r for r in by_id.values() if r.get("parent_id") is None):
+        path, node = [root], root
+        while children.get(node["message_id"]):
+            node = min(children[node["message_id"]], key=_rank_order)
+            path.append(node)
+        turns = [_turn(r, train=r["role"] == "assistant") for r in path]
+        if any(t.train for t in turns):
+            samples.append(turns)
+        else:
+            dropped["trees_without_reply"] += 1
+    return samples
+
+
+def _rank_order(row: dict) -> tuple[bool, int]:
+    """Best first: rank 0, 1, …; unranked replies last."""
+    return (row.get("rank") is None, row.get("rank") or 0)
+
+
+def conversations_from_chats(records: Iterable[dict]) -> Conversations:
+    """Chat records: one sample each, loss on every assistant message."""
+    samples, dropped = [], Counter()
+    for record in records:
+        try:
+            turns = chat_turns(record)
+        except ValueError:
+            dropped["chats_invalid"] += 1
+            continue
+        samples.append(turns)
+    return Conversations(samples, dropped)
+
+
+def chat_turns(record: dict) -> list[Turn]:
+    """Validate one chat record; the ValueError says what is wrong with it."""
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    turns = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{index}] is not an object")
+        role, content = message.get("role"), message.get("content")
+        if role not in ("user", "assistant", "system"):
+            raise ValueError(f"messages[{index}].role must be user, assistant or system, not {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise ValueError(f"messages[{index}].content must be non-empty text")
+        turns.append(Turn(ROLE_NAMES[role], content.strip(), train=role == "assistant"))
+    if not any(t.train for t in turns):
+        raise ValueError("no assistant message to learn from")
+    return turns

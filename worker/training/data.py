@@ -2,48 +2,81 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.spec import DatasetSpec, split_revision
-from worker.training.conversations import ASSISTANT, Conversations, Turn, conversations_from_rows
+from worker.training.conversations import (
+    Conversations,
+    Turn,
+    conversations_from_chats,
+    conversations_from_rows,
+    detect_format,
+    flatten_trees,
+)
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # labels with this value carry no loss
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def load_rows(spec: DatasetSpec) -> list[dict]:
-    """Message rows from the hub (`datasets.load_dataset`) or a local file or folder."""
+def read_json_records(path: Path) -> list[dict]:
+    """A JSON Lines file, or a JSON file holding a list of records."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_records(spec: DatasetSpec) -> list[dict]:
+    """Records from a local file (jsonl, json, parquet), a local dataset folder, or the hub."""
+    path = Path(spec.source)
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        # Read directly: the nested tree export does not fit an inferred Arrow schema.
+        return read_json_records(path)
     import datasets
 
-    path = Path(spec.source)
+    if path.is_file() and path.suffix == ".parquet":
+        return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
     if path.is_file():
-        builder = LOCAL_FORMATS.get(path.suffix)
-        if builder is None:
-            raise ValueError(f"dataset file {path.name}: expected one of {sorted(LOCAL_FORMATS)}")
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    elif path.is_dir():
-        ds = datasets.load_dataset(str(path), split=spec.split)
-    else:
-        name, revision = split_revision(spec.source)
-        ds = datasets.load_dataset(name, split=spec.split, revision=revision)
-    return list(ds)
+        raise ValueError(f"dataset file {path.name}: expected .jsonl, .json or .parquet")
+    if path.is_dir():
+        return list(datasets.load_dataset(str(path), split=spec.split))
+    name, revision = split_revision(spec.source)
+    return list(datasets.load_dataset(name, split=spec.split, revision=revision))
 
 
-def format_turn_segments(turns: list[Turn], eos: str) -> list[tuple[str, bool]]:
-    """`Human: …` / `Assistant: …` text split into (segment, is_assistant_reply) pieces."""
+def conversations_from_records(records: list[dict], spec: DatasetSpec) -> Conversations:
+    if not records:
+        return Conversations([])
+    fmt = detect_format(records[0]) if spec.format == "auto" else spec.format
+    if fmt == "chat":
+        return conversations_from_chats(records)
+    rows: Iterable[dict] = flatten_trees(records) if fmt == "oasst_trees" else records
+    return conversations_from_rows(
+        rows, spec.languages, include_synthetic=spec.include_synthetic, mode=spec.conversations
+    )
+
+
+def format_segments(turns: list[Turn], eos: str) -> list[tuple[str, bool]]:
+    """`Human: …` / `Assistant: …` text as (segment, carries_loss) pieces; EOS ends each reply."""
     segments: list[tuple[str, bool]] = []
     for index, turn in enumerate(turns):
         lead = "" if index == 0 else "\n"
-        if turn.speaker == ASSISTANT:
-            segments.append((f"{lead}{ASSISTANT}: ", False))
-            segments.append((turn.text + eos, True))
+        if turn.speaker == "Assistant":
+            segments.append((f"{lead}Assistant: ", False))
+            segments.append((turn.text + eos, turn.train))
         else:
             segments.append((f"{lead}{turn.speaker}: {turn.text}", False))
     return segments
+
+
+def format_prompt(turns: list[Turn]) -> str:
+    """The text a model sees before it writes the next reply (for samples and generation)."""
+    return "".join(text for text, _ in format_segments(turns, eos="")) + "\nAssistant: "
 
 
 @dataclass
@@ -55,21 +88,20 @@ class TokenizedSample:
 def tokenize_conversation(
     turns: list[Turn], tokenizer, max_length: int, train_on: str
 ) -> tuple[TokenizedSample, bool]:
-    """Tokenize one sample; loss on assistant replies (or on all). Returns (sample, truncated).
+    """Tokenize one sample. Returns (sample, truncated).
 
-    Overlong samples lose context from the left; the final reply is kept (its head, when the
-    reply alone is longer than max_length).
+    Overlong samples lose context from the left; the last trained reply is kept (its head,
+    when the reply alone is longer than max_length).
     """
     input_ids: list[int] = []
     labels: list[int] = []
-    segments = format_turn_segments(turns, tokenizer.eos_token)
     last_reply_start = 0
-    for text, is_reply in segments:
+    for text, carries_loss in format_segments(turns, tokenizer.eos_token):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if is_reply:
+        if carries_loss:
             last_reply_start = len(input_ids)
         input_ids.extend(ids)
-        labels.extend(ids if is_reply or train_on == "all" else [IGNORE_INDEX] * len(ids))
+        labels.extend(ids if carries_loss or train_on == "all" else [IGNORE_INDEX] * len(ids))
     if len(input_ids) <= max_length:
         return TokenizedSample(input_ids, labels), False
     if len(input_ids) - last_reply_start <= max_length:
@@ -98,15 +130,14 @@ class TrainingData:
 
 
 def build_training_data(spec: DatasetSpec, tokenizer, max_length: int) -> TrainingData:
-    conversations: Conversations = conversations_from_rows(load_rows(spec), spec.languages)
-    turns_list = conversations.samples[: spec.max_samples] if spec.max_samples else conversations.samples
+    conversations = conversations_from_records(load_records(spec), spec)
+    chosen = conversations.samples[: spec.max_samples] if spec.max_samples else conversations.samples
     samples, truncated = [], 0
-    for turns in turns_list:
+    for turns in chosen:
         sample, was_truncated = tokenize_conversation(turns, tokenizer, max_length, spec.train_on)
         samples.append(sample)
         truncated += was_truncated
     if not samples:
-        raise ValueError(
-            f"dataset {spec.source!r} produced no training samples ({dict(conversations.dropped)})"
-        )
-    return TrainingData(samples, len(turns_list), truncated, dict(conversations.dropped))
+        dropped = dict(conversations.dropped)
+        raise ValueError(f"dataset {spec.source!r} produced no training samples (dropped: {dropped})")
+    return TrainingData(samples, len(chosen), truncated, dict(conversations.dropped))

@@ -1,0 +1,160 @@
+"""Conversations and loss masks from real oasst1 files, on the real Phi-2 tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.spec import DatasetSpec
+from worker.training.conversations import (
+    Turn,
+    chat_turns,
+    conversations_from_chats,
+    conversations_from_rows,
+    flatten_trees,
+)
+from worker.training.data import (
+    IGNORE_INDEX,
+    conversations_from_records,
+    read_json_records,
+    tokenize_conversation,
+)
+
+DATA = Path(__file__).resolve().parent.parent / "examples" / "data" / "oasst1"
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[dict]:
+    return read_json_records(DATA / "en-validation.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from worker.training.model import load_tokenizer
+
+    return load_tokenizer(str(DATA.parent.parent / "tiny-phi2"))
+
+
+def test_one_sample_per_surviving_assistant_reply_with_its_whole_thread(rows):
+    conversations = conversations_from_rows(rows, ["en"])
+
+    assistant_kept = [
+        r for r in rows if r["role"] == "assistant" and not r["deleted"] and r["review_result"] is not False
+    ]
+    dropped = conversations.dropped
+    assert dropped["rows_deleted"] == 40
+    assert len(conversations.samples) + dropped["replies_missing_ancestor"] == len(assistant_kept)
+    replies = [sample[-1].text for sample in conversations.samples]
+    assert set(replies) <= {r["text"].strip() for r in assistant_kept}
+    for sample in conversations.samples:
+        assert [t.speaker for t in sample] == ["Human", "Assistant"] * (len(sample) // 2)
+        assert [t.train for t in sample] == [False] * (len(sample) - 1) + [True]
+
+
+def test_messages_whose_parent_is_absent_never_become_samples(rows):
+    by_id = {r["message_id"]: r for r in rows}
+    orphans = [r for r in rows if r["parent_id"] and r["parent_id"] not in by_id]  # parent not English
+    assert len(orphans) == 3
+    # they also failed review; mark them reviewed so that only the missing parent stands in the way
+    reviewed = [dict(r, review_result=True) if r in orphans else r for r in rows]
+
+    before = conversations_from_rows(rows, ["en"])
+    after = conversations_from_rows(reviewed, ["en"])
+
+    orphan_replies = [r for r in orphans if r["role"] == "assistant"]
+    assert after.dropped["replies_missing_ancestor"] == before.dropped["replies_missing_ancestor"] + len(
+        orphan_replies
+    )
+    assert len(after.samples) == len(before.samples)
+    orphan_texts = {r["text"].strip() for r in orphans}
+    assert not any(t.text in orphan_texts for sample in after.samples for t in sample)
+
+
+def test_tree_export_flattens_to_rows_and_filters_synthetic():
+    trees = read_json_records(DATA / "en-100-trees.jsonl")
+
+    flat = list(flatten_trees(trees))
+    assert len(flat) == 1167 and sum(bool(r.get("synthetic")) for r in flat) == 22
+    assert all((r["parent_id"] is None) == (r["message_id"] == r["message_tree_id"]) for r in flat)
+
+    spec = DatasetSpec(source=str(DATA / "en-100-trees.jsonl"), include_synthetic=False)
+    conversations = conversations_from_records(trees, spec)
+    assert conversations.dropped["rows_synthetic"] == 22
+    assert conversations.samples and all(s[-1].speaker == "Assistant" for s in conversations.samples)
+
+
+def test_best_path_takes_the_top_ranked_reply_at_each_level(rows):
+    best = conversations_from_rows(rows, ["en"], mode="best_path")
+
+    roots = {r["message_id"] for r in rows if r["parent_id"] is None and not r["deleted"]}
+    assert 0 < len(best.samples) <= len(roots)
+    kept = [r for r in rows if not r["deleted"] and r["review_result"] is not False]
+    by_text = {r["text"].strip(): r for r in kept}
+    texts = [r["text"].strip() for r in kept]
+    for sample in best.samples:
+        for turn in sample[1:]:
+            if texts.count(turn.text) > 1:  # e.g. "Thank you!": ambiguous, skip
+                continue
+            row = by_text[turn.text]
+            sibling_ranks = [
+                s["rank"] for s in kept if s["parent_id"] == row["parent_id"] and s["rank"] is not None
+            ]
+            assert row["rank"] == min(sibling_ranks, default=None)
+        assert all(t.train == (t.speaker == "Assistant") for t in sample)
+
+
+def test_chat_records_become_samples_and_bad_ones_say_why():
+    good = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+    }
+    assert chat_turns(good) == [
+        Turn("System", "Be brief."),
+        Turn("Human", "Hi"),
+        Turn("Assistant", "Hello!", True),
+    ]
+    with pytest.raises(ValueError, match=r"messages\[0\].role"):
+        chat_turns({"messages": [{"role": "bot", "content": "x"}]})
+    with pytest.raises(ValueError, match="no assistant message"):
+        chat_turns({"messages": [{"role": "user", "content": "x"}]})
+    conversations = conversations_from_chats([good, {"messages": []}, {"text": "x"}])
+    assert len(conversations.samples) == 1 and conversations.dropped["chats_invalid"] == 2
+
+
+def test_loss_covers_exactly_the_reply_and_its_eos(tokenizer):
+    turns = [
+        Turn("Human", "What is 2+2?"),
+        Turn("Assistant", "Four.", False),
+        Turn("Human", "Sure?"),
+        Turn("Assistant", "Yes, four.", True),
+    ]
+
+    sample, truncated = tokenize_conversation(turns, tokenizer, 512, "assistant")
+
+    trained = [
+        tok for tok, label in zip(sample.input_ids, sample.labels, strict=True) if label != IGNORE_INDEX
+    ]
+    assert tokenizer.decode(trained) == "Yes, four." + tokenizer.eos_token
+    assert tokenizer.decode(sample.input_ids) == (
+        "Human: What is 2+2?\nAssistant: Four.<|endoftext|>\nHuman: Sure?\nAssistant: Yes, four.<|endoftext|>"
+    )
+    everything, _ = tokenize_conversation(turns, tokenizer, 512, "all")
+    assert everything.labels == everything.input_ids and not truncated
+
+
+def test_overlong_samples_lose_context_from_the_left_never_the_reply(tokenizer):
+    reply = "The answer is short."
+    turns = [Turn("Human", "word " * 400), Turn("Assistant", reply, True)]
+
+    sample, truncated = tokenize_conversation(turns, tokenizer, 64, "assistant")
+
+    assert truncated and len(sample.input_ids) == 64
+    assert tokenizer.decode(sample.input_ids).endswith("Assistant: " + reply + tokenizer.eos_token)
+    long_reply, _ = tokenize_conversation(
+        [Turn("Human", "hi"), Turn("Assistant", "ok " * 200, True)], tokenizer, 32, "assistant"
+    )
+    assert len(long_reply.input_ids) == 32 and all(label != IGNORE_INDEX for label in long_reply.labels)
