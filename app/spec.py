@@ -59,6 +59,15 @@ class DatasetSpec(_Strict):
         "assistant", description="Which tokens carry loss: assistant replies only, or every token."
     )
     max_samples: int | None = Field(None, ge=1, description="Use at most this many samples.")
+    validation_split: str | None = Field(
+        "validation",
+        pattern=r"^[\w.\-\[\]:%]+$",
+        description="Split giving eval_loss, for hub or folder datasets (a missing split is skipped).",
+    )
+    validation_source: ModelOrDataset | None = Field(
+        None, description="A separate validation file or dataset; overrides validation_split."
+    )
+    max_eval_samples: int | None = Field(None, ge=1)
 
 
 class QuantizationSpec(_Strict):
@@ -112,6 +121,7 @@ class TrainingSpec(_Strict):
     save_steps: int = Field(100, ge=1)
     save_total_limit: int = Field(2, ge=1, le=1000)
     logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="Default: save_steps.")
     seed: int = Field(42, ge=0, le=2**32 - 1)
 
 

@@ -29,7 +29,8 @@ def demo_spec(**training: object) -> dict:
     """The demo job, with training overrides (e.g. fewer steps for a quick test)."""
     spec = json.loads(DEMO_JOB.read_text())
     spec["base_model"] = str(DEMO_MODEL)
-    spec["dataset"]["source"] = str(REPO / spec["dataset"]["source"])
+    for key in ("source", "validation_source"):
+        spec["dataset"][key] = str(REPO / spec["dataset"][key])
     spec["training"].update(training)
     return spec
 

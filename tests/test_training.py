@@ -18,9 +18,10 @@ from worker.tasks import execute_job
 pytestmark = pytest.mark.usefixtures("demo_model")
 
 
-def quick_spec(lora: dict | None = None, **training) -> JobSpec:
+def quick_spec(lora: dict | None = None, dataset: dict | None = None, **training) -> JobSpec:
     spec = demo_spec(**{"max_steps": 6, "save_steps": 2, "max_seq_length": 128, **training})
     spec["lora"].update(lora or {})
+    spec["dataset"].update(dataset or {})
     return JobSpec.model_validate(spec)
 
 
@@ -35,6 +36,8 @@ def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env):
     rows = jobs.list_metrics(job.id, None, 100).items
     assert [r.step for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r.loss and r.grad_norm is not None and r.tokens_per_second for r in rows)
+    # validation every save_steps (2) on the demo's validation file, merged into the step's row
+    assert [r.step for r in rows if r.eval_loss is not None] == [2, 4, 6]
     # warmup (ratio 0.03 of 6 steps rounds up to 1 step), then cosine decay to zero
     rates = [r.learning_rate for r in rows]
     assert (
@@ -64,6 +67,7 @@ def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env):
         "adapter/tokenizer.json",
     } <= names
     assert "examples/tiny-phi2" in card and "Final train loss" in card and '"max_steps": 6' in card
+    assert "Final eval loss" in card
 
 
 def test_lora_weights_move_and_the_4bit_base_does_not(service_env, tmp_path):
@@ -95,7 +99,8 @@ def _cancel_after_checkpoint(job_id: str, name: str) -> None:
 
 
 def test_cancel_then_resume_continues_from_the_checkpoint_like_an_uninterrupted_run(service_env):
-    spec = quick_spec(max_steps=8, save_steps=3, save_total_limit=3)
+    # Without evaluation: see the note in docs/known-issues.md on eval and exact replay.
+    spec = quick_spec(dataset={"validation_source": None}, max_steps=8, save_steps=3, save_total_limit=3)
     reference = jobs.create_job(spec)
     execute_job(reference.id)
     expected = {r.step: r for r in jobs.list_metrics(reference.id, None, 100).items}

@@ -31,9 +31,9 @@ def read_json_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def load_records(spec: DatasetSpec) -> list[dict]:
+def load_records(source: str, split: str) -> list[dict]:
     """Records from a local file (jsonl, json, parquet), a local dataset folder, or the hub."""
-    path = Path(spec.source)
+    path = Path(source)
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         # Read directly: the nested tree export does not fit an inferred Arrow schema.
         return read_json_records(path)
@@ -44,9 +44,9 @@ def load_records(spec: DatasetSpec) -> list[dict]:
     if path.is_file():
         raise ValueError(f"dataset file {path.name}: expected .jsonl, .json or .parquet")
     if path.is_dir():
-        return list(datasets.load_dataset(str(path), split=spec.split))
-    name, revision = split_revision(spec.source)
-    return list(datasets.load_dataset(name, split=spec.split, revision=revision))
+        return list(datasets.load_dataset(str(path), split=split))
+    name, revision = split_revision(source)
+    return list(datasets.load_dataset(name, split=split, revision=revision))
 
 
 def conversations_from_records(records: list[dict], spec: DatasetSpec) -> Conversations:
@@ -130,8 +130,33 @@ class TrainingData:
 
 
 def build_training_data(spec: DatasetSpec, tokenizer, max_length: int) -> TrainingData:
-    conversations = conversations_from_records(load_records(spec), spec)
-    chosen = conversations.samples[: spec.max_samples] if spec.max_samples else conversations.samples
+    records = load_records(spec.source, spec.split)
+    return _tokenized(
+        conversations_from_records(records, spec), spec, tokenizer, max_length, spec.max_samples
+    )
+
+
+def build_eval_data(spec: DatasetSpec, tokenizer, max_length: int) -> TrainingData | None:
+    """The validation samples, or None when the spec names none (or a single-file source has none)."""
+    if spec.validation_source:
+        records = load_records(spec.validation_source, "train")
+    elif spec.validation_split and not Path(spec.source).is_file():
+        try:
+            records = load_records(spec.source, spec.validation_split)
+        except ValueError as exc:  # datasets: unknown split
+            log.warning("no validation split %r in %s: %s", spec.validation_split, spec.source, exc)
+            return None
+    else:
+        return None
+    return _tokenized(
+        conversations_from_records(records, spec), spec, tokenizer, max_length, spec.max_eval_samples
+    )
+
+
+def _tokenized(
+    conversations: Conversations, spec: DatasetSpec, tokenizer, max_length: int, limit: int | None
+) -> TrainingData:
+    chosen = conversations.samples[:limit] if limit else conversations.samples
     samples, truncated = [], 0
     for turns in chosen:
         sample, was_truncated = tokenize_conversation(turns, tokenizer, max_length, spec.train_on)

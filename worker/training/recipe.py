@@ -23,7 +23,7 @@ from app.spec import JobSpec
 from app.storage import JobFiles
 from worker.training.artifacts import ZipInfo, write_model_card, zip_directory
 from worker.training.callbacks import JobProgressCallback
-from worker.training.data import IGNORE_INDEX, build_training_data
+from worker.training.data import IGNORE_INDEX, build_eval_data, build_training_data
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,15 @@ def _warmup(ratio: float) -> dict[str, float]:
     return {"warmup_steps": ratio}
 
 
-def training_arguments(spec: JobSpec, output_dir: Path, dtype: torch.dtype) -> TrainingArguments:
+def training_arguments(
+    spec: JobSpec, output_dir: Path, dtype: torch.dtype, evaluate: bool
+) -> TrainingArguments:
     t = spec.training
     on_gpu = torch.cuda.is_available()
     return TrainingArguments(
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps or t.save_steps,
+        per_device_eval_batch_size=t.batch_size,
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -85,10 +90,13 @@ def run_training(claim: Claim, settings: Settings) -> Outcome:
     started = time.perf_counter()
     tokenizer = load_tokenizer(spec.base_model)
     data = build_training_data(spec.dataset, tokenizer, spec.training.max_seq_length)
+    eval_data = build_eval_data(spec.dataset, tokenizer, spec.training.max_seq_length)
+    eval_samples = len(eval_data) if eval_data else 0
     log_message(
         job_id,
-        f"data ready: {len(data)} samples from {data.conversations} conversations",
+        f"data ready: {len(data)} training samples, {eval_samples} validation samples",
         samples=len(data),
+        eval_samples=eval_samples,
         truncated=data.truncated,
         dropped=data.dropped,
     )
@@ -99,8 +107,9 @@ def run_training(claim: Claim, settings: Settings) -> Outcome:
     progress = JobProgressCallback(job_id, files, settings.flush_interval_s)
     trainer = Trainer(
         model=model,
-        args=training_arguments(spec, files.output_dir, dtype),
+        args=training_arguments(spec, files.output_dir, dtype, evaluate=eval_data is not None),
         train_dataset=data,
+        eval_dataset=eval_data,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest"),
         processing_class=tokenizer,
         callbacks=[progress],
@@ -113,6 +122,7 @@ def run_training(claim: Claim, settings: Settings) -> Outcome:
     summary = {
         "steps": trainer.state.global_step,
         "final_train_loss": _last(trainer.state.log_history, "loss"),
+        "final_eval_loss": _last(trainer.state.log_history, "eval_loss"),
         "train_loss_mean": round(result.training_loss, 4),
     }
     if progress.cancelled:
