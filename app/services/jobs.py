@@ -170,15 +170,23 @@ def resume_job(job_id: str, checkpoint: str | None) -> JobRead:
     return read
 
 
-def list_metrics(job_id: str, after_step: int | None, limit: int) -> Page[MetricRead]:
+def _page_of_job_rows(job_id: str, model, key, schema, after: int | None, limit: int) -> Page:
+    """Rows of one of the job's tables in `key` order after a cursor (keyset pagination)."""
     with session_scope() as session:
         _get(session, job_id)
-        query = select(Metric).where(Metric.job_id == job_id).order_by(Metric.step).limit(limit + 1)
-        if after_step is not None:
-            query = query.where(Metric.step > after_step)
+        query = select(model).where(model.job_id == job_id).order_by(key).limit(limit + 1)
+        if after is not None:
+            query = query.where(key > after)
         rows = list(session.scalars(query))
-    items = [MetricRead.model_validate(row) for row in rows[:limit]]
-    return Page(items=items, next=str(items[-1].step) if len(rows) > limit else None)
+    more = len(rows) > limit
+    return Page(
+        items=[schema.model_validate(row) for row in rows[:limit]],
+        next=str(getattr(rows[limit - 1], key.key)) if more else None,
+    )
+
+
+def list_metrics(job_id: str, after_step: int | None, limit: int) -> Page[MetricRead]:
+    return _page_of_job_rows(job_id, Metric, Metric.step, MetricRead, after_step, limit)
 
 
 def metrics_since(job_id: str, after_step: int) -> tuple[str, list[MetricRead]]:
@@ -192,14 +200,7 @@ def metrics_since(job_id: str, after_step: int) -> tuple[str, list[MetricRead]]:
 
 
 def list_events(job_id: str, after: int | None, limit: int) -> Page[EventRead]:
-    with session_scope() as session:
-        _get(session, job_id)
-        query = select(Event).where(Event.job_id == job_id).order_by(Event.id).limit(limit + 1)
-        if after is not None:
-            query = query.where(Event.id > after)
-        rows = list(session.scalars(query))
-    items = [EventRead.model_validate(row) for row in rows[:limit]]
-    return Page(items=items, next=str(items[-1].id) if len(rows) > limit else None)
+    return _page_of_job_rows(job_id, Event, Event.id, EventRead, after, limit)
 
 
 def list_checkpoints(job_id: str) -> list[CheckpointRead]:
