@@ -76,7 +76,14 @@ def report_progress(job_id: str, step: int, rows: list[dict[str, Any]]) -> bool:
 
 
 def record_checkpoint(
-    job_id: str, name: str, step: int, zip_path: str, size_bytes: int, sha256: str, keep: int
+    job_id: str,
+    name: str,
+    step: int,
+    zip_path: str,
+    size_bytes: int,
+    sha256: str,
+    keep: int,
+    timings: dict[str, float] | None = None,
 ) -> None:
     """Record a finished checkpoint zip and drop the oldest beyond `keep` (save_total_limit)."""
     with session_scope() as session:
@@ -91,7 +98,9 @@ def record_checkpoint(
                 job_id=job_id, name=name, step=step, path=zip_path, size_bytes=size_bytes, sha256=sha256
             )
         )
-        add_event(session, job_id, f"saved {name}", data={"step": step, "size_bytes": size_bytes})
+        add_event(
+            session, job_id, f"saved {name}", data={"step": step, "size_bytes": size_bytes, **(timings or {})}
+        )
         session.flush()
         rows = list(
             session.scalars(

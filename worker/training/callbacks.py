@@ -31,6 +31,7 @@ class JobProgressCallback(TrainerCallback):
         self._rows: list[dict[str, Any]] = []
         self._last_flush = 0.0
         self._last_log: tuple[float, int] | None = None  # (time, tokens seen) at the last log
+        self._step_ended = time.perf_counter()
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_):
         runs.set_total_steps(self.job_id, state.max_steps)
@@ -61,13 +62,16 @@ class JobProgressCallback(TrainerCallback):
         return (tokens - previous[1]) / (now - previous[0])
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **_):
+        self._step_ended = time.perf_counter()  # the trainer's save (if due) starts after this
         self._maybe_flush(state, control)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_):
         self.flush(state, control)
         name = f"checkpoint-{state.global_step}"
         started = time.perf_counter()
+        save_s = started - self._step_ended
         info = zip_directory(self.files.checkpoint_dir(name), self.files.checkpoint_zip(name))
+        zip_s = time.perf_counter() - started
         runs.record_checkpoint(
             self.job_id,
             name,
@@ -76,6 +80,7 @@ class JobProgressCallback(TrainerCallback):
             info.size_bytes,
             info.sha256,
             keep=args.save_total_limit or 1_000_000,
+            timings={"save_seconds": round(save_s, 3), "zip_seconds": round(zip_s, 3)},
         )
         log.info(
             "job %s: %s zipped (%d bytes) in %.2f s",
