@@ -30,7 +30,7 @@ def healthz() -> dict[str, str]:
 
 
 @router.post("/jobs", status_code=201, response_model=JobRead, tags=["jobs"])
-def create_job(spec: Annotated[JobSpec, Body()] = None) -> JobRead:  # type: ignore[assignment]
+def create_job(spec: Annotated[JobSpec | None, Body()] = None) -> JobRead:
     """Submit a fine-tune job. `{}` (or no body) runs the default recipe."""
     return jobs.create_job(spec or JobSpec())
 
