@@ -70,8 +70,3 @@ class ResumeRequest(BaseModel):
     checkpoint: str | None = Field(
         None, pattern=r"^checkpoint-\d+$", description="Default: the latest checkpoint."
     )
-
-
-class ErrorBody(BaseModel):
-    error: str
-    detail: Any = None

@@ -74,11 +74,6 @@ def format_segments(turns: list[Turn], eos: str) -> list[tuple[str, bool]]:
     return segments
 
 
-def format_prompt(turns: list[Turn]) -> str:
-    """The text a model sees before it writes the next reply (for samples and generation)."""
-    return "".join(text for text, _ in format_segments(turns, eos="")) + "\nAssistant: "
-
-
 @dataclass
 class TokenizedSample:
     input_ids: list[int]
