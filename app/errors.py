@@ -42,6 +42,31 @@ class JobStateConflict(ServiceError):
     code = "invalid_job_state"
 
 
+class DatasetNotFound(ServiceError):
+    """No such uploaded dataset."""
+
+    status_code = 404
+    code = "dataset_not_found"
+
+
+class InvalidFields(ServiceError):
+    """Fields that are well-formed but refer to something unusable; rendered like a 422 from
+    request validation: a list of {"field", "message"}."""
+
+    status_code = 422
+    code = "validation_error"
+
+    def __init__(self, *problems: tuple[str, str]):
+        super().__init__([{"field": field, "message": message} for field, message in problems])
+
+
+class UploadTooLarge(ServiceError):
+    """The upload is larger than FINETUNE_MAX_UPLOAD_BYTES."""
+
+    status_code = 413
+    code = "upload_too_large"
+
+
 class InvalidCursor(ServiceError):
     """The cursor is not one this API handed out."""
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -29,6 +30,10 @@ def utcnow() -> datetime:
 def new_job_id() -> str:
     # 96 random bits: ids are unguessable, so they can double as capability links.
     return "job_" + secrets.token_hex(12)
+
+
+def new_dataset_id() -> str:
+    return "ds_" + secrets.token_hex(12)
 
 
 class UTCDateTime(TypeDecorator):
@@ -127,3 +132,24 @@ class Checkpoint(Base):
     size_bytes: Mapped[int]
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DatasetStatus:
+    READY = "ready"
+    INVALID = "invalid"
+
+
+class Dataset(Base):
+    """An uploaded training file and what validating it found."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_dataset_id)
+    filename: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    format: Mapped[str | None] = mapped_column(String(16))
+    report: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -10,6 +10,7 @@ from app.errors import BrokerUnavailable
 from app.settings import get_settings
 
 TASK_RUN_JOB = "finetune.run_job"
+TASK_ANALYZE_DATASET = "finetune.analyze_dataset"
 QUEUE = "finetune"
 
 
@@ -40,8 +41,12 @@ def get_celery() -> Celery:
     return make_celery(get_settings().broker_url)
 
 
-def enqueue_job(job_id: str) -> None:
+def send(task: str, *args: object) -> None:
     try:
-        get_celery().send_task(TASK_RUN_JOB, args=[job_id], queue=QUEUE)
-    except Exception as exc:  # any failure to publish leaves the job undispatched
-        raise BrokerUnavailable(f"could not enqueue job {job_id}: {exc}") from exc
+        get_celery().send_task(task, args=list(args), queue=QUEUE)
+    except Exception as exc:  # any failure to publish leaves the work undispatched
+        raise BrokerUnavailable(f"could not enqueue {task}{args}: {exc}") from exc
+
+
+def enqueue_job(job_id: str) -> None:
+    send(TASK_RUN_JOB, job_id)

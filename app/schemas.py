@@ -64,6 +64,20 @@ class CheckpointRead(_FromRow):
     created_at: datetime
 
 
+class DatasetRead(_FromRow):
+    id: str
+    filename: str
+    size_bytes: int
+    sha256: str
+    status: str
+    format: str | None
+    report: dict[str, Any] = Field(
+        description="format, records, messages, trees, languages, samples, dropped, problems "
+        "(each with its line), valid, and `tokens` (length statistics, filled in by a worker)."
+    )
+    created_at: datetime
+
+
 class ResumeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

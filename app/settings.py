@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
+    max_upload_bytes: int = 1 << 30
     # How often the worker flushes metric rows and looks for a cancel request.
     flush_interval_s: float = 1.0
     # How often an SSE stream polls the database for new metric rows.
@@ -41,6 +42,9 @@ class Settings(BaseSettings):
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
+
+    def dataset_dir(self, dataset_id: str) -> Path:
+        return self.data_dir / "datasets" / dataset_id
 
 
 @lru_cache

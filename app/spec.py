@@ -31,6 +31,16 @@ def resolve_model_or_dataset(value: str) -> str:
 # A field naming a model or dataset: validated and made absolute when local.
 ModelOrDataset = Annotated[str, AfterValidator(resolve_model_or_dataset)]
 
+# An uploaded dataset (POST /datasets); the job service checks that it exists and is valid.
+DATASET_ID = re.compile(r"^ds_[0-9a-f]{24}$")
+
+
+def resolve_dataset_source(value: str) -> str:
+    return value.strip() if DATASET_ID.match(value.strip()) else resolve_model_or_dataset(value)
+
+
+DatasetSource = Annotated[str, AfterValidator(resolve_dataset_source)]
+
 
 def split_revision(hub_id: str) -> tuple[str, str | None]:
     name, _, revision = hub_id.partition("@")
@@ -42,7 +52,9 @@ class _Strict(BaseModel):
 
 
 class DatasetSpec(_Strict):
-    source: ModelOrDataset = "OpenAssistant/oasst1"
+    source: DatasetSource = Field(
+        "OpenAssistant/oasst1", description="Hub id, local file or folder, or an uploaded dataset's id."
+    )
     split: str = Field("train", pattern=r"^[\w.\-\[\]:%]+$")
     languages: list[str] | None = Field(
         default_factory=lambda: ["en"], description="Keep messages in these languages; null keeps all."
@@ -64,7 +76,7 @@ class DatasetSpec(_Strict):
         pattern=r"^[\w.\-\[\]:%]+$",
         description="Split giving eval_loss, for hub or folder datasets (a missing split is skipped).",
     )
-    validation_source: ModelOrDataset | None = Field(
+    validation_source: DatasetSource | None = Field(
         None, description="A separate validation file or dataset; overrides validation_split."
     )
     max_eval_samples: int | None = Field(None, ge=1)

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from app.spec import DatasetSpec
-from worker.training.conversations import (
+from app.conversations import (
     Turn,
     chat_turns,
     conversations_from_chats,
     conversations_from_rows,
     flatten_trees,
 )
+from app.spec import DatasetSpec
 from worker.training.data import (
     IGNORE_INDEX,
     conversations_from_records,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from app.models import JobStatus
-from app.queue import TASK_RUN_JOB
+from app.queue import TASK_ANALYZE_DATASET, TASK_RUN_JOB
 from app.services import runs
 from app.settings import get_settings
 from worker.celery_app import celery
@@ -16,6 +16,13 @@ log = logging.getLogger(__name__)
 @celery.task(name=TASK_RUN_JOB)
 def run_job(job_id: str) -> None:
     execute_job(job_id)
+
+
+@celery.task(name=TASK_ANALYZE_DATASET)
+def analyze_dataset(dataset_id: str, tokenizer: str, max_seq_length: int) -> None:
+    from worker.analysis import analyze_dataset as analyze
+
+    analyze(dataset_id, tokenizer, max_seq_length)
 
 
 def execute_job(job_id: str) -> None:

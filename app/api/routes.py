@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Query, Request
+from fastapi import APIRouter, Body, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
@@ -12,9 +12,9 @@ from starlette.concurrency import run_in_threadpool
 from app.api.logs import format_text_line, metric_events
 from app.errors import InvalidCursor
 from app.models import JobStatus
-from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page, ResumeRequest
-from app.services import jobs
-from app.spec import JobSpec
+from app.schemas import CheckpointRead, DatasetRead, EventRead, JobRead, MetricRead, Page, ResumeRequest
+from app.services import datasets, jobs
+from app.spec import JobSpec, ModelOrDataset
 
 router = APIRouter()
 
@@ -120,3 +120,26 @@ def download_checkpoint(job_id: str, name: str) -> FileResponse:
 def download_adapter(job_id: str) -> FileResponse:
     path = jobs.adapter_zip(job_id)
     return FileResponse(path, media_type="application/zip", filename=f"{job_id}-adapter.zip")
+
+
+@router.post("/datasets", status_code=201, response_model=DatasetRead, tags=["datasets"])
+def upload_dataset(
+    file: Annotated[UploadFile, File(description="oasst1 rows, tree export or chat records (.jsonl/.json)")],
+    tokenizer: Annotated[ModelOrDataset, Form(description="Tokenizer for the length statistics.")] = (
+        "microsoft/phi-2"
+    ),
+    max_seq_length: Annotated[int, Form(ge=16, le=131072)] = 2048,
+) -> DatasetRead:
+    """Store and validate a training file. An invalid file is kept with a report that names each
+    bad line and why; jobs can only use valid ones (`"dataset": {"source": "<id>"}`)."""
+    return datasets.upload_dataset(file.filename, file.file, tokenizer, max_seq_length)
+
+
+@router.get("/datasets", response_model=Page[DatasetRead], tags=["datasets"])
+def list_datasets(limit: Limit = 50, cursor: str | None = None) -> Page[DatasetRead]:
+    return datasets.list_datasets(limit, cursor)
+
+
+@router.get("/datasets/{dataset_id}", response_model=DatasetRead, tags=["datasets"])
+def get_dataset(dataset_id: str) -> DatasetRead:
+    return datasets.get_dataset(dataset_id)

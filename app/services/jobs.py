@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import base64
-from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.errors import (
     ArtifactNotReady,
     CheckpointNotFound,
-    InvalidCursor,
     JobNotFound,
     JobStateConflict,
 )
 from app.models import Checkpoint, Event, Job, JobStatus, Metric, utcnow
 from app.queue import enqueue_job
 from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
+from app.services.datasets import check_dataset_references
 from app.services.events import add_state_event
+from app.services.pagination import newest_first
 from app.spec import JobSpec
 from app.storage import job_files
 
@@ -28,6 +27,7 @@ RESUMABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 def create_job(spec: JobSpec) -> JobRead:
+    check_dataset_references(spec)
     with session_scope() as session:
         job = Job(status=JobStatus.QUEUED, spec=spec.model_dump(mode="json"))
         session.add(job)
@@ -65,34 +65,8 @@ def get_job(job_id: str) -> JobRead:
         return JobRead.model_validate(_get(session, job_id))
 
 
-def _encode_cursor(created_at: datetime, job_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{job_id}".encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created, _, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-        return datetime.fromisoformat(created), job_id
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidCursor() from exc
-
-
 def list_jobs(status: str | None, limit: int, cursor: str | None) -> Page[JobRead]:
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    if status:
-        query = query.where(Job.status == status)
-    if cursor:
-        created_at, job_id = _decode_cursor(cursor)
-        query = query.where(
-            or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
-        )
-    with session_scope() as session:
-        rows = list(session.scalars(query))
-    items = [JobRead.model_validate(row) for row in rows[:limit]]
-    more = len(rows) > limit
-    return Page(
-        items=items, next=_encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if more else None
-    )
+    return newest_first(Job, JobRead, limit, cursor, *([Job.status == status] if status else []))
 
 
 def cancel_job(job_id: str) -> JobRead:

@@ -8,8 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.spec import DatasetSpec, split_revision
-from worker.training.conversations import (
+from app.conversations import (
     Conversations,
     Turn,
     conversations_from_chats,
@@ -17,6 +16,8 @@ from worker.training.conversations import (
     detect_format,
     flatten_trees,
 )
+from app.services.datasets import dataset_file
+from app.spec import DATASET_ID, DatasetSpec, split_revision
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,9 @@ def read_json_records(path: Path) -> list[dict]:
 
 
 def load_records(source: str, split: str) -> list[dict]:
-    """Records from a local file (jsonl, json, parquet), a local dataset folder, or the hub."""
-    path = Path(source)
+    """Records from an uploaded dataset, a local file (jsonl, json, parquet), a local dataset
+    folder, or the hub."""
+    path = dataset_file(source) if DATASET_ID.match(source) else Path(source)
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         # Read directly: the nested tree export does not fit an inferred Arrow schema.
         return read_json_records(path)
@@ -135,7 +137,7 @@ def build_eval_data(spec: DatasetSpec, tokenizer, max_length: int) -> TrainingDa
     """The validation samples, or None when the spec names none (or a single-file source has none)."""
     if spec.validation_source:
         records = load_records(spec.validation_source, "train")
-    elif spec.validation_split and not Path(spec.source).is_file():
+    elif spec.validation_split and not DATASET_ID.match(spec.source) and not Path(spec.source).is_file():
         try:
             records = load_records(spec.source, spec.validation_split)
         except ValueError as exc:  # datasets: unknown split

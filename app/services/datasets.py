@@ -1,0 +1,148 @@
+"""Uploaded datasets: store the file, validate it, keep the report; jobs refer to them by id."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sqlalchemy.orm import Session
+
+from app.dataset_report import UPLOAD_SUFFIXES, validate_file
+from app.db import session_scope
+from app.errors import BrokerUnavailable, DatasetNotFound, InvalidFields, UploadTooLarge
+from app.models import Dataset, DatasetStatus, new_dataset_id
+from app.queue import TASK_ANALYZE_DATASET, send
+from app.schemas import DatasetRead, Page
+from app.services.pagination import newest_first
+from app.settings import get_settings
+from app.spec import DATASET_ID, JobSpec
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+
+
+def _safe_filename(filename: str | None) -> str:
+    name = re.sub(r"[^\w.-]", "_", Path(filename or "").name)[-200:].lstrip(".")
+    if not name.endswith(UPLOAD_SUFFIXES):
+        raise InvalidFields(("file", f"expected a {' or '.join(UPLOAD_SUFFIXES)} file, got {filename!r}"))
+    return name
+
+
+def _store(stream: BinaryIO, target: Path, limit: int) -> tuple[int, str]:
+    """Copy to a temporary name, then rename: (size, sha256). Refuses more than `limit` bytes."""
+    digest, size = hashlib.sha256(), 0
+    tmp = target.with_name(f".{target.name}.part")
+    with tmp.open("wb") as out:
+        while chunk := stream.read(CHUNK):
+            size += len(chunk)
+            if size > limit:
+                out.close()
+                tmp.unlink()
+                raise UploadTooLarge(f"uploads are limited to {limit} bytes")
+            digest.update(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(target)
+    return size, digest.hexdigest()
+
+
+def upload_dataset(
+    filename: str | None, stream: BinaryIO, tokenizer: str, max_seq_length: int
+) -> DatasetRead:
+    settings = get_settings()
+    name = _safe_filename(filename)
+    dataset_id = new_dataset_id()
+    folder = settings.dataset_dir(dataset_id)
+    folder.mkdir(parents=True)
+    try:
+        size, sha256 = _store(stream, folder / name, settings.max_upload_bytes)
+        report = validate_file(folder / name)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    valid = report["valid"]
+    report["tokens"] = {
+        "status": "pending" if valid else "skipped",
+        "tokenizer": tokenizer,
+        "max_seq_length": max_seq_length,
+    }
+    with session_scope() as session:
+        row = Dataset(
+            id=dataset_id,
+            filename=name,
+            path=str(folder / name),
+            size_bytes=size,
+            sha256=sha256,
+            status=DatasetStatus.READY if valid else DatasetStatus.INVALID,
+            format=report["format"],
+            report=report,
+        )
+        session.add(row)
+        session.flush()
+        read = DatasetRead.model_validate(row)
+    if valid:
+        try:
+            send(TASK_ANALYZE_DATASET, dataset_id, tokenizer, max_seq_length)
+        except BrokerUnavailable as exc:  # the upload stands; only its token statistics are missing
+            log.warning("dataset %s: %s", dataset_id, exc)
+            set_token_stats(dataset_id, {**report["tokens"], "status": "unavailable", "error": str(exc)})
+            return get_dataset(dataset_id)
+    return read
+
+
+def _get(session: Session, dataset_id: str) -> Dataset:
+    row = session.get(Dataset, dataset_id)
+    if row is None:
+        raise DatasetNotFound(f"no dataset {dataset_id!r}")
+    return row
+
+
+def get_dataset(dataset_id: str) -> DatasetRead:
+    with session_scope() as session:
+        return DatasetRead.model_validate(_get(session, dataset_id))
+
+
+def list_datasets(limit: int, cursor: str | None) -> Page[DatasetRead]:
+    return newest_first(Dataset, DatasetRead, limit, cursor)
+
+
+def dataset_file(dataset_id: str) -> Path:
+    """The stored file of an uploaded dataset (what a worker trains on)."""
+    with session_scope() as session:
+        return Path(_get(session, dataset_id).path)
+
+
+def set_token_stats(dataset_id: str, tokens: dict[str, Any]) -> None:
+    with session_scope() as session:
+        row = _get(session, dataset_id)
+        row.report = {**row.report, "tokens": tokens}
+
+
+def check_dataset_references(spec: JobSpec) -> None:
+    """Refuse a job whose uploaded datasets are unknown or invalid (before it is stored or queued)."""
+    problems = []
+    references = {
+        "dataset.source": spec.dataset.source,
+        "dataset.validation_source": spec.dataset.validation_source,
+    }
+    for field, value in references.items():
+        if value is None or not DATASET_ID.match(value):
+            continue
+        with session_scope() as session:
+            row = session.get(Dataset, value)
+            if row is None:
+                problems.append((field, f"no uploaded dataset {value!r}"))
+            elif row.status != DatasetStatus.READY:
+                count = row.report.get("problem_count", 0)
+                problems.append(
+                    (field, f"dataset {value} is {row.status}: {count} problem(s), see GET /datasets/{value}")
+                )
+    if problems:
+        raise InvalidFields(*problems)

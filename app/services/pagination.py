@@ -1,0 +1,41 @@
+"""Newest-first keyset pagination over a table with `created_at` and `id` columns."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+
+from pydantic import BaseModel
+from sqlalchemy import and_, or_, select
+
+from app.db import session_scope
+from app.errors import InvalidCursor
+from app.schemas import Page
+
+
+def _encode_cursor(created_at: datetime, row_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{row_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, _, row_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return datetime.fromisoformat(created), row_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidCursor() from exc
+
+
+def newest_first(model, schema: type[BaseModel], limit: int, cursor: str | None, *where) -> Page:
+    query = select(model).where(*where).order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+    if cursor:
+        created_at, row_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(model.created_at < created_at, and_(model.created_at == created_at, model.id < row_id))
+        )
+    with session_scope() as session:
+        rows = list(session.scalars(query))
+    last = rows[limit - 1] if len(rows) > limit else None
+    return Page(
+        items=[schema.model_validate(row) for row in rows[:limit]],
+        next=_encode_cursor(last.created_at, last.id) if last else None,
+    )

@@ -1,0 +1,160 @@
+"""Uploaded datasets: a report that names each bad line, and jobs refused before they queue."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from app.services import jobs
+from tests.conftest import REPO, demo_spec
+
+DATA = REPO / "examples" / "data" / "oasst1"
+CHAT = [
+    {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4."},
+            {"role": "user", "content": "And 3+3?"},
+            {"role": "assistant", "content": "6."},
+        ]
+    },
+]
+
+
+def upload(client, name: str, content: bytes, **form):
+    return client.post("/datasets", files={"file": (name, content)}, data=form)
+
+
+def jsonl(records) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def queued_messages(service_env) -> int:
+    broker = service_env["FINETUNE_BROKER_URL"].removeprefix("sqla+sqlite:///")
+    with sqlite3.connect(broker) as conn:
+        try:
+            return conn.execute("select count(*) from kombu_message").fetchone()[0]
+        except sqlite3.OperationalError:  # no message was ever sent
+            return 0
+
+
+def test_a_valid_chat_file_is_ready_with_its_report(client, service_env):
+    response = upload(client, "chats.jsonl", jsonl(CHAT), tokenizer=str(REPO / "examples" / "tiny-phi2"))
+
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["id"].startswith("ds_") and (dataset["status"], dataset["format"]) == ("ready", "chat")
+    report = dataset["report"]
+    assert (report["records"], report["samples"], report["problem_count"], report["valid"]) == (2, 2, 0, True)
+    assert report["tokens"]["status"] == "pending"
+    assert queued_messages(service_env) == 1  # the worker computes the token statistics
+    assert client.get(f"/datasets/{dataset['id']}").json() == dataset
+    assert [d["id"] for d in client.get("/datasets").json()["items"]] == [dataset["id"]]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (
+            "en-validation.jsonl",
+            {"format": "oasst_rows", "messages": 2022, "trees": 191, "languages": {"en": 2022}},
+        ),
+        (
+            "en-100-trees.jsonl",
+            {"format": "oasst_trees", "messages": 1167, "trees": 100, "languages": {"en": 1167}},
+        ),
+    ],
+)
+def test_oasst_files_report_messages_trees_languages_and_drops(client, name, expected):
+    dataset = upload(client, name, (DATA / name).read_bytes()).json()
+
+    report = dataset["report"]
+    assert {key: report[key] for key in expected} == expected
+    assert dataset["status"] == "ready" and report["samples"] > 0
+    if name == "en-validation.jsonl":
+        assert report["dropped"]["rows_deleted"] == 40
+
+
+def test_broken_lines_and_wrong_fields_are_named_by_line(client, service_env):
+    content = b"\n".join(
+        [
+            json.dumps(CHAT[0]).encode(),
+            b'{"messages": [ broken',
+            json.dumps({"messages": [{"role": "bot", "content": "hi"}]}).encode(),
+            json.dumps({"messages": [{"role": "user", "content": "only a question"}]}).encode(),
+            b"[1, 2]",
+        ]
+    )
+
+    dataset = upload(client, "bad.jsonl", content).json()
+
+    assert dataset["status"] == "invalid"
+    problems = dataset["report"]["problems"]
+    assert [p["line"] for p in problems] == [2, 3, 4, 5]
+    assert problems[0]["error"].startswith("invalid JSON")
+    assert "messages[0].role" in problems[1]["error"]
+    assert "no assistant message" in problems[2]["error"]
+    assert problems[3]["error"] == "not a JSON object"
+    assert dataset["report"]["tokens"]["status"] == "skipped"
+    assert queued_messages(service_env) == 0
+
+
+def test_oasst_rows_missing_fields_are_named(client):
+    rows = [json.loads(line) for line in (DATA / "en-validation.jsonl").read_text().splitlines()[:3]]
+    del rows[1]["text"]
+    rows[2]["role"] = "moderator"
+
+    report = upload(client, "rows.jsonl", jsonl(rows)).json()["report"]
+
+    assert [(p["line"], p["error"]) for p in report["problems"]] == [
+        (2, "missing or wrong fields: text"),
+        (3, "missing or wrong fields: role (prompter or assistant)"),
+    ]
+
+
+def test_uploads_must_be_json_lines_or_json(client):
+    response = upload(client, "data.csv", b"a,b\n")
+    assert response.status_code == 422 and response.json()["detail"][0]["field"] == "file"
+    assert client.get("/datasets").json()["items"] == []
+
+
+def test_a_job_naming_an_invalid_or_unknown_dataset_is_refused_before_it_is_queued(client, service_env):
+    invalid = upload(client, "bad.jsonl", b"not json\n").json()
+    spec = demo_spec()
+
+    for source, message in ((invalid["id"], "is invalid"), ("ds_" + "0" * 24, "no uploaded dataset")):
+        spec["dataset"]["source"] = source
+        response = client.post("/jobs", json=spec)
+        assert response.status_code == 422
+        [problem] = response.json()["detail"]
+        assert problem["field"] == "dataset.source" and message in problem["message"]
+    assert client.get("/jobs").json()["items"] == []
+    assert queued_messages(service_env) == 0
+
+
+@pytest.mark.usefixtures("demo_model")
+def test_token_statistics_and_training_on_an_uploaded_dataset(client, service_env):
+    from worker.analysis import analyze_dataset
+    from worker.tasks import execute_job
+
+    tokenizer = str(REPO / "examples" / "tiny-phi2")
+    dataset = upload(
+        client, "trees.jsonl", (DATA / "en-100-trees.jsonl").read_bytes(), tokenizer=tokenizer
+    ).json()
+
+    analyze_dataset(dataset["id"], tokenizer, 256)
+
+    tokens = client.get(f"/datasets/{dataset['id']}").json()["report"]["tokens"]
+    assert tokens["status"] == "done" and tokens["samples"] == dataset["report"]["samples"]
+    assert 0 < tokens["p50"] <= tokens["p95"] <= tokens["max"] and tokens["over_max_seq_length"] > 0
+
+    spec = demo_spec(max_steps=2, save_steps=2, max_seq_length=128)
+    spec["dataset"].update(source=dataset["id"], validation_source=None)
+    job = client.post("/jobs", json=spec).json()
+    assert job["spec"]["dataset"]["source"] == dataset["id"]
+    execute_job(job["id"])
+    assert jobs.get_job(job["id"]).status == "succeeded"
