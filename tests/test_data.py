@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,57 @@ def test_overlong_samples_lose_context_from_the_left_never_the_reply(tokenizer):
         [Turn("Human", "hi"), Turn("Assistant", "ok " * 200, True)], tokenizer, 32, "assistant"
     )
     assert len(long_reply.input_ids) == 32 and all(label != IGNORE_INDEX for label in long_reply.labels)
+
+
+def _oasst_spec(source: str, **fields) -> DatasetSpec:
+    return DatasetSpec(source=source, **fields)
+
+
+def test_the_default_spec_reads_oasst1_train_and_validation_from_the_hub(monkeypatch, tokenizer, rows):
+    """The hub is the one thing that cannot exist here: `load_dataset` answers with the real rows."""
+    import datasets
+
+    from worker.training.data import build_eval_data, build_training_data
+
+    calls = []
+
+    def fake_load_dataset(name, split=None, revision=None, **kwargs):
+        calls.append((name, split, revision))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    spec = DatasetSpec()
+
+    train = build_training_data(spec, tokenizer, 2048)
+    evaluation = build_eval_data(spec, tokenizer, 2048)
+
+    assert calls == [("OpenAssistant/oasst1", "train", None), ("OpenAssistant/oasst1", "validation", None)]
+    assert len(train) == len(evaluation) == len(conversations_from_rows(rows, ["en"]).samples)
+
+
+def test_local_parquet_files_and_dataset_folders_load(tmp_path, tokenizer, rows):
+    import datasets
+
+    from worker.training.data import build_eval_data, build_training_data
+
+    flat = [
+        {
+            k: v
+            for k, v in r.items()
+            if k in ("message_id", "parent_id", "text", "role", "lang", "deleted", "review_result")
+        }
+        for r in rows
+    ]
+    datasets.Dataset.from_list(flat).to_parquet(str(tmp_path / "rows.parquet"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text((DATA / "en-validation.jsonl").read_text())
+    (folder / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:200]))
+
+    from_parquet = build_training_data(_oasst_spec(str(tmp_path / "rows.parquet")), tokenizer, 512)
+    from_folder = build_training_data(_oasst_spec(str(folder)), tokenizer, 512)
+    folder_eval = build_eval_data(_oasst_spec(str(folder)), tokenizer, 512)
+
+    expected = len(conversations_from_rows(rows, ["en"]).samples)
+    assert len(from_parquet) == len(from_folder) == expected
+    assert folder_eval is not None and 0 < len(folder_eval) < expected
