@@ -80,8 +80,10 @@ def dev() -> None:
         settings = get_settings()
     _configure_logging()
     from app import migrate as migrations
+    from app.queue import declare_queue
 
     migrations.upgrade()
+    declare_queue()
     typer.secho(
         f"finetune dev: API on http://{settings.host}:{settings.port}  (docs at /docs)\n"
         f"  data dir  {settings.data_dir}\n"

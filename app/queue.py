@@ -41,6 +41,15 @@ def get_celery() -> Celery:
     return make_celery(get_settings().broker_url)
 
 
+def declare_queue() -> None:
+    """Create the job queue on the broker now. For the embedded SQLite broker this creates its
+    tables, which the API and the worker would otherwise race to create at their first use."""
+    celery = get_celery()
+    with celery.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=3)
+        celery.amqp.queues[QUEUE](connection.default_channel).declare()
+
+
 def send(task: str, *args: object) -> None:
     try:
         get_celery().send_task(task, args=list(args), queue=QUEUE)

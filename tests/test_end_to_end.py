@@ -48,6 +48,12 @@ def stream_metrics(client: httpx.Client, job_id: str) -> tuple[list[dict], dict]
     return rows, end
 
 
+def submit(client: httpx.Client, spec: dict) -> dict:
+    response = client.post("/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
 def check_demo_run(client: httpx.Client, job: dict) -> None:
     rows, end = stream_metrics(client, job["id"])
 
@@ -83,7 +89,7 @@ def check_demo_run(client: httpx.Client, job: dict) -> None:
 @needs_redis
 def test_demo_job_over_http_with_a_celery_worker_on_redis(redis_env, tmp_path):
     with running_service(redis_env, tmp_path) as client:
-        job = client.post("/jobs", json=demo_spec()).json()
+        job = submit(client, demo_spec())
         check_demo_run(client, job)
 
 
@@ -92,7 +98,7 @@ def test_finetune_dev_runs_the_demo_with_no_redis(service_env, tmp_path):
     env = {k: v for k, v in service_env.items() if k != "FINETUNE_BROKER_URL"}
     with running_service(env, tmp_path, dev=True) as client:
         started = time.monotonic()
-        job = client.post("/jobs", json=demo_spec()).json()
+        job = submit(client, demo_spec())
         check_demo_run(client, job)
         print(f"demo job took {time.monotonic() - started:.1f} s through finetune dev")
 
@@ -100,7 +106,7 @@ def test_finetune_dev_runs_the_demo_with_no_redis(service_env, tmp_path):
 @needs_redis
 def test_cancel_a_running_job_and_resume_it_from_its_checkpoint(redis_env, tmp_path):
     with running_service(redis_env, tmp_path) as client:
-        job = client.post("/jobs", json=demo_spec(max_steps=40, save_steps=10, save_total_limit=5)).json()
+        job = submit(client, demo_spec(max_steps=40, save_steps=10, save_total_limit=5))
         deadline = time.monotonic() + 300
         while not client.get(f"/jobs/{job['id']}/checkpoints").json()["items"]:
             assert time.monotonic() < deadline
