@@ -83,6 +83,9 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The worker training the job holds a lease it renews; an expired one means the worker died.
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
     # Checkpoint name the next run starts from; null means from step 0.
     resume_from: Mapped[str | None] = mapped_column(String(64))
     adapter_path: Mapped[str | None] = mapped_column(Text)

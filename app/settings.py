@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     port: int = 8000
     log_level: str = "INFO"
     max_upload_bytes: int = 1 << 30
+    # A worker renews its job's lease every lease_s / 3; the sweeper re-queues jobs whose lease
+    # expired (worker killed, host gone) from their last complete checkpoint, up to max_attempts.
+    lease_s: float = 60.0
+    sweep_interval_s: float = 10.0
+    max_attempts: int = 3
     # How often the worker flushes metric rows and looks for a cancel request.
     flush_interval_s: float = 1.0
     # How often an SSE stream polls the database for new metric rows.

@@ -109,3 +109,11 @@ def client(service_env):
 
     with TestClient(create_app()) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def redis_env(service_env) -> dict[str, str]:
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    return {**service_env, "FINETUNE_BROKER_URL": REDIS_URL, "FINETUNE_FLUSH_INTERVAL_S": "0.5"}

@@ -23,8 +23,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def finetune_process(command: str, env: dict[str, str], log_dir: Path) -> Iterator[subprocess.Popen]:
-    log_path = log_dir / f"{command}.log"
+def finetune_process(
+    command: str, env: dict[str, str], log_dir: Path, name: str | None = None
+) -> Iterator[subprocess.Popen]:
+    """`finetune COMMAND` in its own process group (so a test can kill it and its children)."""
+    log_path = log_dir / f"{name or command}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", command],
@@ -32,6 +35,7 @@ def finetune_process(command: str, env: dict[str, str], log_dir: Path) -> Iterat
             env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             yield process
@@ -59,7 +63,9 @@ def wait_healthy(base_url: str, timeout: float = 60) -> None:
 
 
 @contextmanager
-def running_service(env: dict[str, str], log_dir: Path, dev: bool = False) -> Iterator[httpx.Client]:
+def running_service(
+    env: dict[str, str], log_dir: Path, dev: bool = False, worker: bool = True
+) -> Iterator[httpx.Client]:
     """API and worker as separate processes (or one `finetune dev`); yields a client for the API."""
     port = free_port()
     env = {**env, "FINETUNE_HOST": "127.0.0.1", "FINETUNE_PORT": str(port)}
@@ -67,7 +73,8 @@ def running_service(env: dict[str, str], log_dir: Path, dev: bool = False) -> It
         if dev:
             stack.enter_context(finetune_process("dev", env, log_dir))
         else:
-            stack.enter_context(finetune_process("worker", env, log_dir))
+            if worker:
+                stack.enter_context(finetune_process("worker", env, log_dir))
             stack.enter_context(finetune_process("serve", env, log_dir))
         base_url = f"http://127.0.0.1:{port}"
         wait_healthy(base_url)

@@ -106,22 +106,23 @@ def test_cancel_a_queued_job_at_once_and_a_second_cancel_is_a_409(client):
 
 def test_cancel_a_running_job_asks_the_worker_to_stop(client):
     job = submit(client)
-    assert runs.claim_job(job["id"]) is not None
+    claim = runs.claim_job(job["id"])
+    assert claim is not None
 
     response = client.post(f"/jobs/{job['id']}/cancel")
 
     assert response.status_code == 202
     assert response.json()["status"] == "running" and response.json()["cancel_requested"]
-    assert runs.report_progress(job["id"], 3, []) is True
+    assert runs.report_progress(claim, 3, []) is True
 
 
 @pytest.mark.parametrize("state", ["queued", "running", "succeeded"])
 def test_resume_is_a_409_unless_failed_or_cancelled(client, state):
     job = submit(client)
     if state != "queued":
-        runs.claim_job(job["id"])
+        claim = runs.claim_job(job["id"])
     if state == "succeeded":
-        runs.finish_job(job["id"], "succeeded", "done")
+        runs.finish_job(claim, "succeeded", "done")
     before = client.get(f"/jobs/{job['id']}").json()
 
     response = client.post(f"/jobs/{job['id']}/resume")
@@ -173,9 +174,8 @@ def test_broker_down_is_a_503_and_the_job_is_kept_as_failed(client, monkeypatch)
     assert job["status"] == "failed" and "enqueue" in job["error"]
 
 
-def _running_job_with_metrics(client, steps: int) -> str:
-    job_id = submit(client)["id"]
-    runs.claim_job(job_id)
+def _running_job_with_metrics(client, steps: int) -> runs.Claim:
+    claim = runs.claim_job(submit(client)["id"])
     rows = [
         {
             "step": s,
@@ -188,12 +188,12 @@ def _running_job_with_metrics(client, steps: int) -> str:
         }
         for s in range(1, steps + 1)
     ]
-    runs.report_progress(job_id, steps, rows)
-    return job_id
+    runs.report_progress(claim, steps, rows)
+    return claim
 
 
 def test_logs_as_pages_and_as_text(client):
-    job_id = _running_job_with_metrics(client, 5)
+    job_id = _running_job_with_metrics(client, 5).job_id
 
     page = client.get(f"/jobs/{job_id}/logs", params={"after_step": 1, "limit": 2}).json()
     assert [row["step"] for row in page["items"]] == [2, 3] and page["next"] == "3"
@@ -211,8 +211,9 @@ def test_logs_as_pages_and_as_text(client):
 
 
 def test_log_stream_sends_rows_from_last_event_id_and_ends_with_the_job(client):
-    job_id = _running_job_with_metrics(client, 4)
-    runs.finish_job(job_id, "failed", "boom", error="boom")
+    claim = _running_job_with_metrics(client, 4)
+    runs.finish_job(claim, "failed", "boom", error="boom")
+    job_id = claim.job_id
 
     with client.stream(
         "GET", f"/jobs/{job_id}/logs", headers={"Accept": "text/event-stream", "Last-Event-ID": "2"}
@@ -225,10 +226,11 @@ def test_log_stream_sends_rows_from_last_event_id_and_ends_with_the_job(client):
 
 
 def test_metric_rows_are_unique_per_step_and_merge(client):
-    job_id = _running_job_with_metrics(client, 2)
+    claim = _running_job_with_metrics(client, 2)
+    job_id = claim.job_id
 
-    runs.report_progress(job_id, 2, [{"step": 2, "loss": 9.0, "time": utcnow()}])
-    runs.report_progress(job_id, 2, [{"step": 2, "eval_loss": 1.5, "time": utcnow()}])
+    runs.report_progress(claim, 2, [{"step": 2, "loss": 9.0, "time": utcnow()}])
+    runs.report_progress(claim, 2, [{"step": 2, "eval_loss": 1.5, "time": utcnow()}])
 
     rows = client.get(f"/jobs/{job_id}/logs").json()["items"]
     assert [(r["step"], r["loss"], r["eval_loss"], r["learning_rate"]) for r in rows] == [
@@ -237,22 +239,24 @@ def test_metric_rows_are_unique_per_step_and_merge(client):
     ]
 
 
-def _fake_checkpoint(data_dir: Path, job_id: str, step: int) -> None:
+def _fake_checkpoint(data_dir: Path, claim: runs.Claim, step: int) -> None:
     """A checkpoint folder and zip as the trainer callback writes them."""
+    job_id = claim.job_id
     name = f"checkpoint-{step}"
     folder = data_dir / "jobs" / job_id / "output" / name
     folder.mkdir(parents=True)
     (folder / "adapter_model.safetensors").write_bytes(bytes([step]) * 100)
     info = zip_directory(folder, data_dir / "jobs" / job_id / "checkpoints" / f"{name}.zip")
-    runs.record_checkpoint(job_id, name, step, str(info.path), info.size_bytes, info.sha256, keep=2)
+    runs.record_checkpoint(claim, name, step, str(info.path), info.size_bytes, info.sha256, keep=2)
 
 
 def test_checkpoints_are_listed_pruned_downloaded_and_resumed_from(client, service_env):
     data_dir = Path(service_env["FINETUNE_DATA_DIR"])
-    job_id = _running_job_with_metrics(client, 30)
+    claim = _running_job_with_metrics(client, 30)
+    job_id = claim.job_id
     for step in (10, 20, 30):
-        _fake_checkpoint(data_dir, job_id, step)
-    runs.finish_job(job_id, "failed", "worker died", error="worker died")
+        _fake_checkpoint(data_dir, claim, step)
+    runs.finish_job(claim, "failed", "worker died", error="worker died")
 
     listed = client.get(f"/jobs/{job_id}/checkpoints").json()["items"]
     assert [c["name"] for c in listed] == ["checkpoint-20", "checkpoint-30"]  # save_total_limit 2
@@ -277,4 +281,4 @@ def test_checkpoints_are_listed_pruned_downloaded_and_resumed_from(client, servi
     assert not (data_dir / "jobs" / job_id / "output" / "checkpoint-30").exists()
     assert client.get(f"/jobs/{job_id}/logs", params={"limit": 1000}).json()["items"][-1]["step"] == 20
     events = [e["message"] for e in client.get(f"/jobs/{job_id}/events").json()["items"]]
-    assert events[-1] == "resuming from checkpoint-20"
+    assert events[-1] == "resume: resuming from checkpoint-20"

@@ -21,14 +21,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
 needs_redis = pytest.mark.skipif(not REDIS_URL, reason="FINETUNE_TEST_REDIS_URL not set")
 
 
-@pytest.fixture
-def redis_env(service_env) -> dict[str, str]:
-    import redis
-
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    return {**service_env, "FINETUNE_BROKER_URL": REDIS_URL, "FINETUNE_FLUSH_INTERVAL_S": "0.5"}
-
-
 def stream_metrics(client: httpx.Client, job_id: str) -> tuple[list[dict], dict]:
     """Read the live SSE stream until the job ends: (metric rows, end event)."""
     rows, end, event = [], None, None
@@ -129,4 +121,4 @@ def test_cancel_a_running_job_and_resume_it_from_its_checkpoint(redis_env, tmp_p
         resumed_rows = [r for r in rows if r["step"] > latest["step"]]
         assert min(r["time"] for r in resumed_rows) > max(r["time"] for r in rows_at_resume)
         messages = [e["message"] for e in client.get(f"/jobs/{job['id']}/events").json()["items"]]
-        assert f"resuming from {latest['name']}" in messages and "started (attempt 2)" in messages
+        assert f"resume: resuming from {latest['name']}" in messages and "started (attempt 2)" in messages

@@ -7,8 +7,10 @@ import logging
 from app.models import JobStatus
 from app.queue import TASK_ANALYZE_DATASET, TASK_RUN_JOB
 from app.services import runs
+from app.services.runs import LeaseLost
 from app.settings import get_settings
 from worker.celery_app import celery
+from worker.lease import LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +28,44 @@ def analyze_dataset(dataset_id: str, tokenizer: str, max_seq_length: int) -> Non
 
 
 def execute_job(job_id: str) -> None:
+    """Claim the job, train it under a lease, record how it ended. A worker that loses its
+    lease (the sweeper gave the job to another) stops and writes nothing more."""
     claim = runs.claim_job(job_id)
     if claim is None:
         log.info("job %s is not queued (cancelled or already taken); skipping", job_id)
         return
     log.info("job %s: attempt %d, resume from %s", job_id, claim.attempt, claim.resume_from or "start")
-    # Imported here, in the task's own child process: the worker's parent never loads torch/CUDA.
-    from worker.training.recipe import run_training
-
+    settings = get_settings()
     try:
-        outcome = run_training(claim, get_settings())
-    except Exception as exc:
-        log.exception("job %s failed", job_id)
-        runs.finish_job(job_id, JobStatus.FAILED, "training failed", error=f"{type(exc).__name__}: {exc}")
-        return
-    if outcome.cancelled:
-        runs.finish_job(job_id, JobStatus.CANCELLED, f"cancelled at step {outcome.summary['steps']}")
-    else:
-        adapter = outcome.adapter
-        assert adapter is not None
-        runs.finish_job(
-            job_id,
-            JobStatus.SUCCEEDED,
-            f"finished: {outcome.summary}",
-            adapter={"path": str(adapter.path), "size_bytes": adapter.size_bytes, "sha256": adapter.sha256},
-        )
+        with LeaseKeeper(claim, settings.lease_s / 3):
+            try:
+                # Imported here, in the task's own child process (the worker's parent never loads
+                # torch or CUDA), and under the lease: the import alone takes seconds.
+                from worker.training.recipe import run_training
+
+                outcome = run_training(claim, settings)
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                log.exception("job %s failed", job_id)
+                runs.finish_job(
+                    claim, JobStatus.FAILED, "training failed", error=f"{type(exc).__name__}: {exc}"
+                )
+                return
+            if outcome.cancelled:
+                runs.finish_job(claim, JobStatus.CANCELLED, f"cancelled at step {outcome.summary['steps']}")
+                return
+            adapter = outcome.adapter
+            assert adapter is not None
+            runs.finish_job(
+                claim,
+                JobStatus.SUCCEEDED,
+                f"finished: {outcome.summary}",
+                adapter={
+                    "path": str(adapter.path),
+                    "size_bytes": adapter.size_bytes,
+                    "sha256": adapter.sha256,
+                },
+            )
+    except LeaseLost as exc:
+        log.warning("%s; stopped without writing more", exc)

@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
 from app.api.routes import router
+from app.services.sweeper import sweep
+from app.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+async def sweep_forever(interval_s: float) -> None:
+    """Re-queue jobs whose worker died, for as long as the API runs."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await run_in_threadpool(sweep)
+        except Exception:  # a database hiccup must not end the sweeper
+            log.exception("lease sweep failed")
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI):
+    task = asyncio.create_task(sweep_forever(get_settings().sweep_interval_s))
+    yield
+    task.cancel()
 
 
 def create_app() -> FastAPI:
     app = FastAPI(
+        lifespan=lifespan,
         title="Fine-tune job service",
         version="0.1.0",
         description="Submit QLoRA fine-tune jobs, watch metrics live, download checkpoints and adapters.",

@@ -35,11 +35,11 @@ def create_job(spec: JobSpec) -> JobRead:
         add_state_event(session, job.id, JobStatus.QUEUED, "job created")
         read = JobRead.model_validate(job)
     # Only after the commit: a worker that picks the id up must find the row.
-    _enqueue_or_fail(read.id)
+    enqueue_or_fail(read.id)
     return read
 
 
-def _enqueue_or_fail(job_id: str) -> None:
+def enqueue_or_fail(job_id: str) -> None:
     try:
         enqueue_job(job_id)
     except Exception as exc:
@@ -96,52 +96,64 @@ def cancel_job(job_id: str) -> JobRead:
 
 def resume_job(job_id: str, checkpoint: str | None) -> JobRead:
     """Queue a failed or cancelled job again, continuing from a checkpoint (default the latest)."""
-    stale: list[Checkpoint] = []
     with session_scope() as session:
         job = _get(session, job_id)
         if job.status not in RESUMABLE:
             raise JobStateConflict(f"job is {job.status}; only failed or cancelled jobs can be resumed")
-        checkpoints = list(
-            session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
-        )
-        if checkpoint is not None:
-            chosen = next((c for c in checkpoints if c.name == checkpoint), None)
-            if chosen is None:
-                raise CheckpointNotFound(f"job {job_id} has no checkpoint {checkpoint!r}")
-        else:
-            chosen = checkpoints[-1] if checkpoints else None
-        start_step = chosen.step if chosen else 0
-        # The run branches off at the chosen checkpoint: what came after it is replaced.
-        stale = [c for c in checkpoints if c.step > start_step]
-        for row in stale:
-            session.delete(row)
-        session.execute(delete(Metric).where(Metric.job_id == job_id, Metric.step > start_step))
-        claimed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.in_(RESUMABLE))
-            .values(
-                status=JobStatus.QUEUED,
-                resume_from=chosen.name if chosen else None,
-                current_step=start_step,
-                cancel_requested=False,
-                error=None,
-                finished_at=None,
-                updated_at=utcnow(),
-            )
-        ).rowcount
-        if not claimed:
+        stale = requeue_from_checkpoint(session, job_id, checkpoint, "resume", Job.status.in_(RESUMABLE))
+        if stale is None:
             raise JobStateConflict("job changed state while resuming; try again")
-        message = f"resuming from {chosen.name}" if chosen else "no checkpoint; restarting from step 0"
-        add_state_event(
-            session, job_id, JobStatus.QUEUED, message, checkpoint=chosen.name if chosen else None
-        )
-        session.flush()
         session.refresh(job)
         read = JobRead.model_validate(job)
-    for row in stale:
-        job_files(job_id).remove_checkpoint(row.name)
-    _enqueue_or_fail(job_id)
+    for name in stale:
+        job_files(job_id).remove_checkpoint(name)
+    enqueue_or_fail(job_id)
     return read
+
+
+def requeue_from_checkpoint(
+    session: Session, job_id: str, checkpoint: str | None, reason: str, *only_if
+) -> list[str] | None:
+    """Mark the job queued to continue from `checkpoint` (default the latest), if `only_if` still
+    holds. The run branches off there: later checkpoints and metric rows are dropped. Returns
+    the dropped checkpoints' names (their files go once the caller has committed), or None
+    when the job no longer matches `only_if`."""
+    checkpoints = list(
+        session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
+    )
+    if checkpoint is not None:
+        chosen = next((c for c in checkpoints if c.name == checkpoint), None)
+        if chosen is None:
+            raise CheckpointNotFound(f"job {job_id} has no checkpoint {checkpoint!r}")
+    else:
+        chosen = checkpoints[-1] if checkpoints else None
+    start_step = chosen.step if chosen else 0
+    requeued = session.execute(
+        update(Job)
+        .where(Job.id == job_id, *only_if)
+        .values(
+            status=JobStatus.QUEUED,
+            resume_from=chosen.name if chosen else None,
+            current_step=start_step,
+            cancel_requested=False,
+            error=None,
+            finished_at=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=utcnow(),
+        )
+    ).rowcount
+    if not requeued:
+        return None
+    stale = [c for c in checkpoints if c.step > start_step]
+    for row in stale:
+        session.delete(row)
+    session.execute(delete(Metric).where(Metric.job_id == job_id, Metric.step > start_step))
+    where = f"resuming from {chosen.name}" if chosen else "no checkpoint; restarting from step 0"
+    add_state_event(
+        session, job_id, JobStatus.QUEUED, f"{reason}: {where}", checkpoint=chosen.name if chosen else None
+    )
+    return [row.name for row in stale]
 
 
 def _page_of_job_rows(job_id: str, model, key, schema, after: int | None, limit: int) -> Page:

@@ -1,8 +1,17 @@
-"""What a worker does to a job row: claim it, report progress and checkpoints, finish it."""
+"""What a worker does to a job row: claim it, report progress and checkpoints, finish it.
+
+Every write after the claim is fenced by the lease: it renews the lease and goes through only
+while this worker still holds it, else it raises LeaseLost. So a worker the sweeper gave up
+on (it stopped renewing: killed, paused, cut off) can never overwrite its successor's work.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -12,21 +21,37 @@ from sqlalchemy.orm import Session
 from app.db import session_scope
 from app.models import Checkpoint, Job, JobStatus, Metric, utcnow
 from app.services.events import add_event, add_state_event
+from app.settings import get_settings
 from app.storage import job_files
 
 METRIC_FIELDS = ("epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second")
 
 
+class LeaseLost(Exception):
+    """This worker no longer holds the job's lease: it must stop and write nothing more."""
+
+
 @dataclass(frozen=True)
 class Claim:
     job_id: str
+    owner: str
     spec: dict[str, Any]
     resume_from: str | None
     attempt: int
 
 
-def claim_job(job_id: str) -> Claim | None:
-    """Move a queued job to running; None when it is not queued (cancelled, or a redelivery)."""
+def new_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _lease_expiry():
+    return utcnow() + timedelta(seconds=get_settings().lease_s)
+
+
+def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
+    """Move a queued job to running under a lease; None when it is not queued (cancelled, or a
+    duplicate delivery of its id)."""
+    owner = owner or new_owner()
     with session_scope() as session:
         now = utcnow()
         claimed = session.execute(
@@ -38,19 +63,37 @@ def claim_job(job_id: str) -> Claim | None:
                 started_at=now,
                 updated_at=now,
                 cancel_requested=False,
+                lease_owner=owner,
+                lease_expires_at=_lease_expiry(),
             )
         ).rowcount
         if not claimed:
             return None
         job = session.get(Job, job_id)
         assert job is not None
-        add_state_event(session, job_id, JobStatus.RUNNING, f"started (attempt {job.attempts})")
-        return Claim(job_id, dict(job.spec), job.resume_from, job.attempts)
+        add_state_event(session, job_id, JobStatus.RUNNING, f"started (attempt {job.attempts})", worker=owner)
+        return Claim(job_id, owner, dict(job.spec), job.resume_from, job.attempts)
 
 
-def set_total_steps(job_id: str, total_steps: int) -> None:
+def _hold(session: Session, claim: Claim, **values: Any) -> None:
+    """Renew the lease (and set `values`) if this worker still holds it; else raise LeaseLost."""
+    held = session.execute(
+        update(Job)
+        .where(Job.id == claim.job_id, Job.lease_owner == claim.owner, Job.status == JobStatus.RUNNING)
+        .values(**{"lease_expires_at": _lease_expiry(), "updated_at": utcnow(), **values})
+    ).rowcount
+    if not held:
+        raise LeaseLost(f"job {claim.job_id}: lease of {claim.owner} is gone")
+
+
+def renew_lease(claim: Claim) -> None:
     with session_scope() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(total_steps=total_steps))
+        _hold(session, claim)
+
+
+def set_total_steps(claim: Claim, total_steps: int) -> None:
+    with session_scope() as session:
+        _hold(session, claim, total_steps=total_steps)
 
 
 def _upsert_metrics(session: Session, job_id: str, rows: list[dict[str, Any]]) -> None:
@@ -66,17 +109,17 @@ def _upsert_metrics(session: Session, job_id: str, rows: list[dict[str, Any]]) -
         session.execute(stmt.on_conflict_do_update(index_elements=["job_id", "step"], set_=merged))
 
 
-def report_progress(job_id: str, step: int, rows: list[dict[str, Any]]) -> bool:
+def report_progress(claim: Claim, step: int, rows: list[dict[str, Any]]) -> bool:
     """Write buffered metric rows and the current step; answer whether a cancel was requested."""
     with session_scope() as session:
+        _hold(session, claim, current_step=step)
         if rows:
-            _upsert_metrics(session, job_id, rows)
-        session.execute(update(Job).where(Job.id == job_id).values(current_step=step, updated_at=utcnow()))
-        return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+            _upsert_metrics(session, claim.job_id, rows)
+        return bool(session.scalar(select(Job.cancel_requested).where(Job.id == claim.job_id)))
 
 
 def record_checkpoint(
-    job_id: str,
+    claim: Claim,
     name: str,
     step: int,
     zip_path: str,
@@ -86,7 +129,9 @@ def record_checkpoint(
     timings: dict[str, float] | None = None,
 ) -> None:
     """Record a finished checkpoint zip and drop the oldest beyond `keep` (save_total_limit)."""
+    job_id = claim.job_id
     with session_scope() as session:
+        _hold(session, claim)
         existing = session.scalar(
             select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == name)
         )
@@ -115,15 +160,21 @@ def record_checkpoint(
 
 
 def finish_job(
-    job_id: str, status: str, message: str, *, error: str | None = None, adapter: dict[str, Any] | None = None
+    claim: Claim,
+    status: str,
+    message: str,
+    *,
+    error: str | None = None,
+    adapter: dict[str, Any] | None = None,
 ) -> None:
     assert status in JobStatus.TERMINAL
     with session_scope() as session:
         values: dict[str, Any] = {
             "status": status,
             "finished_at": utcnow(),
-            "updated_at": utcnow(),
             "error": error,
+            "lease_owner": None,
+            "lease_expires_at": None,
         }
         if adapter:
             values.update(
@@ -131,8 +182,8 @@ def finish_job(
                 adapter_size_bytes=adapter["size_bytes"],
                 adapter_sha256=adapter["sha256"],
             )
-        session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING).values(**values))
-        add_state_event(session, job_id, status, message, **({"error": error} if error else {}))
+        _hold(session, claim, **values)
+        add_state_event(session, claim.job_id, status, message, **({"error": error} if error else {}))
 
 
 def log_message(job_id: str, message: str, **data: Any) -> None:

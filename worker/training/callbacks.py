@@ -6,10 +6,12 @@ import logging
 import time
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from app.models import utcnow
 from app.services import runs
+from app.services.runs import Claim
 from app.storage import JobFiles
 from worker.training.artifacts import zip_directory
 
@@ -23,8 +25,8 @@ class JobProgressCallback(TrainerCallback):
     boundary after it is seen, without a database round trip on every step.
     """
 
-    def __init__(self, job_id: str, files: JobFiles, flush_interval_s: float):
-        self.job_id = job_id
+    def __init__(self, claim: Claim, files: JobFiles, flush_interval_s: float):
+        self.claim = claim
         self.files = files
         self.flush_interval_s = flush_interval_s
         self.cancelled = False
@@ -34,7 +36,7 @@ class JobProgressCallback(TrainerCallback):
         self._step_ended = time.perf_counter()
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_):
-        runs.set_total_steps(self.job_id, state.max_steps)
+        runs.set_total_steps(self.claim, state.max_steps)
         self._last_log = (time.perf_counter(), state.num_input_tokens_seen)
 
     def on_log(self, args, state: TrainerState, control: TrainerControl, logs=None, **_):
@@ -73,7 +75,7 @@ class JobProgressCallback(TrainerCallback):
         info = zip_directory(self.files.checkpoint_dir(name), self.files.checkpoint_zip(name))
         zip_s = time.perf_counter() - started
         runs.record_checkpoint(
-            self.job_id,
+            self.claim,
             name,
             state.global_step,
             str(info.path),
@@ -84,7 +86,7 @@ class JobProgressCallback(TrainerCallback):
         )
         log.info(
             "job %s: %s zipped (%d bytes) in %.2f s",
-            self.job_id,
+            self.claim.job_id,
             name,
             info.size_bytes,
             time.perf_counter() - started,
@@ -100,8 +102,14 @@ class JobProgressCallback(TrainerCallback):
     def flush(self, state: TrainerState, control: TrainerControl) -> None:
         rows, self._rows = self._rows, []
         self._last_flush = time.monotonic()
-        if runs.report_progress(self.job_id, state.global_step, rows) and not self.cancelled:
-            log.info("job %s: cancel requested; stopping at step %d", self.job_id, state.global_step)
+        try:
+            cancel_requested = runs.report_progress(self.claim, state.global_step, rows)
+        except SQLAlchemyError as exc:  # database unreachable: keep the rows, retry at the next flush
+            log.warning("job %s: could not write progress (%s); retrying", self.claim.job_id, exc)
+            self._rows = rows + self._rows
+            return
+        if cancel_requested and not self.cancelled:
+            log.info("job %s: cancel requested; stopping at step %d", self.claim.job_id, state.global_step)
             self.cancelled = True
         if self.cancelled:
             control.should_training_stop = True

@@ -104,7 +104,7 @@ def run_training(claim: Claim, settings: Settings) -> Outcome:
     model = load_quantized_lora_model(spec, dtype)
     log.info("job %s: data and model ready in %.1f s", job_id, time.perf_counter() - started)
 
-    progress = JobProgressCallback(job_id, files, settings.flush_interval_s)
+    progress = JobProgressCallback(claim, files, settings.flush_interval_s)
     trainer = Trainer(
         model=model,
         args=training_arguments(spec, files.output_dir, dtype, evaluate=eval_data is not None),

@@ -1,0 +1,71 @@
+"""Finds jobs whose worker stopped renewing its lease and gives them to another worker."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select, update
+
+from app.db import session_scope
+from app.models import Job, JobStatus, utcnow
+from app.services.events import add_state_event
+from app.services.jobs import enqueue_or_fail, requeue_from_checkpoint
+from app.settings import get_settings
+from app.storage import job_files
+
+log = logging.getLogger(__name__)
+
+
+def sweep() -> list[str]:
+    """Re-queue running jobs with an expired lease from their last complete checkpoint, or fail
+    them once they have used `max_attempts`. Returns the re-queued ids.
+
+    Every change is conditional on the lease seen expired, so concurrent sweepers (several API
+    processes) and a worker that renews at the last moment are safe.
+    """
+    max_attempts = get_settings().max_attempts
+    now = utcnow()
+    with session_scope() as session:
+        expired = session.execute(
+            select(Job.id, Job.lease_owner, Job.attempts).where(
+                Job.status == JobStatus.RUNNING, Job.lease_expires_at < now
+            )
+        ).all()
+    requeued = []
+    for job_id, owner, attempts in expired:
+        still_expired = (
+            Job.status == JobStatus.RUNNING,
+            Job.lease_owner == owner,
+            Job.lease_expires_at < now,
+        )
+        reason = f"worker {owner} stopped renewing its lease"
+        with session_scope() as session:
+            if attempts >= max_attempts:
+                error = f"{reason}; gave up after {attempts} attempts"
+                failed = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, *still_expired)
+                    .values(
+                        status=JobStatus.FAILED,
+                        error=error,
+                        finished_at=now,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                    )
+                ).rowcount
+                if failed:
+                    add_state_event(session, job_id, JobStatus.FAILED, error)
+                continue
+            stale = requeue_from_checkpoint(session, job_id, None, reason, *still_expired)
+        if stale is None:
+            continue
+        log.warning("job %s: %s; re-queued", job_id, reason)
+        for name in stale:
+            job_files(job_id).remove_checkpoint(name)
+        try:
+            enqueue_or_fail(job_id)
+        except Exception as exc:  # the job is marked failed with the reason; a user can resume it
+            log.error("job %s: %s", job_id, exc)
+            continue
+        requeued.append(job_id)
+    return requeued
