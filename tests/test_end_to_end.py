@@ -104,9 +104,17 @@ def test_cancel_a_running_job_and_resume_it_from_its_checkpoint(redis_env, tmp_p
             assert time.monotonic() < deadline
             time.sleep(0.2)
 
+        asked = time.monotonic()
         assert client.post(f"/jobs/{job['id']}/cancel").status_code == 202
         cancelled = wait_for(client, job["id"], {"cancelled", "succeeded", "failed"})
+        cancel_seconds = time.monotonic() - asked
         assert cancelled["status"] == "cancelled" and cancelled["current_step"] < 40
+        rows_at_cancel = client.get(f"/jobs/{job['id']}/logs").json()["items"]
+        assert rows_at_cancel[-1]["step"] == cancelled["current_step"]  # no row after the stop
+        print(
+            f"FIGURE cancel: training stopped {cancel_seconds:.1f} s after the request, at step "
+            f"{cancelled['current_step']}; no metric row after it"
+        )
         latest = client.get(f"/jobs/{job['id']}/checkpoints").json()["items"][-1]
 
         resumed = client.post(f"/jobs/{job['id']}/resume")

@@ -61,3 +61,33 @@ def test_kill_9_the_worker_mid_training_and_another_worker_finishes_the_job(fast
             f"{redone} steps redone, 0 duplicate rows, recovery (kill to first new step) "
             f"{first_new_row - killed_at:.1f} s with lease 3 s and sweep 1 s"
         )
+
+
+@needs_redis
+def test_sigterm_saves_a_checkpoint_and_hands_the_job_back(redis_env, tmp_path):
+    with running_service(redis_env, tmp_path, worker=False) as client:
+        with finetune_process("worker", redis_env, tmp_path, name="worker-1") as first:
+            # no regular checkpoint before the end: the one found later is the shutdown's
+            job = submit(client, demo_spec(max_steps=40, save_steps=100))
+            wait_until(lambda: client.get(f"/jobs/{job['id']}").json()["current_step"] >= 5)
+            first.send_signal(signal.SIGTERM)  # what `docker compose stop` sends
+            stopping = time.monotonic()
+            first.wait(timeout=120)
+            stop_seconds = time.monotonic() - stopping
+
+        handed_back = client.get(f"/jobs/{job['id']}").json()
+        checkpoints = client.get(f"/jobs/{job['id']}/checkpoints").json()["items"]
+        assert handed_back["status"] == "queued" and len(checkpoints) == 1
+        assert handed_back["resume_from"] == checkpoints[0]["name"] and checkpoints[0]["step"] >= 5
+        messages = [e["message"] for e in client.get(f"/jobs/{job['id']}/events").json()["items"]]
+        assert f"worker shutting down: resuming from {checkpoints[0]['name']}" in messages
+
+        with finetune_process("worker", redis_env, tmp_path, name="worker-2"):
+            done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"})
+        assert (done["status"], done["attempts"]) == ("succeeded", 2)
+        steps = [row["step"] for row in client.get(f"/jobs/{job['id']}/logs").json()["items"]]
+        assert steps == list(range(1, 41))
+        print(
+            f"FIGURE SIGTERM: worker exited {stop_seconds:.1f} s after SIGTERM, having saved "
+            f"{checkpoints[0]['name']} and re-queued the job; a new worker finished it with 0 steps redone"
+        )

@@ -6,11 +6,12 @@ import logging
 
 from app.models import JobStatus
 from app.queue import TASK_ANALYZE_DATASET, TASK_RUN_JOB
-from app.services import runs
+from app.services import jobs, runs
 from app.services.runs import LeaseLost
 from app.settings import get_settings
 from worker.celery_app import celery
 from worker.lease import LeaseKeeper
+from worker.shutdown import stop_on_signal
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,13 @@ def execute_job(job_id: str) -> None:
     log.info("job %s: attempt %d, resume from %s", job_id, claim.attempt, claim.resume_from or "start")
     settings = get_settings()
     try:
-        with LeaseKeeper(claim, settings.lease_s / 3):
+        with LeaseKeeper(claim, settings.lease_s / 3), stop_on_signal() as stop:
             try:
                 # Imported here, in the task's own child process (the worker's parent never loads
                 # torch or CUDA), and under the lease: the import alone takes seconds.
                 from worker.training.recipe import run_training
 
-                outcome = run_training(claim, settings)
+                outcome = run_training(claim, settings, stop)
             except LeaseLost:
                 raise
             except Exception as exc:
@@ -51,6 +52,10 @@ def execute_job(job_id: str) -> None:
                 runs.finish_job(
                     claim, JobStatus.FAILED, "training failed", error=f"{type(exc).__name__}: {exc}"
                 )
+                return
+            if outcome.interrupted:
+                runs.hand_back(claim, "worker shutting down")
+                jobs.enqueue_or_fail(job_id)
                 return
             if outcome.cancelled:
                 runs.finish_job(claim, JobStatus.CANCELLED, f"cancelled at step {outcome.summary['steps']}")

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from app.db import session_scope
 from app.models import Checkpoint, Job, JobStatus, Metric, utcnow
 from app.services.events import add_event, add_state_event
+from app.services.jobs import requeue_from_checkpoint
 from app.settings import get_settings
 from app.storage import job_files
 
@@ -184,6 +185,24 @@ def finish_job(
             )
         _hold(session, claim, **values)
         add_state_event(session, claim.job_id, status, message, **({"error": error} if error else {}))
+
+
+def hand_back(claim: Claim, reason: str) -> None:
+    """Release the job to the queue, to continue from its latest checkpoint (the caller sends
+    its id to the broker)."""
+    with session_scope() as session:
+        stale = requeue_from_checkpoint(
+            session,
+            claim.job_id,
+            None,
+            reason,
+            Job.lease_owner == claim.owner,
+            Job.status == JobStatus.RUNNING,
+        )
+    if stale is None:
+        raise LeaseLost(f"job {claim.job_id}: lease of {claim.owner} is gone")
+    for name in stale:
+        job_files(claim.job_id).remove_checkpoint(name)
 
 
 def log_message(job_id: str, message: str, **data: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -25,8 +26,10 @@ class JobProgressCallback(TrainerCallback):
     boundary after it is seen, without a database round trip on every step.
     """
 
-    def __init__(self, claim: Claim, files: JobFiles, flush_interval_s: float):
+    def __init__(self, claim: Claim, files: JobFiles, flush_interval_s: float, stop: threading.Event):
         self.claim = claim
+        self.stop = stop
+        self.stopped_for_shutdown = False
         self.files = files
         self.flush_interval_s = flush_interval_s
         self.cancelled = False
@@ -66,6 +69,12 @@ class JobProgressCallback(TrainerCallback):
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **_):
         self._step_ended = time.perf_counter()  # the trainer's save (if due) starts after this
         self._maybe_flush(state, control)
+        if self.stop.is_set() and not self.cancelled:
+            # The worker is shutting down: save this step and stop; the job is handed back.
+            log.info("job %s: worker stopping; checkpoint at step %d", self.claim.job_id, state.global_step)
+            self.stopped_for_shutdown = True
+            control.should_save = True
+            control.should_training_stop = True
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_):
         self.flush(state, control)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Outcome:
     cancelled: bool
+    # stopped at a checkpoint because the worker is shutting down
+    interrupted: bool
     adapter: ZipInfo | None
     summary: dict[str, Any]
 
@@ -81,7 +84,7 @@ def training_arguments(
     )
 
 
-def run_training(claim: Claim, settings: Settings) -> Outcome:
+def run_training(claim: Claim, settings: Settings, stop: threading.Event | None = None) -> Outcome:
     job_id = claim.job_id
     spec = JobSpec.model_validate(claim.spec)
     files = JobFiles(settings.job_dir(job_id))
@@ -104,7 +107,7 @@ def run_training(claim: Claim, settings: Settings) -> Outcome:
     model = load_quantized_lora_model(spec, dtype)
     log.info("job %s: data and model ready in %.1f s", job_id, time.perf_counter() - started)
 
-    progress = JobProgressCallback(claim, files, settings.flush_interval_s)
+    progress = JobProgressCallback(claim, files, settings.flush_interval_s, stop or threading.Event())
     trainer = Trainer(
         model=model,
         args=training_arguments(spec, files.output_dir, dtype, evaluate=eval_data is not None),
@@ -125,11 +128,10 @@ def run_training(claim: Claim, settings: Settings) -> Outcome:
         "final_eval_loss": _last(trainer.state.log_history, "eval_loss"),
         "train_loss_mean": round(result.training_loss, 4),
     }
-    if progress.cancelled:
-        return Outcome(cancelled=True, adapter=None, summary=summary)
-    return Outcome(
-        cancelled=False, adapter=_save_adapter(trainer, spec, job_id, files, summary), summary=summary
-    )
+    if progress.cancelled or progress.stopped_for_shutdown:
+        return Outcome(progress.cancelled, progress.stopped_for_shutdown, adapter=None, summary=summary)
+    adapter = _save_adapter(trainer, spec, job_id, files, summary)
+    return Outcome(cancelled=False, interrupted=False, adapter=adapter, summary=summary)
 
 
 def _last(history: list[dict[str, Any]], key: str) -> float | None:

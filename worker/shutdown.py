@@ -1,0 +1,58 @@
+"""Graceful stop: on a warm shutdown (SIGTERM, e.g. `docker compose stop`) the worker asks the
+child training a job to save a checkpoint at its next step and hand the job back.
+
+The parent signals its children with SIGUSR2; the child's handler only sets a flag that the
+training callback reads at each step boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from celery.signals import worker_shutting_down
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNAL = signal.SIGUSR2
+stop_requested = threading.Event()
+
+
+def _child_pids() -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").glob("*"):
+        children = task / "children"
+        if children.exists():
+            pids += [int(pid) for pid in children.read_text().split()]
+    return pids
+
+
+@worker_shutting_down.connect
+def _ask_children_to_checkpoint(sig=None, how=None, exitcode=None, **_) -> None:
+    if how != "Warm":
+        return
+    for pid in _child_pids():
+        log.info("warm shutdown: asking process %d to checkpoint and hand its job back", pid)
+        try:
+            os.kill(pid, STOP_SIGNAL)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def stop_on_signal() -> Iterator[threading.Event]:
+    """In the process training a job: set `stop_requested` when the parent asks."""
+    stop_requested.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop_requested
+        return
+    previous = signal.signal(STOP_SIGNAL, lambda *_: stop_requested.set())
+    try:
+        yield stop_requested
+    finally:
+        signal.signal(STOP_SIGNAL, previous)
