@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     port: int = 8000
     log_level: str = "INFO"
     max_upload_bytes: int = 1 << 30
+    # Every other request body (job specs, resume requests).
+    max_body_bytes: int = 1 << 20
+    # Local models and datasets a job may name must lie under one of these folders.
+    local_roots: list[Path] = [Path("examples")]
+    # Models that ship their own Python code (config auto_map) run only if the admin allows it.
+    trust_remote_code: bool = False
     # A worker renews its job's lease every lease_s / 3; the sweeper re-queues jobs whose lease
     # expired (worker killed, host gone) from their last complete checkpoint, up to max_attempts.
     lease_s: float = 60.0
@@ -37,6 +43,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _fill_derived(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
+        self.local_roots = [root.expanduser().resolve() for root in self.local_roots] + [self.data_dir]
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'finetune.db'}"
         return self

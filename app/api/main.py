@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from app.api.errors import install_error_handlers
+from app.api.limits import BodySizeLimit
 from app.api.routes import router
 from app.services.sweeper import sweep
 from app.settings import get_settings
@@ -43,6 +44,13 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    settings = get_settings()
+    app.add_middleware(
+        BodySizeLimit,
+        limit=settings.max_body_bytes,
+        upload_limit=settings.max_upload_bytes,
+        upload_prefixes=("/datasets",),
+    )
     return app
 
 

@@ -125,8 +125,8 @@ def set_token_stats(dataset_id: str, tokens: dict[str, Any]) -> None:
         row.report = {**row.report, "tokens": tokens}
 
 
-def check_dataset_references(spec: JobSpec) -> None:
-    """Refuse a job whose uploaded datasets are unknown or invalid (before it is stored or queued)."""
+def dataset_reference_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field, why) for each uploaded dataset the spec names that is unknown or invalid."""
     problems = []
     references = {
         "dataset.source": spec.dataset.source,
@@ -144,5 +144,4 @@ def check_dataset_references(spec: JobSpec) -> None:
                 problems.append(
                     (field, f"dataset {value} is {row.status}: {count} problem(s), see GET /datasets/{value}")
                 )
-    if problems:
-        raise InvalidFields(*problems)
+    return problems

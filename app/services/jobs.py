@@ -17,7 +17,7 @@ from app.errors import (
 from app.models import Checkpoint, Event, Job, JobStatus, Metric, utcnow
 from app.queue import enqueue_job
 from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
-from app.services.datasets import check_dataset_references
+from app.services.admission import check_admissible
 from app.services.events import add_state_event
 from app.services.pagination import newest_first
 from app.spec import JobSpec
@@ -27,7 +27,7 @@ RESUMABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 def create_job(spec: JobSpec) -> JobRead:
-    check_dataset_references(spec)
+    check_admissible(spec)
     with session_scope() as session:
         job = Job(status=JobStatus.QUEUED, spec=spec.model_dump(mode="json"))
         session.add(job)

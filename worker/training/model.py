@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from app.settings import get_settings
 from app.spec import JobSpec, QuantizationSpec, split_revision
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,9 @@ def compute_dtype(quantization: QuantizationSpec) -> torch.dtype:
 
 def load_tokenizer(base_model: str):
     name, revision = split_revision(base_model)
-    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(
+        name, revision=revision, trust_remote_code=get_settings().trust_remote_code
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -47,7 +50,7 @@ def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
         quantization_config=quantization_config,
         dtype=dtype,
         device_map={"": torch.cuda.current_device()} if torch.cuda.is_available() else None,
-        trust_remote_code=False,
+        trust_remote_code=get_settings().trust_remote_code,
     )
     model = prepare_model_for_kbit_training(
         model,
