@@ -36,6 +36,20 @@ class JobFiles:
         shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
         self.checkpoint_zip(name).unlink(missing_ok=True)
 
+    def remove_unrecorded(self, recorded: set[str]) -> list[str]:
+        """Delete what a kill during a save leaves behind: checkpoint folders and zips the
+        database never recorded, and temporary zips. Returns what was removed."""
+        removed = []
+        for folder in self.output_dir.glob("checkpoint-*"):
+            if folder.name not in recorded:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+        for file in (self.root / "checkpoints").glob("*"):
+            if file.name.startswith(".") or file.stem not in recorded:
+                file.unlink(missing_ok=True)
+                removed.append(file.name)
+        return removed
+
     def confine(self, path: str) -> Path | None:
         """`path` resolved, or None unless it is an existing file inside this job's folder."""
         resolved = Path(path).resolve()

@@ -126,3 +126,29 @@ def test_cancel_then_resume_continues_from_the_checkpoint_like_an_uninterrupted_
     for row in rows:
         assert row.learning_rate == pytest.approx(expected[row.step].learning_rate, rel=1e-6)
         assert row.loss == pytest.approx(expected[row.step].loss, abs=1e-3)
+
+
+def test_a_save_cut_short_is_never_resumed_from_and_its_leftovers_go(service_env):
+    spec = quick_spec(dataset={"validation_source": None}, max_steps=6, save_steps=2, save_total_limit=5)
+    job = jobs.create_job(spec)
+    canceller = threading.Thread(target=_cancel_after_checkpoint, args=(job.id, "checkpoint-2"))
+    canceller.start()
+    execute_job(job.id)
+    canceller.join()
+    latest = jobs.list_checkpoints(job.id)[-1]
+    # what a kill during the next save leaves: a half-written folder and a temporary zip
+    files = Path(service_env["FINETUNE_DATA_DIR"]) / "jobs" / job.id
+    partial = files / "output" / f"checkpoint-{latest.step + 1}"
+    partial.mkdir()
+    (partial / "optimizer.pt").write_bytes(b"half")
+    temporary = files / "checkpoints" / f".checkpoint-{latest.step + 1}.zip.tmp"
+    temporary.write_bytes(b"half")
+
+    assert jobs.resume_job(job.id, None).resume_from == latest.name
+    execute_job(job.id)
+
+    assert jobs.get_job(job.id).status == "succeeded"
+    assert not partial.exists() and not temporary.exists()
+    assert [r.step for r in jobs.list_metrics(job.id, None, 100).items] == list(range(1, 7))
+    messages = [e.message for e in jobs.list_events(job.id, None, 100).items]
+    assert "removed 2 incomplete checkpoint files" in messages

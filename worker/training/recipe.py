@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
+from app.services.jobs import list_checkpoints
 from app.services.runs import Claim, log_message
 from app.settings import Settings
 from app.spec import JobSpec
@@ -88,6 +89,9 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     job_id = claim.job_id
     spec = JobSpec.model_validate(claim.spec)
     files = JobFiles(settings.job_dir(job_id))
+    leftovers = files.remove_unrecorded({c.name for c in list_checkpoints(job_id)})
+    if leftovers:
+        log_message(job_id, f"removed {len(leftovers)} incomplete checkpoint files", files=leftovers)
     set_seed(spec.training.seed)
 
     started = time.perf_counter()
