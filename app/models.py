@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import datetime, timezone
 from typing import Any
@@ -25,6 +26,11 @@ from sqlalchemy.types import TypeDecorator
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# What ids and names look like; anything else can't exist and is never sent to the database.
+JOB_ID = re.compile(r"^job_[0-9a-f]{24}$")
+CHECKPOINT_NAME = re.compile(r"^checkpoint-[0-9]{1,12}$")
 
 
 def new_job_id() -> str:

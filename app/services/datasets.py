@@ -98,7 +98,7 @@ def upload_dataset(
 
 
 def _get(session: Session, dataset_id: str) -> Dataset:
-    row = session.get(Dataset, dataset_id)
+    row = session.get(Dataset, dataset_id) if DATASET_ID.match(dataset_id) else None
     if row is None:
         raise DatasetNotFound(f"no dataset {dataset_id!r}")
     return row

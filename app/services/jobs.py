@@ -14,7 +14,7 @@ from app.errors import (
     JobNotFound,
     JobStateConflict,
 )
-from app.models import Checkpoint, Event, Job, JobStatus, Metric, utcnow
+from app.models import CHECKPOINT_NAME, JOB_ID, Checkpoint, Event, Job, JobStatus, Metric, utcnow
 from app.queue import enqueue_job
 from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
 from app.services.admission import check_admissible
@@ -54,7 +54,7 @@ def enqueue_or_fail(job_id: str) -> None:
 
 
 def _get(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id) if JOB_ID.match(job_id) else None
     if job is None:
         raise JobNotFound(f"no job {job_id!r}")
     return job
@@ -209,7 +209,11 @@ def _confined(job_id: str, path: str) -> Path:
 def checkpoint_zip(job_id: str, name: str) -> Path:
     with session_scope() as session:
         _get(session, job_id)
-        row = session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == name))
+        row = None
+        if CHECKPOINT_NAME.match(name):
+            row = session.scalar(
+                select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == name)
+            )
         if row is None:
             raise CheckpointNotFound(f"job {job_id} has no checkpoint {name!r}")
         return _confined(job_id, row.path)
