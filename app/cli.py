@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -14,6 +15,8 @@ import typer
 from app.settings import get_settings
 
 cli = typer.Typer(help="Self-hosted QLoRA fine-tuning service.", no_args_is_help=True, add_completion=False)
+keys_cli = typer.Typer(help="API keys: each belongs to an owner and sees only that owner's jobs.")
+cli.add_typer(keys_cli, name="keys")
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "examples" / "tiny-phi2"
 
@@ -25,13 +28,44 @@ def _configure_logging() -> None:
     )
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_auth_setting(host: str) -> None:
+    """Auth off is for one person on their own machine: refused on any other address."""
+    if get_settings().auth:
+        return
+    if not _is_loopback(host):
+        typer.secho(
+            f"refusing to start: FINETUNE_AUTH=off would let anyone who reaches {host} run jobs on "
+            "this machine's GPUs; bind to 127.0.0.1 or turn auth on (`finetune keys create OWNER`).",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2)
+    typer.secho(
+        f"WARNING: authentication is OFF (FINETUNE_AUTH=off): every request to {host} acts as owner "
+        "'local'. Use this only on your own machine.",
+        fg=typer.colors.YELLOW,
+        bold=True,
+        err=True,
+    )
+
+
 @cli.command()
 def serve() -> None:
-    """Run the HTTP API (uvicorn)."""
+    """Run the HTTP API (uvicorn). Needs API keys unless FINETUNE_AUTH=off on a loopback address."""
     import uvicorn
 
     _configure_logging()
     settings = get_settings()
+    _check_auth_setting(settings.host)
     uvicorn.run(
         "app.api.main:app", host=settings.host, port=settings.port, log_level=settings.log_level.lower()
     )
@@ -76,8 +110,10 @@ def dev() -> None:
     if "FINETUNE_BROKER_URL" not in os.environ:
         # kombu's SQLAlchemy transport: a broker in a SQLite file, shared by API and worker.
         os.environ["FINETUNE_BROKER_URL"] = f"sqla+sqlite:///{settings.data_dir / 'broker.sqlite'}"
-        get_settings.cache_clear()
-        settings = get_settings()
+    if "FINETUNE_AUTH" not in os.environ and _is_loopback(settings.host):
+        os.environ["FINETUNE_AUTH"] = "off"  # one person on their own machine; serve() says so
+    get_settings.cache_clear()
+    settings = get_settings()
     _configure_logging()
     from app import migrate as migrations
     from app.queue import declare_queue
@@ -100,6 +136,46 @@ def dev() -> None:
             worker_process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             worker_process.kill()
+
+
+@keys_cli.command("create")
+def keys_create(
+    owner: str = typer.Argument(..., help="Who the key acts for, e.g. a user or team name."),
+) -> None:
+    """Make a key for OWNER and print it. It is shown only this once; only its hash is stored."""
+    from app import migrate as migrations
+    from app.services.keys import create_key
+
+    migrations.upgrade()
+    try:
+        key = create_key(owner)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="OWNER") from exc
+    typer.echo(key)
+    typer.secho(
+        f"key for {owner!r}: send it as `Authorization: Bearer <key>`; it is not shown again.", err=True
+    )
+
+
+@keys_cli.command("list")
+def keys_list() -> None:
+    """Every key's id, owner and state (never the secret)."""
+    from app.services.keys import list_keys
+
+    for key in list_keys():
+        state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+        typer.echo(f"{key.id}  {key.owner:<24} created {key.created_at:%Y-%m-%d %H:%M}  {state}")
+
+
+@keys_cli.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The part of the key before the dot.")) -> None:
+    """Revoke a key at once; its owner's jobs and files stay."""
+    from app.services.keys import revoke_key
+
+    if not revoke_key(key_id):
+        typer.secho(f"no active key {key_id!r}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
 
 
 def _redacted(url: str) -> str:

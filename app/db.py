@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import RetryCallState, retry, retry_if_exception_type, wait_exponential
 
 from app.settings import get_settings
 
@@ -57,3 +60,22 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def _lease_has_passed(state: RetryCallState) -> bool:
+    return state.seconds_since_start >= get_settings().lease_s
+
+
+def retry_while_unreachable(fn: F) -> F:
+    """Retry `fn` while the database is unreachable, restarting or locked, for up to one lease
+    period (after that the job's lease is gone anyway). For a worker's writes, which must not
+    fail a training over a database blip. `fn` must be safe to run again."""
+    return retry(
+        retry=retry_if_exception_type((OperationalError, InterfaceError)),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        stop=_lease_has_passed,
+        reraise=True,
+    )(fn)

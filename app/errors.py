@@ -79,3 +79,17 @@ class BrokerUnavailable(ServiceError):
 
     status_code = 503
     code = "broker_unavailable"
+
+
+class NotAuthenticated(ServiceError):
+    """Send `Authorization: Bearer <key>`; `finetune keys create OWNER` makes a key."""
+
+    status_code = 401
+    code = "not_authenticated"
+
+
+class TooManyQueuedJobs(ServiceError):
+    """This owner already has FINETUNE_MAX_QUEUED_JOBS jobs waiting."""
+
+    status_code = 429
+    code = "too_many_queued_jobs"

@@ -42,6 +42,15 @@ def new_dataset_id() -> str:
     return "ds_" + secrets.token_hex(12)
 
 
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(8)
+
+
+# Who owns what when authentication is off (`finetune dev` on loopback), and the rows made
+# before owners existed.
+LOCAL_OWNER = "local"
+
+
 class UTCDateTime(TypeDecorator):
     """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
 
@@ -78,6 +87,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_job_id)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
     spec: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
@@ -92,6 +102,8 @@ class Job(Base):
     # The worker training the job holds a lease it renews; an expired one means the worker died.
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    # When its id was last sent to the broker; the sweeper sends it again if the broker lost it.
+    dispatched_at: Mapped[datetime | None]
     # Checkpoint name the next run starts from; null means from step 0.
     resume_from: Mapped[str | None] = mapped_column(String(64))
     adapter_path: Mapped[str | None] = mapped_column(Text)
@@ -154,6 +166,7 @@ class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_dataset_id)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
     filename: Mapped[str] = mapped_column(String(255))
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -162,3 +175,16 @@ class Dataset(Base):
     format: Mapped[str | None] = mapped_column(String(16))
     report: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ApiKey(Base):
+    """A key is `<id>.<secret>`; only the secret's SHA-256 is stored. The id finds the row,
+    the hash is compared in constant time."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_key_id)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]

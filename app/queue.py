@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from celery import Celery
 
@@ -14,7 +15,7 @@ TASK_ANALYZE_DATASET = "finetune.analyze_dataset"
 QUEUE = "finetune"
 
 
-def make_celery(broker_url: str) -> Celery:
+def make_celery(broker_url: str, transport_options: dict[str, Any] | None = None) -> Celery:
     celery = Celery("finetune", broker=broker_url)
     celery.conf.update(
         task_default_queue=QUEUE,
@@ -30,15 +31,21 @@ def make_celery(broker_url: str) -> Celery:
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
     )
     if broker_url.startswith(("redis://", "rediss://")):
-        # Redis redelivers an unacknowledged task after this many seconds; the job row's status
-        # guards against running a job twice (see services.runs.claim_job).
+        # Redis redelivers an unacknowledged task after this many seconds, also while the first
+        # copy still runs; the job row's status guards against running a job twice
+        # (services.runs.claim_job). Dead workers are found sooner by their expired lease.
         celery.conf.broker_transport_options = {"visibility_timeout": 7 * 24 * 3600}
+    celery.conf.broker_transport_options = {
+        **celery.conf.broker_transport_options,
+        **(transport_options or {}),
+    }
     return celery
 
 
 @lru_cache
 def get_celery() -> Celery:
-    return make_celery(get_settings().broker_url)
+    settings = get_settings()
+    return make_celery(settings.broker_url, settings.broker_transport_options)
 
 
 def declare_queue() -> None:
@@ -48,6 +55,16 @@ def declare_queue() -> None:
     with celery.connection_for_write() as connection:
         connection.ensure_connection(max_retries=3)
         celery.amqp.queues[QUEUE](connection.default_channel).declare()
+
+
+def waiting_messages() -> int:
+    """Messages waiting in the job queue (not counting those a worker has taken)."""
+    celery = get_celery()
+    with celery.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1)
+        # Not passive: a Redis restarted without persistence has forgotten the queue itself.
+        declared = celery.amqp.queues[QUEUE](connection.default_channel).queue_declare()
+        return declared.message_count
 
 
 def send(task: str, *args: object) -> None:

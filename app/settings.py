@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"
+    # Every endpoint but /healthz needs `Authorization: Bearer <key>` (`finetune keys create`).
+    # Off only for `finetune dev` on a loopback address; everything then belongs to "local".
+    auth: bool = True
+    # Queued (not yet running) jobs one owner may have at a time; more gets 429.
+    max_queued_jobs: int = 100
     max_upload_bytes: int = 1 << 30
     # Every other request body (job specs, resume requests).
     max_body_bytes: int = 1 << 20
@@ -35,6 +41,14 @@ class Settings(BaseSettings):
     lease_s: float = 60.0
     sweep_interval_s: float = 10.0
     max_attempts: int = 3
+    # A queued job's id is sent to the broker again when it has waited this long and the
+    # broker holds fewer messages than there are such jobs (a broker restarted without
+    # persistence). A duplicate delivery is harmless: only one worker can claim the job.
+    redispatch_after_s: float = 300.0
+    # kombu transport options (JSON), over ours: for Redis a visibility_timeout of 7 days (an
+    # unacknowledged task is then delivered again; the claim skips a second copy, and dead
+    # workers are found by their lease long before).
+    broker_transport_options: dict[str, Any] = {}
     # How often the worker flushes metric rows and looks for a cancel request.
     flush_interval_s: float = 1.0
     # How often an SSE stream polls the database for new metric rows.

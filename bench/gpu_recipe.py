@@ -52,37 +52,39 @@ def long_chats(path: Path, count: int) -> None:
 
 
 def cancel_after(job_id: str, name: str) -> None:
+    from app.models import LOCAL_OWNER
     from app.services import jobs
 
-    while not any(c.name == name for c in jobs.list_checkpoints(job_id)):
+    while not any(c.name == name for c in jobs.list_checkpoints(job_id, LOCAL_OWNER)):
         time.sleep(0.1)
-    jobs.cancel_job(job_id)
+    jobs.cancel_job(job_id, LOCAL_OWNER)
 
 
 def run(spec, cancel_at: str | None = None) -> dict:
     import torch
 
+    from app.models import LOCAL_OWNER
     from app.services import jobs
     from worker.tasks import execute_job
 
     torch.cuda.reset_peak_memory_stats()
-    job = jobs.create_job(spec)
+    job = jobs.create_job(spec, LOCAL_OWNER)
     started = time.perf_counter()
     if cancel_at:
         canceller = threading.Thread(target=cancel_after, args=(job.id, cancel_at))
         canceller.start()
         execute_job(job.id)
         canceller.join()
-        stopped = jobs.get_job(job.id)
-        jobs.resume_job(job.id, None)
+        stopped = jobs.get_job(job.id, LOCAL_OWNER)
+        jobs.resume_job(job.id, LOCAL_OWNER, None)
         execute_job(job.id)
     else:
         stopped = None
     if not cancel_at:
         execute_job(job.id)
-    done = jobs.get_job(job.id)
-    rows = jobs.list_metrics(job.id, None, 10_000).items
-    events = jobs.list_events(job.id, None, 1000).items
+    done = jobs.get_job(job.id, LOCAL_OWNER)
+    rows = jobs.list_metrics(job.id, LOCAL_OWNER, None, 10_000).items
+    events = jobs.list_events(job.id, LOCAL_OWNER, None, 1000).items
     saves = [e.data for e in events if e.message.startswith("saved ")]
     return {
         "job": job.id,

@@ -24,6 +24,9 @@ REDIS_URL = os.environ.get("FINETUNE_TEST_REDIS_URL")
 
 DATABASES = ["sqlite"] + (["postgres"] if POSTGRES_URL else [])
 
+# The owner whose API key the test clients send.
+TEST_OWNER = "alice"
+
 
 def demo_spec(**training: object) -> dict:
     """The demo job, with training overrides (e.g. fewer steps for a quick test)."""
@@ -101,13 +104,21 @@ def service_env(request, tmp_path: Path, monkeypatch) -> Iterator[dict[str, str]
         reset_caches()
 
 
+def bearer(owner: str = TEST_OWNER) -> dict[str, str]:
+    """Headers with a new API key for `owner` (in the database the test's settings name)."""
+    from app.services.keys import create_key
+
+    return {"Authorization": f"Bearer {create_key(owner)}"}
+
+
 @pytest.fixture
 def client(service_env):
+    """The app in-process, sending an API key of TEST_OWNER's."""
     from fastapi.testclient import TestClient
 
     from app.api.main import create_app
 
-    with TestClient(create_app()) as test_client:
+    with TestClient(create_app(), headers=bearer()) as test_client:
         yield test_client
 
 

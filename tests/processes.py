@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import REPO
+from tests.conftest import REPO, bearer
 
 
 def free_port() -> int:
@@ -66,7 +66,8 @@ def wait_healthy(base_url: str, timeout: float = 60) -> None:
 def running_service(
     env: dict[str, str], log_dir: Path, dev: bool = False, worker: bool = True
 ) -> Iterator[httpx.Client]:
-    """API and worker as separate processes (or one `finetune dev`); yields a client for the API."""
+    """API and worker as separate processes (or one `finetune dev`); yields a client for the API,
+    with an API key of TEST_OWNER's (`finetune dev` runs without auth on loopback)."""
     port = free_port()
     env = {**env, "FINETUNE_HOST": "127.0.0.1", "FINETUNE_PORT": str(port)}
     with ExitStack() as stack:
@@ -78,15 +79,36 @@ def running_service(
             stack.enter_context(finetune_process("serve", env, log_dir))
         base_url = f"http://127.0.0.1:{port}"
         wait_healthy(base_url)
-        with httpx.Client(base_url=base_url, timeout=30) as client:
+        headers = {} if dev else bearer()
+        with httpx.Client(base_url=base_url, timeout=30, headers=headers) as client:
             yield client
+
+
+def read_job(client: httpx.Client, job_id: str) -> dict | None:
+    """The job, or None while the API can't answer (a test restarting the database or broker)."""
+    try:
+        response = client.get(f"/jobs/{job_id}")
+    except httpx.TransportError:
+        return None
+    return response.json() if response.status_code == 200 else None
 
 
 def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
+    job = None
     while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in statuses:
+        job = read_job(client, job_id)
+        if job and job["status"] in statuses:
             return job
         time.sleep(0.25)
-    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+    raise TimeoutError(f"job {job_id} still {job and job['status']} after {timeout} s")
+
+
+def wait_for_step(client: httpx.Client, job_id: str, step: int, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = read_job(client, job_id)
+        if job and job["current_step"] >= step:
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} did not reach step {step}")

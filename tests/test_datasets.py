@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from app.services import jobs
-from tests.conftest import REPO, demo_spec
+from tests.conftest import REPO, TEST_OWNER, demo_spec
 
 DATA = REPO / "examples" / "data" / "oasst1"
 CHAT = [
@@ -157,4 +157,4 @@ def test_token_statistics_and_training_on_an_uploaded_dataset(client, service_en
     job = client.post("/jobs", json=spec).json()
     assert job["spec"]["dataset"]["source"] == dataset["id"]
     execute_job(job["id"])
-    assert jobs.get_job(job["id"]).status == "succeeded"
+    assert jobs.get_job(job["id"], TEST_OWNER).status == "succeeded"

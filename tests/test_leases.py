@@ -13,6 +13,7 @@ from app.models import Job, utcnow
 from app.services import jobs, runs
 from app.services.runs import LeaseLost
 from app.services.sweeper import sweep
+from tests.conftest import TEST_OWNER
 from worker.lease import LeaseKeeper
 
 
@@ -37,9 +38,9 @@ def test_an_expired_lease_is_swept_and_the_old_worker_is_fenced_off(client):
 
     assert sweep() == [old.job_id]
 
-    job = jobs.get_job(old.job_id)
+    job = jobs.get_job(old.job_id, TEST_OWNER)
     assert (job.status, job.resume_from, job.current_step) == ("queued", None, 0)
-    assert jobs.list_metrics(old.job_id, None, 10).items == []  # replayed from step 0
+    assert jobs.list_metrics(old.job_id, TEST_OWNER, None, 10).items == []  # replayed from step 0
     new = runs.claim_job(old.job_id)
     assert new is not None and new.attempt == 2
     for write in (
@@ -50,21 +51,22 @@ def test_an_expired_lease_is_swept_and_the_old_worker_is_fenced_off(client):
         with pytest.raises(LeaseLost):
             write()
     assert (
-        jobs.list_metrics(old.job_id, None, 10).items == [] and jobs.get_job(old.job_id).status == "running"
+        jobs.list_metrics(old.job_id, TEST_OWNER, None, 10).items == []
+        and jobs.get_job(old.job_id, TEST_OWNER).status == "running"
     )
     runs.finish_job(new, "succeeded", "done")
-    assert jobs.get_job(old.job_id).status == "succeeded"
+    assert jobs.get_job(old.job_id, TEST_OWNER).status == "succeeded"
 
 
 def test_a_live_lease_is_left_alone_and_renewed_while_training(client, monkeypatch):
     claim = running_job(client)
-    before = jobs.get_job(claim.job_id).updated_at
+    before = jobs.get_job(claim.job_id, TEST_OWNER).updated_at
 
     with LeaseKeeper(claim, interval_s=0.05):
         time.sleep(0.3)
 
     assert sweep() == []
-    assert jobs.get_job(claim.job_id).updated_at > before
+    assert jobs.get_job(claim.job_id, TEST_OWNER).updated_at > before
 
 
 def test_the_sweeper_resumes_from_the_last_checkpoint_and_gives_up_after_max_attempts(client, monkeypatch):
@@ -77,11 +79,29 @@ def test_the_sweeper_resumes_from_the_last_checkpoint_and_gives_up_after_max_att
     expire(claim.job_id)
 
     sweep()
-    assert jobs.get_job(claim.job_id).resume_from == "checkpoint-5"
+    assert jobs.get_job(claim.job_id, TEST_OWNER).resume_from == "checkpoint-5"
 
     second = runs.claim_job(claim.job_id)
     expire(claim.job_id)
     assert sweep() == []
-    job = jobs.get_job(claim.job_id)
+    job = jobs.get_job(claim.job_id, TEST_OWNER)
     assert job.status == "failed" and "gave up after 2 attempts" in job.error
     assert second is not None and job.attempts == 2
+
+
+def test_ids_the_broker_lost_are_sent_again(client, service_env, monkeypatch):
+    from app.queue import get_celery
+    from app.services.sweeper import redispatch_lost
+    from tests.conftest import reset_caches
+    from tests.test_datasets import queued_messages
+
+    monkeypatch.setenv("FINETUNE_REDISPATCH_AFTER_S", "0")
+    reset_caches()
+    first, second = (client.post("/jobs", json={}).json()["id"] for _ in range(2))
+    assert redispatch_lost() == []  # both ids are in the queue
+
+    get_celery().control.purge()  # what a broker restarted without persistence has
+    assert queued_messages(service_env) == 0
+    assert redispatch_lost() == [first, second]
+    assert queued_messages(service_env) == 2
+    assert redispatch_lost() == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import REPO, demo_spec, reset_caches
+from tests.conftest import REPO, bearer, demo_spec, reset_caches
 from tests.test_datasets import queued_messages
 
 
@@ -43,7 +43,7 @@ def test_uploads_have_their_own_cap(client, service_env, monkeypatch):
 
     monkeypatch.setenv("FINETUNE_MAX_UPLOAD_BYTES", "1000")
     reset_caches()
-    with TestClient(create_app()) as small:
+    with TestClient(create_app(), headers=bearer()) as small:
         response = small.post("/datasets", files={"file": ("big.jsonl", b"{}\n" * 1000)})
 
     assert response.status_code == 413

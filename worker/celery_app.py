@@ -5,5 +5,6 @@ from __future__ import annotations
 from app.queue import make_celery
 from app.settings import get_settings
 
-celery = make_celery(get_settings().broker_url)
+settings = get_settings()
+celery = make_celery(settings.broker_url, settings.broker_transport_options)
 celery.conf.update(include=["worker.tasks"], worker_hijack_root_logger=False)

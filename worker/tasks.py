@@ -33,7 +33,10 @@ def execute_job(job_id: str) -> None:
     lease (the sweeper gave the job to another) stops and writes nothing more."""
     claim = runs.claim_job(job_id)
     if claim is None:
-        log.info("job %s is not queued (cancelled or already taken); skipping", job_id)
+        # Cancelled before it started, or a second delivery of its id (a broker redelivery, an
+        # id sent again by the sweeper) while another worker has it or after it ended.
+        status = runs.skip_delivery(job_id)
+        log.info("job %s is %s, not queued; delivery skipped", job_id, status)
         return
     log.info("job %s: attempt %d, resume from %s", job_id, claim.attempt, claim.resume_from or "start")
     settings = get_settings()

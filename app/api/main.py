@@ -9,23 +9,26 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from app.api.auth import Authenticate
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
 from app.api.routes import router
-from app.services.sweeper import sweep
+from app.services.sweeper import redispatch_lost, sweep
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 
 async def sweep_forever(interval_s: float) -> None:
-    """Re-queue jobs whose worker died, for as long as the API runs."""
+    """Re-queue jobs whose worker died, and re-send ids the broker lost, for as long as the
+    API runs."""
     while True:
         await asyncio.sleep(interval_s)
-        try:
-            await run_in_threadpool(sweep)
-        except Exception:  # a database hiccup must not end the sweeper
-            log.exception("lease sweep failed")
+        for task in (sweep, redispatch_lost):
+            try:
+                await run_in_threadpool(task)
+            except Exception as exc:  # a database or broker hiccup must not end the sweeper
+                log.warning("%s failed: %s", task.__name__, exc)
 
 
 @asynccontextmanager
@@ -51,6 +54,7 @@ def create_app() -> FastAPI:
         upload_limit=settings.max_upload_bytes,
         upload_prefixes=("/datasets",),
     )
+    app.add_middleware(Authenticate)  # outermost: no body is read for a request without a key
     return app
 
 

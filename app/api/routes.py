@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.api.auth import Owner
 from app.api.logs import format_text_line, metric_events
 from app.errors import InvalidCursor
 from app.models import JobStatus
@@ -30,31 +31,33 @@ def healthz() -> dict[str, str]:
 
 
 @router.post("/jobs", status_code=201, response_model=JobRead, tags=["jobs"])
-def create_job(spec: Annotated[JobSpec | None, Body()] = None) -> JobRead:
+def create_job(owner: Owner, spec: Annotated[JobSpec | None, Body()] = None) -> JobRead:
     """Submit a fine-tune job. `{}` (or no body) runs the default recipe."""
-    return jobs.create_job(spec or JobSpec())
+    return jobs.create_job(spec or JobSpec(), owner)
 
 
 @router.get("/jobs", response_model=Page[JobRead], tags=["jobs"])
-def list_jobs(status: JobStatusFilter = None, limit: Limit = 50, cursor: str | None = None) -> Page[JobRead]:
-    return jobs.list_jobs(status, limit, cursor)
+def list_jobs(
+    owner: Owner, status: JobStatusFilter = None, limit: Limit = 50, cursor: str | None = None
+) -> Page[JobRead]:
+    return jobs.list_jobs(owner, status, limit, cursor)
 
 
 @router.get("/jobs/{job_id}", response_model=JobRead, tags=["jobs"])
-def get_job(job_id: str) -> JobRead:
-    return jobs.get_job(job_id)
+def get_job(job_id: str, owner: Owner) -> JobRead:
+    return jobs.get_job(job_id, owner)
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=JobRead, tags=["jobs"])
-def cancel_job(job_id: str) -> JobRead:
+def cancel_job(job_id: str, owner: Owner) -> JobRead:
     """Cancel: a queued job at once, a running one at its next step boundary."""
-    return jobs.cancel_job(job_id)
+    return jobs.cancel_job(job_id, owner)
 
 
 @router.post("/jobs/{job_id}/resume", status_code=202, response_model=JobRead, tags=["jobs"])
-def resume_job(job_id: str, body: Annotated[ResumeRequest | None, Body()] = None) -> JobRead:
+def resume_job(job_id: str, owner: Owner, body: Annotated[ResumeRequest | None, Body()] = None) -> JobRead:
     """Queue a failed or cancelled job again from a checkpoint (default the latest)."""
-    return jobs.resume_job(job_id, body.checkpoint if body else None)
+    return jobs.resume_job(job_id, owner, body.checkpoint if body else None)
 
 
 @router.get(
@@ -66,6 +69,7 @@ def resume_job(job_id: str, body: Annotated[ResumeRequest | None, Body()] = None
 async def job_logs(
     request: Request,
     job_id: str,
+    owner: Owner,
     after_step: Annotated[int | None, Query(ge=-1)] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     format: Annotated[str, Query(pattern="^(json|text)$")] = "json",
@@ -79,9 +83,9 @@ async def job_logs(
             if not last_event_id.isdigit():
                 raise InvalidCursor("Last-Event-ID must be a step number")
             start = int(last_event_id)
-        await run_in_threadpool(jobs.get_job, job_id)  # 404 before the stream starts
-        return EventSourceResponse(metric_events(job_id, start), ping=15)
-    page = await run_in_threadpool(jobs.list_metrics, job_id, after_step, limit)
+        await run_in_threadpool(jobs.get_job, job_id, owner)  # 404 before the stream starts
+        return EventSourceResponse(metric_events(job_id, owner, start), ping=15)
+    page = await run_in_threadpool(jobs.list_metrics, job_id, owner, after_step, limit)
     if format == "text":
         text = "".join(format_text_line(row) + "\n" for row in page.items)
         return PlainTextResponse(text)
@@ -90,14 +94,14 @@ async def job_logs(
 
 @router.get("/jobs/{job_id}/events", response_model=Page[EventRead], tags=["jobs"])
 def job_events(
-    job_id: str, after: Annotated[int | None, Query(ge=0)] = None, limit: Limit = 200
+    job_id: str, owner: Owner, after: Annotated[int | None, Query(ge=0)] = None, limit: Limit = 200
 ) -> Page[EventRead]:
-    return jobs.list_events(job_id, after, limit)
+    return jobs.list_events(job_id, owner, after, limit)
 
 
 @router.get("/jobs/{job_id}/checkpoints", response_model=Page[CheckpointRead], tags=["artifacts"])
-def job_checkpoints(job_id: str) -> Page[CheckpointRead]:
-    return Page(items=jobs.list_checkpoints(job_id), next=None)
+def job_checkpoints(job_id: str, owner: Owner) -> Page[CheckpointRead]:
+    return Page(items=jobs.list_checkpoints(job_id, owner), next=None)
 
 
 @router.get(
@@ -106,8 +110,8 @@ def job_checkpoints(job_id: str) -> Page[CheckpointRead]:
     tags=["artifacts"],
     responses={200: {"content": {"application/zip": {}}}},
 )
-def download_checkpoint(job_id: str, name: str) -> FileResponse:
-    path = jobs.checkpoint_zip(job_id, name)
+def download_checkpoint(job_id: str, name: str, owner: Owner) -> FileResponse:
+    path = jobs.checkpoint_zip(job_id, owner, name)
     return FileResponse(path, media_type="application/zip", filename=f"{job_id}-{name}.zip")
 
 
@@ -117,13 +121,14 @@ def download_checkpoint(job_id: str, name: str) -> FileResponse:
     tags=["artifacts"],
     responses={200: {"content": {"application/zip": {}}}},
 )
-def download_adapter(job_id: str) -> FileResponse:
-    path = jobs.adapter_zip(job_id)
+def download_adapter(job_id: str, owner: Owner) -> FileResponse:
+    path = jobs.adapter_zip(job_id, owner)
     return FileResponse(path, media_type="application/zip", filename=f"{job_id}-adapter.zip")
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetRead, tags=["datasets"])
 def upload_dataset(
+    owner: Owner,
     file: Annotated[UploadFile, File(description="oasst1 rows, tree export or chat records (.jsonl/.json)")],
     tokenizer: Annotated[ModelOrDataset, Form(description="Tokenizer for the length statistics.")] = (
         "microsoft/phi-2"
@@ -132,14 +137,14 @@ def upload_dataset(
 ) -> DatasetRead:
     """Store and validate a training file. An invalid file is kept with a report that names each
     bad line and why; jobs can only use valid ones (`"dataset": {"source": "<id>"}`)."""
-    return datasets.upload_dataset(file.filename, file.file, tokenizer, max_seq_length)
+    return datasets.upload_dataset(file.filename, file.file, owner, tokenizer, max_seq_length)
 
 
 @router.get("/datasets", response_model=Page[DatasetRead], tags=["datasets"])
-def list_datasets(limit: Limit = 50, cursor: str | None = None) -> Page[DatasetRead]:
-    return datasets.list_datasets(limit, cursor)
+def list_datasets(owner: Owner, limit: Limit = 50, cursor: str | None = None) -> Page[DatasetRead]:
+    return datasets.list_datasets(owner, limit, cursor)
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetRead, tags=["datasets"])
-def get_dataset(dataset_id: str) -> DatasetRead:
-    return datasets.get_dataset(dataset_id)
+def get_dataset(dataset_id: str, owner: Owner) -> DatasetRead:
+    return datasets.get_dataset(dataset_id, owner)

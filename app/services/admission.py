@@ -46,8 +46,8 @@ def _remote_code_problems(spec: JobSpec) -> list[tuple[str, str]]:
     return []
 
 
-def check_admissible(spec: JobSpec) -> None:
-    problems = dataset_reference_problems(spec) + _local_path_problems(spec)
+def check_admissible(spec: JobSpec, owner: str) -> None:
+    problems = dataset_reference_problems(spec, owner) + _local_path_problems(spec)
     if not problems:
         problems = _remote_code_problems(spec)
     if problems:

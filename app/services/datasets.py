@@ -54,7 +54,7 @@ def _store(stream: BinaryIO, target: Path, limit: int) -> tuple[int, str]:
 
 
 def upload_dataset(
-    filename: str | None, stream: BinaryIO, tokenizer: str, max_seq_length: int
+    filename: str | None, stream: BinaryIO, owner: str, tokenizer: str, max_seq_length: int
 ) -> DatasetRead:
     settings = get_settings()
     name = _safe_filename(filename)
@@ -76,6 +76,7 @@ def upload_dataset(
     with session_scope() as session:
         row = Dataset(
             id=dataset_id,
+            owner=owner,
             filename=name,
             path=str(folder / name),
             size_bytes=size,
@@ -93,40 +94,42 @@ def upload_dataset(
         except BrokerUnavailable as exc:  # the upload stands; only its token statistics are missing
             log.warning("dataset %s: %s", dataset_id, exc)
             set_token_stats(dataset_id, {**report["tokens"], "status": "unavailable", "error": str(exc)})
-            return get_dataset(dataset_id)
+            return get_dataset(dataset_id, owner)
     return read
 
 
-def _get(session: Session, dataset_id: str) -> Dataset:
+def _get(session: Session, dataset_id: str, owner: str | None) -> Dataset:
+    """The dataset, if `owner` owns it (owner None: the worker, which trusts the job's spec)."""
     row = session.get(Dataset, dataset_id) if DATASET_ID.match(dataset_id) else None
-    if row is None:
+    if row is None or (owner is not None and row.owner != owner):
         raise DatasetNotFound(f"no dataset {dataset_id!r}")
     return row
 
 
-def get_dataset(dataset_id: str) -> DatasetRead:
+def get_dataset(dataset_id: str, owner: str) -> DatasetRead:
     with session_scope() as session:
-        return DatasetRead.model_validate(_get(session, dataset_id))
+        return DatasetRead.model_validate(_get(session, dataset_id, owner))
 
 
-def list_datasets(limit: int, cursor: str | None) -> Page[DatasetRead]:
-    return newest_first(Dataset, DatasetRead, limit, cursor)
+def list_datasets(owner: str, limit: int, cursor: str | None) -> Page[DatasetRead]:
+    return newest_first(Dataset, DatasetRead, limit, cursor, Dataset.owner == owner)
 
 
 def dataset_file(dataset_id: str) -> Path:
     """The stored file of an uploaded dataset (what a worker trains on)."""
     with session_scope() as session:
-        return Path(_get(session, dataset_id).path)
+        return Path(_get(session, dataset_id, None).path)
 
 
 def set_token_stats(dataset_id: str, tokens: dict[str, Any]) -> None:
     with session_scope() as session:
-        row = _get(session, dataset_id)
+        row = _get(session, dataset_id, None)
         row.report = {**row.report, "tokens": tokens}
 
 
-def dataset_reference_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """(field, why) for each uploaded dataset the spec names that is unknown or invalid."""
+def dataset_reference_problems(spec: JobSpec, owner: str) -> list[tuple[str, str]]:
+    """(field, why) for each uploaded dataset the spec names that is unknown (to this owner)
+    or invalid."""
     problems = []
     references = {
         "dataset.source": spec.dataset.source,
@@ -137,7 +140,7 @@ def dataset_reference_problems(spec: JobSpec) -> list[tuple[str, str]]:
             continue
         with session_scope() as session:
             row = session.get(Dataset, value)
-            if row is None:
+            if row is None or row.owner != owner:
                 problems.append((field, f"no uploaded dataset {value!r}"))
             elif row.status != DatasetStatus.READY:
                 count = row.report.get("problem_count", 0)

@@ -1,10 +1,12 @@
-"""What a user can do with jobs: create, read, cancel, resume, and read their metrics and files."""
+"""What a user can do with jobs: create, read, cancel, resume, and read their metrics and files.
+
+Every function takes the asking owner: another owner's job is reported as not found."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.db import session_scope
@@ -13,6 +15,7 @@ from app.errors import (
     CheckpointNotFound,
     JobNotFound,
     JobStateConflict,
+    TooManyQueuedJobs,
 )
 from app.models import CHECKPOINT_NAME, JOB_ID, Checkpoint, Event, Job, JobStatus, Metric, utcnow
 from app.queue import enqueue_job
@@ -20,16 +23,20 @@ from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
 from app.services.admission import check_admissible
 from app.services.events import add_state_event
 from app.services.pagination import newest_first
+from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import job_files
 
 RESUMABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-def create_job(spec: JobSpec) -> JobRead:
-    check_admissible(spec)
+def create_job(spec: JobSpec, owner: str) -> JobRead:
+    check_admissible(spec, owner)
     with session_scope() as session:
-        job = Job(status=JobStatus.QUEUED, spec=spec.model_dump(mode="json"))
+        _check_queue_room(session, owner)
+        job = Job(
+            owner=owner, status=JobStatus.QUEUED, spec=spec.model_dump(mode="json"), dispatched_at=utcnow()
+        )
         session.add(job)
         session.flush()
         add_state_event(session, job.id, JobStatus.QUEUED, "job created")
@@ -53,26 +60,41 @@ def enqueue_or_fail(job_id: str) -> None:
         raise
 
 
-def _get(session: Session, job_id: str) -> Job:
+def _check_queue_room(session: Session, owner: str) -> None:
+    """Per-owner cap on waiting jobs (checked, not locked: concurrent submissions may pass it
+    by a few)."""
+    limit = get_settings().max_queued_jobs
+    queued = session.scalar(
+        select(func.count()).select_from(Job).where(Job.owner == owner, Job.status == JobStatus.QUEUED)
+    )
+    if queued >= limit:
+        raise TooManyQueuedJobs(
+            f"{queued} jobs are already queued; the limit is {limit} (FINETUNE_MAX_QUEUED_JOBS)"
+        )
+
+
+def _get(session: Session, job_id: str, owner: str) -> Job:
     job = session.get(Job, job_id) if JOB_ID.match(job_id) else None
-    if job is None:
+    if job is None or job.owner != owner:
         raise JobNotFound(f"no job {job_id!r}")
     return job
 
 
-def get_job(job_id: str) -> JobRead:
+def get_job(job_id: str, owner: str) -> JobRead:
     with session_scope() as session:
-        return JobRead.model_validate(_get(session, job_id))
+        return JobRead.model_validate(_get(session, job_id, owner))
 
 
-def list_jobs(status: str | None, limit: int, cursor: str | None) -> Page[JobRead]:
-    return newest_first(Job, JobRead, limit, cursor, *([Job.status == status] if status else []))
+def list_jobs(owner: str, status: str | None, limit: int, cursor: str | None) -> Page[JobRead]:
+    return newest_first(
+        Job, JobRead, limit, cursor, Job.owner == owner, *([Job.status == status] if status else [])
+    )
 
 
-def cancel_job(job_id: str) -> JobRead:
+def cancel_job(job_id: str, owner: str) -> JobRead:
     """A queued job is cancelled at once; a running one when the worker reaches a step boundary."""
     with session_scope() as session:
-        job = _get(session, job_id)
+        job = _get(session, job_id, owner)
         now = utcnow()
         queued = session.execute(
             update(Job)
@@ -94,12 +116,13 @@ def cancel_job(job_id: str) -> JobRead:
         return JobRead.model_validate(job)
 
 
-def resume_job(job_id: str, checkpoint: str | None) -> JobRead:
+def resume_job(job_id: str, owner: str, checkpoint: str | None) -> JobRead:
     """Queue a failed or cancelled job again, continuing from a checkpoint (default the latest)."""
     with session_scope() as session:
-        job = _get(session, job_id)
+        job = _get(session, job_id, owner)
         if job.status not in RESUMABLE:
             raise JobStateConflict(f"job is {job.status}; only failed or cancelled jobs can be resumed")
+        _check_queue_room(session, owner)
         stale = requeue_from_checkpoint(session, job_id, checkpoint, "resume", Job.status.in_(RESUMABLE))
         if stale is None:
             raise JobStateConflict("job changed state while resuming; try again")
@@ -141,6 +164,7 @@ def requeue_from_checkpoint(
             lease_owner=None,
             lease_expires_at=None,
             updated_at=utcnow(),
+            dispatched_at=utcnow(),
         )
     ).rowcount
     if not requeued:
@@ -156,10 +180,10 @@ def requeue_from_checkpoint(
     return [row.name for row in stale]
 
 
-def _page_of_job_rows(job_id: str, model, key, schema, after: int | None, limit: int) -> Page:
+def _page_of_job_rows(job_id: str, owner: str, model, key, schema, after: int | None, limit: int) -> Page:
     """Rows of one of the job's tables in `key` order after a cursor (keyset pagination)."""
     with session_scope() as session:
-        _get(session, job_id)
+        _get(session, job_id, owner)
         query = select(model).where(model.job_id == job_id).order_by(key).limit(limit + 1)
         if after is not None:
             query = query.where(key > after)
@@ -171,27 +195,27 @@ def _page_of_job_rows(job_id: str, model, key, schema, after: int | None, limit:
     )
 
 
-def list_metrics(job_id: str, after_step: int | None, limit: int) -> Page[MetricRead]:
-    return _page_of_job_rows(job_id, Metric, Metric.step, MetricRead, after_step, limit)
+def list_metrics(job_id: str, owner: str, after_step: int | None, limit: int) -> Page[MetricRead]:
+    return _page_of_job_rows(job_id, owner, Metric, Metric.step, MetricRead, after_step, limit)
 
 
-def metrics_since(job_id: str, after_step: int) -> tuple[str, list[MetricRead]]:
+def metrics_since(job_id: str, owner: str, after_step: int) -> tuple[str, list[MetricRead]]:
     """The job's status, read before its new rows: when it is final, no row can follow."""
     with session_scope() as session:
-        status = _get(session, job_id).status
+        status = _get(session, job_id, owner).status
         rows = session.scalars(
             select(Metric).where(Metric.job_id == job_id, Metric.step > after_step).order_by(Metric.step)
         )
         return status, [MetricRead.model_validate(row) for row in rows]
 
 
-def list_events(job_id: str, after: int | None, limit: int) -> Page[EventRead]:
-    return _page_of_job_rows(job_id, Event, Event.id, EventRead, after, limit)
+def list_events(job_id: str, owner: str, after: int | None, limit: int) -> Page[EventRead]:
+    return _page_of_job_rows(job_id, owner, Event, Event.id, EventRead, after, limit)
 
 
-def list_checkpoints(job_id: str) -> list[CheckpointRead]:
+def list_checkpoints(job_id: str, owner: str) -> list[CheckpointRead]:
     with session_scope() as session:
-        _get(session, job_id)
+        _get(session, job_id, owner)
         rows = session.scalars(
             select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
         )
@@ -206,9 +230,9 @@ def _confined(job_id: str, path: str) -> Path:
     return resolved
 
 
-def checkpoint_zip(job_id: str, name: str) -> Path:
+def checkpoint_zip(job_id: str, owner: str, name: str) -> Path:
     with session_scope() as session:
-        _get(session, job_id)
+        _get(session, job_id, owner)
         row = None
         if CHECKPOINT_NAME.match(name):
             row = session.scalar(
@@ -219,9 +243,9 @@ def checkpoint_zip(job_id: str, name: str) -> Path:
         return _confined(job_id, row.path)
 
 
-def adapter_zip(job_id: str) -> Path:
+def adapter_zip(job_id: str, owner: str) -> Path:
     with session_scope() as session:
-        job = _get(session, job_id)
+        job = _get(session, job_id, owner)
         if not job.adapter_path:
             raise ArtifactNotReady(f"job {job_id} is {job.status}; the adapter is written when it succeeds")
         return _confined(job_id, job.adapter_path)

@@ -3,6 +3,8 @@
 Every write after the claim is fenced by the lease: it renews the lease and goes through only
 while this worker still holds it, else it raises LeaseLost. So a worker the sweeper gave up
 on (it stopped renewing: killed, paused, cut off) can never overwrite its successor's work.
+Writes are retried while the database is unreachable or locked (`retry_while_unreachable`);
+metric rows are retried by the worker's ProgressWriter instead, without stalling training.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.db import session_scope
+from app.db import retry_while_unreachable, session_scope
 from app.models import Checkpoint, Job, JobStatus, Metric, utcnow
 from app.services.events import add_event, add_state_event
 from app.services.jobs import requeue_from_checkpoint
@@ -49,6 +51,7 @@ def _lease_expiry():
     return utcnow() + timedelta(seconds=get_settings().lease_s)
 
 
+@retry_while_unreachable
 def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
     """Move a queued job to running under a lease; None when it is not queued (cancelled, or a
     duplicate delivery of its id)."""
@@ -76,6 +79,16 @@ def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
         return Claim(job_id, owner, dict(job.spec), job.resume_from, job.attempts)
 
 
+@retry_while_unreachable
+def skip_delivery(job_id: str) -> str | None:
+    """Note a delivery of a job's id that found the job not queued; returns its status."""
+    with session_scope() as session:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status is not None:
+            add_event(session, job_id, f"delivery skipped: job is {status}", data={"status": status})
+        return status
+
+
 def _hold(session: Session, claim: Claim, **values: Any) -> None:
     """Renew the lease (and set `values`) if this worker still holds it; else raise LeaseLost."""
     held = session.execute(
@@ -92,6 +105,7 @@ def renew_lease(claim: Claim) -> None:
         _hold(session, claim)
 
 
+@retry_while_unreachable
 def set_total_steps(claim: Claim, total_steps: int) -> None:
     with session_scope() as session:
         _hold(session, claim, total_steps=total_steps)
@@ -119,6 +133,7 @@ def report_progress(claim: Claim, step: int, rows: list[dict[str, Any]]) -> bool
         return bool(session.scalar(select(Job.cancel_requested).where(Job.id == claim.job_id)))
 
 
+@retry_while_unreachable
 def record_checkpoint(
     claim: Claim,
     name: str,
@@ -160,6 +175,7 @@ def record_checkpoint(
         job_files(job_id).remove_checkpoint(old)
 
 
+@retry_while_unreachable
 def finish_job(
     claim: Claim,
     status: str,
@@ -187,6 +203,7 @@ def finish_job(
         add_state_event(session, claim.job_id, status, message, **({"error": error} if error else {}))
 
 
+@retry_while_unreachable
 def hand_back(claim: Claim, reason: str) -> None:
     """Release the job to the queue, to continue from its latest checkpoint (the caller sends
     its id to the broker)."""
@@ -205,6 +222,14 @@ def hand_back(claim: Claim, reason: str) -> None:
         job_files(claim.job_id).remove_checkpoint(name)
 
 
+@retry_while_unreachable
+def recorded_checkpoints(job_id: str) -> set[str]:
+    """Names of the job's complete checkpoints (zipped and recorded)."""
+    with session_scope() as session:
+        return set(session.scalars(select(Checkpoint.name).where(Checkpoint.job_id == job_id)))
+
+
+@retry_while_unreachable
 def log_message(job_id: str, message: str, **data: Any) -> None:
     with session_scope() as session:
         add_event(session, job_id, message, data=data or None)

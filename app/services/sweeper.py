@@ -1,13 +1,16 @@
-"""Finds jobs whose worker stopped renewing its lease and gives them to another worker."""
+"""Finds jobs whose worker stopped renewing its lease and gives them to another worker, and
+queued jobs whose id the broker lost."""
 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from sqlalchemy import select, update
 
 from app.db import session_scope
 from app.models import Job, JobStatus, utcnow
+from app.queue import enqueue_job, waiting_messages
 from app.services.events import add_state_event
 from app.services.jobs import enqueue_or_fail, requeue_from_checkpoint
 from app.settings import get_settings
@@ -69,3 +72,33 @@ def sweep() -> list[str]:
             continue
         requeued.append(job_id)
     return requeued
+
+
+def redispatch_lost() -> list[str]:
+    """Send again the ids of jobs that have waited `redispatch_after_s` since their id was sent,
+    when the broker holds fewer waiting messages than there are such jobs: some ids were lost
+    (a broker restarted without persistence, a queue purged). A job whose id is still in the
+    queue as well is delivered twice; the second delivery finds it taken and is skipped."""
+    settings = get_settings()
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.redispatch_after_s)
+    with session_scope() as session:
+        waiting = list(
+            session.scalars(
+                select(Job.id)
+                .where(Job.status == JobStatus.QUEUED, Job.dispatched_at < cutoff)
+                .order_by(Job.created_at)
+            )
+        )
+    if not waiting or waiting_messages() >= len(waiting):
+        return []
+    sent = []
+    for job_id in waiting:
+        enqueue_job(job_id)
+        with session_scope() as session:
+            session.execute(
+                update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(dispatched_at=now)
+            )
+        sent.append(job_id)
+    log.warning("sent %d queued job id(s) to the broker again: %s", len(sent), ", ".join(sent))
+    return sent

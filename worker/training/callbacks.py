@@ -1,4 +1,9 @@
-"""Trainer callbacks: stream metrics into the database, honour cancellation, zip checkpoints."""
+"""Trainer callbacks: stream metrics into the database, honour cancellation, zip checkpoints.
+
+Metric rows go to the database from a background thread (ProgressWriter), so a slow or
+unreachable database never stalls training: rows wait in memory and are written once it
+answers. Only a checkpoint waits for the database, since the rows up to it and its record
+must be stored before the run may continue past it."""
 
 from __future__ import annotations
 
@@ -10,31 +15,101 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from app.db import retry_while_unreachable
 from app.models import utcnow
 from app.services import runs
-from app.services.runs import Claim
+from app.services.runs import Claim, LeaseLost
 from app.storage import JobFiles
 from worker.training.artifacts import zip_directory
 
 log = logging.getLogger(__name__)
 
 
-class JobProgressCallback(TrainerCallback):
-    """Buffers metric rows and writes them at most once per `flush_interval_s`.
+class ProgressWriter:
+    """Writes buffered metric rows and the current step at most once per `interval_s`, from
+    its own thread; each write also reads the cancel flag. A failed write keeps its rows for
+    the next one. A lost lease is kept and raised in the training thread (`check`)."""
 
-    Each write also reads the job's cancel flag, so a cancel is honoured at the next step
-    boundary after it is seen, without a database round trip on every step.
-    """
+    def __init__(self, claim: Claim, interval_s: float):
+        self.claim = claim
+        self.interval_s = interval_s
+        self.cancel_requested = False
+        self._rows: list[dict[str, Any]] = []
+        self._step = 0
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one write at a time, in order
+        self._wake = threading.Event()
+        self._closed = False
+        self._lease_lost: LeaseLost | None = None
+        self._thread = threading.Thread(target=self._run, name=f"progress-{claim.job_id}", daemon=True)
+        self._thread.start()
+
+    def add(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self._rows.append(row)
+        self._wake.set()
+
+    def step(self, step: int) -> None:
+        with self._lock:
+            self._step = step
+        self._wake.set()
+
+    def check(self) -> None:
+        """Raise LeaseLost in the caller if a write found the lease gone."""
+        if self._lease_lost is not None:
+            raise self._lease_lost
+
+    def _run(self) -> None:
+        last = 0.0
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            time.sleep(max(0.0, last + self.interval_s - time.monotonic()))
+            last = time.monotonic()
+            try:
+                self.write()
+            except SQLAlchemyError as exc:  # unreachable or locked: the rows wait for the next write
+                log.warning("job %s: could not write progress (%s); retrying", self.claim.job_id, exc)
+                time.sleep(min(self.interval_s * 4, 5.0) or 0.5)
+                self._wake.set()
+            except LeaseLost as exc:
+                self._lease_lost = exc
+                return
+
+    def write(self) -> None:
+        with self._write_lock:
+            with self._lock:
+                rows, self._rows = self._rows, []
+                step = self._step
+            try:
+                self.cancel_requested |= runs.report_progress(self.claim, step, rows)
+            except BaseException:
+                with self._lock:
+                    self._rows = rows + self._rows
+                raise
+
+    @retry_while_unreachable
+    def write_now(self) -> None:
+        """Write everything buffered before returning, waiting out a database outage."""
+        self.write()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+
+class JobProgressCallback(TrainerCallback):
+    """Streams metric rows to the database (through a ProgressWriter), stops the training on a
+    cancel request or a worker shutdown, and zips and records each checkpoint."""
 
     def __init__(self, claim: Claim, files: JobFiles, flush_interval_s: float, stop: threading.Event):
         self.claim = claim
         self.stop = stop
         self.stopped_for_shutdown = False
         self.files = files
-        self.flush_interval_s = flush_interval_s
         self.cancelled = False
-        self._rows: list[dict[str, Any]] = []
-        self._last_flush = 0.0
+        self.writer = ProgressWriter(claim, flush_interval_s)
         self._last_log: tuple[float, int] | None = None  # (time, tokens seen) at the last log
         self._step_ended = time.perf_counter()
 
@@ -46,18 +121,18 @@ class JobProgressCallback(TrainerCallback):
         logs = logs or {}
         if "loss" not in logs and "eval_loss" not in logs:  # e.g. the end-of-training summary
             return
-        row = {
-            "step": state.global_step,
-            "epoch": state.epoch,
-            "loss": logs.get("loss"),
-            "eval_loss": logs.get("eval_loss"),
-            "learning_rate": logs.get("learning_rate"),
-            "grad_norm": logs.get("grad_norm"),
-            "tokens_per_second": self._tokens_per_second(state) if "loss" in logs else None,
-            "time": utcnow(),
-        }
-        self._rows.append(row)
-        self._maybe_flush(state, control)
+        self.writer.add(
+            {
+                "step": state.global_step,
+                "epoch": state.epoch,
+                "loss": logs.get("loss"),
+                "eval_loss": logs.get("eval_loss"),
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_per_second": self._tokens_per_second(state) if "loss" in logs else None,
+                "time": utcnow(),
+            }
+        )
 
     def _tokens_per_second(self, state: TrainerState) -> float | None:
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
@@ -68,8 +143,14 @@ class JobProgressCallback(TrainerCallback):
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **_):
         self._step_ended = time.perf_counter()  # the trainer's save (if due) starts after this
-        self._maybe_flush(state, control)
-        if self.stop.is_set() and not self.cancelled:
+        self.writer.step(state.global_step)
+        self.writer.check()
+        if self.writer.cancel_requested and not self.cancelled:
+            log.info("job %s: cancel requested; stopping at step %d", self.claim.job_id, state.global_step)
+            self.cancelled = True
+        if self.cancelled:
+            control.should_training_stop = True
+        elif self.stop.is_set():
             # The worker is shutting down: save this step and stop; the job is handed back.
             log.info("job %s: worker stopping; checkpoint at step %d", self.claim.job_id, state.global_step)
             self.stopped_for_shutdown = True
@@ -77,7 +158,7 @@ class JobProgressCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_):
-        self.flush(state, control)
+        self.writer.write_now()  # the rows up to this checkpoint are stored before it is recorded
         name = f"checkpoint-{state.global_step}"
         started = time.perf_counter()
         save_s = started - self._step_ended
@@ -102,23 +183,7 @@ class JobProgressCallback(TrainerCallback):
         )
 
     def on_train_end(self, args, state: TrainerState, control: TrainerControl, **_):
-        self.flush(state, control)
-
-    def _maybe_flush(self, state: TrainerState, control: TrainerControl) -> None:
-        if time.monotonic() - self._last_flush >= self.flush_interval_s:
-            self.flush(state, control)
-
-    def flush(self, state: TrainerState, control: TrainerControl) -> None:
-        rows, self._rows = self._rows, []
-        self._last_flush = time.monotonic()
-        try:
-            cancel_requested = runs.report_progress(self.claim, state.global_step, rows)
-        except SQLAlchemyError as exc:  # database unreachable: keep the rows, retry at the next flush
-            log.warning("job %s: could not write progress (%s); retrying", self.claim.job_id, exc)
-            self._rows = rows + self._rows
-            return
-        if cancel_requested and not self.cancelled:
-            log.info("job %s: cancel requested; stopping at step %d", self.claim.job_id, state.global_step)
-            self.cancelled = True
-        if self.cancelled:
-            control.should_training_stop = True
+        self.writer.close()
+        self.writer.step(state.global_step)
+        self.writer.write_now()
+        self.writer.check()

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
-from app.services.jobs import list_checkpoints
-from app.services.runs import Claim, log_message
+from app.services.runs import Claim, log_message, recorded_checkpoints
 from app.settings import Settings
 from app.spec import JobSpec
 from app.storage import JobFiles
@@ -89,7 +88,7 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     job_id = claim.job_id
     spec = JobSpec.model_validate(claim.spec)
     files = JobFiles(settings.job_dir(job_id))
-    leftovers = files.remove_unrecorded({c.name for c in list_checkpoints(job_id)})
+    leftovers = files.remove_unrecorded(recorded_checkpoints(job_id))
     if leftovers:
         log_message(job_id, f"removed {len(leftovers)} incomplete checkpoint files", files=leftovers)
     set_seed(spec.training.seed)
@@ -124,7 +123,10 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     resume_dir = files.checkpoint_dir(claim.resume_from) if claim.resume_from else None
     if resume_dir is not None and not resume_dir.is_dir():
         raise FileNotFoundError(f"checkpoint {claim.resume_from} is missing on disk")
-    result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    finally:
+        progress.writer.close()
 
     summary = {
         "steps": trainer.state.global_step,

@@ -1,0 +1,74 @@
+"""Who is asking: the owner behind the request's API key, or "local" with auth off.
+
+The key is checked in a middleware, before any body is read, so a client without a valid key
+can't make the server spool an upload; routes get the owner through the `Owner` dependency.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.errors import NotAuthenticated
+from app.models import LOCAL_OWNER
+from app.services.keys import owner_of
+from app.settings import get_settings
+
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+def _bearer_token(scope: Scope) -> str | None:
+    for name, value in scope.get("headers") or []:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+class Authenticate:
+    """Rejects requests without a valid key (401) except to PUBLIC_PATHS; puts the owner in
+    the request's state."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if get_settings().auth:
+            token = _bearer_token(scope)
+            owner = await run_in_threadpool(owner_of, token) if token else None
+            if owner is None:
+                error = NotAuthenticated(
+                    "unknown or revoked API key" if token else "missing `Authorization: Bearer <key>` header"
+                )
+                response = JSONResponse(
+                    {"error": error.code, "detail": error.detail},
+                    status_code=error.status_code,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        else:
+            owner = LOCAL_OWNER
+        scope.setdefault("state", {})["owner"] = owner
+        await self.app(scope, receive, send)
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `finetune keys create OWNER`.")
+
+
+def current_owner(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str:
+    """The owner the middleware found (the HTTPBearer parameter documents the scheme in OpenAPI)."""
+    return request.state.owner
+
+
+Owner = Annotated[str, Depends(current_owner)]

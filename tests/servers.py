@@ -1,0 +1,134 @@
+"""Private Redis and PostgreSQL servers that a test may stop and restart (the shared ones stay
+up for every other test)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.processes import free_port
+
+
+def _wait(check, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise TimeoutError("server did not come up")
+
+
+@dataclass
+class RedisServer:
+    """A redis-server without persistence, like the one CI runs: a restart loses every message."""
+
+    directory: Path
+    port: int
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        _wait(
+            lambda: (
+                subprocess.run(
+                    ["redis-cli", "-p", str(self.port), "ping"], capture_output=True
+                ).stdout.strip()
+                == b"PONG"
+            )
+        )
+
+    def stop(self) -> None:
+        assert self.process is not None
+        self.process.kill()  # as a crash or an OOM kill would
+        self.process.wait()
+
+
+@contextmanager
+def redis_server(directory: Path) -> Iterator[RedisServer]:
+    server = RedisServer(directory, free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process and server.process.poll() is None:
+            server.stop()
+
+
+@dataclass
+class PostgresServer:
+    directory: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _pg_ctl(self, *args: str) -> None:
+        command = ["pg_ctl", "-D", str(self.directory / "db"), "-w", *args]
+        subprocess.run(["runuser", "-u", "postgres", "--", *command], check=True, capture_output=True)
+
+    def start(self) -> None:
+        self._pg_ctl("-o", f"-p {self.port} -k {self.directory}", "-l", str(self.directory / "log"), "start")
+
+    def stop(self) -> None:
+        self._pg_ctl("-m", "fast", "stop")  # what a restart by an upgrade or an admin does
+
+
+@contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    """A fresh cluster (initdb) owned by the `postgres` user, as initdb refuses to run as root."""
+    directory = Path(tempfile.mkdtemp(prefix="finetune-pg-"))
+    shutil.chown(directory, "postgres")
+    server = PostgresServer(directory, free_port())
+    subprocess.run(
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            "initdb",
+            "-D",
+            str(directory / "db"),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        try:
+            server.stop()
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(directory, ignore_errors=True)
