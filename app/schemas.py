@@ -15,6 +15,28 @@ class Page(BaseModel, Generic[T]):
     next: str | None = Field(None, description="Cursor for the next page; null on the last.")
 
 
+class ErrorBody(BaseModel):
+    """Every error response: a stable code and what went wrong. For 422, `detail` is a list of
+    {"field", "message", "type"}."""
+
+    error: str = Field(description="A stable code, e.g. `job_not_found`, `validation_error`.")
+    detail: Any = Field(description="For a person: a sentence, or for 422 the list of bad fields.")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        401: "No valid API key.",
+        404: "No such thing, or not yours.",
+        409: "The job's state does not allow this.",
+        413: "Request body too large.",
+        422: "Invalid input; `detail` lists each field and why.",
+        429: "Too many queued jobs for this owner.",
+        503: "The database or the broker did not answer; nothing was changed.",
+    }.items()
+}
+
+
 class _FromRow(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

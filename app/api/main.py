@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.auth import Authenticate
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
-from app.api.routes import router
+from app.api.routes import ops_router, router
 from app.services.sweeper import redispatch_lost, sweep
 from app.settings import get_settings
 
@@ -46,6 +46,7 @@ def create_app() -> FastAPI:
         description="Submit QLoRA fine-tune jobs, watch metrics live, download checkpoints and adapters.",
     )
     install_error_handlers(app)
+    app.include_router(ops_router)
     app.include_router(router)
     settings = get_settings()
     app.add_middleware(

@@ -13,11 +13,22 @@ from app.api.auth import Owner
 from app.api.logs import format_text_line, metric_events
 from app.errors import InvalidCursor
 from app.models import JobStatus
-from app.schemas import CheckpointRead, DatasetRead, EventRead, JobRead, MetricRead, Page, ResumeRequest
+from app.schemas import (
+    ERROR_RESPONSES,
+    CheckpointRead,
+    DatasetRead,
+    EventRead,
+    JobRead,
+    MetricRead,
+    Page,
+    ResumeRequest,
+)
 from app.services import datasets, jobs
 from app.spec import JobSpec, ModelOrDataset
 
-router = APIRouter()
+# /healthz answers without a key; every other route may answer any documented error.
+ops_router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
 
 JobStatusFilter = Annotated[
     str | None, Query(pattern="^(" + "|".join(JobStatus.ALL) + ")$", description="Only jobs in this status.")
@@ -25,7 +36,7 @@ JobStatusFilter = Annotated[
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
-@router.get("/healthz", tags=["ops"])
+@ops_router.get("/healthz", tags=["ops"])
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
