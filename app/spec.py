@@ -130,6 +130,12 @@ class TrainingSpec(_Strict):
     optimizer: Optimizer = "paged_adamw_32bit"
     max_seq_length: int = Field(2048, ge=16, le=131072)
     gradient_checkpointing: bool = True
+    packing: bool = Field(
+        True,
+        description="Pack each optimizer step's batch_size × gradient_accumulation_steps samples into "
+        "at most batch_size rows of max_seq_length tokens, each sample attending only to itself "
+        "(no padding computed). false pads every sample as the seed recipe did.",
+    )
     save_steps: int = Field(100, ge=1)
     save_total_limit: int = Field(2, ge=1, le=1000)
     logging_steps: int = Field(10, ge=1)

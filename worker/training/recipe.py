@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ from app.spec import JobSpec
 from app.storage import JobFiles
 from worker.training.artifacts import ZipInfo, write_model_card, zip_directory
 from worker.training.callbacks import JobProgressCallback
-from worker.training.data import IGNORE_INDEX, build_eval_data, build_training_data
+from worker.training.data import IGNORE_INDEX, TrainingData, build_eval_data, build_training_data
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
+from worker.training.packing import PackedData, block_causal_mask, collate_packed, plan_steps
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +53,18 @@ def training_arguments(
 ) -> TrainingArguments:
     t = spec.training
     on_gpu = torch.cuda.is_available()
+    # Packed, each item is a whole optimizer step (see worker.training.packing).
+    batch_size, accumulation = (1, 1) if t.packing else (t.batch_size, t.gradient_accumulation_steps)
     return TrainingArguments(
         eval_strategy="steps" if evaluate else "no",
         eval_steps=t.eval_steps or t.save_steps,
-        per_device_eval_batch_size=t.batch_size,
+        per_device_eval_batch_size=batch_size,
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        remove_unused_columns=not t.packing,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         optim=t.optimizer,
@@ -111,15 +116,42 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     log.info("job %s: data and model ready in %.1f s", job_id, time.perf_counter() - started)
 
     progress = JobProgressCallback(claim, files, settings.flush_interval_s, stop or threading.Event())
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(spec, files.output_dir, dtype, evaluate=eval_data is not None),
-        train_dataset=data,
-        eval_dataset=eval_data,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest"),
-        processing_class=tokenizer,
-        callbacks=[progress],
-    )
+    args = training_arguments(spec, files.output_dir, dtype, evaluate=eval_data is not None)
+    if spec.training.packing:
+        train_set, eval_set = _packed(data, spec, spec.training.gradient_accumulation_steps), None
+        if eval_data is not None:
+            eval_set = _packed(eval_data, spec, 1)
+        log_message(
+            job_id,
+            f"packed {len(data)} samples into {len(train_set)} steps: "
+            f"{train_set.mean_samples_per_step:.2f} samples per step, "
+            f"{train_set.fill:.1%} of computed tokens real",
+            steps=len(train_set),
+            samples_per_step=round(train_set.mean_samples_per_step, 3),
+            fill=round(train_set.fill, 4),
+        )
+        trainer: Trainer = PackedTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            data_collator=partial(collate_packed, pad_token_id=tokenizer.pad_token_id),
+            processing_class=tokenizer,
+            callbacks=[progress],
+        )
+        trainer.mask_dtype = dtype if torch.cuda.is_available() else torch.float32
+    else:
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            eval_dataset=eval_data,
+            data_collator=DataCollatorForSeq2Seq(
+                tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest"
+            ),
+            processing_class=tokenizer,
+            callbacks=[progress],
+        )
     resume_dir = files.checkpoint_dir(claim.resume_from) if claim.resume_from else None
     if resume_dir is not None and not resume_dir.is_dir():
         raise FileNotFoundError(f"checkpoint {claim.resume_from} is missing on disk")
@@ -138,6 +170,25 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
         return Outcome(progress.cancelled, progress.stopped_for_shutdown, adapter=None, summary=summary)
     adapter = _save_adapter(trainer, spec, job_id, files, summary)
     return Outcome(cancelled=False, interrupted=False, adapter=adapter, summary=summary)
+
+
+def _packed(data: TrainingData, spec: JobSpec, accumulation: int) -> PackedData:
+    t = spec.training
+    lengths = [len(sample.input_ids) for sample in data.samples]
+    steps = plan_steps(lengths, t.batch_size * accumulation, t.batch_size, t.max_seq_length, t.seed)
+    return PackedData(data.samples, steps)
+
+
+class PackedTrainer(Trainer):
+    """Trains on packed steps: turns the collator's per-token sample numbers into a
+    sample-diagonal causal mask on the model's device."""
+
+    mask_dtype: torch.dtype = torch.float32
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        inputs = dict(inputs)
+        inputs["attention_mask"] = block_causal_mask(inputs.pop("sequence_ids"), self.mask_dtype)
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 def _last(history: list[dict[str, Any]], key: str) -> float | None:

@@ -1,0 +1,135 @@
+"""Padding-free packing: each optimizer step's samples packed into a few long rows, with
+positions restarting per sample and attention confined to each sample.
+
+The recipe keeps its meaning. `batch_size × gradient_accumulation_steps` samples make one
+optimizer step (16 in the default recipe), as without packing, so an epoch has the same
+number of steps and the same LR schedule. They are packed best-fit into at most `batch_size`
+rows of `max_seq_length` tokens: one micro-batch per step, never larger than the unpacked
+recipe's (`batch_size × max_seq_length` tokens). A sample that doesn't fit goes to the next
+step, so a step holds 16 samples on average unless samples are very long (the data event
+reports the exact average). The loss is the mean over the step's trained tokens, which is
+what the unpacked recipe's gradient accumulation computes too.
+
+Samples never see each other: the collator hands the trainer a per-token sample number, and
+`block_causal_mask` turns it into a 4D mask on the GPU (sample-diagonal and causal), where it
+costs a few MiB. A sample's first label is ignored, so no token is trained to predict the
+start of the next sample.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from worker.training.data import IGNORE_INDEX, TokenizedSample
+
+
+@dataclass
+class PackedStep:
+    """The samples of one optimizer step, as rows of sample indices."""
+
+    rows: list[list[int]]
+
+    @property
+    def samples(self) -> int:
+        return sum(len(row) for row in self.rows)
+
+
+def plan_steps(
+    lengths: list[int], samples_per_step: int, rows_per_step: int, row_length: int, seed: int
+) -> list[PackedStep]:
+    """Shuffle the samples (seeded), then fill steps of `samples_per_step` samples, each packed
+    best-fit decreasing into at most `rows_per_step` rows of `row_length` tokens."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    steps: list[PackedStep] = []
+    waiting = order
+    while waiting:
+        candidates, waiting = waiting[:samples_per_step], waiting[samples_per_step:]
+        rows: list[list[int]] = []
+        free: list[int] = []
+        deferred = []
+        for index in sorted(candidates, key=lambda i: -lengths[i]):
+            need = lengths[index]
+            fits = [r for r in range(len(rows)) if free[r] >= need]
+            if fits:
+                best = min(fits, key=lambda r: free[r])
+                rows[best].append(index)
+                free[best] -= need
+            elif len(rows) < rows_per_step:
+                rows.append([index])
+                free.append(row_length - need)
+            else:
+                deferred.append(index)
+        steps.append(PackedStep(rows))
+        waiting = deferred + waiting
+    return steps
+
+
+class PackedData:
+    """A training set whose items are whole optimizer steps (the trainer's batch size is 1)."""
+
+    def __init__(self, samples: list[TokenizedSample], steps: list[PackedStep]):
+        self.samples = samples
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, index: int) -> dict[str, list[list[int]]]:
+        rows: dict[str, list[list[int]]] = {
+            "input_ids": [],
+            "labels": [],
+            "position_ids": [],
+            "sequence_ids": [],
+        }
+        for row in self.steps[index].rows:
+            input_ids, labels, positions, sequences = [], [], [], []
+            for number, sample_index in enumerate(row, start=1):
+                sample = self.samples[sample_index]
+                input_ids += sample.input_ids
+                labels += [IGNORE_INDEX] + sample.labels[1:]
+                positions += range(len(sample.input_ids))
+                sequences += [number] * len(sample.input_ids)
+            for key, values in zip(rows, (input_ids, labels, positions, sequences), strict=True):
+                rows[key].append(values)
+        return rows
+
+    @property
+    def mean_samples_per_step(self) -> float:
+        return len(self.samples) / max(1, len(self.steps))
+
+    @property
+    def fill(self) -> float:
+        """Share of the computed (row × longest row) tokens that are real."""
+        real = sum(len(s.input_ids) for s in self.samples)
+        computed = 0
+        for step in self.steps:
+            longest = max(sum(len(self.samples[i].input_ids) for i in row) for row in step.rows)
+            computed += longest * len(step.rows)
+        return real / max(1, computed)
+
+
+def collate_packed(items: list[dict[str, list[list[int]]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One step's rows, padded to the longest row (sequence id 0 marks padding)."""
+    [step] = items
+    width = max(len(row) for row in step["input_ids"])
+    pads = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "position_ids": 0, "sequence_ids": 0}
+    return {
+        key: torch.tensor([row + [pads[key]] * (width - len(row)) for row in rows], dtype=torch.long)
+        for key, rows in step.items()
+    }
+
+
+def block_causal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask (batch, 1, T, T): a token sees earlier tokens of its own sample only.
+    Padding sees itself, so no row of the softmax is empty."""
+    width = sequence_ids.shape[1]
+    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool, device=sequence_ids.device).tril()
+    allowed = same & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
