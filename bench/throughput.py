@@ -34,6 +34,28 @@ VARIANTS = {
         "30",
         "--callback",
     ],
+    # Not the recipe: 4 × 16 = 64 samples a step (~8k tokens, full rows), to show the packed
+    # path's speed once a step is large enough to hide the per-step host overhead.
+    "service bf16, 64 samples/step": [
+        "service_bench.py",
+        "{model}",
+        "--dtype",
+        "bfloat16",
+        "--steps",
+        "12",
+        "--accumulation",
+        "16",
+    ],
+    "service fp16, 64 samples/step": [
+        "service_bench.py",
+        "{model}",
+        "--dtype",
+        "float16",
+        "--steps",
+        "12",
+        "--accumulation",
+        "16",
+    ],
 }
 
 

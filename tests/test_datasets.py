@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from app.services import jobs
-from tests.conftest import REPO, TEST_OWNER, demo_spec
+from tests.conftest import REPO, TEST_OWNER, demo_spec, sqlite_only
 
 DATA = REPO / "examples" / "data" / "oasst1"
 CHAT = [
@@ -137,6 +137,7 @@ def test_a_job_naming_an_invalid_or_unknown_dataset_is_refused_before_it_is_queu
 
 
 @pytest.mark.usefixtures("demo_model")
+@sqlite_only
 def test_token_statistics_and_training_on_an_uploaded_dataset(client, service_env):
     from worker.analysis import analyze_dataset
     from worker.tasks import execute_job

@@ -13,7 +13,7 @@ from statistics import mean
 import httpx
 import pytest
 
-from tests.conftest import REDIS_URL, demo_spec
+from tests.conftest import REDIS_URL, demo_spec, production_database, sqlite_only
 from tests.processes import running_service, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
@@ -79,12 +79,14 @@ def check_demo_run(client: httpx.Client, job: dict) -> None:
 
 
 @needs_redis
+@production_database
 def test_demo_job_over_http_with_a_celery_worker_on_redis(redis_env, tmp_path):
     with running_service(redis_env, tmp_path) as client:
         job = submit(client, demo_spec())
         check_demo_run(client, job)
 
 
+@sqlite_only
 def test_finetune_dev_runs_the_demo_with_no_redis(service_env, tmp_path):
     """The README's laptop path: one `finetune dev` process, SQLite database and broker."""
     env = {k: v for k, v in service_env.items() if k != "FINETUNE_BROKER_URL"}
@@ -96,9 +98,10 @@ def test_finetune_dev_runs_the_demo_with_no_redis(service_env, tmp_path):
 
 
 @needs_redis
+@sqlite_only
 def test_cancel_a_running_job_and_resume_it_from_its_checkpoint(redis_env, tmp_path):
     with running_service(redis_env, tmp_path) as client:
-        job = submit(client, demo_spec(max_steps=40, save_steps=10, save_total_limit=5))
+        job = submit(client, demo_spec(max_steps=30, save_steps=10, save_total_limit=5))
         deadline = time.monotonic() + 300
         while not client.get(f"/jobs/{job['id']}/checkpoints").json()["items"]:
             assert time.monotonic() < deadline
@@ -108,7 +111,7 @@ def test_cancel_a_running_job_and_resume_it_from_its_checkpoint(redis_env, tmp_p
         assert client.post(f"/jobs/{job['id']}/cancel").status_code == 202
         cancelled = wait_for(client, job["id"], {"cancelled", "succeeded", "failed"})
         cancel_seconds = time.monotonic() - asked
-        assert cancelled["status"] == "cancelled" and cancelled["current_step"] < 40
+        assert cancelled["status"] == "cancelled" and cancelled["current_step"] < 30
         rows_at_cancel = client.get(f"/jobs/{job['id']}/logs").json()["items"]
         assert rows_at_cancel[-1]["step"] == cancelled["current_step"]  # no row after the stop
         print(
@@ -123,9 +126,9 @@ def test_cancel_a_running_job_and_resume_it_from_its_checkpoint(redis_env, tmp_p
         assert rows_at_resume[-1]["step"] == latest["step"]  # what came after the checkpoint is replayed
 
         done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"})
-        assert (done["status"], done["attempts"], done["current_step"]) == ("succeeded", 2, 40)
+        assert (done["status"], done["attempts"], done["current_step"]) == ("succeeded", 2, 30)
         rows = client.get(f"/jobs/{job['id']}/logs").json()["items"]
-        assert [row["step"] for row in rows] == list(range(1, 41))
+        assert [row["step"] for row in rows] == list(range(1, 31))
         resumed_rows = [r for r in rows if r["step"] > latest["step"]]
         assert min(r["time"] for r in resumed_rows) > max(r["time"] for r in rows_at_resume)
         messages = [e["message"] for e in client.get(f"/jobs/{job['id']}/events").json()["items"]]

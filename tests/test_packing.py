@@ -69,9 +69,7 @@ def test_a_packed_step_has_the_loss_and_gradients_of_its_samples_apart():
     total = sum(counts)
     apart = 0.0
     for sample, count in zip(samples, counts, strict=True):
-        loss = model(
-            input_ids=torch.tensor([sample.input_ids]), labels=torch.tensor([sample.labels])
-        ).loss
+        loss = model(input_ids=torch.tensor([sample.input_ids]), labels=torch.tensor([sample.labels])).loss
         (loss * count / total).backward()
         apart += loss.item() * count / total
     apart_grads = grads()

@@ -13,16 +13,16 @@ from datetime import datetime
 import pytest
 
 from app.storage import JobFiles
-from tests.conftest import demo_spec, reset_caches
+from tests.conftest import demo_spec, reset_caches, sqlite_only
 from tests.processes import finetune_process, running_service, wait_for, wait_for_step
 from tests.servers import postgres_server, redis_server
 from tests.test_end_to_end import needs_redis, submit
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
+# Every scenario on SQLite (Postgres brings its own server in its scenario; fencing on Postgres
+# is in test_leases.py): CI's time is finite.
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model"), sqlite_only]
 
 FINAL = {"succeeded", "failed", "cancelled"}
-# For scenarios that don't depend on the database kind (or bring their own server).
-sqlite_only = pytest.mark.parametrize("service_env", ["sqlite"], indirect=True)
 
 
 def events(client, job_id: str) -> list[dict]:
@@ -115,45 +115,43 @@ def test_sigterm_saves_a_checkpoint_and_hands_the_job_back(redis_env, tmp_path):
 
 
 @needs_redis
-@sqlite_only
 def test_kill_9_during_a_checkpoint_save_resumes_from_the_previous_complete_one(fast_leases, tmp_path):
     with running_service(fast_leases, tmp_path, worker=False) as client:
         with finetune_process("worker", fast_leases, tmp_path, name="worker-1") as first:
-            job = submit(client, demo_spec(max_steps=30, save_steps=10, save_total_limit=5))
+            job = submit(client, demo_spec(max_steps=15, save_steps=5, save_total_limit=5))
             files = JobFiles(tmp_path / "data" / "jobs" / job["id"])
-            # transformers writes checkpoint-20 in place; it becomes complete only once zipped
+            # transformers writes checkpoint-10 in place; it becomes complete only once zipped
             # and recorded. Kill the moment its folder appears.
-            wait_until(lambda: files.checkpoint_dir("checkpoint-20").exists(), every=0.001)
+            wait_until(lambda: files.checkpoint_dir("checkpoint-10").exists(), every=0.001)
             os.killpg(first.pid, signal.SIGKILL)
         left = sorted(p.name for p in files.output_dir.iterdir()) + sorted(
             p.name for p in (files.root / "checkpoints").iterdir()
         )
         recorded = [c["name"] for c in client.get(f"/jobs/{job['id']}/checkpoints").json()["items"]]
-        assert recorded == ["checkpoint-10"], "the kill came after the save finished"
-        assert "checkpoint-20" in left
+        assert recorded == ["checkpoint-5"], "the kill came after the save finished"
+        assert "checkpoint-10" in left
 
         with finetune_process("worker", fast_leases, tmp_path, name="worker-2"):
             done = wait_for(client, job["id"], FINAL)
 
         assert (done["status"], done["attempts"]) == ("succeeded", 2)
         messages = [e["message"] for e in events(client, job["id"])]
-        assert any(m.endswith("stopped renewing its lease: resuming from checkpoint-10") for m in messages)
+        assert any(m.endswith("stopped renewing its lease: resuming from checkpoint-5") for m in messages)
         assert any(m.startswith("removed") and "incomplete checkpoint" in m for m in messages), messages
         recorded = {c["name"] for c in client.get(f"/jobs/{job['id']}/checkpoints").json()["items"]}
         on_disk = {p.name for p in files.output_dir.iterdir()} | {
             p.name.removesuffix(".zip") for p in (files.root / "checkpoints").iterdir()
         }
-        assert on_disk == recorded == {"checkpoint-10", "checkpoint-20", "checkpoint-30"}
-        assert steps(client, job["id"]) == list(range(1, 31))
+        assert on_disk == recorded == {"checkpoint-5", "checkpoint-10", "checkpoint-15"}
+        assert steps(client, job["id"]) == list(range(1, 16))
         print(
-            f"FIGURE kill -9 during a save: killed with {left} on disk and only checkpoint-10 recorded; "
-            f"resumed from checkpoint-10, leftovers removed before training, after the next saves only "
-            f"recorded checkpoints on disk, steps 1-30 each once"
+            f"FIGURE kill -9 during a save: killed with {left} on disk and only checkpoint-5 recorded; "
+            f"resumed from checkpoint-5, leftovers removed before training, after the next saves only "
+            f"recorded checkpoints on disk, steps 1-15 each once"
         )
 
 
 @needs_redis
-@sqlite_only
 def test_a_task_outliving_the_visibility_timeout_is_never_trained_twice(redis_env, tmp_path):
     # Redis delivers an unacknowledged task again after visibility_timeout, while it still runs.
     options = {"visibility_timeout": 2, "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
@@ -163,7 +161,7 @@ def test_a_task_outliving_the_visibility_timeout_is_never_trained_twice(redis_en
             finetune_process("worker", env, tmp_path, name="worker-1"),
             finetune_process("worker", env, tmp_path, name="worker-2"),
         ):
-            job = submit(client, demo_spec(max_steps=40, save_steps=100))
+            job = submit(client, demo_spec(max_steps=30, save_steps=100))
             done = wait_for(client, job["id"], FINAL)
         history = events(client, job["id"])
         trained = steps(client, job["id"])
@@ -172,7 +170,7 @@ def test_a_task_outliving_the_visibility_timeout_is_never_trained_twice(redis_en
     started = [e for e in history if e["message"].startswith("started")]
     assert redelivered, "Redis never redelivered the task: the scenario did not happen"
     assert (done["status"], done["attempts"], len(started)) == ("succeeded", 1, 1)
-    assert trained == list(range(1, 41))
+    assert trained == list(range(1, 31))
     ran = datetime.fromisoformat(done["finished_at"]) - datetime.fromisoformat(done["started_at"])
     print(
         f"FIGURE visibility timeout 2 s, job ran {done['current_step']} steps over "
@@ -182,7 +180,6 @@ def test_a_task_outliving_the_visibility_timeout_is_never_trained_twice(redis_en
     )
 
 
-@sqlite_only
 def test_a_redis_restart_loses_no_job_and_runs_none_twice(service_env, tmp_path):
     with redis_server(tmp_path) as redis:
         env = {
@@ -193,7 +190,7 @@ def test_a_redis_restart_loses_no_job_and_runs_none_twice(service_env, tmp_path)
             "FINETUNE_REDISPATCH_AFTER_S": "3",
         }
         with running_service(env, tmp_path) as client:
-            submitted = [submit(client, demo_spec(max_steps=15, save_steps=10)) for _ in range(3)]
+            submitted = [submit(client, demo_spec(max_steps=8, save_steps=100)) for _ in range(3)]
             wait_for_step(client, submitted[0]["id"], 5)
             redis.stop()  # no persistence: the two queued ids are gone with it
             time.sleep(3)
@@ -203,7 +200,7 @@ def test_a_redis_restart_loses_no_job_and_runs_none_twice(service_env, tmp_path)
             recovered = time.monotonic() - restarted
             for job in done:
                 assert (job["status"], job["attempts"]) == ("succeeded", 1), events(client, job["id"])
-                assert steps(client, job["id"]) == list(range(1, 16))
+                assert steps(client, job["id"]) == list(range(1, 9))
     print(
         f"FIGURE Redis killed for 3 s (no persistence) while 1 job ran and 2 waited: the running job "
         f"finished, the 2 lost ids were sent again by the sweeper; 3/3 succeeded, each 1 attempt, each "
@@ -212,7 +209,6 @@ def test_a_redis_restart_loses_no_job_and_runs_none_twice(service_env, tmp_path)
 
 
 @needs_redis
-@sqlite_only
 def test_a_postgres_restart_during_training_loses_no_metric_row(redis_env, tmp_path, monkeypatch):
     from app import migrate
 
@@ -222,7 +218,7 @@ def test_a_postgres_restart_during_training_loses_no_metric_row(redis_env, tmp_p
         migrate.upgrade()
         env = {**redis_env, "FINETUNE_DATABASE_URL": postgres.url}
         with running_service(env, tmp_path) as client:
-            job = submit(client, demo_spec(max_steps=40, save_steps=10))
+            job = submit(client, demo_spec(max_steps=20, save_steps=10))
             wait_for_step(client, job["id"], 11)  # just past a checkpoint: the next is 9 steps away
             postgres.stop()
             stopped = time.time()
@@ -231,20 +227,19 @@ def test_a_postgres_restart_during_training_loses_no_metric_row(redis_env, tmp_p
             done = wait_for(client, job["id"], FINAL)
             times = metric_times(client, job["id"])
             assert (done["status"], done["attempts"]) == ("succeeded", 1), events(client, job["id"])
-            assert steps(client, job["id"]) == list(range(1, 41))
+            assert steps(client, job["id"]) == list(range(1, 21))
         during = sum(stopped <= t <= stopped + 5 for t in times)
         assert during >= 2  # training did not wait for the database
         print(
-            f"FIGURE Postgres stopped for 5 s from step 11 and started again: training went on "
+            f"FIGURE Postgres stopped for 5 s from step 11 of 20 and started again: training went on "
             f"({during} steps logged while it was down, written afterwards), 0 metric rows lost, 1 attempt"
         )
 
 
 @needs_redis
-@sqlite_only
 def test_a_sqlite_write_lock_held_30_s_stalls_and_loses_nothing(redis_env, tmp_path):
     with running_service(redis_env, tmp_path) as client:
-        job = submit(client, demo_spec(max_steps=100, save_steps=1000))
+        job = submit(client, demo_spec(max_steps=50, save_steps=1000))
         wait_for_step(client, job["id"], 5)
         database = redis_env["FINETUNE_DATABASE_URL"].removeprefix("sqlite:///")
         lock = sqlite3.connect(database, isolation_level=None)
@@ -256,7 +251,7 @@ def test_a_sqlite_write_lock_held_30_s_stalls_and_loses_nothing(redis_env, tmp_p
         done = wait_for(client, job["id"], FINAL)
         times = metric_times(client, job["id"])
         assert (done["status"], done["attempts"]) == ("succeeded", 1), events(client, job["id"])
-        assert steps(client, job["id"]) == list(range(1, 101))
+        assert steps(client, job["id"]) == list(range(1, 51))
 
     during = sum(locked_at <= t <= locked_at + 30 for t in times)
     assert during >= 10  # training did not wait for the lock

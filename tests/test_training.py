@@ -13,7 +13,7 @@ import pytest
 from app.models import LOCAL_OWNER
 from app.services import jobs
 from app.spec import JobSpec
-from tests.conftest import demo_spec
+from tests.conftest import demo_spec, sqlite_only
 from worker.tasks import execute_job
 
 pytestmark = pytest.mark.usefixtures("demo_model")
@@ -71,6 +71,7 @@ def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env):
     assert "Final eval loss" in card
 
 
+@sqlite_only
 def test_lora_weights_move_and_the_4bit_base_does_not(service_env, tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -99,6 +100,7 @@ def _cancel_after_checkpoint(job_id: str, name: str) -> None:
         time.sleep(0.05)
 
 
+@sqlite_only
 def test_cancel_then_resume_continues_from_the_checkpoint_like_an_uninterrupted_run(service_env):
     # Without evaluation: see the note in docs/known-issues.md on eval and exact replay.
     spec = quick_spec(dataset={"validation_source": None}, max_steps=8, save_steps=3, save_total_limit=3)
@@ -129,6 +131,7 @@ def test_cancel_then_resume_continues_from_the_checkpoint_like_an_uninterrupted_
         assert row.loss == pytest.approx(expected[row.step].loss, abs=1e-3)
 
 
+@sqlite_only
 def test_a_save_cut_short_is_never_resumed_from_and_its_leftovers_go(service_env):
     spec = quick_spec(dataset={"validation_source": None}, max_steps=6, save_steps=2, save_total_limit=5)
     job = jobs.create_job(spec, LOCAL_OWNER)
