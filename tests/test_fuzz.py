@@ -87,3 +87,19 @@ def test_stateful_sequences_along_inferred_links(api_schema, auth):
         f"({len(linked_hits)} operations reached on created jobs and datasets); 0 server errors, "
         "0 schema violations"
     )
+
+
+def test_numbers_beyond_the_database_integer_range_are_a_422(client):
+    """What the stateful run found on Postgres: a cursor past 2^31 reached the query (a 500)."""
+    job = client.post("/jobs", json={}).json()
+    for path in (
+        f"/jobs/{job['id']}/events?after=2147483648",
+        f"/jobs/{job['id']}/logs?after_step=2147483648",
+    ):
+        response = client.get(path)
+        assert response.status_code == 422, (path, response.text)
+    streamed = client.get(
+        f"/jobs/{job['id']}/logs", headers={"Accept": "text/event-stream", "Last-Event-ID": "9" * 12}
+    )
+    assert streamed.status_code == 422
+    assert client.get(f"/jobs/{job['id']}/events?after=2147483647").status_code == 200

@@ -34,6 +34,8 @@ JobStatusFilter = Annotated[
     str | None, Query(pattern="^(" + "|".join(JobStatus.ALL) + ")$", description="Only jobs in this status.")
 ]
 Limit = Annotated[int, Query(ge=1, le=1000)]
+# Step numbers and event ids are 32-bit integers in the database.
+MAX_ID = 2**31 - 1
 
 
 @ops_router.get("/healthz", tags=["ops"])
@@ -81,7 +83,7 @@ async def job_logs(
     request: Request,
     job_id: str,
     owner: Owner,
-    after_step: Annotated[int | None, Query(ge=-1)] = None,
+    after_step: Annotated[int | None, Query(ge=-1, le=MAX_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
     format: Annotated[str, Query(pattern="^(json|text)$")] = "json",
     accept: Annotated[str, Header()] = "",
@@ -91,7 +93,7 @@ async def job_logs(
     if "text/event-stream" in accept:
         start = after_step if after_step is not None else -1
         if last_event_id:
-            if not last_event_id.isdigit():
+            if not last_event_id.isdigit() or int(last_event_id) > MAX_ID:
                 raise InvalidCursor("Last-Event-ID must be a step number")
             start = int(last_event_id)
         await run_in_threadpool(jobs.get_job, job_id, owner)  # 404 before the stream starts
@@ -105,7 +107,7 @@ async def job_logs(
 
 @router.get("/jobs/{job_id}/events", response_model=Page[EventRead], tags=["jobs"])
 def job_events(
-    job_id: str, owner: Owner, after: Annotated[int | None, Query(ge=0)] = None, limit: Limit = 200
+    job_id: str, owner: Owner, after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None, limit: Limit = 200
 ) -> Page[EventRead]:
     return jobs.list_events(job_id, owner, after, limit)
 
