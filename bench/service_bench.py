@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--lengths")
     parser.add_argument("--callback", action="store_true", help="stream metrics to a database")
     parser.add_argument("--accumulation", type=int, default=4, help="gradient_accumulation_steps")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (experiment)")
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-data-"))
@@ -87,9 +88,13 @@ def main() -> None:
             marks.append((time.time(), counter["real"], counter["computed"]))
 
     out_dir = data_dir / "out"
+    training_args = training_arguments(spec, out_dir, dtype, evaluate=False)
+    if args.compile:
+        training_args.torch_compile = True
+        training_args.torch_compile_backend = "inductor"
     trainer = PackedTrainer(
         model=model,
-        args=training_arguments(spec, out_dir, dtype, evaluate=False),
+        args=training_args,
         train_dataset=train_set,
         data_collator=collate,
         callbacks=[*callbacks, Clock()],
@@ -100,7 +105,7 @@ def main() -> None:
     warm = 2
     (t0, r0, c0), (t1, r1, c1) = marks[warm - 1], marks[-1]
     result = {
-        "variant": "service" + ("_callback" if args.callback else ""),
+        "variant": "service" + ("_callback" if args.callback else "") + ("_compiled" if args.compile else ""),
         "accumulation": args.accumulation,
         "dtype": args.dtype,
         "steps": len(marks) - warm,
