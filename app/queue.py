@@ -30,15 +30,13 @@ def make_celery(broker_url: str, transport_options: dict[str, Any] | None = None
         worker_concurrency=1,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
     )
+    defaults = {}
     if broker_url.startswith(("redis://", "rediss://")):
         # Redis redelivers an unacknowledged task after this many seconds, also while the first
         # copy still runs; the job row's status guards against running a job twice
         # (services.runs.claim_job). Dead workers are found sooner by their expired lease.
-        celery.conf.broker_transport_options = {"visibility_timeout": 7 * 24 * 3600}
-    celery.conf.broker_transport_options = {
-        **celery.conf.broker_transport_options,
-        **(transport_options or {}),
-    }
+        defaults = {"visibility_timeout": 7 * 24 * 3600}
+    celery.conf.broker_transport_options = {**defaults, **(transport_options or {})}
     return celery
 
 
