@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build is enough for the demo and the tests; on a GPU box pick the CUDA build you need.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean constraints
 
 $(BIN)/finetune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ run: install examples/tiny-phi2/model.safetensors
 test: install examples/tiny-phi2/model.safetensors
 	$(BIN)/ruff check app worker tests migrations
 	$(BIN)/python -m pytest
+
+## constraints: pin the Docker image's packages to what this venv (CI's) has
+constraints: install
+	{ echo "# Versions the Docker image installs (the ones CI tested). Regenerate: make constraints"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -i -E '^(torch|nvidia-|triton|ruff|schemathesis|selenium|hadolint|check-jsonschema|pytest|hypothesis)'; \
+	} > constraints.txt
 
 clean:
 	rm -rf $(VENV) finetune-data examples/tiny-phi2/model.safetensors

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import typer
 
+from app.client.commands import register as register_client_commands
 from app.settings import get_settings
 
 cli = typer.Typer(help="Self-hosted QLoRA fine-tuning service.", no_args_is_help=True, add_completion=False)
 keys_cli = typer.Typer(help="API keys: each belongs to an owner and sees only that owner's jobs.")
-cli.add_typer(keys_cli, name="keys")
+cli.add_typer(keys_cli, name="keys", rich_help_panel="Server")
+register_client_commands(cli)
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "examples" / "tiny-phi2"
 
@@ -58,7 +60,7 @@ def _check_auth_setting(host: str) -> None:
     )
 
 
-@cli.command()
+@cli.command(rich_help_panel="Server")
 def serve() -> None:
     """Run the HTTP API (uvicorn). Needs API keys unless FINETUNE_AUTH=off on a loopback address."""
     import uvicorn
@@ -71,7 +73,7 @@ def serve() -> None:
     )
 
 
-@cli.command()
+@cli.command(rich_help_panel="Server")
 def worker() -> None:
     """Run a Celery worker: one training job at a time, each in a fresh child process."""
     from app.queue import QUEUE
@@ -79,11 +81,80 @@ def worker() -> None:
 
     _configure_logging()
     celery.worker_main(
-        ["worker", f"--loglevel={get_settings().log_level}", "--pool=prefork", "--concurrency=1", "-Q", QUEUE]
+        [
+            "worker",
+            f"--loglevel={get_settings().log_level}",
+            "--pool=prefork",
+            "--concurrency=1",
+            "-Q",
+            QUEUE,
+            "-n",
+            "celery@%h",
+        ]
     )
 
 
-@cli.command()
+@cli.command(rich_help_panel="Server")
+def sampler() -> None:
+    """Answer samples (POST /jobs/{id}/generate): one process keeping the last model loaded."""
+    from app.queue import SAMPLES_QUEUE
+    from worker.celery_app import celery
+
+    _configure_logging()
+    celery.worker_main(
+        [
+            "worker",
+            f"--loglevel={get_settings().log_level}",
+            "--pool=solo",
+            "-Q",
+            SAMPLES_QUEUE,
+            "-n",
+            "sampler@%h",
+        ]
+    )
+
+
+@cli.command(rich_help_panel="Server")
+def health(
+    service: str = typer.Argument(..., help="api, worker or sampler: which process on this host to check."),
+) -> None:
+    """Exit 0 if this host's API answers /healthz, or its worker / sampler answers a ping over
+    the broker (the containers' healthchecks)."""
+    import socket
+
+    import httpx
+
+    settings = get_settings()
+    if service == "api":
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        try:
+            ok = httpx.get(f"http://{host}:{settings.port}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+    elif service in ("worker", "sampler"):
+        from worker.celery_app import celery
+
+        node = f"{'celery' if service == 'worker' else 'sampler'}@{socket.gethostname()}"
+        ok = bool(celery.control.ping(destination=[node], timeout=5))
+    else:
+        raise typer.BadParameter("must be api, worker or sampler", param_hint="SERVICE")
+    typer.echo(f"{service}: {'ok' if ok else 'not answering'}")
+    raise typer.Exit(0 if ok else 1)
+
+
+@cli.command(rich_help_panel="Server")
+def doctor() -> None:
+    """What this machine can train on: torch's CUDA architectures against the GPUs it sees, and
+    bitsandbytes. Exit code 1 if a GPU is not supported."""
+    from worker.doctor import report
+
+    lines, ok = report()
+    for line in lines:
+        typer.echo(line)
+    raise typer.Exit(0 if ok else 1)
+
+
+@cli.command(rich_help_panel="Server")
 def migrate() -> None:
     """Bring the database schema up to date (Alembic upgrade head)."""
     from app import migrate as migrations
@@ -93,7 +164,7 @@ def migrate() -> None:
     typer.echo(f"database at head: {_redacted(get_settings().database_url)}")
 
 
-@cli.command("demo-model")
+@cli.command("demo-model", rich_help_panel="Server")
 def demo_model(
     directory: Path = typer.Argument(DEMO_MODEL_DIR, help="Folder with a Phi config and tokenizer."),
 ) -> None:
@@ -103,9 +174,10 @@ def demo_model(
     typer.echo(f"demo model ready: {ensure_demo_model(directory)}")
 
 
-@cli.command()
+@cli.command(rich_help_panel="Server")
 def dev() -> None:
-    """API and one worker on this machine, no Redis needed (SQLite database and broker)."""
+    """API, one worker and the sampler on this machine, no Redis needed (SQLite database and
+    broker)."""
     settings = get_settings()
     if "FINETUNE_BROKER_URL" not in os.environ:
         # kombu's SQLAlchemy transport: a broker in a SQLite file, shared by API and worker.
@@ -127,15 +199,27 @@ def dev() -> None:
         f"  broker    {_redacted(settings.broker_url)}",
         fg=typer.colors.GREEN,
     )
-    worker_process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy())
+    # uvicorn re-raises the SIGTERM that stopped it once it has shut down; with this handler
+    # in place that ends serve() with SystemExit, so the workers below are stopped too.
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "app.cli", command], env=os.environ.copy())
+        for command in ("worker", "sampler")
+    ]
     try:
         serve()
     finally:
-        worker_process.send_signal(signal.SIGTERM)
-        try:
-            worker_process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker_process.kill()
+        for process in workers:
+            process.send_signal(signal.SIGTERM)
+        for process in workers:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 @keys_cli.command("create")

@@ -93,3 +93,10 @@ class TooManyQueuedJobs(ServiceError):
 
     status_code = 429
     code = "too_many_queued_jobs"
+
+
+class SampleNotFound(ServiceError):
+    """No such sample for this job."""
+
+    status_code = 404
+    code = "sample_not_found"

@@ -188,3 +188,58 @@ class ApiKey(Base):
     secret_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+
+
+def new_sample_id() -> str:
+    return "smp_" + secrets.token_hex(12)
+
+
+class DeliveryStatus:
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class Notification(Base):
+    """A job's end, to be POSTed to its `notify_url` (an outbox: written in the same transaction
+    as the final status, delivered with retries by the API's sweeper)."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_status_next", "status", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SampleStatus:
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    FINAL = (SUCCEEDED, FAILED)
+
+
+class Sample(Base):
+    """A prompt answered by a job's base model plus its adapter (or one of its checkpoints)."""
+
+    __tablename__ = "samples"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_sample_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # null: the final adapter
+    checkpoint: Mapped[str | None] = mapped_column(String(64))
+    prompt: Mapped[str] = mapped_column(Text)
+    max_new_tokens: Mapped[int]
+    temperature: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default=SampleStatus.QUEUED)
+    completion: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]

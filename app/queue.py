@@ -12,7 +12,10 @@ from app.settings import get_settings
 
 TASK_RUN_JOB = "finetune.run_job"
 TASK_ANALYZE_DATASET = "finetune.analyze_dataset"
+TASK_GENERATE_SAMPLE = "finetune.generate_sample"
 QUEUE = "finetune"
+# Samples go to `finetune sampler`, so that a long training never makes a prompt wait.
+SAMPLES_QUEUE = "finetune.samples"
 
 
 def make_celery(broker_url: str, transport_options: dict[str, Any] | None = None) -> Celery:
@@ -65,12 +68,16 @@ def waiting_messages() -> int:
         return declared.message_count
 
 
-def send(task: str, *args: object) -> None:
+def send(task: str, *args: object, queue: str = QUEUE) -> None:
     try:
-        get_celery().send_task(task, args=list(args), queue=QUEUE)
+        get_celery().send_task(task, args=list(args), queue=queue)
     except Exception as exc:  # any failure to publish leaves the work undispatched
         raise BrokerUnavailable(f"could not enqueue {task}{args}: {exc}") from exc
 
 
 def enqueue_job(job_id: str) -> None:
     send(TASK_RUN_JOB, job_id)
+
+
+def enqueue_sample(sample_id: str) -> None:
+    send(TASK_GENERATE_SAMPLE, sample_id, queue=SAMPLES_QUEUE)

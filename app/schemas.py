@@ -106,3 +106,33 @@ class ResumeRequest(BaseModel):
     checkpoint: str | None = Field(
         None, pattern=r"^checkpoint-\d+$", description="Default: the latest checkpoint."
     )
+
+
+class SampleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=8000, description="What the Human says.")
+    checkpoint: str | None = Field(
+        None,
+        pattern=r"^checkpoint-\d{1,12}$",
+        description="Default: the final adapter, or the latest checkpoint while the job runs.",
+    )
+    max_new_tokens: int = Field(128, ge=1, le=2048)
+    temperature: float = Field(0.0, ge=0, le=2, description="0 answers greedily.")
+    wait_s: float | None = Field(
+        None, ge=0, le=300, description="How long to wait for the answer before a 202 (default 60 s)."
+    )
+
+
+class SampleRead(_FromRow):
+    id: str
+    job_id: str
+    checkpoint: str | None = Field(description="null: the final adapter.")
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    status: str = Field(description="queued, running, succeeded or failed.")
+    completion: str | None
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None

@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     # unacknowledged task is then delivered again; the claim skips a second copy, and dead
     # workers are found by their lease long before).
     broker_transport_options: dict[str, Any] = {}
+    # Job-end notifications (`notify_url` in a job spec) carry an HMAC-SHA256 of their body
+    # under this key in `X-Finetune-Signature`; jobs can ask for notifications only when set.
+    notify_secret: str = ""
+    # Failed deliveries are retried after notify_retry_s, doubling, up to notify_max_attempts.
+    notify_max_attempts: int = 5
+    notify_retry_s: float = 10.0
+    # How long POST /jobs/{id}/generate waits for the sampler before answering 202.
+    sample_wait_s: float = 60.0
     # How often the worker flushes metric rows and looks for a cancel request.
     flush_interval_s: float = 1.0
     # How often an SSE stream polls the database for new metric rows.

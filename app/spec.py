@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 # org/name, optionally pinned: org/name@revision
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{1,128})?$")
@@ -149,3 +149,8 @@ class JobSpec(_Strict):
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    notify_url: HttpUrl | None = Field(
+        None,
+        description="Gets a signed JSON POST (header X-Finetune-Signature: sha256=<HMAC of the body>) "
+        "when the job ends.",
+    )

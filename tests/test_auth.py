@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from app.db import session_scope
-from app.models import ApiKey, Checkpoint, Job, JobStatus, utcnow
+from app.models import ApiKey, Checkpoint, Job, JobStatus, Sample, utcnow
 from app.services.keys import create_key, revoke_key
 from app.storage import job_files
 from tests.conftest import REPO, bearer, demo_spec
@@ -49,16 +49,34 @@ def operations(client) -> list[tuple[str, str]]:
     return [(method.upper(), path) for path, ops in paths.items() for method in ops if path not in PUBLIC]
 
 
+# Bodies for operations that need one (a route whose body is required must be listed here).
+BODIES = {("POST", "/jobs/{job_id}/generate"): {"prompt": "Hello", "wait_s": 0}}
+
+
+def a_sample(job_id: str) -> str:
+    with session_scope() as session:
+        sample = Sample(job_id=job_id, prompt="Hi", max_new_tokens=8, temperature=0.0)
+        session.add(sample)
+        session.flush()
+        return sample.id
+
+
 def call(client, operation: tuple[str, str], values: dict[str, str], headers: dict[str, str]):
     method, template = operation
-    return client.request(method, template.format(**values), headers=headers)
+    return client.request(method, template.format(**values), headers=headers, json=BODIES.get(operation))
 
 
 def test_every_route_needs_a_key_and_hides_other_owners_things(client, service_env):
     alice = dict(client.headers)
     bob = bearer("bob")
     dataset = upload(client, "chat.jsonl", jsonl(CHAT)).json()
-    values = {"job_id": finished_job("alice"), "name": "checkpoint-10", "dataset_id": dataset["id"]}
+    job_id = finished_job("alice")
+    values = {
+        "job_id": job_id,
+        "name": "checkpoint-10",
+        "dataset_id": dataset["id"],
+        "sample_id": a_sample(job_id),
+    }
     revoked = bearer("alice")
     assert revoke_key(revoked["Authorization"].split()[1].split(".")[0])
     anonymous = {"Authorization": ""}

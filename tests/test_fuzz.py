@@ -9,8 +9,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
+from sqlalchemy import delete
 
 from app.api.main import create_app
+from app.db import session_scope
+from app.models import Checkpoint, Dataset, Event, Job, Metric, Notification, Sample
 from app.services.keys import create_key
 
 SETTINGS = settings(
@@ -64,6 +67,13 @@ def test_stateful_sequences_along_inferred_links(api_schema, auth):
     linked_hits: set[str] = set()  # operations on a created job or dataset that answered 2xx
 
     class Machine(base):
+        def setup(self):
+            # every sequence starts from the same empty database: hypothesis replays sequences
+            # and needs the same answers to the same calls
+            with session_scope() as session:
+                for table in (Sample, Notification, Checkpoint, Metric, Event, Job, Dataset):
+                    session.execute(delete(table))
+
         def get_call_kwargs(self, case):
             return {"headers": auth}
 
@@ -83,7 +93,9 @@ def test_stateful_sequences_along_inferred_links(api_schema, auth):
     # the sequences reached real jobs and datasets through the links (not only 404s)
     # (which operations succeed varies with the state the sequences build: a job may already be
     # cancelled, the owner's queue may be full)
-    assert "GET /jobs/{job_id}" in linked_hits and len(linked_hits) >= 3, linked_hits
+    assert any(hit.startswith("GET /jobs/{job_id}") for hit in linked_hits) and len(linked_hits) >= 3, (
+        linked_hits
+    )
     print(
         f"FIGURE schemathesis, stateful: {calls} calls in sequences along inferred links "
         f"({len(linked_hits)} operations reached on created jobs and datasets); 0 server errors, "

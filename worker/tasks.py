@@ -1,11 +1,12 @@
-"""The one task: run a job, given only its id. The job row records how it ended."""
+"""The tasks: run a job, analyze an upload, answer a sample, each given only an id; the
+database rows record how they ended."""
 
 from __future__ import annotations
 
 import logging
 
 from app.models import JobStatus
-from app.queue import TASK_ANALYZE_DATASET, TASK_RUN_JOB
+from app.queue import TASK_ANALYZE_DATASET, TASK_GENERATE_SAMPLE, TASK_RUN_JOB
 from app.services import jobs, runs
 from app.services.runs import LeaseLost
 from app.settings import get_settings
@@ -26,6 +27,13 @@ def analyze_dataset(dataset_id: str, tokenizer: str, max_seq_length: int) -> Non
     from worker.analysis import analyze_dataset as analyze
 
     analyze(dataset_id, tokenizer, max_seq_length)
+
+
+@celery.task(name=TASK_GENERATE_SAMPLE)
+def generate_sample(sample_id: str) -> None:
+    from worker.sampling import answer
+
+    answer(sample_id)
 
 
 def execute_job(job_id: str) -> None:

@@ -19,7 +19,11 @@ from app.models import LOCAL_OWNER
 from app.services.keys import owner_of
 from app.settings import get_settings
 
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+PUBLIC_PATHS = frozenset(
+    {"/", "/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/ui"}
+)
+# The dashboard's static files; the page asks for a key and sends it with every API call.
+PUBLIC_PREFIXES = ("/ui/",)
 
 
 def _bearer_token(scope: Scope) -> str | None:
@@ -31,14 +35,15 @@ def _bearer_token(scope: Scope) -> str | None:
 
 
 class Authenticate:
-    """Rejects requests without a valid key (401) except to PUBLIC_PATHS; puts the owner in
+    """Rejects requests without a valid key (401) except to public paths; puts the owner in
     the request's state."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
         if get_settings().auth:

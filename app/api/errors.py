@@ -14,6 +14,8 @@ from app.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
+BODY_PARSE_ERROR = "There was an error parsing the body"
+
 
 def _field(loc: tuple) -> str:
     # ("body", "training", "learning_rate") -> "training.learning_rate"
@@ -40,6 +42,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
+            # FastAPI's answer to a body that is not text (not UTF-8): a bad field like any other
+            detail = [{"field": "body", "message": "the body is not UTF-8 JSON text", "type": "json_invalid"}]
+            return JSONResponse({"error": "validation_error", "detail": detail}, status_code=422)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"error": code, "detail": exc.detail}, status_code=exc.status_code)
 

@@ -5,26 +5,33 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Authenticate
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
 from app.api.routes import ops_router, router
+from app.services.notifications import deliver_due
 from app.services.sweeper import redispatch_lost, sweep
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
 
+# The dashboard: static files that call the same REST API as the CLI.
+UI_DIR = Path(__file__).resolve().parent.parent / "ui" / "static"
+
 
 async def sweep_forever(interval_s: float) -> None:
-    """Re-queue jobs whose worker died, and re-send ids the broker lost, for as long as the
-    API runs."""
+    """Re-queue jobs whose worker died, re-send ids the broker lost, and deliver job-end
+    notifications, for as long as the API runs."""
     while True:
         await asyncio.sleep(interval_s)
-        for task in (sweep, redispatch_lost):
+        for task in (sweep, redispatch_lost, deliver_due):
             try:
                 await run_in_threadpool(task)
             except Exception as exc:  # a database or broker hiccup must not end the sweeper
@@ -48,6 +55,12 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     app.include_router(ops_router)
     app.include_router(router)
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    def home() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
     settings = get_settings()
     app.add_middleware(
         BodySizeLimit,

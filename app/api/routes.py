@@ -1,18 +1,21 @@
-"""Routes for /jobs and /healthz."""
+"""Routes: jobs, their metrics, files and samples; datasets; /healthz and /metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Body, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import FileResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Owner
 from app.api.logs import format_text_line, metric_events
 from app.errors import InvalidCursor
-from app.models import JobStatus
+from app.models import JobStatus, SampleStatus
 from app.schemas import (
     ERROR_RESPONSES,
     CheckpointRead,
@@ -22,8 +25,11 @@ from app.schemas import (
     MetricRead,
     Page,
     ResumeRequest,
+    SampleRead,
+    SampleRequest,
 )
-from app.services import datasets, jobs
+from app.services import datasets, jobs, monitoring, samples
+from app.settings import get_settings
 from app.spec import JobSpec, ModelOrDataset
 
 # /healthz answers without a key; every other route may answer any documented error.
@@ -41,6 +47,18 @@ MAX_ID = 2**31 - 1
 @ops_router.get("/healthz", tags=["ops"])
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    tags=["ops"],
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+)
+def prometheus_metrics() -> PlainTextResponse:
+    """Jobs by status, queue depth, and each running job's step, steps/s and tokens/s, for
+    Prometheus (it sends the API key as a bearer token: `authorization: {credentials: KEY}`)."""
+    return PlainTextResponse(monitoring.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post("/jobs", status_code=201, response_model=JobRead, tags=["jobs"])
@@ -137,6 +155,32 @@ def download_checkpoint(job_id: str, name: str, owner: Owner) -> FileResponse:
 def download_adapter(job_id: str, owner: Owner) -> FileResponse:
     path = jobs.adapter_zip(job_id, owner)
     return FileResponse(path, media_type="application/zip", filename=f"{job_id}-adapter.zip")
+
+
+@router.post(
+    "/jobs/{job_id}/generate",
+    response_model=SampleRead,
+    tags=["samples"],
+    responses={202: {"model": SampleRead, "description": "Not answered yet: GET the sample later."}},
+)
+async def generate(job_id: str, owner: Owner, request: SampleRequest, response: Response) -> SampleRead:
+    """Answer a prompt with the base model plus this job's adapter (or a checkpoint), formatted
+    as the recipe formats conversations (`Human: …` / `Assistant:`). Waits up to `wait_s` for
+    the sampler; a 202 means it is still working."""
+    sample = await run_in_threadpool(samples.create_sample, job_id, owner, request)
+    wait_s = request.wait_s if request.wait_s is not None else get_settings().sample_wait_s
+    deadline = time.monotonic() + wait_s
+    while sample.status not in SampleStatus.FINAL and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        sample = await run_in_threadpool(samples.get_sample, job_id, sample.id, owner)
+    if sample.status not in SampleStatus.FINAL:
+        response.status_code = 202
+    return sample
+
+
+@router.get("/jobs/{job_id}/samples/{sample_id}", response_model=SampleRead, tags=["samples"])
+def get_sample(job_id: str, sample_id: str, owner: Owner) -> SampleRead:
+    return samples.get_sample(job_id, sample_id, owner)
 
 
 @router.post("/datasets", status_code=201, response_model=DatasetRead, tags=["datasets"])

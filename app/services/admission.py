@@ -46,8 +46,16 @@ def _remote_code_problems(spec: JobSpec) -> list[tuple[str, str]]:
     return []
 
 
+def _notification_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    if spec.notify_url is not None and not get_settings().notify_secret:
+        return [("notify_url", "this server has no FINETUNE_NOTIFY_SECRET to sign notifications with")]
+    return []
+
+
 def check_admissible(spec: JobSpec, owner: str) -> None:
-    problems = dataset_reference_problems(spec, owner) + _local_path_problems(spec)
+    problems = (
+        dataset_reference_problems(spec, owner) + _local_path_problems(spec) + _notification_problems(spec)
+    )
     if not problems:
         problems = _remote_code_problems(spec)
     if problems:

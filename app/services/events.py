@@ -6,7 +6,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.models import Event
+from app.models import Event, JobStatus
+from app.services.notifications import queue_notification
 
 
 def add_event(
@@ -17,3 +18,5 @@ def add_event(
 
 def add_state_event(session: Session, job_id: str, status: str, message: str, **data: Any) -> None:
     add_event(session, job_id, message, kind="state", data={"status": status, **data})
+    if status in JobStatus.TERMINAL:
+        queue_notification(session, job_id, status, message)

@@ -73,7 +73,7 @@ def _check_queue_room(session: Session, owner: str) -> None:
         )
 
 
-def _get(session: Session, job_id: str, owner: str) -> Job:
+def owned_job(session: Session, job_id: str, owner: str) -> Job:
     job = session.get(Job, job_id) if JOB_ID.match(job_id) else None
     if job is None or job.owner != owner:
         raise JobNotFound(f"no job {job_id!r}")
@@ -82,7 +82,7 @@ def _get(session: Session, job_id: str, owner: str) -> Job:
 
 def get_job(job_id: str, owner: str) -> JobRead:
     with session_scope() as session:
-        return JobRead.model_validate(_get(session, job_id, owner))
+        return JobRead.model_validate(owned_job(session, job_id, owner))
 
 
 def list_jobs(owner: str, status: str | None, limit: int, cursor: str | None) -> Page[JobRead]:
@@ -94,7 +94,7 @@ def list_jobs(owner: str, status: str | None, limit: int, cursor: str | None) ->
 def cancel_job(job_id: str, owner: str) -> JobRead:
     """A queued job is cancelled at once; a running one when the worker reaches a step boundary."""
     with session_scope() as session:
-        job = _get(session, job_id, owner)
+        job = owned_job(session, job_id, owner)
         now = utcnow()
         queued = session.execute(
             update(Job)
@@ -119,7 +119,7 @@ def cancel_job(job_id: str, owner: str) -> JobRead:
 def resume_job(job_id: str, owner: str, checkpoint: str | None) -> JobRead:
     """Queue a failed or cancelled job again, continuing from a checkpoint (default the latest)."""
     with session_scope() as session:
-        job = _get(session, job_id, owner)
+        job = owned_job(session, job_id, owner)
         if job.status not in RESUMABLE:
             raise JobStateConflict(f"job is {job.status}; only failed or cancelled jobs can be resumed")
         _check_queue_room(session, owner)
@@ -183,7 +183,7 @@ def requeue_from_checkpoint(
 def _page_of_job_rows(job_id: str, owner: str, model, key, schema, after: int | None, limit: int) -> Page:
     """Rows of one of the job's tables in `key` order after a cursor (keyset pagination)."""
     with session_scope() as session:
-        _get(session, job_id, owner)
+        owned_job(session, job_id, owner)
         query = select(model).where(model.job_id == job_id).order_by(key).limit(limit + 1)
         if after is not None:
             query = query.where(key > after)
@@ -202,7 +202,7 @@ def list_metrics(job_id: str, owner: str, after_step: int | None, limit: int) ->
 def metrics_since(job_id: str, owner: str, after_step: int) -> tuple[str, list[MetricRead]]:
     """The job's status, read before its new rows: when it is final, no row can follow."""
     with session_scope() as session:
-        status = _get(session, job_id, owner).status
+        status = owned_job(session, job_id, owner).status
         rows = session.scalars(
             select(Metric).where(Metric.job_id == job_id, Metric.step > after_step).order_by(Metric.step)
         )
@@ -215,7 +215,7 @@ def list_events(job_id: str, owner: str, after: int | None, limit: int) -> Page[
 
 def list_checkpoints(job_id: str, owner: str) -> list[CheckpointRead]:
     with session_scope() as session:
-        _get(session, job_id, owner)
+        owned_job(session, job_id, owner)
         rows = session.scalars(
             select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
         )
@@ -232,7 +232,7 @@ def _confined(job_id: str, path: str) -> Path:
 
 def checkpoint_zip(job_id: str, owner: str, name: str) -> Path:
     with session_scope() as session:
-        _get(session, job_id, owner)
+        owned_job(session, job_id, owner)
         row = None
         if CHECKPOINT_NAME.match(name):
             row = session.scalar(
@@ -245,7 +245,7 @@ def checkpoint_zip(job_id: str, owner: str, name: str) -> Path:
 
 def adapter_zip(job_id: str, owner: str) -> Path:
     with session_scope() as session:
-        job = _get(session, job_id, owner)
+        job = owned_job(session, job_id, owner)
         if not job.adapter_path:
             raise ArtifactNotReady(f"job {job_id} is {job.status}; the adapter is written when it succeeds")
         return _confined(job_id, job.adapter_path)

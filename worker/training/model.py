@@ -35,7 +35,8 @@ def load_tokenizer(base_model: str):
     return tokenizer
 
 
-def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
+def load_quantized_model(spec: JobSpec, dtype: torch.dtype):
+    """The base model with its linear layers in 4-bit, as the spec's quantization says."""
     name, revision = split_revision(spec.base_model)
     q = spec.quantization
     quantization_config = BitsAndBytesConfig(
@@ -44,7 +45,7 @@ def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=dtype,
     )
-    model = AutoModelForCausalLM.from_pretrained(
+    return AutoModelForCausalLM.from_pretrained(
         name,
         revision=revision,
         quantization_config=quantization_config,
@@ -52,8 +53,11 @@ def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
         device_map={"": torch.cuda.current_device()} if torch.cuda.is_available() else None,
         trust_remote_code=get_settings().trust_remote_code,
     )
+
+
+def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
     model = prepare_model_for_kbit_training(
-        model,
+        load_quantized_model(spec, dtype),
         use_gradient_checkpointing=spec.training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )

@@ -23,6 +23,7 @@ from app.services.runs import Claim, log_message, recorded_checkpoints
 from app.settings import Settings
 from app.spec import JobSpec
 from app.storage import JobFiles
+from worker.doctor import unsupported_gpus
 from worker.training.artifacts import ZipInfo, write_model_card, zip_directory
 from worker.training.callbacks import JobProgressCallback
 from worker.training.data import IGNORE_INDEX, TrainingData, build_eval_data, build_training_data
@@ -97,6 +98,9 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     if leftovers:
         log_message(job_id, f"removed {len(leftovers)} incomplete checkpoint files", files=leftovers)
     set_seed(spec.training.seed)
+    unsupported = unsupported_gpus()
+    if unsupported:
+        raise RuntimeError("; ".join(unsupported))
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(spec.base_model)

@@ -1,0 +1,1 @@
+"""The service's client side: an HTTP client and the `finetune` commands built on it."""

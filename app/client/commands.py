@@ -1,0 +1,357 @@
+"""`finetune submit | jobs | status | logs | cancel | resume | download | upload | generate`:
+the service from a terminal. Each command is a thin layer over `ServiceClient`; the server URL
+and key come from `--url` / `--api-key` or FINETUNE_URL / FINETUNE_API_KEY."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from app.client.http import DEFAULT_URL, RequestFailed, ServiceClient
+
+console = Console()
+errors = Console(stderr=True)
+
+Url = Annotated[str, typer.Option("--url", envvar="FINETUNE_URL", help="The service's address.")]
+ApiKey = Annotated[
+    str | None, typer.Option("--api-key", envvar="FINETUNE_API_KEY", help="`finetune keys create` made it.")
+]
+JobId = Annotated[str, typer.Argument(help="A job id (job_…).")]
+
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    errors.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _client(url: str, api_key: str | None) -> ServiceClient:
+    return ServiceClient(url, api_key)
+
+
+def apply_override(spec: dict[str, Any], assignment: str) -> None:
+    """`training.max_steps=100` sets spec["training"]["max_steps"] = 100 (the value is read as
+    YAML: numbers, booleans, null, lists)."""
+    path, sep, raw = assignment.partition("=")
+    if not sep or not path.strip():
+        raise typer.BadParameter(f"{assignment!r} is not KEY=VALUE", param_hint="--set")
+    *parents, leaf = path.strip().split(".")
+    node = spec
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise typer.BadParameter(f"{part!r} in {path!r} is not a section", param_hint="--set")
+        node = child
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_spec(path: Path | None, overrides: list[str]) -> dict[str, Any]:
+    spec: Any = {}
+    if path is not None:
+        try:
+            spec = yaml.safe_load(path.read_text()) or {}  # YAML is a superset of JSON
+        except (OSError, yaml.YAMLError) as exc:
+            raise typer.BadParameter(f"cannot read {path}: {exc}", param_hint="SPEC") from exc
+        if not isinstance(spec, dict):
+            raise typer.BadParameter(f"{path} must hold a mapping (a job spec)", param_hint="SPEC")
+    for assignment in overrides:
+        apply_override(spec, assignment)
+    return spec
+
+
+def submit(
+    spec_file: Annotated[
+        Path | None, typer.Argument(help="Job spec, YAML or JSON; none = the default recipe.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override one field, e.g. training.max_steps=100.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Then show live progress (like `logs -f`).")
+    ] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Submit a fine-tune job and print its id."""
+    spec = load_spec(spec_file, set_ or [])
+    with _client(url, api_key) as client:
+        try:
+            job = client.submit(spec)
+        except RequestFailed as exc:
+            raise _fail(str(exc)) from exc
+        console.print(job["id"], highlight=False)
+        if follow:
+            _follow(client, job["id"])
+
+
+def jobs(
+    status: Annotated[str | None, typer.Option(help="Only jobs in this status.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """The newest jobs: id, status, progress, base model."""
+    with _client(url, api_key) as client:
+        try:
+            rows = client.jobs(status, limit)
+        except RequestFailed as exc:
+            raise _fail(str(exc)) from exc
+    table = Table("id", "status", "step", "created", "base model", box=None)
+    for job in rows:
+        total = job["total_steps"] or "?"
+        table.add_row(
+            job["id"],
+            job["status"],
+            f"{job['current_step']}/{total}",
+            job["created_at"][:19],
+            job["spec"]["base_model"],
+        )
+    console.print(table)
+
+
+def status(
+    job_id: JobId,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job object as JSON.")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """One job: status, progress, latest loss, checkpoints, error."""
+    with _client(url, api_key) as client:
+        try:
+            job = client.job(job_id)
+            checkpoints = client.checkpoints(job_id)
+            last = client.get(f"/jobs/{job_id}/logs", after_step=max(job["current_step"] - 1, 0))["items"]
+        except RequestFailed as exc:
+            raise _fail(str(exc)) from exc
+    if as_json:
+        console.print_json(json.dumps(job))
+        return
+    console.print(
+        f"[bold]{job['id']}[/bold]  {job['status']}  step {job['current_step']}/{job['total_steps'] or '?'}"
+    )
+    console.print(f"  base model   {job['spec']['base_model']}", highlight=False)
+    console.print(f"  dataset      {job['spec']['dataset']['source']}", highlight=False)
+    if last and last[-1].get("loss") is not None:
+        console.print(f"  loss         {last[-1]['loss']:.4f} at step {last[-1]['step']}")
+    for checkpoint in checkpoints:
+        console.print(f"  checkpoint   {checkpoint['name']}  {checkpoint['size_bytes']:,} bytes")
+    if job["adapter_sha256"]:
+        console.print(f"  adapter      {job['adapter_size_bytes']:,} bytes, sha256 {job['adapter_sha256']}")
+    if job["error"]:
+        console.print(f"  [red]error[/red]        {job['error']}", highlight=False)
+
+
+def logs(
+    job_id: JobId,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Live progress until the job ends.")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Metric rows (step, loss, learning rate, tokens/s). With --follow: a live progress bar,
+    then the final status; the exit code is 0 only if the job succeeded."""
+    with _client(url, api_key) as client:
+        if follow:
+            _follow(client, job_id)
+            return
+        try:
+            text = client.request(
+                "GET", f"/jobs/{job_id}/logs", params={"format": "text", "limit": 10000}
+            ).text
+        except RequestFailed as exc:
+            raise _fail(str(exc)) from exc
+        console.out(text, end="", highlight=False)
+
+
+def _metric_text(row: dict[str, Any]) -> str:
+    parts = []
+    if row.get("loss") is not None:
+        parts.append(f"loss {row['loss']:.4f}")
+    if row.get("eval_loss") is not None:
+        parts.append(f"eval {row['eval_loss']:.4f}")
+    if row.get("learning_rate") is not None:
+        parts.append(f"lr {row['learning_rate']:.2e}")
+    if row.get("tokens_per_second"):
+        parts.append(f"{row['tokens_per_second']:,.0f} tok/s")
+    return "  ".join(parts)
+
+
+def _follow(client: ServiceClient, job_id: str) -> None:
+    try:
+        job = client.job(job_id)
+    except RequestFailed as exc:
+        raise _fail(str(exc)) from exc
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    end: dict[str, Any] = {}
+    with progress:
+        task = progress.add_task(job_id, total=job["total_steps"], metrics=job["status"])
+        try:
+            for event in client.follow(job_id):
+                if event.event == "end":
+                    end = event.data
+                    break
+                row = event.data
+                if progress.tasks[0].total is None:  # known once the worker has built the dataset
+                    progress.update(task, total=client.job(job_id)["total_steps"])
+                progress.update(task, completed=row["step"], metrics=_metric_text(row))
+        except RequestFailed as exc:
+            raise _fail(str(exc)) from exc
+    final = end.get("status", "unknown")
+    colour = "green" if final == "succeeded" else "red"
+    console.print(f"[{colour}]{job_id} {final}[/{colour}]", highlight=False)
+    if end.get("error"):
+        console.print(f"error: {end['error']}", highlight=False)
+    if final != "succeeded":
+        raise typer.Exit(1)
+
+
+def cancel(job_id: JobId, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Cancel a queued job at once, a running one at its next step."""
+    with _client(url, api_key) as client:
+        try:
+            job = client.cancel(job_id)
+        except RequestFailed as exc:
+            raise _fail(str(exc)) from exc
+    state = "cancel requested" if job["status"] == "running" else job["status"]
+    console.print(f"{job_id}: {state}", highlight=False)
+
+
+def resume(
+    job_id: JobId,
+    checkpoint: Annotated[str | None, typer.Option(help="e.g. checkpoint-200; default the latest.")] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Queue a failed or cancelled job again from a checkpoint."""
+    with _client(url, api_key) as client:
+        try:
+            job = client.resume(job_id, checkpoint)
+        except RequestFailed as exc:
+            raise _fail(str(exc)) from exc
+    console.print(f"{job_id}: {job['status']}, from {job['resume_from'] or 'the start'}", highlight=False)
+
+
+def download(
+    job_id: JobId,
+    what: Annotated[
+        str,
+        typer.Argument(help="`adapter`, `checkpoint` (the latest) or a checkpoint name like checkpoint-200."),
+    ] = "adapter",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Default: JOB-WHAT.zip here.")] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Download the adapter or a checkpoint (zip), checking its SHA-256 against the service's."""
+    with _client(url, api_key) as client:
+        try:
+            if what == "adapter":
+                job = client.job(job_id)
+                path, name, expected = f"/jobs/{job_id}/adapter", "adapter", job["adapter_sha256"]
+            else:
+                checkpoints = client.checkpoints(job_id)
+                wanted = [c for c in checkpoints if what in ("checkpoint", c["name"])]
+                if not wanted:
+                    have = ", ".join(c["name"] for c in checkpoints) or "none yet"
+                    raise _fail(f"job {job_id} has no {what!r} (checkpoints: {have})")
+                checkpoint = wanted[-1]
+                name = checkpoint["name"]
+                path, expected = f"/jobs/{job_id}/checkpoints/{name}/download", checkpoint["sha256"]
+            destination = output or Path(f"{job_id}-{name}.zip")
+            with Progress(
+                TextColumn(f"[bold]{destination.name}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=errors,
+            ) as progress:
+                task = progress.add_task("download", total=None)
+                sha256 = client.download(
+                    path,
+                    destination,
+                    expected,
+                    lambda done, total: progress.update(task, completed=done, total=total),
+                )
+        except RequestFailed as exc:
+            raise _fail(str(exc)) from exc
+    console.print(f"{destination}  sha256 {sha256} (verified)", highlight=False)
+
+
+def upload(
+    dataset_file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="oasst rows, trees or chat JSONL.")
+    ],
+    max_seq_length: Annotated[int | None, typer.Option(help="For the length statistics.")] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Upload a training file and print its validation report. Exit code 1 if it is invalid."""
+    with _client(url, api_key) as client:
+        try:
+            dataset = client.upload(dataset_file, max_seq_length)
+        except RequestFailed as exc:
+            raise _fail(str(exc)) from exc
+    report = dataset["report"]
+    console.print(
+        f"[bold]{dataset['id']}[/bold]  {dataset['status']}  "
+        f"({dataset['filename']}, {dataset['size_bytes']:,} bytes)"
+    )
+    for key in ("format", "records", "messages", "trees", "samples", "dropped", "languages", "tokens"):
+        if key in report:
+            console.print(f"  {key:<10} {report[key]}", highlight=False)
+    for problem in report.get("problems", []):
+        where = f"line {problem['line']}" if problem.get("line") else "file"
+        console.print(f"  [red]{where}[/red]: {problem['error']}", highlight=False)
+    if dataset["status"] != "ready":
+        raise typer.Exit(1)
+    console.print(f'use it with: {{"dataset": {{"source": "{dataset["id"]}"}}}}', highlight=False)
+
+
+def generate(
+    job_id: JobId,
+    prompt: Annotated[str, typer.Argument(help="What the Human says.")],
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Default: the final adapter, else the latest checkpoint.")
+    ] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, max=2048)] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Ask the base model plus this job's adapter; prints what the Assistant answers."""
+    with _client(url, api_key) as client:
+        try:
+            sample = client.generate(job_id, prompt, checkpoint=checkpoint, max_new_tokens=max_new_tokens)
+        except RequestFailed as exc:
+            raise _fail(str(exc)) from exc
+    if sample["status"] != "succeeded":
+        raise _fail(f"sample {sample['id']} is {sample['status']}: {sample.get('error') or 'not done yet'}")
+    console.out(sample["completion"], highlight=False)
+
+
+COMMANDS = (submit, jobs, status, logs, cancel, resume, download, upload, generate)
+
+
+def register(cli: typer.Typer) -> None:
+    for command in COMMANDS:
+        cli.command(rich_help_panel="Client (talks to a running service)")(command)

@@ -1,0 +1,192 @@
+"""A small HTTP client for the service's REST API: what the `finetune` client commands use.
+
+It knows the routes and the error shape (`{"error": code, "detail": ...}`), reads the live
+metric stream (server-sent events, reconnecting with `Last-Event-ID`), and downloads files
+with a checksum check. It imports nothing heavy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class RequestFailed(Exception):
+    """The service answered with an error, or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def _describe(response: httpx.Response) -> RequestFailed:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": "http_error", "detail": response.text[:500]}
+    code, detail = body.get("error", "http_error"), body.get("detail")
+    if isinstance(detail, list):  # 422: one entry per bad field
+        detail = "; ".join(f"{item.get('field')}: {item.get('message')}" for item in detail)
+    return RequestFailed(f"{response.status_code} {code}: {detail}", response.status_code, code)
+
+
+@dataclass
+class StreamEvent:
+    event: str
+    data: dict[str, Any]
+    id: str | None
+
+
+class ServiceClient:
+    def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None, timeout: float = 30):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise RequestFailed(f"cannot reach {self.http.base_url}: {exc}") from exc
+        if response.status_code >= 400:
+            raise _describe(response)
+        return response
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params={k: v for k, v in params.items() if v is not None}).json()
+
+    def post(self, path: str, body: Any = None) -> Any:
+        return self.request("POST", path, json=body).json()
+
+    # --- jobs -----------------------------------------------------------------------------
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.post("/jobs", spec)
+
+    def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        return self.get("/jobs", status=status, limit=limit)["items"]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.get(f"/jobs/{job_id}")
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self.post(f"/jobs/{job_id}/cancel")
+
+    def resume(self, job_id: str, checkpoint: str | None = None) -> dict[str, Any]:
+        return self.post(f"/jobs/{job_id}/resume", {"checkpoint": checkpoint} if checkpoint else None)
+
+    def checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        return self.get(f"/jobs/{job_id}/checkpoints")["items"]
+
+    def metrics(self, job_id: str, after_step: int | None = None) -> list[dict[str, Any]]:
+        return self.get(f"/jobs/{job_id}/logs", after_step=after_step, limit=10000)["items"]
+
+    def upload(self, path: Path, max_seq_length: int | None = None) -> dict[str, Any]:
+        form = {"max_seq_length": str(max_seq_length)} if max_seq_length else {}
+        with path.open("rb") as handle:
+            return self.request("POST", "/datasets", files={"file": (path.name, handle)}, data=form).json()
+
+    def generate(self, job_id: str, prompt: str, **options: Any) -> dict[str, Any]:
+        body = {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
+        return self.post(f"/jobs/{job_id}/generate", body)
+
+    # --- live metrics ---------------------------------------------------------------------
+    def follow(self, job_id: str, after_step: int = -1, retry_for_s: float = 60) -> Iterator[StreamEvent]:
+        """Metric rows as they are written, then one `end` event. A dropped connection is
+        reopened from the last step seen; gives up after `retry_for_s` without a connection."""
+        last_id = str(after_step)
+        failing_since: float | None = None
+        while True:
+            try:
+                for event in self._stream(job_id, last_id):
+                    failing_since = None
+                    if event.id is not None:
+                        last_id = event.id
+                    yield event
+                    if event.event == "end":
+                        return
+            except (httpx.TransportError, RequestFailed) as exc:
+                if isinstance(exc, RequestFailed) and exc.status is not None and exc.status < 500:
+                    raise
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > retry_for_s:
+                    raise RequestFailed(f"lost the metric stream: {exc}") from exc
+                time.sleep(1)
+
+    def _stream(self, job_id: str, last_id: str) -> Iterator[StreamEvent]:
+        headers = {"Accept": "text/event-stream", "Last-Event-ID": last_id}
+        with self.http.stream("GET", f"/jobs/{job_id}/logs", headers=headers, timeout=None) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise _describe(response)
+            event, data, event_id = "message", [], None
+            for line in response.iter_lines():
+                if not line:  # a blank line ends one event
+                    if data:
+                        yield StreamEvent(event, json.loads("\n".join(data)), event_id)
+                    event, data, event_id = "message", [], None
+                elif line.startswith(":"):
+                    continue  # a ping
+                else:
+                    name, _, value = line.partition(":")
+                    value = value.removeprefix(" ")
+                    if name == "event":
+                        event = value
+                    elif name == "data":
+                        data.append(value)
+                    elif name == "id":
+                        event_id = value
+
+    # --- files ----------------------------------------------------------------------------
+    def download(
+        self,
+        path: str,
+        destination: Path,
+        expected_sha256: str | None,
+        on_progress: Callable[[int, int | None], None] = lambda done, total: None,
+    ) -> str:
+        """Stream `path` into `destination` (through a temporary file, so an interrupted or
+        corrupt download never leaves a file there) and return its SHA-256, which must match
+        `expected_sha256` when given."""
+        partial = destination.with_name(destination.name + ".part")
+        digest = hashlib.sha256()
+        try:
+            with self.http.stream("GET", path, timeout=None) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _describe(response)
+                total = (
+                    int(response.headers["content-length"]) if "content-length" in response.headers else None
+                )
+                done = 0
+                with partial.open("wb") as out:
+                    for chunk in response.iter_bytes(1 << 20):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        done += len(chunk)
+                        on_progress(done, total)
+            sha256 = digest.hexdigest()
+            if expected_sha256 and sha256 != expected_sha256:
+                raise RequestFailed(
+                    f"checksum mismatch: got sha256 {sha256}, the service says {expected_sha256}"
+                )
+            os.replace(partial, destination)
+            return sha256
+        except httpx.TransportError as exc:
+            raise RequestFailed(f"download interrupted: {exc}") from exc
+        finally:
+            partial.unlink(missing_ok=True)

@@ -1,0 +1,95 @@
+"""`/metrics` in Prometheus' text format, read from the database (and the broker) at each
+scrape: jobs by status, queue depth, and each running job's progress and throughput."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from app.db import session_scope
+from app.models import DeliveryStatus, Job, JobStatus, Notification
+from app.models import Metric as MetricRow
+from app.queue import waiting_messages
+
+log = logging.getLogger(__name__)
+
+# Steps per second over this many of a running job's latest metric rows.
+RATE_WINDOW = 20
+
+
+class ServiceCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        with session_scope() as session:
+            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            running = session.execute(
+                select(Job.id, Job.owner, Job.current_step, Job.total_steps).where(
+                    Job.status == JobStatus.RUNNING
+                )
+            ).all()
+            recent = {
+                job_id: list(
+                    session.execute(
+                        select(MetricRow.step, MetricRow.time, MetricRow.tokens_per_second)
+                        .where(MetricRow.job_id == job_id)
+                        .order_by(MetricRow.step.desc())
+                        .limit(RATE_WINDOW)
+                    ).all()
+                )
+                for job_id, *_ in running
+            }
+            pending = session.scalar(
+                select(func.count())
+                .select_from(Notification)
+                .where(Notification.status == DeliveryStatus.PENDING)
+            )
+
+        jobs = GaugeMetricFamily("finetune_jobs", "Jobs by status.", labels=["status"])
+        for status in JobStatus.ALL:
+            jobs.add_metric([status], counts.get(status, 0))
+        yield jobs
+
+        try:
+            depth = waiting_messages()
+        except Exception as exc:  # a broker outage must not break the scrape
+            log.warning("queue depth unavailable: %s", exc)
+        else:
+            yield GaugeMetricFamily("finetune_queue_depth", "Job ids waiting in the broker.", value=depth)
+
+        labels = ["job_id", "owner"]
+        step = GaugeMetricFamily("finetune_job_step", "A running job's current step.", labels=labels)
+        total = GaugeMetricFamily("finetune_job_total_steps", "A running job's total steps.", labels=labels)
+        steps_rate = GaugeMetricFamily(
+            "finetune_job_steps_per_second", f"Over the last {RATE_WINDOW} logged steps.", labels=labels
+        )
+        tokens_rate = GaugeMetricFamily(
+            "finetune_job_tokens_per_second",
+            "Trained tokens per second at the last logged step.",
+            labels=labels,
+        )
+        for job_id, owner, current, total_steps in running:
+            rows = recent[job_id]
+            step.add_metric([job_id, owner], current)
+            if total_steps:
+                total.add_metric([job_id, owner], total_steps)
+            if len(rows) >= 2:
+                (last_step, last_time, _), (first_step, first_time, _) = rows[0], rows[-1]
+                seconds = (last_time - first_time).total_seconds()
+                if seconds > 0:
+                    steps_rate.add_metric([job_id, owner], (last_step - first_step) / seconds)
+            if rows and rows[0][2] is not None:
+                tokens_rate.add_metric([job_id, owner], rows[0][2])
+        yield from (step, total, steps_rate, tokens_rate)
+        yield GaugeMetricFamily(
+            "finetune_notifications_pending", "Job-end notifications not yet delivered.", value=pending
+        )
+
+
+def render() -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector())
+    return generate_latest(registry)

@@ -1,0 +1,360 @@
+// The dashboard: a thin page over the REST API (the same routes the CLI uses).
+// Routes: #/ lists jobs, #/jobs/<id> shows one job with live charts fed by its SSE stream.
+"use strict";
+
+const KEY_STORAGE = "finetune-api-key";
+const POLL_MS = 3000;
+
+const $ = (selector) => document.querySelector(selector);
+const views = ["key-view", "jobs-view", "job-view"];
+
+// What the page shows, readable by tests: the chart objects and the metric rows they plot.
+const dashboard = (window.dashboard = { charts: {}, rows: [], job: null });
+let viewAbort = null; // aborts the current view's stream and timers on navigation
+
+class Unauthorized extends Error {}
+
+function apiKey() {
+  return sessionStorage.getItem(KEY_STORAGE);
+}
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (apiKey()) headers.Authorization = `Bearer ${apiKey()}`;
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) throw new Unauthorized();
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    const detail = Array.isArray(body.detail)
+      ? body.detail.map((d) => `${d.field}: ${d.message}`).join("; ")
+      : body.detail;
+    throw new Error(`${response.status} ${body.error || ""}: ${detail || response.statusText}`);
+  }
+  return response;
+}
+
+const getJSON = async (path) => (await api(path)).json();
+const postJSON = async (path, body) =>
+  (await api(path, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body ?? {}),
+  })).json();
+
+function show(view) {
+  for (const id of views) $(`#${id}`).hidden = id !== view;
+  $("#forget-key").hidden = !apiKey();
+}
+
+function element(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (name === "class") node.className = value;
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value);
+  }
+  node.append(...children.filter((c) => c !== null && c !== undefined));
+  return node;
+}
+
+const fmtTime = (iso) => new Date(iso).toLocaleString();
+const fmtBytes = (n) => (n > 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : `${(n / 1024).toFixed(0)} KiB`);
+
+function progressBar(job) {
+  const percent = job.total_steps ? (100 * job.current_step) / job.total_steps : 0;
+  const bar = element("div", { class: "progress" }, element("div"));
+  bar.firstChild.style.width = `${percent}%`;
+  return bar;
+}
+
+// --- key ------------------------------------------------------------------------------------
+function askForKey(message = "") {
+  show("key-view");
+  $("#key-error").textContent = message;
+  $("#key-input").focus();
+}
+
+$("#key-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY_STORAGE, $("#key-input").value.trim());
+  $("#key-input").value = "";
+  route();
+});
+
+$("#forget-key").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY_STORAGE);
+  route();
+});
+
+// --- jobs list --------------------------------------------------------------------------------
+async function showJobs(signal) {
+  show("jobs-view");
+  const refresh = async () => {
+    const page = await getJSON("/jobs?limit=100");
+    const body = $("#jobs-table tbody");
+    body.replaceChildren(
+      ...page.items.map((job) =>
+        element(
+          "tr",
+          { "data-job": job.id },
+          element("td", { class: "mono" }, element("a", { href: `#/jobs/${job.id}` }, job.id)),
+          element("td", {}, element("span", { class: `status ${job.status}` }, job.status)),
+          element("td", {}, progressBar(job), `${job.current_step}/${job.total_steps ?? "?"}`),
+          element("td", {}, fmtTime(job.created_at)),
+          element("td", { class: "mono" }, job.spec.base_model),
+        ),
+      ),
+    );
+    $("#jobs-empty").hidden = page.items.length > 0;
+  };
+  await refresh();
+  poll(signal, refresh);
+}
+
+function poll(signal, task) {
+  const timer = setInterval(() => task().catch(handleError), POLL_MS);
+  signal.addEventListener("abort", () => clearInterval(timer));
+}
+
+// --- one job ----------------------------------------------------------------------------------
+function makeChart(container, series, scale = {}) {
+  const width = Math.max(container.clientWidth - 10, 320);
+  const options = {
+    width,
+    height: 220,
+    scales: { x: { time: false }, y: scale },
+    axes: [{ label: "step" }, {}],
+    series: [{ label: "step" }, ...series],
+    legend: { live: true },
+  };
+  return new uPlot(options, [[], ...series.map(() => [])], container);
+}
+
+function createCharts() {
+  for (const id of ["#chart-loss", "#chart-lr", "#chart-throughput"]) $(id).replaceChildren();
+  dashboard.charts = {
+    loss: makeChart($("#chart-loss"), [
+      { label: "loss", stroke: "#2f6fd6", width: 1.5 },
+      { label: "eval loss", stroke: "#e67e22", width: 2, spanGaps: true, points: { show: true, size: 6 } },
+    ]),
+    learningRate: makeChart($("#chart-lr"), [{ label: "learning rate", stroke: "#8e44ad", width: 1.5 }]),
+    throughput: makeChart($("#chart-throughput"), [{ label: "tokens/s", stroke: "#2e8b57", width: 1.5 }]),
+  };
+}
+
+function drawCharts() {
+  const rows = dashboard.rows;
+  const steps = rows.map((r) => r.step);
+  const { loss, learningRate, throughput } = dashboard.charts;
+  loss.setData([steps, rows.map((r) => r.loss), rows.map((r) => r.eval_loss)]);
+  learningRate.setData([steps, rows.map((r) => r.learning_rate)]);
+  throughput.setData([steps, rows.map((r) => r.tokens_per_second)]);
+}
+
+function addRows(newRows) {
+  const last = dashboard.rows.length ? dashboard.rows[dashboard.rows.length - 1].step : -1;
+  dashboard.rows.push(...newRows.filter((r) => r.step > last));
+  drawCharts();
+}
+
+async function loadAllRows(jobId) {
+  let rows = [];
+  let after = null;
+  for (;;) {
+    const query = after === null ? "" : `&after_step=${after}`;
+    const page = await getJSON(`/jobs/${jobId}/logs?limit=10000${query}`);
+    rows = rows.concat(page.items);
+    if (!page.next) return rows;
+    after = page.next;
+  }
+}
+
+// EventSource can't send an Authorization header, so the stream is read with fetch.
+async function streamMetrics(jobId, signal) {
+  for (;;) {
+    const last = dashboard.rows.length ? dashboard.rows[dashboard.rows.length - 1].step : -1;
+    try {
+      const response = await api(`/jobs/${jobId}/logs`, {
+        headers: { Accept: "text/event-stream", "Last-Event-ID": String(last) },
+        signal,
+      });
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value.replaceAll("\r\n", "\n");
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          const event = parseEvent(block);
+          if (event.name === "end") {
+            refreshJob(jobId).catch(handleError);
+            return;
+          }
+          if (event.name === "metric") addRows([event.data]);
+        }
+      }
+    } catch (error) {
+      if (signal.aborted) return;
+      if (error instanceof Unauthorized) throw error;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 2000)); // reconnect from the last step
+  }
+}
+
+function parseEvent(block) {
+  let name = "message";
+  const data = [];
+  for (const line of block.split("\n")) {
+    if (line.startsWith("event:")) name = line.slice(6).trim();
+    else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+  }
+  return { name, data: data.length ? JSON.parse(data.join("\n")) : null };
+}
+
+async function refreshJob(jobId) {
+  const [job, checkpoints, events] = await Promise.all([
+    getJSON(`/jobs/${jobId}`),
+    getJSON(`/jobs/${jobId}/checkpoints`),
+    getJSON(`/jobs/${jobId}/events?limit=1000`),
+  ]);
+  dashboard.job = job;
+  $("#job-id").textContent = job.id;
+  const status = $("#job-status");
+  status.textContent = job.cancel_requested && job.status === "running" ? "cancelling" : job.status;
+  status.className = `status ${job.status}`;
+  $("#job-progress-bar").style.width = job.total_steps ? `${(100 * job.current_step) / job.total_steps}%` : "0";
+  $("#job-summary").textContent =
+    `step ${job.current_step}/${job.total_steps ?? "?"} · ${job.spec.base_model} on ${job.spec.dataset.source}` +
+    ` · attempt ${job.attempts} · created ${fmtTime(job.created_at)}`;
+  $("#job-error").textContent = job.error || "";
+  $("#cancel-button").disabled = !["queued", "running"].includes(job.status) || job.cancel_requested;
+  $("#resume-button").disabled = !["failed", "cancelled"].includes(job.status);
+
+  $("#checkpoints-table tbody").replaceChildren(
+    ...checkpoints.items.map((c) =>
+      element(
+        "tr",
+        {},
+        element("td", { class: "mono" }, c.name),
+        element("td", {}, String(c.step)),
+        element("td", {}, fmtBytes(c.size_bytes)),
+        element(
+          "td",
+          {},
+          element("button", { onclick: () => download(`/jobs/${job.id}/checkpoints/${c.name}/download`, `${job.id}-${c.name}.zip`) }, "Download"),
+        ),
+      ),
+    ),
+  );
+  for (const select of [$("#resume-checkpoint"), $("#sample-checkpoint")]) {
+    const chosen = select.value;
+    select.replaceChildren(select.firstElementChild, ...checkpoints.items.map((c) => element("option", { value: c.name }, c.name)));
+    select.value = checkpoints.items.some((c) => c.name === chosen) ? chosen : "";
+  }
+  $("#adapter-button").hidden = !job.adapter_sha256;
+
+  $("#events").replaceChildren(
+    ...events.items
+      .slice()
+      .reverse()
+      .map((e) => element("li", {}, element("time", {}, fmtTime(e.time)), e.message)),
+  );
+  return job;
+}
+
+async function download(path, filename) {
+  const blob = await (await api(path)).blob();
+  const link = element("a", { href: URL.createObjectURL(blob), download: filename });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+}
+
+async function showJob(jobId, signal) {
+  show("job-view");
+  dashboard.rows = [];
+  $("#sample-output").textContent = "";
+  $("#action-message").textContent = "";
+  await refreshJob(jobId);
+  createCharts();
+  addRows(await loadAllRows(jobId));
+  dashboard.ready = true;
+  poll(signal, () => refreshJob(jobId));
+  // For a finished job the stream sends any rows written since and ends at once.
+  streamMetrics(jobId, signal).catch(handleError);
+}
+
+async function jobAction(action) {
+  const job = dashboard.job;
+  const message = $("#action-message");
+  message.textContent = "";
+  try {
+    if (action === "cancel") await postJSON(`/jobs/${job.id}/cancel`);
+    else {
+      const checkpoint = $("#resume-checkpoint").value;
+      await postJSON(`/jobs/${job.id}/resume`, checkpoint ? { checkpoint } : {});
+    }
+    const updated = await refreshJob(job.id);
+    message.textContent = action === "cancel" ? "cancel requested" : `queued from ${updated.resume_from || "the start"}`;
+    if (action === "resume") {
+      // the run continues from the checkpoint: later rows were dropped, reload and stream again
+      route();
+    }
+  } catch (error) {
+    if (error instanceof Unauthorized) throw error;
+    message.textContent = error.message;
+  }
+}
+
+$("#cancel-button").addEventListener("click", () => jobAction("cancel").catch(handleError));
+$("#resume-button").addEventListener("click", () => jobAction("resume").catch(handleError));
+$("#adapter-button").addEventListener("click", () =>
+  download(`/jobs/${dashboard.job.id}/adapter`, `${dashboard.job.id}-adapter.zip`).catch(handleError),
+);
+
+$("#sample-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const output = $("#sample-output");
+  output.textContent = "generating…";
+  const checkpoint = $("#sample-checkpoint").value;
+  try {
+    let sample = await postJSON(`/jobs/${dashboard.job.id}/generate`, {
+      prompt: $("#sample-prompt").value,
+      ...(checkpoint ? { checkpoint } : {}),
+    });
+    while (!["succeeded", "failed"].includes(sample.status)) {
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      sample = await getJSON(`/jobs/${dashboard.job.id}/samples/${sample.id}`);
+    }
+    output.textContent = sample.status === "succeeded" ? sample.completion : `failed: ${sample.error}`;
+  } catch (error) {
+    output.textContent = error.message;
+  }
+});
+
+// --- routing --------------------------------------------------------------------------------
+function handleError(error) {
+  if (error instanceof Unauthorized) {
+    if (viewAbort) viewAbort.abort();
+    askForKey(apiKey() ? "That key was not accepted." : "");
+    sessionStorage.removeItem(KEY_STORAGE);
+    return;
+  }
+  console.error(error);
+}
+
+function route() {
+  if (viewAbort) viewAbort.abort();
+  viewAbort = new AbortController();
+  dashboard.ready = false;
+  const match = location.hash.match(/^#\/jobs\/(job_[0-9a-f]+)$/);
+  const page = match ? showJob(match[1], viewAbort.signal) : showJobs(viewAbort.signal);
+  page.catch(handleError);
+}
+
+window.addEventListener("hashchange", route);
+route();

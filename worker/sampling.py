@@ -1,0 +1,72 @@
+"""Answers samples (POST /jobs/{id}/generate) in `finetune sampler`: the job's base model, in
+4-bit as it was trained, plus the adapter or checkpoint the sample names. The last model
+loaded stays in memory, so prompts to the same adapter answer at once."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from app.conversations import HUMAN, Turn
+from app.db import session_scope
+from app.models import Job
+from app.services.samples import finish_sample, start_sample
+from app.spec import JobSpec
+from app.storage import job_files
+from worker.training.data import format_segments
+from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def prompt_text(prompt: str) -> str:
+    """The prompt as the recipe formats a conversation, ending where the Assistant speaks."""
+    human = "".join(text for text, _ in format_segments([Turn(HUMAN, prompt)], eos=""))
+    return human + "\nAssistant: "
+
+
+@lru_cache(maxsize=1)
+def _model(spec_json: str, adapter_dir: str):
+    spec = JobSpec.model_validate_json(spec_json)
+    tokenizer = load_tokenizer(spec.base_model)
+    base = load_quantized_model(spec, compute_dtype(spec.quantization))
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    model.eval()
+    return model, tokenizer
+
+
+def answer(sample_id: str) -> None:
+    sample = start_sample(sample_id)
+    if sample is None:
+        log.info("sample %s is not queued; skipped", sample_id)
+        return
+    try:
+        with session_scope() as session:
+            spec_json = JobSpec.model_validate(session.get(Job, sample.job_id).spec).model_dump_json()
+        files = job_files(sample.job_id)
+        adapter_dir = files.checkpoint_dir(sample.checkpoint) if sample.checkpoint else files.adapter_dir
+        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{sample.checkpoint or 'the adapter'} is no longer on disk")
+        model, tokenizer = _model(spec_json, str(adapter_dir))
+        completion = generate(model, tokenizer, sample.prompt, sample.max_new_tokens, sample.temperature)
+    except Exception as exc:
+        log.exception("sample %s failed", sample_id)
+        finish_sample(sample_id, error=f"{type(exc).__name__}: {exc}")
+        return
+    finish_sample(sample_id, completion=completion)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float) -> str:
+    inputs = tokenizer(prompt_text(prompt), return_tensors="pt").to(model.device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+    )
+    text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    # The model may go on to write the Human's next turn: the answer ends before it.
+    return text.split(f"\n{HUMAN}:")[0].strip()
