@@ -27,8 +27,6 @@ DATABASES = ["sqlite"] + (["postgres"] if POSTGRES_URL else [])
 # For slow tests whose subject is not the database: run them on SQLite only (the database
 # paths they use are exercised on both elsewhere). Keeps CI within its time.
 sqlite_only = pytest.mark.parametrize("service_env", ["sqlite"], indirect=True)
-# For one slow end-to-end run that should see the production database when there is one.
-production_database = pytest.mark.parametrize("service_env", [DATABASES[-1]], indirect=True)
 
 # The owner whose API key the test clients send.
 TEST_OWNER = "alice"

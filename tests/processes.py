@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,10 +28,19 @@ def finetune_process(
     command: str, env: dict[str, str], log_dir: Path, name: str | None = None
 ) -> Iterator[subprocess.Popen]:
     """`finetune COMMAND` in its own process group (so a test can kill it and its children)."""
-    log_path = log_dir / f"{name or command}.log"
+    with service_process(
+        [sys.executable, "-m", "app.cli", command], env, log_dir / f"{name or command}.log"
+    ) as process:
+        yield process
+
+
+@contextmanager
+def service_process(argv: list[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """A long-running command in its own process group, stopped with SIGTERM at the end."""
+    command = " ".join(argv[-2:])
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", command],
+            argv,
             cwd=REPO,
             env={**os.environ, **env},
             stdout=log,
@@ -46,6 +56,10 @@ def finetune_process(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            try:  # whatever it left behind in its group (a training child, a pool process)
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     if process.returncode not in (0, -15, 143):
         print(f"--- {command} exited {process.returncode}; log tail:\n{log_path.read_text()[-4000:]}")
 

@@ -128,8 +128,11 @@ class ServiceClient:
                 time.sleep(1)
 
     def _stream(self, job_id: str, last_id: str) -> Iterator[StreamEvent]:
-        headers = {"Accept": "text/event-stream", "Last-Event-ID": last_id}
-        with self.http.stream("GET", f"/jobs/{job_id}/logs", headers=headers, timeout=None) as response:
+        headers = {"Accept": "text/event-stream"}
+        params = {"after_step": last_id}
+        with self.http.stream(
+            "GET", f"/jobs/{job_id}/logs", headers=headers, params=params, timeout=None
+        ) as response:
             if response.status_code >= 400:
                 response.read()
                 raise _describe(response)

@@ -174,8 +174,8 @@ async function streamMetrics(jobId, signal) {
   for (;;) {
     const last = dashboard.rows.length ? dashboard.rows[dashboard.rows.length - 1].step : -1;
     try {
-      const response = await api(`/jobs/${jobId}/logs`, {
-        headers: { Accept: "text/event-stream", "Last-Event-ID": String(last) },
+      const response = await api(`/jobs/${jobId}/logs?after_step=${last}`, {
+        headers: { Accept: "text/event-stream" },
         signal,
       });
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -330,7 +330,9 @@ $("#sample-form").addEventListener("submit", async (event) => {
       await new Promise((resolve) => setTimeout(resolve, 1000));
       sample = await getJSON(`/jobs/${dashboard.job.id}/samples/${sample.id}`);
     }
-    output.textContent = sample.status === "succeeded" ? sample.completion : `failed: ${sample.error}`;
+    dashboard.lastSample = sample;
+    output.textContent =
+      sample.status === "succeeded" ? sample.completion || "(an empty answer)" : `failed: ${sample.error}`;
   } catch (error) {
     output.textContent = error.message;
   }

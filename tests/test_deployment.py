@@ -1,0 +1,456 @@
+"""The deployment a user runs, without Docker: the compose file is validated, the Dockerfile
+linted, and the compose services' own commands (migrate, serve, worker, sampler, their
+healthchecks, `keys create`) run here on PostgreSQL and Redis with the settings of
+`.env.example`. Then what a user watches it with: the CLI (`submit`, `logs --follow`,
+`download`, `generate`), the signed job-end notification, /metrics, and the dashboard in
+headless Chromium."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from dotenv import dotenv_values
+
+from tests.conftest import DEMO_JOB, POSTGRES_URL, REDIS_URL, REPO, fresh_postgres_database
+from tests.processes import free_port, service_process, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
+
+COMPOSE_FILE = REPO / "docker-compose.yml"
+COMPOSE_SCHEMA = REPO / "tests" / "data" / "compose-spec" / "compose-spec.json"
+BIN = Path(sys.executable).parent
+NOTIFY_SECRET = "test-notify-secret"
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+# --- the files -------------------------------------------------------------------------------
+def test_compose_file_is_valid_and_holds_what_a_gpu_host_needs():
+    checked = subprocess.run(
+        [BIN / "check-jsonschema", "--schemafile", COMPOSE_SCHEMA, COMPOSE_FILE],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    services = compose()["services"]
+    assert {"api", "worker", "sampler", "redis", "postgres", "migrate"} <= set(services)
+    redis = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis and "--maxmemory-policy noeviction" in redis
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in services["postgres"]["volumes"])
+    for name in ("api", "worker", "sampler"):
+        assert services[name]["healthcheck"]["test"][:3] == ["CMD", "finetune", "health"], name
+        assert "/data" in " ".join(services[name]["volumes"]) and "/cache/huggingface" in " ".join(
+            services[name]["volumes"]
+        )
+    for name in ("worker", "sampler"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    grace = services["worker"]["stop_grace_period"]
+    assert re.fullmatch(r"\d+m", grace) and int(grace[:-1]) >= 2  # room for the graceful checkpoint
+
+    # every variable the compose file insists on is in .env.example
+    required = set(re.findall(r"\$\{(\w+):\?", COMPOSE_FILE.read_text()))
+    assert required <= set(dotenv_values(REPO / ".env.example")), required
+
+
+def test_dockerfile_passes_hadolint_and_runs_as_a_user():
+    linted = subprocess.run([BIN / "hadolint", REPO / "Dockerfile"], capture_output=True, text=True)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    users = re.findall(r"^USER (\S+)", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    assert users and users[-1] not in ("root", "0", "0:0")
+
+
+# --- the running deployment ------------------------------------------------------------------
+@dataclass
+class Deployment:
+    url: str
+    key: str
+    env: dict[str, str]
+    data_dir: Path
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=30)
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """`finetune ARGS` as a user runs it, with FINETUNE_URL / FINETUNE_API_KEY set."""
+        env = {**os.environ, "FINETUNE_URL": self.url, "FINETUNE_API_KEY": self.key, "COLUMNS": "200"}
+        return subprocess.run(
+            [BIN / "finetune", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+
+def compose_env(data_dir: Path, database_url: str, broker_url: str, port: int) -> dict[str, str]:
+    """.env.example, with the addresses that are docker service names made local."""
+    env = {k: v for k, v in dotenv_values(REPO / ".env.example").items() if v is not None}
+    env.update(
+        FINETUNE_DATABASE_URL=database_url,
+        FINETUNE_BROKER_URL=broker_url,
+        FINETUNE_DATA_DIR=str(data_dir),
+        FINETUNE_HOST="127.0.0.1",
+        FINETUNE_PORT=str(port),
+        FINETUNE_LOCAL_ROOTS=json.dumps([str(REPO / "examples")]),
+        FINETUNE_NOTIFY_SECRET=NOTIFY_SECRET,
+        HF_HOME=str(data_dir / "hf-cache"),
+        # quicker than production, so the test doesn't wait
+        FINETUNE_SWEEP_INTERVAL_S="0.5",
+        FINETUNE_NOTIFY_RETRY_S="0.5",
+        FINETUNE_FLUSH_INTERVAL_S="0.5",
+        FINETUNE_STREAM_POLL_S="0.2",
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    )
+    return env
+
+
+def run_healthcheck(service: dict, env: dict[str, str], timeout: float = 90) -> None:
+    test = service["healthcheck"]["test"]
+    assert test[0] == "CMD"
+    deadline = time.monotonic() + timeout
+    while True:
+        result = subprocess.run(test[1:], env={**os.environ, **env}, capture_output=True, text=True, cwd=REPO)
+        if result.returncode == 0:
+            return
+        assert time.monotonic() < deadline, f"{test} kept failing: {result.stdout}{result.stderr}"
+        time.sleep(1)
+
+
+@contextmanager
+def database_and_broker(tmp: Path) -> Iterator[tuple[str, str]]:
+    if POSTGRES_URL and REDIS_URL:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        with fresh_postgres_database() as url:
+            yield url, REDIS_URL
+    else:
+        yield f"sqlite:///{tmp / 'finetune.db'}", f"sqla+sqlite:///{tmp / 'broker.sqlite'}"
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, demo_model) -> Iterator[Deployment]:
+    tmp = tmp_path_factory.mktemp("deployment")
+    data_dir = tmp / "data"
+    data_dir.mkdir()
+    services = compose()["services"]
+    with ExitStack() as stack:
+        database_url, broker_url = stack.enter_context(database_and_broker(tmp))
+        port = free_port()
+        env = compose_env(data_dir, database_url, broker_url, port)
+
+        migrate = subprocess.run(
+            services["migrate"]["command"],
+            env={**os.environ, **env},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert migrate.returncode == 0, migrate.stdout + migrate.stderr
+        for name in ("api", "worker", "sampler"):
+            stack.enter_context(service_process(services[name]["command"], env, tmp / f"{name}.log"))
+        for name in ("api", "worker", "sampler"):
+            run_healthcheck(services[name], env)
+
+        created = subprocess.run(
+            ["finetune", "keys", "create", "tester"],
+            env={**os.environ, **env},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert created.returncode == 0, created.stderr
+        yield Deployment(f"http://127.0.0.1:{port}", created.stdout.strip(), env, data_dir)
+
+
+class Receiver:
+    """A webhook receiver that fails its first request (to see the retry) and records all."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append((dict(self.headers), body))
+                self.send_response(500 if len(receiver.requests) == 1 else 200)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    receiver = Receiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def finished_job(deployment: Deployment, receiver: Receiver, tmp_path_factory) -> dict:
+    """The demo job submitted and followed with the CLI until it ends."""
+    submitted = deployment.cli(
+        "submit",
+        str(DEMO_JOB),
+        "--set",
+        "training.max_steps=24",
+        "--set",
+        "training.save_steps=8",
+        "--set",
+        "dataset.max_eval_samples=16",
+        "--set",
+        f"notify_url={receiver.url}",
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert re.fullmatch(r"job_[0-9a-f]{24}", job_id)
+
+    env = {**os.environ, "FINETUNE_URL": deployment.url, "FINETUNE_API_KEY": deployment.key, "COLUMNS": "200"}
+    follow = subprocess.Popen(
+        [BIN / "finetune", "logs", job_id, "--follow"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+    )
+    # while it trains, /metrics shows its throughput
+    with deployment.client() as client:
+        deadline = time.monotonic() + 180
+        while f'finetune_job_steps_per_second{{job_id="{job_id}"' not in client.get("/metrics").text:
+            assert time.monotonic() < deadline and follow.poll() is None, "no throughput in /metrics"
+            time.sleep(0.5)
+        metrics = client.get("/metrics").text
+    output, _ = follow.communicate(timeout=300)
+    return {"id": job_id, "follow_rc": follow.returncode, "follow_output": output, "metrics": metrics}
+
+
+def test_logs_follow_shows_progress_until_the_job_succeeds(deployment, finished_job):
+    assert finished_job["follow_rc"] == 0, finished_job["follow_output"]
+    output = finished_job["follow_output"]
+    assert f"{finished_job['id']} succeeded" in output
+    assert "24/24" in output and "loss" in output
+    assert 'finetune_jobs{status="running"} 1.0' in finished_job["metrics"]
+    for series in ("step", "total_steps", "steps_per_second", "tokens_per_second"):
+        line = rf'finetune_job_{series}\{{job_id="{finished_job["id"]}",owner="tester"\}} [0-9.]+'
+        assert re.search(line, finished_job["metrics"]), series
+
+    with deployment.client() as client:
+        rows = client.get(f"/jobs/{finished_job['id']}/logs").json()["items"]
+    assert [row["step"] for row in rows] == list(range(1, 25))
+    losses = [row["loss"] for row in rows]
+    assert sum(losses[-5:]) < sum(losses[:5])  # it learns
+
+
+def test_a_failed_job_makes_logs_follow_exit_non_zero(deployment):
+    not_a_model = REPO / "examples" / "data" / "oasst1"
+    job = deployment.cli("submit", str(DEMO_JOB), "--set", f"base_model={not_a_model}")
+    assert job.returncode == 0, job.stderr
+    follow = deployment.cli("logs", job.stdout.strip(), "--follow")
+    assert follow.returncode == 1 and "failed" in follow.stdout
+
+
+def test_download_checks_the_sha256(deployment, finished_job, tmp_path):
+    job_id = finished_job["id"]
+    with deployment.client() as client:
+        job = client.get(f"/jobs/{job_id}").json()
+        checkpoints = client.get(f"/jobs/{job_id}/checkpoints").json()["items"]
+    assert [c["name"] for c in checkpoints] == ["checkpoint-16", "checkpoint-24"]
+
+    adapter = tmp_path / "adapter.zip"
+    result = deployment.cli("download", job_id, "adapter", "-o", str(adapter))
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(adapter.read_bytes()).hexdigest() == job["adapter_sha256"]
+    assert "adapter/adapter_model.safetensors" in zipfile.ZipFile(adapter).namelist()
+
+    checkpoint = tmp_path / "latest.zip"
+    result = deployment.cli("download", job_id, "checkpoint", "-o", str(checkpoint))
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == checkpoints[-1]["sha256"]
+
+    # a file that changed on the server after it was recorded is refused and not left behind
+    stored = deployment.data_dir / "jobs" / job_id / "checkpoints" / "checkpoint-16.zip"
+    content = bytearray(stored.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    stored.write_bytes(bytes(content))
+    corrupt = tmp_path / "corrupt.zip"
+    result = deployment.cli("download", job_id, "checkpoint-16", "-o", str(corrupt))
+    assert result.returncode == 1 and "checksum mismatch" in result.stderr
+    assert not corrupt.exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_the_job_end_is_notified_signed_and_retried(deployment, finished_job, receiver):
+    deadline = time.monotonic() + 60
+    while len(receiver.requests) < 2:
+        assert time.monotonic() < deadline, receiver.requests
+        time.sleep(0.2)
+    for headers, body in receiver.requests:
+        expected = "sha256=" + hmac.new(NOTIFY_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["X-Finetune-Signature"], expected)
+        payload = json.loads(body)
+        assert (payload["job_id"], payload["status"], payload["event"]) == (
+            finished_job["id"],
+            "succeeded",
+            "job.finished",
+        )
+    assert [json.loads(body)["attempt"] for _, body in receiver.requests] == [1, 2]
+    with deployment.client() as client:
+        events = client.get(f"/jobs/{finished_job['id']}/events").json()["items"]
+    attempts = [e["message"] for e in events if e["message"].startswith("notification")]
+    assert len(attempts) == 2
+    assert "attempt 1: HTTP 500; next try" in attempts[0] and "attempt 2: HTTP 200; delivered" in attempts[1]
+
+
+def test_generate_answers_with_the_jobs_adapter(deployment, finished_job):
+    from app.spec import JobSpec
+    from worker.sampling import generate
+    from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
+
+    prompt = "What is the capital of France?"
+    answered = deployment.cli("generate", finished_job["id"], prompt, "--max-new-tokens", "12")
+    assert answered.returncode == 0, answered.stderr
+
+    # the same greedy answer from the base model and the adapter loaded here
+    from peft import PeftModel
+
+    with deployment.client() as client:
+        spec = JobSpec.model_validate(client.get(f"/jobs/{finished_job['id']}").json()["spec"])
+    model = PeftModel.from_pretrained(
+        load_quantized_model(spec, compute_dtype(spec.quantization)),
+        deployment.data_dir / "jobs" / finished_job["id"] / "adapter",
+    )
+    expected = generate(model.eval(), load_tokenizer(spec.base_model), prompt, 12, 0.0)
+    assert answered.stdout.strip() == expected.strip()
+
+    from_checkpoint = deployment.cli("generate", finished_job["id"], prompt, "--checkpoint", "checkpoint-24")
+    assert from_checkpoint.returncode == 0, from_checkpoint.stderr
+    missing = deployment.cli("generate", finished_job["id"], prompt, "--checkpoint", "checkpoint-8")
+    assert missing.returncode == 1 and "checkpoint_not_found" in missing.stderr
+
+
+# --- the dashboard ---------------------------------------------------------------------------
+@pytest.fixture
+def browser(tmp_path) -> Iterator:
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        if os.environ.get("FINETUNE_TEST_REQUIRE_BROWSER"):
+            pytest.fail("Debian's chromium and chromium-driver are not installed")
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1150",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait_until(condition, timeout: float = 60, interval: float = 0.2, message: str = ""):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, message or "condition not met"
+        time.sleep(interval)
+
+
+def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, finished_job, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{deployment.url}/ui/")
+    wait_until(lambda: browser.find_element(By.ID, "key-view").is_displayed(), message="no key prompt")
+    browser.find_element(By.ID, "key-input").send_keys(deployment.key)
+    browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+    row = wait_until(
+        lambda: browser.find_elements(By.CSS_SELECTOR, f'tr[data-job="{finished_job["id"]}"]'),
+        message="the job is not in the table",
+    )[0]
+    assert "succeeded" in row.text
+
+    # a finished run: its whole curve, point for point as stored
+    row.find_element(By.TAG_NAME, "a").click()
+    wait_until(lambda: browser.execute_script("return window.dashboard.ready"), message="job page not ready")
+    with deployment.client() as client:
+        rows = client.get(f"/jobs/{finished_job['id']}/logs").json()["items"]
+    drawn = browser.execute_script("return window.dashboard.charts.loss.data")
+    assert drawn[0] == [row["step"] for row in rows]
+    assert drawn[1] == pytest.approx([row["loss"] for row in rows])
+    eval_points = [(s, v) for s, v in zip(drawn[0], drawn[2], strict=True) if v is not None]
+    assert eval_points == [(row["step"], pytest.approx(row["eval_loss"])) for row in rows if row["eval_loss"]]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#checkpoints-table tbody tr")) == 2
+    # the samples box answers with the adapter
+    browser.find_element(By.ID, "sample-prompt").send_keys("What is the capital of France?")
+    browser.find_element(By.CSS_SELECTOR, "#sample-form button").click()
+    sample = wait_until(
+        lambda: browser.execute_script("return window.dashboard.lastSample"),
+        timeout=120,
+        message="no answer in the samples box",
+    )
+    assert sample["status"] == "succeeded" and sample["checkpoint"] is None, sample
+    assert browser.find_element(By.ID, "sample-output").text == (sample["completion"] or "(an empty answer)")
+    browser.save_screenshot(str(REPO / "docs" / "dashboard.png"))
+
+    # a live run: points arrive over the stream; cancel, then resume from its checkpoint
+    with deployment.client() as client:
+        spec = json.loads(DEMO_JOB.read_text())
+        spec["training"].update(max_steps=400, save_steps=2)
+        live = client.post("/jobs", json=spec).json()["id"]
+        browser.get(f"{deployment.url}/ui/#/jobs/{live}")
+        wait_until(lambda: browser.execute_script("return window.dashboard.ready"))
+        wait_until(
+            lambda: browser.execute_script("return window.dashboard.rows.length") >= 3,
+            timeout=120,
+            message="no live points",
+        )
+        wait_until(lambda: client.get(f"/jobs/{live}/checkpoints").json()["items"], timeout=60)
+        browser.find_element(By.ID, "cancel-button").click()
+        wait_until(lambda: browser.find_element(By.ID, "job-status").text == "cancelled", timeout=60)
+        cancelled = client.get(f"/jobs/{live}").json()
+        steps = list(range(1, cancelled["current_step"] + 1))
+        wait_until(
+            lambda: browser.execute_script("return window.dashboard.charts.loss.data[0]") == steps,
+            message="the chart does not end at the step the job stopped at",
+        )
+
+        browser.find_element(By.ID, "resume-button").click()
+        resumed = wait_until(
+            lambda: (job := client.get(f"/jobs/{live}").json())["attempts"] == 2 and job, timeout=60
+        )
+        assert resumed["resume_from"] is not None
+        client.post(f"/jobs/{live}/cancel")
+        wait_for(client, live, {"cancelled", "failed", "succeeded"}, timeout=120)
