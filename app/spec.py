@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 # org/name, optionally pinned: org/name@revision
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{1,128})?$")
@@ -143,14 +143,42 @@ class TrainingSpec(_Strict):
     seed: int = Field(42, ge=0, le=2**32 - 1)
 
 
+class ResourcesSpec(_Strict):
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="GPUs of one worker host the job trains on, data-parallel (torchrun). Each optimizer "
+        "step still takes batch_size × gradient_accumulation_steps samples, split between the GPUs.",
+    )
+
+
 class JobSpec(_Strict):
     base_model: ModelOrDataset = "microsoft/phi-2"
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     notify_url: HttpUrl | None = Field(
         None,
         description="Gets a signed JSON POST (header X-Finetune-Signature: sha256=<HMAC of the body>) "
         "when the job ends.",
     )
+
+    @model_validator(mode="after")
+    def _steps_split_between_gpus(self) -> JobSpec:
+        gpus, t = self.resources.gpus, self.training
+        if gpus > 1:
+            samples = t.batch_size * t.gradient_accumulation_steps
+            if t.packing and samples % gpus:
+                raise ValueError(
+                    f"resources.gpus ({gpus}) must divide training.batch_size × "
+                    f"gradient_accumulation_steps ({samples}): each GPU takes an equal share of a step"
+                )
+            if not t.packing and t.gradient_accumulation_steps % gpus:
+                raise ValueError(
+                    f"resources.gpus ({gpus}) must divide training.gradient_accumulation_steps "
+                    f"({t.gradient_accumulation_steps}) when packing is off"
+                )
+        return self

@@ -6,7 +6,9 @@ worker's own code: `load_quantized_lora_model`, `training_arguments`, the packin
 `PackedTrainer`, and optionally the real metric callback writing to a SQLite database.
 
 usage: python3 bench/service_bench.py MODEL_DIR --dtype bfloat16|float16 [--steps N]
-       [--lengths FILE] [--callback] [--accumulation N]
+       [--lengths FILE] [--callback] [--accumulation N] [--profile]
+   or: python3 -m torch.distributed.run --standalone --nproc-per-node 2 bench/service_bench.py …
+       (data-parallel: each GPU takes its share of every step, as a `resources.gpus: 2` job does)
 """
 
 from __future__ import annotations
@@ -34,12 +36,18 @@ def main() -> None:
     parser.add_argument("--callback", action="store_true", help="stream metrics to a database")
     parser.add_argument("--accumulation", type=int, default=4, help="gradient_accumulation_steps")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (experiment)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler summary of 3 steps")
     args = parser.parse_args()
+    # Under torchrun (data-parallel): one process per GPU, each takes its share of every step.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-data-"))
     os.environ.update(FINETUNE_DATA_DIR=str(data_dir), FINETUNE_LEASE_S="3600", FINETUNE_FLUSH_INTERVAL_S="1")
 
     import torch
+
+    if world > 1:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     from seed_recipe_bench import lengths, make_samples
     from transformers import TrainerCallback
 
@@ -76,7 +84,8 @@ def main() -> None:
         counter["computed"] += out["input_ids"].numel()
         return out
 
-    train_set = _packed(data, spec, spec.training.gradient_accumulation_steps)
+    t = spec.training
+    train_set = _packed(data, spec, t.batch_size * t.gradient_accumulation_steps // world)
     if args.callback:
         callbacks.append(_progress_callback(spec, data_dir))
 
@@ -86,6 +95,27 @@ def main() -> None:
         def on_step_end(self, a, state, control, **kwargs):
             torch.cuda.synchronize()
             marks.append((time.time(), counter["real"], counter["computed"]))
+            if args.profile and state.global_step == 4:
+                self.profiler = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                )
+                self.profiler.__enter__()
+                self.started = time.time()
+            if args.profile and state.global_step == 7 and rank == 0:
+                self.profiler.__exit__(None, None, None)
+                wall = time.time() - self.started
+                events = self.profiler.key_averages()
+                # kernels only: an op's self device time repeats its kernels'
+                gpu_busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+                print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+                print(events.table(sort_by="self_device_time_total", row_limit=10))
+                launches = sum(
+                    e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))
+                )
+                print(
+                    f"PROFILE 3 steps: wall {wall:.2f} s, GPU kernels busy {gpu_busy:.2f} s "
+                    f"({100 * gpu_busy / wall:.0f} % of wall), {launches} kernel launches"
+                )
 
     out_dir = data_dir / "out"
     training_args = training_arguments(spec, out_dir, dtype, evaluate=False)
@@ -104,8 +134,17 @@ def main() -> None:
     trainer.train()
     warm = 2
     (t0, r0, c0), (t1, r1, c1) = marks[warm - 1], marks[-1]
+    if world > 1:  # every process trained its share: sum the tokens over them
+        import torch.distributed as dist
+
+        totals = torch.tensor([r1 - r0, c1 - c0], dtype=torch.float64, device="cuda")
+        dist.all_reduce(totals)
+        r0, c0, r1, c1 = 0, 0, int(totals[0]), int(totals[1])
+        if rank != 0:
+            return
     result = {
         "variant": "service" + ("_callback" if args.callback else "") + ("_compiled" if args.compile else ""),
+        "gpus": world,
         "accumulation": args.accumulation,
         "dtype": args.dtype,
         "steps": len(marks) - warm,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -46,6 +47,36 @@ VARIANTS = {
         "--accumulation",
         "16",
     ],
+    # Data-parallel on two GPUs (`resources.gpus: 2`): the same steps, each GPU half of each.
+    "service bf16, 2 GPUs": [
+        "torchrun:2",
+        "service_bench.py",
+        "{model}",
+        "--dtype",
+        "bfloat16",
+        "--steps",
+        "30",
+    ],
+    "service bf16, 64 samples/step, 2 GPUs": [
+        "torchrun:2",
+        "service_bench.py",
+        "{model}",
+        "--dtype",
+        "bfloat16",
+        "--steps",
+        "12",
+        "--accumulation",
+        "16",
+    ],
+    "service bf16, profiled": [
+        "service_bench.py",
+        "{model}",
+        "--dtype",
+        "bfloat16",
+        "--steps",
+        "10",
+        "--profile",
+    ],
     "service fp16, 64 samples/step": [
         "service_bench.py",
         "{model}",
@@ -60,16 +91,29 @@ VARIANTS = {
 
 
 def run(name: str, argv: list[str], model: str) -> dict:
+    launcher = [sys.executable]
+    if argv[0].startswith("torchrun:"):
+        processes = argv[0].split(":")[1]
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+        argv = argv[1:]
     script = BENCH / argv[0]
     command = [
-        sys.executable,
+        *launcher,
         str(script),
         *[a.format(model=model) for a in argv[1:]],
         "--lengths",
         str(LENGTHS),
     ]
+    env = dict(os.environ)
+    if len(launcher) == 1:
+        # One process: one GPU (with more visible, the Trainer would spread it with DataParallel).
+        env.setdefault("CUDA_VISIBLE_DEVICES", "0")
     started = time.time()
-    done = subprocess.run(command, cwd=script.parent, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=script.parent, capture_output=True, text=True, env=env)
+    for profile_line in (ln for ln in done.stdout.splitlines() if ln.startswith("PROFILE")):
+        print(profile_line, flush=True)
+    if "--profile" in argv:
+        print(done.stdout[-12000:], flush=True)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         return {"name": name, "error": (done.stderr or done.stdout)[-3000:]}

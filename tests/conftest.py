@@ -32,9 +32,12 @@ sqlite_only = pytest.mark.parametrize("service_env", ["sqlite"], indirect=True)
 TEST_OWNER = "alice"
 
 
-def demo_spec(**training: object) -> dict:
-    """The demo job, with training overrides (e.g. fewer steps for a quick test)."""
+def demo_spec(*, eval_samples: int | None = None, **training: object) -> dict:
+    """The demo job, with training overrides (e.g. fewer steps for a quick test) and, to save
+    time where eval_loss is not the subject, fewer validation samples."""
     spec = json.loads(DEMO_JOB.read_text())
+    if eval_samples is not None:
+        spec["dataset"]["max_eval_samples"] = eval_samples
     spec["base_model"] = str(DEMO_MODEL)
     for key in ("source", "validation_source"):
         spec["dataset"][key] = str(REPO / spec["dataset"][key])

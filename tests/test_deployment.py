@@ -428,7 +428,8 @@ def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, fi
     # a live run: points arrive over the stream; cancel, then resume from its checkpoint
     with deployment.client() as client:
         spec = json.loads(DEMO_JOB.read_text())
-        spec["training"].update(max_steps=400, save_steps=2)
+        spec["dataset"]["max_eval_samples"] = 8
+        spec["training"].update(max_steps=16, save_steps=2, save_total_limit=10)
         live = client.post("/jobs", json=spec).json()["id"]
         browser.get(f"{deployment.url}/ui/#/jobs/{live}")
         wait_until(lambda: browser.execute_script("return window.dashboard.ready"))
@@ -438,19 +439,41 @@ def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, fi
             message="no live points",
         )
         wait_until(lambda: client.get(f"/jobs/{live}/checkpoints").json()["items"], timeout=60)
+        asked = time.monotonic()
         browser.find_element(By.ID, "cancel-button").click()
-        wait_until(lambda: browser.find_element(By.ID, "job-status").text == "cancelled", timeout=60)
-        cancelled = client.get(f"/jobs/{live}").json()
+        cancelled = wait_for(client, live, {"cancelled", "failed", "succeeded"}, timeout=60)
+        cancel_seconds = time.monotonic() - asked
+        assert cancelled["status"] == "cancelled" and cancelled["current_step"] < 16
+        rows_at_cancel = client.get(f"/jobs/{live}/logs").json()["items"]
+        assert rows_at_cancel[-1]["step"] == cancelled["current_step"]  # no row after the stop
+        print(
+            f"FIGURE cancel: training stopped {cancel_seconds:.1f} s after the click, at step "
+            f"{cancelled['current_step']}; no metric row after it"
+        )
+        wait_until(lambda: browser.find_element(By.ID, "job-status").text == "cancelled", timeout=30)
         steps = list(range(1, cancelled["current_step"] + 1))
         wait_until(
             lambda: browser.execute_script("return window.dashboard.charts.loss.data[0]") == steps,
             message="the chart does not end at the step the job stopped at",
         )
+        latest = client.get(f"/jobs/{live}/checkpoints").json()["items"][-1]
 
         browser.find_element(By.ID, "resume-button").click()
-        resumed = wait_until(
-            lambda: (job := client.get(f"/jobs/{live}").json())["attempts"] == 2 and job, timeout=60
+        done = wait_for(client, live, {"succeeded", "failed"}, timeout=300)
+        assert (done["status"], done["attempts"], done["current_step"]) == ("succeeded", 2, 16), done
+        assert done["resume_from"] == latest["name"]
+        rows = client.get(f"/jobs/{live}/logs").json()["items"]
+        assert [row["step"] for row in rows] == list(range(1, 17))  # replayed after the checkpoint, once
+        replayed = [row for row in rows if row["step"] > latest["step"]]
+        kept = [row for row in rows_at_cancel if row["step"] <= latest["step"]]
+        assert min(row["time"] for row in replayed) > max(row["time"] for row in kept)
+        messages = [e["message"] for e in client.get(f"/jobs/{live}/events").json()["items"]]
+        assert f"resume: resuming from {latest['name']}" in messages and "started (attempt 2)" in messages
+        # the page, reloaded by the resume, drew the whole run from the stream
+        wait_until(
+            lambda: (
+                browser.execute_script("return window.dashboard.charts.loss.data[0]") == list(range(1, 17))
+            ),
+            timeout=60,
+            message="the chart did not follow the resumed run to its end",
         )
-        assert resumed["resume_from"] is not None
-        client.post(f"/jobs/{live}/cancel")
-        wait_for(client, live, {"cancelled", "failed", "succeeded"}, timeout=120)

@@ -17,7 +17,7 @@ from app.models import Checkpoint, Dataset, Event, Job, Metric, Notification, Sa
 from app.services.keys import create_key
 
 SETTINGS = settings(
-    max_examples=40,
+    max_examples=30,
     deadline=None,
     suppress_health_check=list(HealthCheck),
     database=None,  # the same cases on every run

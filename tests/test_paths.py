@@ -44,7 +44,9 @@ def test_checkpoint_names_the_database_does_not_know_serve_nothing(client, job_w
 @pytest.mark.parametrize("bad_id", ["..", "..%2F..%2Fetc", "%2E%2E", "job_%00", "ds_%00", "job_" + "0" * 24])
 def test_ids_with_path_tricks_are_unknown(client, bad_id):
     assert client.get(f"/jobs/{bad_id}/adapter").status_code == 404
-    assert client.get(f"/datasets/{bad_id}").status_code == 404
+    response = client.get(f"/datasets/{bad_id}", follow_redirects=False)
+    # the HTTP client itself resolves "/datasets/.." to "/", the redirect to the dashboard
+    assert response.status_code == 404 or (response.request.url.path == "/" and response.status_code == 307)
 
 
 def test_a_file_swapped_for_a_symlink_out_of_the_job_folder_is_not_served(

@@ -27,7 +27,7 @@ FINAL = {"succeeded", "failed", "cancelled"}
 
 def short_spec(**training) -> dict:
     """The demo job on shorter samples: faster steps, same code paths (CI's time is finite)."""
-    return demo_spec(max_seq_length=128, **training)
+    return demo_spec(max_seq_length=128, eval_samples=8, **training)
 
 
 def events(client, job_id: str) -> list[dict]:

@@ -19,10 +19,13 @@ from worker.tasks import execute_job
 pytestmark = pytest.mark.usefixtures("demo_model")
 
 
-def quick_spec(lora: dict | None = None, dataset: dict | None = None, **training) -> JobSpec:
-    spec = demo_spec(**{"max_steps": 6, "save_steps": 2, "max_seq_length": 128, **training})
+def quick_spec(
+    lora: dict | None = None, dataset: dict | None = None, resources: dict | None = None, **training
+) -> JobSpec:
+    spec = demo_spec(eval_samples=8, **{"max_steps": 6, "save_steps": 2, "max_seq_length": 128, **training})
     spec["lora"].update(lora or {})
     spec["dataset"].update(dataset or {})
+    spec["resources"] = resources or {}
     return JobSpec.model_validate(spec)
 
 

@@ -4,6 +4,7 @@ database rows record how they ended."""
 from __future__ import annotations
 
 import logging
+import os
 
 from app.models import JobStatus
 from app.queue import TASK_ANALYZE_DATASET, TASK_GENERATE_SAMPLE, TASK_RUN_JOB
@@ -53,9 +54,22 @@ def execute_job(job_id: str) -> None:
             try:
                 # Imported here, in the task's own child process (the worker's parent never loads
                 # torch or CUDA), and under the lease: the import alone takes seconds.
-                from worker.training.recipe import run_training
+                from app.spec import JobSpec
 
-                outcome = run_training(claim, settings, stop)
+                gpus = JobSpec.model_validate(claim.spec).resources.gpus
+                if gpus == 1:
+                    # One process, one GPU: with more visible, the Trainer would spread the job
+                    # over all of them (DataParallel). A deployment that gives this worker
+                    # another GPU sets CUDA_VISIBLE_DEVICES itself (compose: FINETUNE_GPU).
+                    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+                if gpus > 1:
+                    from worker.training.distributed import launch
+
+                    outcome = launch(claim, settings, stop)
+                else:
+                    from worker.training.recipe import run_training
+
+                    outcome = run_training(claim, settings, stop)
             except LeaseLost:
                 raise
             except Exception as exc:

@@ -99,6 +99,42 @@ class ProgressWriter:
         self._thread.join(timeout=30)
 
 
+CANCEL, SHUTDOWN = "cancel", "shutdown"
+
+
+def shared_decision(decision: str | None) -> str | None:
+    """Rank 0's decision to stop, on every rank of a data-parallel run (one small collective a
+    step), so all ranks stop, and save, at the same step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decision
+    box = [decision]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def apply_decision(decision: str | None, control: TrainerControl) -> tuple[bool, bool]:
+    """Stop on a cancel; save and stop on a shutdown. Returns (cancelled, stopped_for_shutdown)."""
+    if decision is not None:
+        control.should_training_stop = True
+    if decision == SHUTDOWN:
+        control.should_save = True
+    return decision == CANCEL, decision == SHUTDOWN
+
+
+class FollowerCallback(TrainerCallback):
+    """On ranks other than 0 of a data-parallel run: no database, only rank 0's decisions."""
+
+    cancelled = stopped_for_shutdown = False
+
+    def on_step_end(self, args, state: TrainerState, control: TrainerControl, **_):
+        self.cancelled, self.stopped_for_shutdown = apply_decision(shared_decision(None), control)
+
+    def close(self) -> None:
+        pass
+
+
 class JobProgressCallback(TrainerCallback):
     """Streams metric rows to the database (through a ProgressWriter), stops the training on a
     cancel request or a worker shutdown, and zips and records each checkpoint."""
@@ -145,17 +181,21 @@ class JobProgressCallback(TrainerCallback):
         self._step_ended = time.perf_counter()  # the trainer's save (if due) starts after this
         self.writer.step(state.global_step)
         self.writer.check()
-        if self.writer.cancel_requested and not self.cancelled:
-            log.info("job %s: cancel requested; stopping at step %d", self.claim.job_id, state.global_step)
-            self.cancelled = True
-        if self.cancelled:
-            control.should_training_stop = True
+        decision = None
+        if self.writer.cancel_requested or self.cancelled:
+            decision = CANCEL
         elif self.stop.is_set():
+            decision = SHUTDOWN
+        decision = shared_decision(decision)
+        if decision == CANCEL and not self.cancelled:
+            log.info("job %s: cancel requested; stopping at step %d", self.claim.job_id, state.global_step)
+        elif decision == SHUTDOWN:
             # The worker is shutting down: save this step and stop; the job is handed back.
             log.info("job %s: worker stopping; checkpoint at step %d", self.claim.job_id, state.global_step)
-            self.stopped_for_shutdown = True
-            control.should_save = True
-            control.should_training_stop = True
+        self.cancelled, self.stopped_for_shutdown = apply_decision(decision, control)
+
+    def close(self) -> None:
+        self.writer.close()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_):
         self.writer.write_now()  # the rows up to this checkpoint are stored before it is recorded

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import shutil
 import threading
 import time
@@ -25,7 +26,7 @@ from app.spec import JobSpec
 from app.storage import JobFiles
 from worker.doctor import unsupported_gpus
 from worker.training.artifacts import ZipInfo, write_model_card, zip_directory
-from worker.training.callbacks import JobProgressCallback
+from worker.training.callbacks import FollowerCallback, JobProgressCallback
 from worker.training.data import IGNORE_INDEX, TrainingData, build_eval_data, build_training_data
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
 from worker.training.packing import PackedData, block_causal_mask, collate_packed, plan_steps
@@ -49,13 +50,23 @@ def _warmup(ratio: float) -> dict[str, float]:
     return {"warmup_steps": ratio}
 
 
+def world_size() -> int:
+    """Processes training this job together (torchrun sets WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def training_arguments(
     spec: JobSpec, output_dir: Path, dtype: torch.dtype, evaluate: bool
 ) -> TrainingArguments:
     t = spec.training
     on_gpu = torch.cuda.is_available()
-    # Packed, each item is a whole optimizer step (see worker.training.packing).
-    batch_size, accumulation = (1, 1) if t.packing else (t.batch_size, t.gradient_accumulation_steps)
+    # Packed, each item is one process's share of an optimizer step (see worker.training.packing);
+    # padded, the processes split the accumulation steps. Either way a step takes
+    # batch_size × gradient_accumulation_steps samples, however many GPUs.
+    if t.packing:
+        batch_size, accumulation = 1, 1
+    else:
+        batch_size, accumulation = t.batch_size, t.gradient_accumulation_steps // world_size()
     return TrainingArguments(
         eval_strategy="steps" if evaluate else "no",
         eval_steps=t.eval_steps or t.save_steps,
@@ -86,6 +97,7 @@ def training_arguments(
         data_seed=t.seed,
         report_to="none",
         disable_tqdm=True,
+        ddp_find_unused_parameters=False if world_size() > 1 else None,
         **_warmup(t.warmup_ratio),
     )
 
@@ -94,7 +106,9 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     job_id = claim.job_id
     spec = JobSpec.model_validate(claim.spec)
     files = JobFiles(settings.job_dir(job_id))
-    leftovers = files.remove_unrecorded(recorded_checkpoints(job_id))
+    # Rank 0 of a data-parallel run (or the only process) talks to the database and owns the files.
+    main = int(os.environ.get("RANK", "0")) == 0
+    leftovers = files.remove_unrecorded(recorded_checkpoints(job_id)) if main else []
     if leftovers:
         log_message(job_id, f"removed {len(leftovers)} incomplete checkpoint files", files=leftovers)
     set_seed(spec.training.seed)
@@ -107,7 +121,8 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     data = build_training_data(spec.dataset, tokenizer, spec.training.max_seq_length)
     eval_data = build_eval_data(spec.dataset, tokenizer, spec.training.max_seq_length)
     eval_samples = len(eval_data) if eval_data else 0
-    log_message(
+    say = log_message if main else _quiet
+    say(
         job_id,
         f"data ready: {len(data)} training samples, {eval_samples} validation samples",
         samples=len(data),
@@ -119,16 +134,22 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     model = load_quantized_lora_model(spec, dtype)
     log.info("job %s: data and model ready in %.1f s", job_id, time.perf_counter() - started)
 
-    progress = JobProgressCallback(claim, files, settings.flush_interval_s, stop or threading.Event())
+    progress: JobProgressCallback | FollowerCallback = (
+        JobProgressCallback(claim, files, settings.flush_interval_s, stop or threading.Event())
+        if main
+        else FollowerCallback()
+    )
     args = training_arguments(spec, files.output_dir, dtype, evaluate=eval_data is not None)
     if spec.training.packing:
-        train_set, eval_set = _packed(data, spec, spec.training.gradient_accumulation_steps), None
+        t = spec.training
+        per_process = t.batch_size * t.gradient_accumulation_steps // world_size()
+        train_set, eval_set = _packed(data, spec, per_process), None
         if eval_data is not None:
-            eval_set = _packed(eval_data, spec, 1)
-        log_message(
+            eval_set = _packed(eval_data, spec, t.batch_size)
+        say(
             job_id,
-            f"packed {len(data)} samples into {len(train_set)} steps: "
-            f"{train_set.mean_samples_per_step:.2f} samples per step, "
+            f"packed {len(data)} samples into {len(train_set)} items of {per_process} samples "
+            f"for {world_size()} process(es): {train_set.mean_samples_per_step:.2f} samples per item, "
             f"{train_set.fill:.1%} of computed tokens real",
             steps=len(train_set),
             samples_per_step=round(train_set.mean_samples_per_step, 3),
@@ -162,7 +183,7 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     finally:
-        progress.writer.close()
+        progress.close()
 
     summary = {
         "steps": trainer.state.global_step,
@@ -172,14 +193,20 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     }
     if progress.cancelled or progress.stopped_for_shutdown:
         return Outcome(progress.cancelled, progress.stopped_for_shutdown, adapter=None, summary=summary)
-    adapter = _save_adapter(trainer, spec, job_id, files, summary)
+    saved = files.adapter_dir.with_name("adapter.new")
+    if main:
+        shutil.rmtree(saved, ignore_errors=True)
+    trainer.save_model(str(saved))  # every rank takes part; rank 0 writes
+    if not main:
+        return Outcome(cancelled=False, interrupted=False, adapter=None, summary=summary)
+    adapter = _save_adapter(saved, spec, job_id, files, summary)
     return Outcome(cancelled=False, interrupted=False, adapter=adapter, summary=summary)
 
 
-def _packed(data: TrainingData, spec: JobSpec, accumulation: int) -> PackedData:
+def _packed(data: TrainingData, spec: JobSpec, samples_per_item: int) -> PackedData:
     t = spec.training
     lengths = [len(sample.input_ids) for sample in data.samples]
-    steps = plan_steps(lengths, t.batch_size * accumulation, t.batch_size, t.max_seq_length, t.seed)
+    steps = plan_steps(lengths, samples_per_item, t.batch_size, t.max_seq_length, t.seed)
     return PackedData(data.samples, steps)
 
 
@@ -199,8 +226,13 @@ def _last(history: list[dict[str, Any]], key: str) -> float | None:
     return next((entry[key] for entry in reversed(history) if key in entry), None)
 
 
-def _save_adapter(trainer: Trainer, spec: JobSpec, job_id: str, files: JobFiles, summary: dict) -> ZipInfo:
+def _quiet(*_: Any, **__: Any) -> None:
+    pass
+
+
+def _save_adapter(saved: Path, spec: JobSpec, job_id: str, files: JobFiles, summary: dict) -> ZipInfo:
+    """`saved` (adapter weights, adapter config, tokenizer files) becomes the job's adapter."""
     shutil.rmtree(files.adapter_dir, ignore_errors=True)
-    trainer.save_model(str(files.adapter_dir))  # adapter weights, adapter config, tokenizer files
+    saved.rename(files.adapter_dir)
     write_model_card(files.adapter_dir, spec.model_dump(mode="json"), job_id, summary)
     return zip_directory(files.adapter_dir, files.adapter_zip)
