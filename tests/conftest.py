@@ -22,6 +22,8 @@ DEMO_MODEL = REPO / "examples" / "tiny-phi2"
 POSTGRES_URL = os.environ.get("FINETUNE_TEST_POSTGRES_URL")
 REDIS_URL = os.environ.get("FINETUNE_TEST_REDIS_URL")
 
+needs_redis = pytest.mark.skipif(not REDIS_URL, reason="FINETUNE_TEST_REDIS_URL not set")
+
 DATABASES = ["sqlite"] + (["postgres"] if POSTGRES_URL else [])
 
 # For slow tests whose subject is not the database: run them on SQLite only (the database

@@ -347,6 +347,23 @@ def test_generate_answers_with_the_jobs_adapter(deployment, finished_job):
     assert missing.returncode == 1 and "checkpoint_not_found" in missing.stderr
 
 
+def test_upload_prints_the_validation_report(deployment, tmp_path):
+    from tests.test_datasets import CHAT, jsonl
+
+    good = tmp_path / "chats.jsonl"
+    good.write_bytes(jsonl(CHAT))
+    result = deployment.cli("upload", str(good))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"ds_[0-9a-f]{24}\s+ready", result.stdout) and "format     chat" in result.stdout
+    assert '{"dataset": {"source": "ds_' in result.stdout
+
+    bad = tmp_path / "broken.jsonl"
+    bad.write_bytes(jsonl(CHAT) + b"{not json\n")
+    result = deployment.cli("upload", str(bad))
+    assert result.returncode == 1 and "invalid" in result.stdout
+    assert re.search(r"line 3: invalid JSON", result.stdout), result.stdout
+
+
 # --- the dashboard ---------------------------------------------------------------------------
 @pytest.fixture
 def browser(tmp_path) -> Iterator:

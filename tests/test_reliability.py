@@ -13,10 +13,10 @@ from datetime import datetime
 import pytest
 
 from app.storage import JobFiles
-from tests.conftest import demo_spec, reset_caches, sqlite_only
+from tests.conftest import demo_spec, needs_redis, reset_caches, sqlite_only
 from tests.processes import finetune_process, running_service, wait_for, wait_for_step
 from tests.servers import postgres_server, redis_server
-from tests.test_end_to_end import needs_redis, submit
+from tests.test_end_to_end import submit
 
 # Every scenario on SQLite (Postgres brings its own server in its scenario; fencing on Postgres
 # is in test_leases.py): CI's time is finite.

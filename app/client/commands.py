@@ -5,6 +5,8 @@ and key come from `--url` / `--api-key` or FINETUNE_URL / FINETUNE_API_KEY."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,8 +43,14 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _client(url: str, api_key: str | None) -> ServiceClient:
-    return ServiceClient(url, api_key)
+@contextmanager
+def service(url: str, api_key: str | None) -> Iterator[ServiceClient]:
+    """The client; a failed request ends the command with the service's message, exit code 1."""
+    try:
+        with ServiceClient(url, api_key) as client:
+            yield client
+    except RequestFailed as exc:
+        raise _fail(str(exc)) from exc
 
 
 def apply_override(spec: dict[str, Any], assignment: str) -> None:
@@ -90,11 +98,8 @@ def submit(
 ) -> None:
     """Submit a fine-tune job and print its id."""
     spec = load_spec(spec_file, set_ or [])
-    with _client(url, api_key) as client:
-        try:
-            job = client.submit(spec)
-        except RequestFailed as exc:
-            raise _fail(str(exc)) from exc
+    with service(url, api_key) as client:
+        job = client.submit(spec)
         console.print(job["id"], highlight=False)
         if follow:
             _follow(client, job["id"])
@@ -107,11 +112,8 @@ def jobs(
     api_key: ApiKey = None,
 ) -> None:
     """The newest jobs: id, status, progress, base model."""
-    with _client(url, api_key) as client:
-        try:
-            rows = client.jobs(status, limit)
-        except RequestFailed as exc:
-            raise _fail(str(exc)) from exc
+    with service(url, api_key) as client:
+        rows = client.jobs(status, limit)
     table = Table("id", "status", "step", "created", "base model", box=None)
     for job in rows:
         total = job["total_steps"] or "?"
@@ -132,13 +134,10 @@ def status(
     api_key: ApiKey = None,
 ) -> None:
     """One job: status, progress, latest loss, checkpoints, error."""
-    with _client(url, api_key) as client:
-        try:
-            job = client.job(job_id)
-            checkpoints = client.checkpoints(job_id)
-            last = client.get(f"/jobs/{job_id}/logs", after_step=max(job["current_step"] - 1, 0))["items"]
-        except RequestFailed as exc:
-            raise _fail(str(exc)) from exc
+    with service(url, api_key) as client:
+        job = client.job(job_id)
+        checkpoints = client.checkpoints(job_id)
+        last = client.get(f"/jobs/{job_id}/logs", after_step=max(job["current_step"] - 1, 0))["items"]
     if as_json:
         console.print_json(json.dumps(job))
         return
@@ -165,16 +164,11 @@ def logs(
 ) -> None:
     """Metric rows (step, loss, learning rate, tokens/s). With --follow: a live progress bar,
     then the final status; the exit code is 0 only if the job succeeded."""
-    with _client(url, api_key) as client:
+    with service(url, api_key) as client:
         if follow:
             _follow(client, job_id)
             return
-        try:
-            text = client.request(
-                "GET", f"/jobs/{job_id}/logs", params={"format": "text", "limit": 10000}
-            ).text
-        except RequestFailed as exc:
-            raise _fail(str(exc)) from exc
+        text = client.request("GET", f"/jobs/{job_id}/logs", params={"format": "text", "limit": 10000}).text
         console.out(text, end="", highlight=False)
 
 
@@ -192,10 +186,7 @@ def _metric_text(row: dict[str, Any]) -> str:
 
 
 def _follow(client: ServiceClient, job_id: str) -> None:
-    try:
-        job = client.job(job_id)
-    except RequestFailed as exc:
-        raise _fail(str(exc)) from exc
+    job = client.job(job_id)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -207,17 +198,14 @@ def _follow(client: ServiceClient, job_id: str) -> None:
     end: dict[str, Any] = {}
     with progress:
         task = progress.add_task(job_id, total=job["total_steps"], metrics=job["status"])
-        try:
-            for event in client.follow(job_id):
-                if event.event == "end":
-                    end = event.data
-                    break
-                row = event.data
-                if progress.tasks[0].total is None:  # known once the worker has built the dataset
-                    progress.update(task, total=client.job(job_id)["total_steps"])
-                progress.update(task, completed=row["step"], metrics=_metric_text(row))
-        except RequestFailed as exc:
-            raise _fail(str(exc)) from exc
+        for event in client.follow(job_id):
+            if event.event == "end":
+                end = event.data
+                break
+            row = event.data
+            if progress.tasks[0].total is None:  # known once the worker has built the dataset
+                progress.update(task, total=client.job(job_id)["total_steps"])
+            progress.update(task, completed=row["step"], metrics=_metric_text(row))
     final = end.get("status", "unknown")
     colour = "green" if final == "succeeded" else "red"
     console.print(f"[{colour}]{job_id} {final}[/{colour}]", highlight=False)
@@ -229,11 +217,8 @@ def _follow(client: ServiceClient, job_id: str) -> None:
 
 def cancel(job_id: JobId, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Cancel a queued job at once, a running one at its next step."""
-    with _client(url, api_key) as client:
-        try:
-            job = client.cancel(job_id)
-        except RequestFailed as exc:
-            raise _fail(str(exc)) from exc
+    with service(url, api_key) as client:
+        job = client.cancel(job_id)
     state = "cancel requested" if job["status"] == "running" else job["status"]
     console.print(f"{job_id}: {state}", highlight=False)
 
@@ -245,11 +230,8 @@ def resume(
     api_key: ApiKey = None,
 ) -> None:
     """Queue a failed or cancelled job again from a checkpoint."""
-    with _client(url, api_key) as client:
-        try:
-            job = client.resume(job_id, checkpoint)
-        except RequestFailed as exc:
-            raise _fail(str(exc)) from exc
+    with service(url, api_key) as client:
+        job = client.resume(job_id, checkpoint)
     console.print(f"{job_id}: {job['status']}, from {job['resume_from'] or 'the start'}", highlight=False)
 
 
@@ -264,37 +246,34 @@ def download(
     api_key: ApiKey = None,
 ) -> None:
     """Download the adapter or a checkpoint (zip), checking its SHA-256 against the service's."""
-    with _client(url, api_key) as client:
-        try:
-            if what == "adapter":
-                job = client.job(job_id)
-                path, name, expected = f"/jobs/{job_id}/adapter", "adapter", job["adapter_sha256"]
-            else:
-                checkpoints = client.checkpoints(job_id)
-                wanted = [c for c in checkpoints if what in ("checkpoint", c["name"])]
-                if not wanted:
-                    have = ", ".join(c["name"] for c in checkpoints) or "none yet"
-                    raise _fail(f"job {job_id} has no {what!r} (checkpoints: {have})")
-                checkpoint = wanted[-1]
-                name = checkpoint["name"]
-                path, expected = f"/jobs/{job_id}/checkpoints/{name}/download", checkpoint["sha256"]
-            destination = output or Path(f"{job_id}-{name}.zip")
-            with Progress(
-                TextColumn(f"[bold]{destination.name}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                console=errors,
-            ) as progress:
-                task = progress.add_task("download", total=None)
-                sha256 = client.download(
-                    path,
-                    destination,
-                    expected,
-                    lambda done, total: progress.update(task, completed=done, total=total),
-                )
-        except RequestFailed as exc:
-            raise _fail(str(exc)) from exc
+    with service(url, api_key) as client:
+        if what == "adapter":
+            job = client.job(job_id)
+            path, name, expected = f"/jobs/{job_id}/adapter", "adapter", job["adapter_sha256"]
+        else:
+            checkpoints = client.checkpoints(job_id)
+            wanted = [c for c in checkpoints if what in ("checkpoint", c["name"])]
+            if not wanted:
+                have = ", ".join(c["name"] for c in checkpoints) or "none yet"
+                raise _fail(f"job {job_id} has no {what!r} (checkpoints: {have})")
+            checkpoint = wanted[-1]
+            name = checkpoint["name"]
+            path, expected = f"/jobs/{job_id}/checkpoints/{name}/download", checkpoint["sha256"]
+        destination = output or Path(f"{job_id}-{name}.zip")
+        with Progress(
+            TextColumn(f"[bold]{destination.name}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=errors,
+        ) as progress:
+            task = progress.add_task("download", total=None)
+            sha256 = client.download(
+                path,
+                destination,
+                expected,
+                lambda done, total: progress.update(task, completed=done, total=total),
+            )
     console.print(f"{destination}  sha256 {sha256} (verified)", highlight=False)
 
 
@@ -307,11 +286,8 @@ def upload(
     api_key: ApiKey = None,
 ) -> None:
     """Upload a training file and print its validation report. Exit code 1 if it is invalid."""
-    with _client(url, api_key) as client:
-        try:
-            dataset = client.upload(dataset_file, max_seq_length)
-        except RequestFailed as exc:
-            raise _fail(str(exc)) from exc
+    with service(url, api_key) as client:
+        dataset = client.upload(dataset_file, max_seq_length)
     report = dataset["report"]
     console.print(
         f"[bold]{dataset['id']}[/bold]  {dataset['status']}  "
@@ -339,11 +315,8 @@ def generate(
     api_key: ApiKey = None,
 ) -> None:
     """Ask the base model plus this job's adapter; prints what the Assistant answers."""
-    with _client(url, api_key) as client:
-        try:
-            sample = client.generate(job_id, prompt, checkpoint=checkpoint, max_new_tokens=max_new_tokens)
-        except RequestFailed as exc:
-            raise _fail(str(exc)) from exc
+    with service(url, api_key) as client:
+        sample = client.generate(job_id, prompt, checkpoint=checkpoint, max_new_tokens=max_new_tokens)
     if sample["status"] != "succeeded":
         raise _fail(f"sample {sample['id']} is {sample['status']}: {sample.get('error') or 'not done yet'}")
     console.out(sample["completion"], highlight=False)
