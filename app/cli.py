@@ -73,45 +73,34 @@ def serve() -> None:
     )
 
 
-@cli.command(rich_help_panel="Server")
-def worker() -> None:
-    """Run a Celery worker: one training job at a time, each in a fresh child process."""
-    from app.queue import QUEUE
+# Celery node names (`NAME@<host>`), which `finetune health` pings.
+NODE_NAMES = {"worker": "celery", "sampler": "sampler"}
+
+
+def _run_celery_worker(queue: str, node: str, *pool: str) -> None:
+    """A Celery worker on `queue`, named `node@<host>`."""
     from worker.celery_app import celery
 
     _configure_logging()
     celery.worker_main(
-        [
-            "worker",
-            f"--loglevel={get_settings().log_level}",
-            "--pool=prefork",
-            "--concurrency=1",
-            "-Q",
-            QUEUE,
-            "-n",
-            "celery@%h",
-        ]
+        ["worker", f"--loglevel={get_settings().log_level}", *pool, "-Q", queue, "-n", f"{node}@%h"]
     )
+
+
+@cli.command(rich_help_panel="Server")
+def worker() -> None:
+    """Run a Celery worker: one training job at a time, each in a fresh child process."""
+    from app.queue import QUEUE
+
+    _run_celery_worker(QUEUE, NODE_NAMES["worker"], "--pool=prefork", "--concurrency=1")
 
 
 @cli.command(rich_help_panel="Server")
 def sampler() -> None:
     """Answer samples (POST /jobs/{id}/generate): one process keeping the last model loaded."""
     from app.queue import SAMPLES_QUEUE
-    from worker.celery_app import celery
 
-    _configure_logging()
-    celery.worker_main(
-        [
-            "worker",
-            f"--loglevel={get_settings().log_level}",
-            "--pool=solo",
-            "-Q",
-            SAMPLES_QUEUE,
-            "-n",
-            "sampler@%h",
-        ]
-    )
+    _run_celery_worker(SAMPLES_QUEUE, NODE_NAMES["sampler"], "--pool=solo")
 
 
 @cli.command(rich_help_panel="Server")
@@ -134,7 +123,7 @@ def health(
     elif service in ("worker", "sampler"):
         from worker.celery_app import celery
 
-        node = f"{'celery' if service == 'worker' else 'sampler'}@{socket.gethostname()}"
+        node = f"{NODE_NAMES[service]}@{socket.gethostname()}"
         ok = bool(celery.control.ping(destination=[node], timeout=5))
     else:
         raise typer.BadParameter("must be api, worker or sampler", param_hint="SERVICE")

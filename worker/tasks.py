@@ -56,17 +56,15 @@ def execute_job(job_id: str) -> None:
                 # torch or CUDA), and under the lease: the import alone takes seconds.
                 from app.spec import JobSpec
 
-                gpus = JobSpec.model_validate(claim.spec).resources.gpus
-                if gpus == 1:
-                    # One process, one GPU: with more visible, the Trainer would spread the job
-                    # over all of them (DataParallel). A deployment that gives this worker
-                    # another GPU sets CUDA_VISIBLE_DEVICES itself (compose: FINETUNE_GPU).
-                    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
-                if gpus > 1:
+                if JobSpec.model_validate(claim.spec).resources.gpus > 1:
                     from worker.training.distributed import launch
 
                     outcome = launch(claim, settings, stop)
                 else:
+                    # One process, one GPU: with more visible, the Trainer would spread the job
+                    # over all of them (DataParallel). A deployment that gives this worker
+                    # another GPU sets CUDA_VISIBLE_DEVICES itself (compose: FINETUNE_GPU).
+                    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
                     from worker.training.recipe import run_training
 
                     outcome = run_training(claim, settings, stop)
