@@ -59,6 +59,10 @@ class InvalidFields(ServiceError):
     def __init__(self, *problems: tuple[str, str]):
         super().__init__([{"field": field, "message": message} for field, message in problems])
 
+    def renamed(self, names: dict[str, str]) -> InvalidFields:
+        """The same problems, with fields named as in `names` (e.g. another API's parameters)."""
+        return InvalidFields(*((names.get(p["field"], p["field"]), p["message"]) for p in self.detail))
+
 
 class UploadTooLarge(ServiceError):
     """The upload is larger than FINETUNE_MAX_UPLOAD_BYTES."""
@@ -100,3 +104,17 @@ class SampleNotFound(ServiceError):
 
     status_code = 404
     code = "sample_not_found"
+
+
+class IdempotencyKeyReused(ServiceError):
+    """This Idempotency-Key was sent before with a different request."""
+
+    status_code = 422
+    code = "idempotency_key_reused"
+
+
+class DatasetInUse(ServiceError):
+    """A queued, running or paused job trains on this dataset."""
+
+    status_code = 409
+    code = "dataset_in_use"

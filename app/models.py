@@ -75,16 +75,21 @@ class Base(DeclarativeBase):
 class JobStatus:
     QUEUED = "queued"
     RUNNING = "running"
+    # stopped on request with a checkpoint of the step it reached; resume continues from there
+    PAUSED = "paused"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    ALL = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+    ALL = (QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
     TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+    # No worker has it and nothing changes until a user acts (resume).
+    STOPPED = (PAUSED, *TERMINAL)
 
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_job_id)
     owner: Mapped[str] = mapped_column(String(64), index=True)
@@ -99,6 +104,13 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Tokens trained on so far (padding not counted), as the trainer counts them.
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    # A create request that is retried finds the job its first attempt made: by the client's
+    # Idempotency-Key, or else (a retry without a key) by the SHA-256 of the request.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     # The worker training the job holds a lease it renews; an expired one means the worker died.
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)

@@ -43,6 +43,7 @@ class _FromRow(BaseModel):
 
 class JobRead(_FromRow):
     id: str
+    owner: str
     status: str
     spec: dict[str, Any]
     created_at: datetime
@@ -54,7 +55,9 @@ class JobRead(_FromRow):
     error: str | None
     attempts: int
     cancel_requested: bool
+    pause_requested: bool
     resume_from: str | None
+    trained_tokens: int | None = Field(description="Tokens trained on so far, padding not counted.")
     adapter_sha256: str | None
     adapter_size_bytes: int | None
 

@@ -9,7 +9,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 # org/name, optionally pinned: org/name@revision
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{1,128})?$")
@@ -153,7 +162,21 @@ class ResourcesSpec(_Strict):
     )
 
 
+# Labels a user attaches to a job (OpenAI's `metadata`: up to 16 pairs, keys ≤ 64 characters,
+# values ≤ 512).
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
 class JobSpec(_Strict):
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="A short label for the job and its adapter (OpenAI's `suffix`).",
+    )
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(
+        None, max_length=16, description="Up to 16 key-value labels, kept with the job."
+    )
     base_model: ModelOrDataset = "microsoft/phi-2"
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)

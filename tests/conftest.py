@@ -15,6 +15,10 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+# There is no model hub here: a hub id (the default tokenizer of an upload's token statistics,
+# say) fails at once in every test process instead of after ~48 s of connection retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_JOB = REPO / "examples" / "demo-job.json"
 DEMO_MODEL = REPO / "examples" / "tiny-phi2"

@@ -113,7 +113,44 @@ def test_cancel_a_running_job_asks_the_worker_to_stop(client):
 
     assert response.status_code == 202
     assert response.json()["status"] == "running" and response.json()["cancel_requested"]
-    assert runs.report_progress(claim, 3, []) is True
+    assert runs.report_progress(claim, 3, []) == runs.CANCEL
+
+
+def test_pause_stops_a_queued_job_at_once_and_asks_a_running_one(client):
+    queued = submit(client)
+    paused = client.post(f"/jobs/{queued['id']}/pause")
+    assert paused.status_code == 202 and paused.json()["status"] == "paused"
+    assert runs.claim_job(queued["id"]) is None  # a late delivery of its id does not run it
+    assert client.post(f"/jobs/{queued['id']}/pause").status_code == 409
+    resumed = client.post(f"/jobs/{queued['id']}/resume")
+    assert resumed.status_code == 202 and resumed.json()["status"] == "queued"
+
+    running = submit(client)
+    claim = runs.claim_job(running["id"])
+    assert claim is not None
+    asked = client.post(f"/jobs/{running['id']}/pause").json()
+    assert asked["status"] == "running" and asked["pause_requested"]
+    assert runs.report_progress(claim, 3, [], trained_tokens=1234) == runs.PAUSE
+    client.post(f"/jobs/{running['id']}/cancel")  # a cancel overrides the pause
+    assert runs.report_progress(claim, 4, []) == runs.CANCEL
+    runs.finish_job(claim, "paused", "paused at step 4")
+    job = client.get(f"/jobs/{running['id']}").json()
+    assert (job["status"], job["finished_at"], job["trained_tokens"]) == ("paused", None, 1234)
+    cancelled = client.post(f"/jobs/{running['id']}/cancel").json()  # a paused job: at once
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+
+
+def test_an_idempotency_key_returns_the_first_job(client):
+    headers = {"Idempotency-Key": "nightly-2026-11-28"}
+    first = client.post("/jobs", json={"training": {"max_steps": 5}}, headers=headers)
+    again = client.post("/jobs", json={"training": {"max_steps": 5}}, headers=headers)
+    assert first.status_code == again.status_code == 201
+    assert again.json()["id"] == first.json()["id"]
+    other = client.post("/jobs", json={"training": {"max_steps": 6}}, headers=headers)
+    assert other.status_code == 422 and other.json()["error"] == "idempotency_key_reused"
+    # without a key, the same spec twice is two jobs
+    assert client.post("/jobs", json={}).json()["id"] != client.post("/jobs", json={}).json()["id"]
+    assert len(client.get("/jobs").json()["items"]) == 3
 
 
 @pytest.mark.parametrize("state", ["queued", "running", "succeeded"])

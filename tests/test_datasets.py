@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -134,6 +135,26 @@ def test_a_job_naming_an_invalid_or_unknown_dataset_is_refused_before_it_is_queu
         assert problem["field"] == "dataset.source" and message in problem["message"]
     assert client.get("/jobs").json()["items"] == []
     assert queued_messages(service_env) == 0
+
+
+def test_an_upload_is_downloaded_as_sent_and_deleted_unless_a_job_needs_it(client, service_env):
+    content = jsonl(CHAT)
+    dataset = upload(client, "chats.jsonl", content).json()
+    assert client.get(f"/datasets/{dataset['id']}/content").content == content
+    spec = demo_spec()
+    spec["dataset"]["source"] = dataset["id"]
+    job = client.post("/jobs", json=spec).json()
+
+    in_use = client.delete(f"/datasets/{dataset['id']}")
+    assert in_use.status_code == 409 and job["id"] in in_use.json()["detail"]
+    client.post(f"/jobs/{job['id']}/cancel")
+    assert client.delete(f"/datasets/{dataset['id']}").status_code == 204
+    assert client.get(f"/datasets/{dataset['id']}").status_code == 404
+    assert client.delete(f"/datasets/{dataset['id']}").status_code == 404
+    assert not any((Path(service_env["FINETUNE_DATA_DIR"]) / "datasets").iterdir())
+    # the cancelled job can't be resumed onto a file that is gone
+    resumed = client.post(f"/jobs/{job['id']}/resume")
+    assert resumed.status_code == 422 and resumed.json()["detail"][0]["field"] == "dataset.source"
 
 
 @pytest.mark.usefixtures("demo_model")

@@ -159,3 +159,23 @@ def test_a_save_cut_short_is_never_resumed_from_and_its_leftovers_go(service_env
     assert [r.step for r in jobs.list_metrics(job.id, LOCAL_OWNER, None, 100).items] == list(range(1, 7))
     messages = [e.message for e in jobs.list_events(job.id, LOCAL_OWNER, None, 100).items]
     assert "removed 2 incomplete checkpoint files" in messages
+
+
+def test_training_after_an_evaluation_keeps_the_4bit_layers_differentiable():
+    """An evaluation (eval mode, no gradients) between training steps must not switch the 4-bit
+    layers to bitsandbytes' CPU inference kernel, which CPUs with AVX512-BF16 (CI's) get: it
+    runs outside autograd and fails on trained biases."""
+    import torch
+
+    from worker.training.model import load_quantized_lora_model
+
+    model = load_quantized_lora_model(quick_spec(lora={"bias": "all"}), torch.float32)
+    tokens = torch.randint(0, 1000, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=tokens)
+    model.train()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+
+    first_layer = [p.grad for name, p in model.named_parameters() if "layers.0." in name and "lora_B" in name]
+    assert first_layer and all(grad is not None and grad.abs().sum() > 0 for grad in first_layer)

@@ -9,7 +9,7 @@ import os
 from app.models import JobStatus
 from app.queue import TASK_ANALYZE_DATASET, TASK_GENERATE_SAMPLE, TASK_RUN_JOB
 from app.services import jobs, runs
-from app.services.runs import LeaseLost
+from app.services.runs import CANCEL, PAUSE, SHUTDOWN, LeaseLost
 from app.settings import get_settings
 from worker.celery_app import celery
 from worker.lease import LeaseKeeper
@@ -76,12 +76,16 @@ def execute_job(job_id: str) -> None:
                     claim, JobStatus.FAILED, "training failed", error=f"{type(exc).__name__}: {exc}"
                 )
                 return
-            if outcome.interrupted:
+            steps = outcome.summary["steps"]
+            if outcome.stopped == SHUTDOWN:
                 runs.hand_back(claim, "worker shutting down")
                 jobs.enqueue_or_fail(job_id)
                 return
-            if outcome.cancelled:
-                runs.finish_job(claim, JobStatus.CANCELLED, f"cancelled at step {outcome.summary['steps']}")
+            if outcome.stopped == CANCEL:
+                runs.finish_job(claim, JobStatus.CANCELLED, f"cancelled at step {steps}")
+                return
+            if outcome.stopped == PAUSE:
+                runs.finish_job(claim, JobStatus.PAUSED, f"paused at step {steps}; checkpoint-{steps} saved")
                 return
             adapter = outcome.adapter
             assert adapter is not None

@@ -11,9 +11,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.errors import error_response
 from app.errors import NotAuthenticated
 from app.models import LOCAL_OWNER
 from app.services.keys import owner_of
@@ -53,10 +53,8 @@ class Authenticate:
                 error = NotAuthenticated(
                     "unknown or revoked API key" if token else "missing `Authorization: Bearer <key>` header"
                 )
-                response = JSONResponse(
-                    {"error": error.code, "detail": error.detail},
-                    status_code=error.status_code,
-                    headers={"WWW-Authenticate": "Bearer"},
+                response = error_response(
+                    path, error.status_code, error.code, error.detail, headers={"WWW-Authenticate": "Bearer"}
                 )
                 await response(scope, receive, send)
                 return

@@ -1,4 +1,5 @@
-"""Every error leaves the API as {"error": code, "detail": ...}; no traceback reaches a user."""
+"""Every error leaves the API as {"error": code, "detail": ...} (under /v1 in OpenAI's shape);
+no traceback reaches a user."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.openai.errors import is_openai_path, openai_error
 from app.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -23,13 +25,23 @@ def _field(loc: tuple) -> str:
     return ".".join(parts) or str(loc[0] if loc else "")
 
 
+def error_response(
+    path: str, status: int, code: str, detail: object, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The one place errors are rendered: `{"error": code, "detail": …}`, or OpenAI's shape for
+    the OpenAI-compatible routes."""
+    if is_openai_path(path):
+        return openai_error(status, code, detail, headers)
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status_code)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(request.url.path, exc.status_code, exc.code, exc.detail)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = [
             {
                 "field": _field(tuple(err.get("loc", ()))),
@@ -38,29 +50,32 @@ def install_error_handlers(app: FastAPI) -> None:
             }
             for err in exc.errors()
         ]
-        return JSONResponse({"error": "validation_error", "detail": detail}, status_code=422)
+        return error_response(request.url.path, 422, "validation_error", detail)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        path = request.url.path
         if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
             # FastAPI's answer to a body that is not text (not UTF-8): a bad field like any other
             detail = [{"field": "body", "message": "the body is not UTF-8 JSON text", "type": "json_invalid"}]
-            return JSONResponse({"error": "validation_error", "detail": detail}, status_code=422)
+            return error_response(path, 422, "validation_error", detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse({"error": code, "detail": exc.detail}, status_code=exc.status_code)
+        return error_response(path, exc.status_code, code, exc.detail)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
         # a restart or a lock held too long: nothing was changed, the client may retry
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse(
-            {"error": "database_unavailable", "detail": "the database did not answer; retry shortly"},
-            status_code=503,
+        return error_response(
+            request.url.path,
+            503,
+            "database_unavailable",
+            "the database did not answer; retry shortly",
             headers={"Retry-After": "2"},
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal_error", "detail": "unexpected server error"}, status_code=500)
+        return error_response(request.url.path, 500, "internal_error", "unexpected server error")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.errors import error_response
 
 
 class BodySizeLimit:
@@ -56,8 +57,7 @@ class BodySizeLimit:
 
     @staticmethod
     async def _reject(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse(
-            {"error": "body_too_large", "detail": f"request bodies here are limited to {limit} bytes"},
-            status_code=413,
+        response = error_response(
+            scope.get("path", ""), 413, "body_too_large", f"request bodies here are limited to {limit} bytes"
         )
         await response(scope, receive, send)

@@ -30,14 +30,15 @@ def format_text_line(row: MetricRead) -> str:
 
 
 async def metric_events(job_id: str, owner: str, after_step: int) -> AsyncIterator[dict]:
-    """Rows as they are written (`id:` is the step); ends with an `end` event once the job is final."""
+    """Rows as they are written (`id:` is the step); ends with an `end` event once the job has
+    stopped (finished or paused)."""
     poll = get_settings().stream_poll_s
     while True:
         status, rows = await run_in_threadpool(jobs.metrics_since, job_id, owner, after_step)
         for row in rows:
             after_step = row.step
             yield {"id": str(row.step), "event": "metric", "data": row.model_dump_json()}
-        if status in JobStatus.TERMINAL:
+        if status in JobStatus.STOPPED:
             job = await run_in_threadpool(jobs.get_job, job_id, owner)
             yield {"event": "end", "data": json.dumps({"status": job.status, "error": job.error})}
             return

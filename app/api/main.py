@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.auth import Authenticate
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
+from app.api.openai.routes import router as openai_router
 from app.api.routes import ops_router, router
 from app.services.notifications import deliver_due
 from app.services.sweeper import redispatch_lost, sweep
@@ -55,6 +56,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     app.include_router(ops_router)
     app.include_router(router)
+    app.include_router(openai_router)
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
 
     @app.get("/", include_in_schema=False)
@@ -66,7 +68,7 @@ def create_app() -> FastAPI:
         BodySizeLimit,
         limit=settings.max_body_bytes,
         upload_limit=settings.max_upload_bytes,
-        upload_prefixes=("/datasets",),
+        upload_prefixes=("/datasets", "/v1/files"),
     )
     app.add_middleware(Authenticate)  # outermost: no body is read for a request without a key
     return app

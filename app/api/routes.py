@@ -62,9 +62,18 @@ def prometheus_metrics() -> PlainTextResponse:
 
 
 @router.post("/jobs", status_code=201, response_model=JobRead, tags=["jobs"])
-def create_job(owner: Owner, spec: Annotated[JobSpec | None, Body()] = None) -> JobRead:
+def create_job(
+    owner: Owner,
+    spec: Annotated[JobSpec | None, Body()] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255, description="Sent again with the same spec, returns the job made the first time."
+        ),
+    ] = None,
+) -> JobRead:
     """Submit a fine-tune job. `{}` (or no body) runs the default recipe."""
-    return jobs.create_job(spec or JobSpec(), owner)
+    return jobs.create_job(spec or JobSpec(), owner, idempotency_key=idempotency_key)
 
 
 @router.get("/jobs", response_model=Page[JobRead], tags=["jobs"])
@@ -85,9 +94,16 @@ def cancel_job(job_id: str, owner: Owner) -> JobRead:
     return jobs.cancel_job(job_id, owner)
 
 
+@router.post("/jobs/{job_id}/pause", status_code=202, response_model=JobRead, tags=["jobs"])
+def pause_job(job_id: str, owner: Owner) -> JobRead:
+    """Pause: a queued job at once; a running one saves a checkpoint at its next step boundary
+    and stops (`paused`). Resume continues from that checkpoint."""
+    return jobs.pause_job(job_id, owner)
+
+
 @router.post("/jobs/{job_id}/resume", status_code=202, response_model=JobRead, tags=["jobs"])
 def resume_job(job_id: str, owner: Owner, body: Annotated[ResumeRequest | None, Body()] = None) -> JobRead:
-    """Queue a failed or cancelled job again from a checkpoint (default the latest)."""
+    """Queue a paused, failed or cancelled job again from a checkpoint (default the latest)."""
     return jobs.resume_job(job_id, owner, body.checkpoint if body else None)
 
 
@@ -205,3 +221,17 @@ def list_datasets(owner: Owner, limit: Limit = 50, cursor: str | None = None) ->
 @router.get("/datasets/{dataset_id}", response_model=DatasetRead, tags=["datasets"])
 def get_dataset(dataset_id: str, owner: Owner) -> DatasetRead:
     return datasets.get_dataset(dataset_id, owner)
+
+
+@router.get("/datasets/{dataset_id}/content", response_class=FileResponse, tags=["datasets"])
+def dataset_content(dataset_id: str, owner: Owner) -> FileResponse:
+    """The file as it was uploaded."""
+    path, filename = datasets.stored_file(dataset_id, owner)
+    return FileResponse(path, media_type="application/octet-stream", filename=filename)
+
+
+@router.delete("/datasets/{dataset_id}", status_code=204, tags=["datasets"])
+def delete_dataset(dataset_id: str, owner: Owner) -> Response:
+    """Remove an upload and its file; 409 while a queued, running or paused job uses it."""
+    datasets.delete_dataset(dataset_id, owner)
+    return Response(status_code=204)

@@ -1,4 +1,4 @@
-"""`finetune submit | jobs | status | logs | cancel | resume | download | upload | generate`:
+"""`finetune submit | jobs | status | logs | cancel | pause | resume | download | upload | generate`:
 the service from a terminal. Each command is a thin layer over `ServiceClient`; the server URL
 and key come from `--url` / `--api-key` or FINETUNE_URL / FINETUNE_API_KEY."""
 
@@ -34,8 +34,6 @@ ApiKey = Annotated[
     str | None, typer.Option("--api-key", envvar="FINETUNE_API_KEY", help="`finetune keys create` made it.")
 ]
 JobId = Annotated[str, typer.Argument(help="A job id (job_…).")]
-
-FINAL = {"succeeded", "failed", "cancelled"}
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -223,13 +221,21 @@ def cancel(job_id: JobId, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> Non
     console.print(f"{job_id}: {state}", highlight=False)
 
 
+def pause(job_id: JobId, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Pause a queued job at once; a running one saves a checkpoint at its next step and stops."""
+    with service(url, api_key) as client:
+        job = client.pause(job_id)
+    state = "pause requested" if job["status"] == "running" else job["status"]
+    console.print(f"{job_id}: {state}", highlight=False)
+
+
 def resume(
     job_id: JobId,
     checkpoint: Annotated[str | None, typer.Option(help="e.g. checkpoint-200; default the latest.")] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Queue a failed or cancelled job again from a checkpoint."""
+    """Queue a paused, failed or cancelled job again from a checkpoint."""
     with service(url, api_key) as client:
         job = client.resume(job_id, checkpoint)
     console.print(f"{job_id}: {job['status']}, from {job['resume_from'] or 'the start'}", highlight=False)
@@ -322,7 +328,7 @@ def generate(
     console.out(sample["completion"], highlight=False)
 
 
-COMMANDS = (submit, jobs, status, logs, cancel, resume, download, upload, generate)
+COMMANDS = (submit, jobs, status, logs, cancel, pause, resume, download, upload, generate)
 
 
 def register(cli: typer.Typer) -> None:

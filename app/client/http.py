@@ -86,6 +86,9 @@ class ServiceClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self.post(f"/jobs/{job_id}/cancel")
 
+    def pause(self, job_id: str) -> dict[str, Any]:
+        return self.post(f"/jobs/{job_id}/pause")
+
     def resume(self, job_id: str, checkpoint: str | None = None) -> dict[str, Any]:
         return self.post(f"/jobs/{job_id}/resume", {"checkpoint": checkpoint} if checkpoint else None)
 

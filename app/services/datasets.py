@@ -10,12 +10,13 @@ import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.dataset_report import UPLOAD_SUFFIXES, validate_file
 from app.db import session_scope
-from app.errors import BrokerUnavailable, DatasetNotFound, InvalidFields, UploadTooLarge
-from app.models import Dataset, DatasetStatus, new_dataset_id
+from app.errors import BrokerUnavailable, DatasetInUse, DatasetNotFound, InvalidFields, UploadTooLarge
+from app.models import Dataset, DatasetStatus, Job, JobStatus, new_dataset_id
 from app.queue import TASK_ANALYZE_DATASET, send
 from app.schemas import DatasetRead, Page
 from app.services.pagination import newest_first
@@ -113,6 +114,36 @@ def get_dataset(dataset_id: str, owner: str) -> DatasetRead:
 
 def list_datasets(owner: str, limit: int, cursor: str | None) -> Page[DatasetRead]:
     return newest_first(Dataset, DatasetRead, limit, cursor, Dataset.owner == owner)
+
+
+def stored_file(dataset_id: str, owner: str) -> tuple[Path, str]:
+    """The uploaded file as stored, and its name, for its owner to download."""
+    with session_scope() as session:
+        row = _get(session, dataset_id, owner)
+        return Path(row.path), row.filename
+
+
+def delete_dataset(dataset_id: str, owner: str) -> None:
+    """Remove an upload and its file, unless a job that may still train on it (queued, running
+    or paused) names it."""
+    with session_scope() as session:
+        row = _get(session, dataset_id, owner)
+        active = session.scalars(
+            select(Job).where(
+                Job.owner == owner, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED))
+            )
+        )
+        users = [job.id for job in active if dataset_id in _dataset_references(job.spec)]
+        if users:
+            raise DatasetInUse(f"dataset {dataset_id} is used by {', '.join(users)}; cancel them first")
+        folder = Path(row.path).parent
+        session.delete(row)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _dataset_references(spec: dict[str, Any]) -> set[str]:
+    dataset = spec.get("dataset") or {}
+    return {dataset.get("source"), dataset.get("validation_source")} - {None}
 
 
 def dataset_file(dataset_id: str) -> Path:

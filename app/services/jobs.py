@@ -4,15 +4,21 @@ Every function takes the asking owner: another owner's job is reported as not fo
 
 from __future__ import annotations
 
+import hashlib
+import json
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.errors import (
     ArtifactNotReady,
     CheckpointNotFound,
+    IdempotencyKeyReused,
+    InvalidFields,
     JobNotFound,
     JobStateConflict,
     TooManyQueuedJobs,
@@ -21,29 +27,78 @@ from app.models import CHECKPOINT_NAME, JOB_ID, Checkpoint, Event, Job, JobStatu
 from app.queue import enqueue_job
 from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
 from app.services.admission import check_admissible
+from app.services.datasets import dataset_reference_problems
 from app.services.events import add_state_event
 from app.services.pagination import newest_first
 from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import job_files
 
-RESUMABLE = (JobStatus.FAILED, JobStatus.CANCELLED)
+RESUMABLE = (JobStatus.PAUSED, JobStatus.FAILED, JobStatus.CANCELLED)
+# How long a retried create (without an Idempotency-Key) looks back for its first attempt.
+RETRY_WINDOW = timedelta(hours=1)
 
 
-def create_job(spec: JobSpec, owner: str) -> JobRead:
+def create_job(
+    spec: JobSpec, owner: str, *, idempotency_key: str | None = None, retry: bool = False
+) -> JobRead:
+    """Store and queue a job. A request repeated with the same `idempotency_key`, or marked as a
+    client's `retry` of one without a key, returns the job its first attempt made (unless that
+    one failed) instead of making a second."""
+    fields = spec.model_dump(mode="json")
+    request_sha256 = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    earlier = _first_attempt(owner, idempotency_key, request_sha256, retry)
+    if earlier is not None:
+        return earlier
     check_admissible(spec, owner)
-    with session_scope() as session:
-        _check_queue_room(session, owner)
-        job = Job(
-            owner=owner, status=JobStatus.QUEUED, spec=spec.model_dump(mode="json"), dispatched_at=utcnow()
-        )
-        session.add(job)
-        session.flush()
-        add_state_event(session, job.id, JobStatus.QUEUED, "job created")
-        read = JobRead.model_validate(job)
+    try:
+        with session_scope() as session:
+            _check_queue_room(session, owner)
+            job = Job(
+                owner=owner,
+                status=JobStatus.QUEUED,
+                spec=fields,
+                dispatched_at=utcnow(),
+                idempotency_key=idempotency_key,
+                request_sha256=request_sha256,
+            )
+            session.add(job)
+            session.flush()
+            add_state_event(session, job.id, JobStatus.QUEUED, "job created")
+            read = JobRead.model_validate(job)
+    except IntegrityError:
+        # the same key in a concurrent request that committed first
+        earlier = _first_attempt(owner, idempotency_key, request_sha256, retry)
+        if earlier is None:
+            raise
+        return earlier
     # Only after the commit: a worker that picks the id up must find the row.
     enqueue_or_fail(read.id)
     return read
+
+
+def _first_attempt(owner: str, key: str | None, request_sha256: str, retry: bool) -> JobRead | None:
+    with session_scope() as session:
+        if key is not None:
+            job = session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+            if job is not None and job.request_sha256 != request_sha256:
+                raise IdempotencyKeyReused(f"Idempotency-Key {key!r} was used for a different job")
+        elif retry:
+            job = session.scalar(
+                select(Job)
+                .where(
+                    Job.owner == owner,
+                    Job.request_sha256 == request_sha256,
+                    Job.idempotency_key.is_(None),
+                    Job.created_at > utcnow() - RETRY_WINDOW,
+                    Job.status != JobStatus.FAILED,
+                )
+                .order_by(Job.created_at.desc())
+                .limit(1)
+            )
+        else:
+            job = None
+        return JobRead.model_validate(job) if job is not None else None
 
 
 def enqueue_or_fail(job_id: str) -> None:
@@ -92,36 +147,58 @@ def list_jobs(owner: str, status: str | None, limit: int, cursor: str | None) ->
 
 
 def cancel_job(job_id: str, owner: str) -> JobRead:
-    """A queued job is cancelled at once; a running one when the worker reaches a step boundary."""
+    """A queued or paused job is cancelled at once; a running one when the worker reaches a step
+    boundary."""
+    return _stop(job_id, owner, JobStatus.CANCELLED, (JobStatus.QUEUED, JobStatus.PAUSED), "cancel")
+
+
+def pause_job(job_id: str, owner: str) -> JobRead:
+    """A running job saves a checkpoint at its next step boundary and stops (`paused`); a queued
+    one is paused at once. `resume_job` continues it."""
+    return _stop(job_id, owner, JobStatus.PAUSED, (JobStatus.QUEUED,), "pause")
+
+
+def _stop(job_id: str, owner: str, status: str, at_once: tuple[str, ...], verb: str) -> JobRead:
+    """Move the job to `status` now if it is in `at_once`, or ask its worker to (running)."""
     with session_scope() as session:
         job = owned_job(session, job_id, owner)
         now = utcnow()
-        queued = session.execute(
+        before = job.status
+        finished = now if status in JobStatus.TERMINAL else None
+        stopped = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-            .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now)
+            .where(Job.id == job_id, Job.status.in_(at_once))
+            .values(status=status, finished_at=finished, updated_at=now)
         ).rowcount
-        if queued:
-            add_state_event(session, job_id, JobStatus.CANCELLED, "cancelled before it started")
+        if stopped:
+            add_state_event(session, job_id, status, f"{status} while {before}")
         else:
+            flag = {"cancel_requested": True} if status == JobStatus.CANCELLED else {"pause_requested": True}
             running = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-                .values(cancel_requested=True, updated_at=now)
+                .values(**flag, updated_at=now)
             ).rowcount
             if not running:
-                raise JobStateConflict(f"job is {job.status}; only queued or running jobs can be cancelled")
-            add_state_event(session, job_id, JobStatus.RUNNING, "cancel requested")
+                allowed = " or ".join((*at_once, JobStatus.RUNNING))
+                raise JobStateConflict(f"job is {job.status}; only {allowed} jobs can be {status}")
+            add_state_event(session, job_id, JobStatus.RUNNING, f"{verb} requested")
         session.refresh(job)
         return JobRead.model_validate(job)
 
 
 def resume_job(job_id: str, owner: str, checkpoint: str | None) -> JobRead:
-    """Queue a failed or cancelled job again, continuing from a checkpoint (default the latest)."""
+    """Queue a paused, failed or cancelled job again, continuing from a checkpoint (default the
+    latest)."""
     with session_scope() as session:
         job = owned_job(session, job_id, owner)
         if job.status not in RESUMABLE:
-            raise JobStateConflict(f"job is {job.status}; only failed or cancelled jobs can be resumed")
+            raise JobStateConflict(
+                f"job is {job.status}; only paused, failed or cancelled jobs can be resumed"
+            )
+        gone = dataset_reference_problems(JobSpec.model_validate(job.spec), owner)
+        if gone:
+            raise InvalidFields(*gone)
         _check_queue_room(session, owner)
         stale = requeue_from_checkpoint(session, job_id, checkpoint, "resume", Job.status.in_(RESUMABLE))
         if stale is None:
@@ -159,6 +236,7 @@ def requeue_from_checkpoint(
             resume_from=chosen.name if chosen else None,
             current_step=start_step,
             cancel_requested=False,
+            pause_requested=False,
             error=None,
             finished_at=None,
             lease_owner=None,
@@ -213,6 +291,14 @@ def list_events(job_id: str, owner: str, after: int | None, limit: int) -> Page[
     return _page_of_job_rows(job_id, owner, Event, Event.id, EventRead, after, limit)
 
 
+def metrics_at(job_id: str, owner: str, steps: list[int]) -> dict[int, MetricRead]:
+    """The job's metric rows at these steps (a step without one is left out)."""
+    with session_scope() as session:
+        owned_job(session, job_id, owner)
+        rows = session.scalars(select(Metric).where(Metric.job_id == job_id, Metric.step.in_(steps)))
+        return {row.step: MetricRead.model_validate(row) for row in rows}
+
+
 def list_checkpoints(job_id: str, owner: str) -> list[CheckpointRead]:
     with session_scope() as session:
         owned_job(session, job_id, owner)
@@ -249,3 +335,33 @@ def adapter_zip(job_id: str, owner: str) -> Path:
         if not job.adapter_path:
             raise ArtifactNotReady(f"job {job_id} is {job.status}; the adapter is written when it succeeds")
         return _confined(job_id, job.adapter_path)
+
+
+# A running job's speed is measured over this many of its latest metric rows.
+RATE_WINDOW = 20
+
+
+def step_rate(session: Session, job_id: str) -> float | None:
+    """Steps per second over the job's last RATE_WINDOW logged steps (None before two)."""
+    rows = session.execute(
+        select(Metric.step, Metric.time)
+        .where(Metric.job_id == job_id)
+        .order_by(Metric.step.desc())
+        .limit(RATE_WINDOW)
+    ).all()
+    if len(rows) < 2:
+        return None
+    (last_step, last_time), (first_step, first_time) = rows[0], rows[-1]
+    seconds = (last_time - first_time).total_seconds()
+    return (last_step - first_step) / seconds if seconds > 0 else None
+
+
+def estimated_finish(job: JobRead) -> datetime | None:
+    """When a running job will reach its last step at its recent speed."""
+    if job.status != JobStatus.RUNNING or not job.total_steps:
+        return None
+    with session_scope() as session:
+        rate = step_rate(session, job.id)
+    if not rate:
+        return None
+    return utcnow() + timedelta(seconds=max(0, job.total_steps - job.current_step) / rate)

@@ -15,11 +15,9 @@ from app.db import session_scope
 from app.models import DeliveryStatus, Job, JobStatus, Notification
 from app.models import Metric as MetricRow
 from app.queue import waiting_messages
+from app.services.jobs import RATE_WINDOW, step_rate
 
 log = logging.getLogger(__name__)
-
-# Steps per second over this many of a running job's latest metric rows.
-RATE_WINDOW = 20
 
 
 class ServiceCollector(Collector):
@@ -31,14 +29,13 @@ class ServiceCollector(Collector):
                     Job.status == JobStatus.RUNNING
                 )
             ).all()
-            recent = {
-                job_id: list(
-                    session.execute(
-                        select(MetricRow.step, MetricRow.time, MetricRow.tokens_per_second)
-                        .where(MetricRow.job_id == job_id)
-                        .order_by(MetricRow.step.desc())
-                        .limit(RATE_WINDOW)
-                    ).all()
+            rates = {job_id: step_rate(session, job_id) for job_id, *_ in running}
+            tokens = {
+                job_id: session.scalar(
+                    select(MetricRow.tokens_per_second)
+                    .where(MetricRow.job_id == job_id, MetricRow.tokens_per_second.is_not(None))
+                    .order_by(MetricRow.step.desc())
+                    .limit(1)
                 )
                 for job_id, *_ in running
             }
@@ -72,17 +69,13 @@ class ServiceCollector(Collector):
             labels=labels,
         )
         for job_id, owner, current, total_steps in running:
-            rows = recent[job_id]
             step.add_metric([job_id, owner], current)
             if total_steps:
                 total.add_metric([job_id, owner], total_steps)
-            if len(rows) >= 2:
-                (last_step, last_time, _), (first_step, first_time, _) = rows[0], rows[-1]
-                seconds = (last_time - first_time).total_seconds()
-                if seconds > 0:
-                    steps_rate.add_metric([job_id, owner], (last_step - first_step) / seconds)
-            if rows and rows[0][2] is not None:
-                tokens_rate.add_metric([job_id, owner], rows[0][2])
+            if rates[job_id] is not None:
+                steps_rate.add_metric([job_id, owner], rates[job_id])
+            if tokens[job_id] is not None:
+                tokens_rate.add_metric([job_id, owner], tokens[job_id])
         yield from (step, total, steps_rate, tokens_rate)
         yield GaugeMetricFamily(
             "finetune_notifications_pending", "Job-end notifications not yet delivered.", value=pending

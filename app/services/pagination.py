@@ -25,6 +25,15 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise InvalidCursor() from exc
 
 
+def cursor_of(model, row_id: str, *where) -> str:
+    """The cursor that pages on after the row `row_id` (OpenAI's `after=<id>`)."""
+    with session_scope() as session:
+        row = session.scalar(select(model).where(model.id == row_id, *where))
+    if row is None:
+        raise InvalidCursor(f"no {row_id!r} to list after")
+    return _encode_cursor(row.created_at, row.id)
+
+
 def newest_first(model, schema: type[BaseModel], limit: int, cursor: str | None, *where) -> Page:
     query = select(model).where(*where).order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
     if cursor:

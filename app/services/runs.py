@@ -29,6 +29,9 @@ from app.storage import job_files
 
 METRIC_FIELDS = ("epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second")
 
+# Why a run stops before its last step: asked by a user (the first two), or the worker stopping.
+CANCEL, PAUSE, SHUTDOWN = "cancel", "pause", "shutdown"
+
 
 class LeaseLost(Exception):
     """This worker no longer holds the job's lease: it must stop and write nothing more."""
@@ -67,6 +70,7 @@ def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
                 started_at=now,
                 updated_at=now,
                 cancel_requested=False,
+                pause_requested=False,
                 lease_owner=owner,
                 lease_expires_at=_lease_expiry(),
             )
@@ -124,13 +128,22 @@ def _upsert_metrics(session: Session, job_id: str, rows: list[dict[str, Any]]) -
         session.execute(stmt.on_conflict_do_update(index_elements=["job_id", "step"], set_=merged))
 
 
-def report_progress(claim: Claim, step: int, rows: list[dict[str, Any]]) -> bool:
-    """Write buffered metric rows and the current step; answer whether a cancel was requested."""
+def report_progress(
+    claim: Claim, step: int, rows: list[dict[str, Any]], trained_tokens: int | None = None
+) -> str | None:
+    """Write buffered metric rows, the current step and the tokens trained on; answer CANCEL or
+    PAUSE when a user asked for it."""
+    progress: dict[str, Any] = {"current_step": step}
+    if trained_tokens:
+        progress["trained_tokens"] = trained_tokens
     with session_scope() as session:
-        _hold(session, claim, current_step=step)
+        _hold(session, claim, **progress)
         if rows:
             _upsert_metrics(session, claim.job_id, rows)
-        return bool(session.scalar(select(Job.cancel_requested).where(Job.id == claim.job_id)))
+        cancel, pause = session.execute(
+            select(Job.cancel_requested, Job.pause_requested).where(Job.id == claim.job_id)
+        ).one()
+        return CANCEL if cancel else PAUSE if pause else None
 
 
 @retry_while_unreachable
@@ -184,11 +197,12 @@ def finish_job(
     error: str | None = None,
     adapter: dict[str, Any] | None = None,
 ) -> None:
-    assert status in JobStatus.TERMINAL
+    assert status in JobStatus.STOPPED
     with session_scope() as session:
         values: dict[str, Any] = {
             "status": status,
-            "finished_at": utcnow(),
+            "finished_at": utcnow() if status in JobStatus.TERMINAL else None,
+            "pause_requested": False,
             "error": error,
             "lease_owner": None,
             "lease_expires_at": None,

@@ -27,15 +27,17 @@ log = logging.getLogger(__name__)
 
 class ProgressWriter:
     """Writes buffered metric rows and the current step at most once per `interval_s`, from
-    its own thread; each write also reads the cancel flag. A failed write keeps its rows for
-    the next one. A lost lease is kept and raised in the training thread (`check`)."""
+    its own thread; each write also reads whether a cancel or a pause was asked for. A failed
+    write keeps its rows for the next one. A lost lease is kept and raised in the training
+    thread (`check`)."""
 
     def __init__(self, claim: Claim, interval_s: float):
         self.claim = claim
         self.interval_s = interval_s
-        self.cancel_requested = False
+        self.requested: str | None = None  # CANCEL or PAUSE, once the database asks for it
         self._rows: list[dict[str, Any]] = []
         self._step = 0
+        self._tokens: int | None = None
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()  # one write at a time, in order
         self._wake = threading.Event()
@@ -49,9 +51,10 @@ class ProgressWriter:
             self._rows.append(row)
         self._wake.set()
 
-    def step(self, step: int) -> None:
+    def step(self, step: int, tokens: int | None = None) -> None:
         with self._lock:
             self._step = step
+            self._tokens = tokens or self._tokens
         self._wake.set()
 
     def check(self) -> None:
@@ -80,9 +83,11 @@ class ProgressWriter:
         with self._write_lock:
             with self._lock:
                 rows, self._rows = self._rows, []
-                step = self._step
+                step, tokens = self._step, self._tokens
             try:
-                self.cancel_requested |= runs.report_progress(self.claim, step, rows)
+                requested = runs.report_progress(self.claim, step, rows, tokens)
+                if self.requested != CANCEL:  # a cancel overrides an earlier pause
+                    self.requested = requested or self.requested
             except BaseException:
                 with self._lock:
                     self._rows = rows + self._rows
@@ -99,7 +104,8 @@ class ProgressWriter:
         self._thread.join(timeout=30)
 
 
-CANCEL, SHUTDOWN = "cancel", "shutdown"
+# Why a run stops before its last step: a user's cancel or pause, or the worker shutting down.
+CANCEL, PAUSE, SHUTDOWN = runs.CANCEL, runs.PAUSE, runs.SHUTDOWN
 
 
 def shared_decision(decision: str | None) -> str | None:
@@ -114,22 +120,22 @@ def shared_decision(decision: str | None) -> str | None:
     return box[0]
 
 
-def apply_decision(decision: str | None, control: TrainerControl) -> tuple[bool, bool]:
-    """Stop on a cancel; save and stop on a shutdown. Returns (cancelled, stopped_for_shutdown)."""
+def apply_decision(decision: str | None, control: TrainerControl) -> str | None:
+    """Stop on a cancel; save this step and stop on a pause or a shutdown."""
     if decision is not None:
         control.should_training_stop = True
-    if decision == SHUTDOWN:
+    if decision in (PAUSE, SHUTDOWN):
         control.should_save = True
-    return decision == CANCEL, decision == SHUTDOWN
+    return decision
 
 
 class FollowerCallback(TrainerCallback):
     """On ranks other than 0 of a data-parallel run: no database, only rank 0's decisions."""
 
-    cancelled = stopped_for_shutdown = False
+    stopped: str | None = None
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **_):
-        self.cancelled, self.stopped_for_shutdown = apply_decision(shared_decision(None), control)
+        self.stopped = apply_decision(shared_decision(None), control)
 
     def close(self) -> None:
         pass
@@ -137,14 +143,13 @@ class FollowerCallback(TrainerCallback):
 
 class JobProgressCallback(TrainerCallback):
     """Streams metric rows to the database (through a ProgressWriter), stops the training on a
-    cancel request or a worker shutdown, and zips and records each checkpoint."""
+    cancel or pause request or a worker shutdown, and zips and records each checkpoint."""
 
     def __init__(self, claim: Claim, files: JobFiles, flush_interval_s: float, stop: threading.Event):
         self.claim = claim
         self.stop = stop
-        self.stopped_for_shutdown = False
         self.files = files
-        self.cancelled = False
+        self.stopped: str | None = None  # CANCEL, PAUSE or SHUTDOWN once decided
         self.writer = ProgressWriter(claim, flush_interval_s)
         self._last_log: tuple[float, int] | None = None  # (time, tokens seen) at the last log
         self._step_ended = time.perf_counter()
@@ -179,20 +184,16 @@ class JobProgressCallback(TrainerCallback):
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **_):
         self._step_ended = time.perf_counter()  # the trainer's save (if due) starts after this
-        self.writer.step(state.global_step)
+        self.writer.step(state.global_step, state.num_input_tokens_seen)
         self.writer.check()
-        decision = None
-        if self.writer.cancel_requested or self.cancelled:
-            decision = CANCEL
-        elif self.stop.is_set():
+        decision = self.stopped or self.writer.requested
+        if decision is None and self.stop.is_set():
             decision = SHUTDOWN
         decision = shared_decision(decision)
-        if decision == CANCEL and not self.cancelled:
-            log.info("job %s: cancel requested; stopping at step %d", self.claim.job_id, state.global_step)
-        elif decision == SHUTDOWN:
-            # The worker is shutting down: save this step and stop; the job is handed back.
-            log.info("job %s: worker stopping; checkpoint at step %d", self.claim.job_id, state.global_step)
-        self.cancelled, self.stopped_for_shutdown = apply_decision(decision, control)
+        if decision is not None and self.stopped is None:
+            # A pause or a shutdown saves this step first (a shut-down job is handed back).
+            log.info("job %s: %s; stopping at step %d", self.claim.job_id, decision, state.global_step)
+        self.stopped = apply_decision(decision, control)
 
     def close(self) -> None:
         self.writer.close()
@@ -224,6 +225,6 @@ class JobProgressCallback(TrainerCallback):
 
     def on_train_end(self, args, state: TrainerState, control: TrainerControl, **_):
         self.writer.close()
-        self.writer.step(state.global_step)
+        self.writer.step(state.global_step, state.num_input_tokens_seen)
         self.writer.write_now()
         self.writer.check()

@@ -105,7 +105,7 @@ def launch(claim: Claim, settings: Settings, stop: threading.Event):
     adapter = result["adapter"]
     if adapter is not None:
         adapter = ZipInfo(Path(adapter["path"]), adapter["size_bytes"], adapter["sha256"])
-    return Outcome(result["cancelled"], result["interrupted"], adapter, result["summary"])
+    return Outcome(result["stopped"], adapter, result["summary"])
 
 
 class StopFile(threading.Event):
@@ -142,8 +142,7 @@ def rank_main(root: Path) -> None:
         if adapter:
             adapter["path"] = str(adapter["path"])
         result = {
-            "cancelled": outcome.cancelled,
-            "interrupted": outcome.interrupted,
+            "stopped": outcome.stopped,
             "adapter": adapter,
             "summary": outcome.summary,
         }

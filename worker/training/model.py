@@ -55,9 +55,22 @@ def load_quantized_model(spec: JobSpec, dtype: torch.dtype):
     )
 
 
+def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit layer's weights for its
+    inference kernel at the first forward in eval mode without gradients (an evaluation) and
+    keeps them so: later training forwards then run that kernel outside autograd and add the
+    bias in place ("a view of a leaf Variable … in-place operation" once biases train). A model
+    being trained keeps the autograd path throughout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
+    base = load_quantized_model(spec, dtype)
+    keep_4bit_layers_trainable(base)
     model = prepare_model_for_kbit_training(
-        load_quantized_model(spec, dtype),
+        base,
         use_gradient_checkpointing=spec.training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )

@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    cancelled: bool
-    # stopped at a checkpoint because the worker is shutting down
-    interrupted: bool
+    # None: trained to the end; else why it stopped early (callbacks.CANCEL, PAUSE or SHUTDOWN;
+    # a pause or a shutdown saved a checkpoint of the step it stopped at)
+    stopped: str | None
     adapter: ZipInfo | None
     summary: dict[str, Any]
 
@@ -191,16 +191,16 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
         "final_eval_loss": _last(trainer.state.log_history, "eval_loss"),
         "train_loss_mean": round(result.training_loss, 4),
     }
-    if progress.cancelled or progress.stopped_for_shutdown:
-        return Outcome(progress.cancelled, progress.stopped_for_shutdown, adapter=None, summary=summary)
+    if progress.stopped is not None:
+        return Outcome(progress.stopped, adapter=None, summary=summary)
     saved = files.adapter_dir.with_name("adapter.new")
     if main:
         shutil.rmtree(saved, ignore_errors=True)
     trainer.save_model(str(saved))  # every rank takes part; rank 0 writes
     if not main:
-        return Outcome(cancelled=False, interrupted=False, adapter=None, summary=summary)
+        return Outcome(stopped=None, adapter=None, summary=summary)
     adapter = _save_adapter(saved, spec, job_id, files, summary)
-    return Outcome(cancelled=False, interrupted=False, adapter=adapter, summary=summary)
+    return Outcome(stopped=None, adapter=adapter, summary=summary)
 
 
 def _packed(data: TrainingData, spec: JobSpec, samples_per_item: int) -> PackedData:

@@ -223,15 +223,17 @@ async function refreshJob(jobId) {
   dashboard.job = job;
   $("#job-id").textContent = job.id;
   const status = $("#job-status");
-  status.textContent = job.cancel_requested && job.status === "running" ? "cancelling" : job.status;
+  const stopping = job.cancel_requested ? "cancelling" : job.pause_requested ? "pausing" : null;
+  status.textContent = stopping && job.status === "running" ? stopping : job.status;
   status.className = `status ${job.status}`;
   $("#job-progress-bar").style.width = job.total_steps ? `${(100 * job.current_step) / job.total_steps}%` : "0";
   $("#job-summary").textContent =
     `step ${job.current_step}/${job.total_steps ?? "?"} · ${job.spec.base_model} on ${job.spec.dataset.source}` +
     ` · attempt ${job.attempts} · created ${fmtTime(job.created_at)}`;
   $("#job-error").textContent = job.error || "";
-  $("#cancel-button").disabled = !["queued", "running"].includes(job.status) || job.cancel_requested;
-  $("#resume-button").disabled = !["failed", "cancelled"].includes(job.status);
+  $("#cancel-button").disabled = !["queued", "running", "paused"].includes(job.status) || job.cancel_requested;
+  $("#pause-button").disabled = !["queued", "running"].includes(job.status) || job.pause_requested || job.cancel_requested;
+  $("#resume-button").disabled = !["paused", "failed", "cancelled"].includes(job.status);
 
   $("#checkpoints-table tbody").replaceChildren(
     ...checkpoints.items.map((c) =>
@@ -293,13 +295,13 @@ async function jobAction(action) {
   const message = $("#action-message");
   message.textContent = "";
   try {
-    if (action === "cancel") await postJSON(`/jobs/${job.id}/cancel`);
+    if (action === "cancel" || action === "pause") await postJSON(`/jobs/${job.id}/${action}`);
     else {
       const checkpoint = $("#resume-checkpoint").value;
       await postJSON(`/jobs/${job.id}/resume`, checkpoint ? { checkpoint } : {});
     }
     const updated = await refreshJob(job.id);
-    message.textContent = action === "cancel" ? "cancel requested" : `queued from ${updated.resume_from || "the start"}`;
+    message.textContent = action === "resume" ? `queued from ${updated.resume_from || "the start"}` : `${action} requested`;
     if (action === "resume") {
       // the run continues from the checkpoint: later rows were dropped, reload and stream again
       route();
@@ -311,6 +313,7 @@ async function jobAction(action) {
 }
 
 $("#cancel-button").addEventListener("click", () => jobAction("cancel").catch(handleError));
+$("#pause-button").addEventListener("click", () => jobAction("pause").catch(handleError));
 $("#resume-button").addEventListener("click", () => jobAction("resume").catch(handleError));
 $("#adapter-button").addEventListener("click", () =>
   download(`/jobs/${dashboard.job.id}/adapter`, `${dashboard.job.id}-adapter.zip`).catch(handleError),

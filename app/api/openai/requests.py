@@ -1,0 +1,146 @@
+"""OpenAI's fine-tuning job request, turned into the service's job spec.
+
+`model` → `base_model`, `training_file` / `validation_file` → `dataset.source` /
+`dataset.validation_source`, `suffix` → `name`, `seed` → `training.seed`, and the
+hyperparameters (each a number or "auto", which keeps the recipe's value):
+- `n_epochs` → `training.epochs`;
+- `batch_size` (samples per optimizer step) → `training.batch_size` × `gradient_accumulation_steps`,
+  keeping the recipe's micro-batch (4) where it divides the number;
+- `learning_rate_multiplier` → `training.learning_rate` = the recipe's 2e-4 × multiplier.
+Any of the spec's own sections (`lora`, `quantization`, `training`, `dataset`, `resources`,
+`notify_url`) may come as extra body fields, e.g. the client's `extra_body={"lora": {"r": 8}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from app.errors import InvalidFields
+from app.spec import JobSpec, TrainingSpec
+
+RECIPE_LEARNING_RATE = TrainingSpec.model_fields["learning_rate"].default
+RECIPE_MICRO_BATCH = TrainingSpec.model_fields["batch_size"].default
+
+Auto = Literal["auto"]
+
+
+# Each hyperparameter: "auto" or a number in (low, high], an int where the type says so.
+LIMITS = {
+    "n_epochs": (0, 1000, float),
+    "batch_size": (0, 4096, int),
+    "learning_rate_multiplier": (0, 100, float),
+}
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: Auto | float = "auto"
+    batch_size: Auto | int = "auto"
+    learning_rate_multiplier: Auto | float = "auto"
+
+    @field_validator(*LIMITS, mode="before")
+    @classmethod
+    def _auto_or_in_range(cls, value: Any, info: ValidationInfo) -> Any:
+        # one plain message, rather than one per member of the union
+        low, high, kind = LIMITS[info.field_name]
+        if value == "auto":
+            return value
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (kind is int and value != int(value)) or not low < value <= high:
+            expected = "a whole number" if kind is int else "a number"
+            raise ValueError(f"must be 'auto' or {expected} above {low} and at most {high}")
+        return value
+
+
+class Supervised(BaseModel):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    type: Literal["supervised"] = Field(description="Only supervised fine-tuning is offered.")
+    supervised: Supervised | None = None
+
+
+class CreateJobRequest(BaseModel):
+    # Extra fields are the service's own spec sections (checked by JobSpec below).
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, description="A hub id or a local model folder.")
+    training_file: str = Field(min_length=1, description="A file id from POST /v1/files.")
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    integrations: list[Any] | None = None
+
+    def merged_hyperparameters(self) -> Hyperparameters:
+        """The method's hyperparameters over the top-level (deprecated) ones."""
+        top = self.hyperparameters.model_dump(exclude_unset=True) if self.hyperparameters else {}
+        method = self.method.supervised if self.method and self.method.supervised else None
+        if method and method.hyperparameters:
+            top.update(method.hyperparameters.model_dump(exclude_unset=True))
+        return Hyperparameters(**top)
+
+
+# Spec fields a user of this API sets through OpenAI's names.
+OPENAI_NAMES = {
+    "base_model": "model",
+    "name": "suffix",
+    "dataset.source": "training_file",
+    "dataset.validation_source": "validation_file",
+}
+
+
+def job_spec(request: CreateJobRequest) -> JobSpec:
+    """The job spec a request asks for; InvalidFields (param named as the user sent it) if not."""
+    extra = dict(request.model_extra or {})
+    dataset = dict(extra.pop("dataset", None) or {})
+    training = dict(extra.pop("training", None) or {})
+    taken = [f for f in ("base_model", "name") if f in extra]
+    taken += [f"dataset.{f}" for f in ("source", "validation_source") if f in dataset]
+    if request.integrations:
+        raise InvalidFields(("integrations", "integrations are not supported by this service"))
+    if taken:
+        raise InvalidFields(*((f, f"set it with `{OPENAI_NAMES[f]}`") for f in taken))
+
+    dataset["source"] = request.training_file
+    if request.validation_file is not None:
+        dataset["validation_source"] = request.validation_file
+    hyper = request.merged_hyperparameters()
+    params: dict[str, str] = {}  # spec field → the OpenAI parameter it came from, for errors
+    if hyper.n_epochs != "auto":
+        training["epochs"] = hyper.n_epochs
+        params["training.epochs"] = "hyperparameters.n_epochs"
+    if hyper.batch_size != "auto":
+        micro = training.get("batch_size", RECIPE_MICRO_BATCH)
+        micro = max(d for d in range(1, min(micro, hyper.batch_size) + 1) if hyper.batch_size % d == 0)
+        training.update(batch_size=micro, gradient_accumulation_steps=hyper.batch_size // micro)
+        params["training.batch_size"] = params["training.gradient_accumulation_steps"] = (
+            "hyperparameters.batch_size"
+        )
+    if hyper.learning_rate_multiplier != "auto":
+        training["learning_rate"] = training.get("learning_rate", RECIPE_LEARNING_RATE) * (
+            hyper.learning_rate_multiplier
+        )
+        params["training.learning_rate"] = "hyperparameters.learning_rate_multiplier"
+    if request.seed is not None:
+        training["seed"] = request.seed
+        params["training.seed"] = "seed"
+    fields = {
+        **extra,
+        "base_model": request.model,
+        "dataset": dataset,
+        "training": training,
+        "name": request.suffix,
+        "metadata": request.metadata,
+    }
+    try:
+        return JobSpec.model_validate(fields)
+    except ValidationError as exc:
+        problems = [(".".join(str(part) for part in e["loc"]), e["msg"]) for e in exc.errors()]
+        raise InvalidFields(*problems).renamed({**OPENAI_NAMES, **params}) from None

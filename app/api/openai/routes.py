@@ -1,0 +1,182 @@
+"""OpenAI's files and fine-tuning API under /v1, over the same services as the service's own
+routes: `OpenAI(base_url="http://HOST/v1", api_key=KEY)` lists, creates and follows the same
+jobs that `POST /jobs` makes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Header, Query, UploadFile
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.api.auth import Owner
+from app.errors import InvalidCursor, InvalidFields
+from app.models import Dataset, Job
+from app.services import datasets, jobs
+from app.services.pagination import cursor_of
+from app.services.timeline import job_timeline
+from app.spec import ModelOrDataset
+
+from .errors import ERROR_RESPONSES
+from .objects import (
+    checkpoint_object,
+    event_object,
+    file_object,
+    job_object,
+    page,
+    parse_checkpoint_step,
+    parse_event_id,
+)
+from .requests import OPENAI_NAMES, CreateJobRequest, job_spec
+
+router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
+
+After = Annotated[
+    str | None, Query(max_length=200, description="The id of the last object of the page before.")
+]
+Limit = Annotated[int, Query(ge=1, le=100)]
+Object = dict[str, Any]
+
+
+# --- files: the service's uploaded datasets ---------------------------------------------------
+@router.post("/files")
+def create_file(
+    owner: Owner,
+    file: Annotated[
+        UploadFile, File(description='Chat JSONL (`{"messages": [...]}` per line), or oasst rows.')
+    ],
+    purpose: Annotated[str, Form()],
+    tokenizer: Annotated[ModelOrDataset, Form()] = "microsoft/phi-2",
+    max_seq_length: Annotated[int, Form(ge=16, le=131072)] = 2048,
+) -> Object:
+    """Upload a training file. It is validated at once: a file with bad lines is kept with
+    `status: "error"` and the lines and reasons in `status_details`."""
+    if purpose != "fine-tune":
+        raise InvalidFields(("purpose", f"only 'fine-tune' files are kept here, not {purpose!r}"))
+    return file_object(datasets.upload_dataset(file.filename, file.file, owner, tokenizer, max_seq_length))
+
+
+@router.get("/files")
+def list_files(
+    owner: Owner,
+    after: After = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+    order: Annotated[str, Query(pattern="^desc$", description="Newest first only.")] = "desc",
+    purpose: str | None = None,
+) -> Object:
+    if purpose not in (None, "fine-tune"):
+        return page([], False)
+    cursor = cursor_of(Dataset, after, Dataset.owner == owner) if after else None
+    listed = datasets.list_datasets(owner, limit, cursor)
+    return page([file_object(d) for d in listed.items], listed.next is not None)
+
+
+@router.get("/files/{file_id}")
+def retrieve_file(file_id: str, owner: Owner) -> Object:
+    return file_object(datasets.get_dataset(file_id, owner))
+
+
+@router.get("/files/{file_id}/content", response_class=FileResponse)
+def file_content(file_id: str, owner: Owner) -> FileResponse:
+    path, filename = datasets.stored_file(file_id, owner)
+    return FileResponse(path, media_type="application/octet-stream", filename=filename)
+
+
+@router.delete("/files/{file_id}")
+def delete_file(file_id: str, owner: Owner) -> Object:
+    datasets.delete_dataset(file_id, owner)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+# --- fine-tuning jobs: the service's jobs -----------------------------------------------------
+def _job(job_id: str, owner: str) -> Object:
+    job = jobs.get_job(job_id, owner)
+    return job_object(job, jobs.estimated_finish(job))
+
+
+@router.post("/fine_tuning/jobs")
+def create_job(
+    owner: Owner,
+    request: CreateJobRequest,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    x_stainless_retry_count: Annotated[str | None, Header()] = None,
+) -> Object:
+    """Create a job. QLoRA settings go in extra body fields under the spec's names (`lora`,
+    `quantization`, `training`, …). A request the client retries (`x-stainless-retry-count`
+    above 0, or the same `Idempotency-Key`) returns the job its first attempt made."""
+    retry = (x_stainless_retry_count or "0") not in ("", "0")
+    spec = job_spec(request)
+    try:
+        job = jobs.create_job(spec, owner, idempotency_key=idempotency_key, retry=retry)
+    except InvalidFields as exc:  # e.g. an upload that is invalid: named as this request named it
+        raise exc.renamed(OPENAI_NAMES) from None
+    return job_object(job)
+
+
+@router.get("/fine_tuning/jobs")
+def list_jobs(owner: Owner, after: After = None, limit: Limit = 20) -> Object:
+    cursor = cursor_of(Job, after, Job.owner == owner) if after else None
+    listed = jobs.list_jobs(owner, None, limit, cursor)
+    return page([job_object(j, jobs.estimated_finish(j)) for j in listed.items], listed.next is not None)
+
+
+@router.get("/fine_tuning/jobs/{job_id}")
+def retrieve_job(job_id: str, owner: Owner) -> Object:
+    return _job(job_id, owner)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel")
+def cancel_job(job_id: str, owner: Owner) -> Object:
+    """A queued or paused job is cancelled at once, a running one at its next step."""
+    jobs.cancel_job(job_id, owner)
+    return _job(job_id, owner)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/pause")
+def pause_job(job_id: str, owner: Owner) -> Object:
+    """A running job saves a checkpoint at its next step and stops (`paused`). 400 unless the
+    job is queued or running."""
+    jobs.pause_job(job_id, owner)
+    return _job(job_id, owner)
+
+
+@router.post("/fine_tuning/jobs/{job_id}/resume")
+def resume_job(job_id: str, owner: Owner) -> Object:
+    """Queue a paused (or failed, or cancelled) job to continue from its latest checkpoint."""
+    jobs.resume_job(job_id, owner, None)
+    return _job(job_id, owner)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events")
+async def list_events(job_id: str, owner: Owner, after: After = None, limit: Limit = 20) -> Object:
+    """State changes and messages (`type: "message"`) and per-step metrics (`type: "metrics"`,
+    `data` with `step`, `train_loss`, `valid_loss`, …), newest first."""
+    cursor = None
+    if after is not None:
+        cursor = parse_event_id(after)
+        if cursor is None:
+            raise InvalidCursor(f"{after!r} is not an event id")
+    job = await run_in_threadpool(jobs.get_job, job_id, owner)
+    entries, more = await run_in_threadpool(job_timeline, job_id, owner, cursor, limit)
+    return page([event_object(entry, job.total_steps) for entry in entries], more)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+def list_checkpoints(job_id: str, owner: Owner, after: After = None, limit: Limit = 10) -> Object:
+    """Checkpoints newest first, each with its metrics and a `download_url` (the zip that
+    `GET /jobs/{id}/checkpoints/{name}/download` serves)."""
+    before_step = None
+    if after is not None:
+        before_step = parse_checkpoint_step(after)
+        if before_step is None:
+            raise InvalidCursor(f"{after!r} is not a checkpoint id")
+    job = jobs.get_job(job_id, owner)
+    listed = [
+        c
+        for c in reversed(jobs.list_checkpoints(job_id, owner))
+        if before_step is None or c.step < before_step
+    ]
+    shown = listed[:limit]
+    metrics = jobs.metrics_at(job_id, owner, [c.step for c in shown])
+    return page([checkpoint_object(job, c, metrics.get(c.step)) for c in shown], len(listed) > limit)

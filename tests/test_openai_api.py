@@ -1,0 +1,300 @@
+"""The OpenAI-compatible /v1 routes, driven by the official `openai` client (pinned in
+pyproject): files, errors and paging in-process; a job's whole life (train, events,
+checkpoints, pause and resume, cancel) against a live server with a real worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import zipfile
+from io import BytesIO
+
+import httpx
+import httpx2  # what the openai client (and Starlette's TestClient) send requests with
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.conftest import DEMO_MODEL, sqlite_only
+from tests.processes import running_service, wait_for_step
+
+# Small chat records (OpenAI's fine-tuning format) the tiny model learns from quickly.
+CHATS = [
+    {
+        "messages": [
+            {"role": "system", "content": "You add numbers."},
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+        ]
+    }
+    for a in range(8)
+    for b in range(8)
+]
+
+
+def chat_jsonl(records=CHATS) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def job_options(**training) -> dict:
+    """The tiny local model, trained quickly: what a user sends beside OpenAI's fields."""
+    return {
+        "quantization": {"compute_dtype": "float32"},
+        "training": {
+            "batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "max_seq_length": 64,
+            "logging_steps": 1,
+            "learning_rate": 0.03,
+            **training,
+        },
+    }
+
+
+def openai_client(client: httpx.Client, **options) -> OpenAI:
+    """The official client against the service's /v1, with this test's API key."""
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    return OpenAI(base_url=f"{client.base_url}/v1", api_key=key, **options)
+
+
+# --- in-process: the app answers the official client ------------------------------------------
+@pytest.fixture
+def ai(client) -> OpenAI:
+    return openai_client(client, http_client=client, max_retries=0)
+
+
+def test_files_upload_list_read_and_delete(ai):
+    uploaded = ai.files.create(file=("train.jsonl", chat_jsonl()), purpose="fine-tune")
+    assert (uploaded.object, uploaded.status, uploaded.purpose) == ("file", "processed", "fine-tune")
+    assert uploaded.bytes == len(chat_jsonl()) and uploaded.filename == "train.jsonl"
+    assert ai.files.retrieve(uploaded.id) == uploaded
+    assert ai.files.content(uploaded.id).content == chat_jsonl()
+
+    others = [
+        ai.files.create(file=(f"f{i}.jsonl", chat_jsonl(CHATS[:2])), purpose="fine-tune") for i in range(2)
+    ]
+    first = ai.files.list(limit=2)
+    assert [f.id for f in first.data] == [others[1].id, others[0].id] and first.has_more
+    assert [f.id for f in ai.files.list(limit=2)] == [others[1].id, others[0].id, uploaded.id]  # auto-paging
+
+    deleted = ai.files.delete(uploaded.id)
+    assert (deleted.id, deleted.deleted) == (uploaded.id, True)
+    with pytest.raises(openai.NotFoundError):
+        ai.files.retrieve(uploaded.id)
+
+
+def test_malformed_jsonl_is_kept_as_a_file_in_error_with_the_reason(ai):
+    lines = [json.dumps(CHATS[0]), "{not json", json.dumps({"messages": [{"role": "user", "content": "hi"}]})]
+    broken = ai.files.create(file=("broken.jsonl", "\n".join(lines).encode()), purpose="fine-tune")
+
+    assert broken.status == "error"
+    assert "line 2: invalid JSON" in broken.status_details
+    assert "line 3: no assistant message to learn from" in broken.status_details
+    with pytest.raises(openai.BadRequestError) as refused:
+        ai.fine_tuning.jobs.create(model=str(DEMO_MODEL), training_file=broken.id)
+    assert refused.value.body["param"] == "training_file" and "invalid" in refused.value.message
+
+
+def test_each_error_is_the_class_the_client_raises_for_its_status(ai, client):
+    with pytest.raises(openai.AuthenticationError) as unauthenticated:
+        OpenAI(base_url=f"{client.base_url}/v1", api_key="key_0.wrong", http_client=client).files.list()
+    assert unauthenticated.value.status_code == 401 and unauthenticated.value.code == "not_authenticated"
+
+    with pytest.raises(openai.NotFoundError) as missing:
+        ai.fine_tuning.jobs.retrieve("job_" + "0" * 24)
+    assert missing.value.body == {
+        "message": f"no job 'job_{'0' * 24}'",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "job_not_found",
+    }
+
+    with pytest.raises(openai.BadRequestError) as bad_purpose:
+        ai.files.create(file=("a.jsonl", chat_jsonl()), purpose="batch")
+    assert bad_purpose.value.param == "purpose"
+
+    training_file = ai.files.create(file=("t.jsonl", chat_jsonl()), purpose="fine-tune").id
+    bad = {
+        "model": ({"model": "gpt-4o-mini"}, "model"),
+        "epochs": ({"hyperparameters": {"n_epochs": -1}}, "hyperparameters.n_epochs"),
+        "method": ({"method": {"type": "dpo"}}, "method.type"),
+        "file": ({"training_file": "file-abc123"}, "training_file"),
+        "lora": ({"extra_body": {"lora": {"r": 0}}}, "lora.r"),
+        "reserved": ({"extra_body": {"base_model": "x/y"}}, "base_model"),
+    }
+    for name, (fields, param) in bad.items():
+        arguments = {"model": str(DEMO_MODEL), "training_file": training_file, **fields}
+        with pytest.raises(openai.BadRequestError) as refused:
+            ai.fine_tuning.jobs.create(**arguments)
+        assert refused.value.param == param, (name, refused.value.body)
+    assert ai.fine_tuning.jobs.list().data == []  # nothing was created
+
+    # a state that forbids the action is a 400 (a 409 would be retried by the client)
+    job = ai.fine_tuning.jobs.create(model=str(DEMO_MODEL), training_file=training_file)
+    with pytest.raises(openai.BadRequestError) as not_paused:
+        ai.fine_tuning.jobs.resume(job.id)
+    assert not_paused.value.code == "invalid_job_state"
+    assert ai.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    for action in (ai.fine_tuning.jobs.pause, ai.fine_tuning.jobs.cancel):
+        with pytest.raises(openai.BadRequestError):
+            action(job.id)
+
+
+def test_create_maps_openais_fields_onto_the_spec_and_pages_with_after(ai, client):
+    training_file = ai.files.create(file=("t.jsonl", chat_jsonl()), purpose="fine-tune").id
+    job = ai.fine_tuning.jobs.create(
+        model=str(DEMO_MODEL),
+        training_file=training_file,
+        suffix="adder",
+        seed=7,
+        metadata={"team": "search"},
+        method={
+            "type": "supervised",
+            "supervised": {
+                "hyperparameters": {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 0.5}
+            },
+        },
+        extra_body={"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}},
+    )
+    assert (job.object, job.status, job.model, job.seed) == ("fine_tuning.job", "queued", "tiny-phi2", 7)
+    assert job.hyperparameters.model_dump() == {
+        "n_epochs": 3,
+        "batch_size": 8,
+        "learning_rate_multiplier": 0.5,
+    }
+    assert job.method.type == "supervised" and job.metadata == {"team": "search"}
+    assert job.training_file == training_file and job.fine_tuned_model is None and job.error is None
+
+    spec = client.get(f"/jobs/{job.id}").json()["spec"]  # the same job on the service's own API
+    assert (spec["name"], spec["lora"]["r"], spec["lora"]["target_modules"]) == (
+        "adder",
+        8,
+        ["q_proj", "v_proj"],
+    )
+    training = spec["training"]
+    assert (training["epochs"], training["batch_size"], training["gradient_accumulation_steps"]) == (3, 4, 2)
+    assert training["learning_rate"] == pytest.approx(1e-4) and training["seed"] == 7
+
+    more = [ai.fine_tuning.jobs.create(model=str(DEMO_MODEL), training_file=training_file) for _ in range(2)]
+    newest_first = [more[1].id, more[0].id, job.id]
+    first = ai.fine_tuning.jobs.list(limit=2)
+    assert [j.id for j in first.data] == newest_first[:2] and first.has_more
+    rest = ai.fine_tuning.jobs.list(limit=2, after=first.data[-1].id)
+    assert [j.id for j in rest.data] == newest_first[2:] and not rest.has_more
+    assert [j.id for j in ai.fine_tuning.jobs.list(limit=1)] == newest_first  # the client's auto-paging
+
+
+class LoseFirstResponse(httpx2.BaseTransport):
+    """Delivers each request, but the first response is lost on the way back (a timeout)."""
+
+    def __init__(self, transport: httpx2.BaseTransport):
+        self.transport, self.calls = transport, []
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = self.transport.handle_request(request)
+        self.calls.append(request.headers.get("x-stainless-retry-count"))
+        if len(self.calls) == 1:
+            response.read()
+            raise httpx2.ReadTimeout("response lost", request=request)
+        return response
+
+
+def test_a_create_the_client_retries_makes_one_job(ai, client):
+    training_file = ai.files.create(file=("t.jsonl", chat_jsonl()), purpose="fine-tune").id
+    lossy = LoseFirstResponse(client._transport)
+    with httpx2.Client(transport=lossy, base_url=client.base_url) as http:
+        retrying = openai_client(client, http_client=http, max_retries=2)
+        job = retrying.fine_tuning.jobs.create(model=str(DEMO_MODEL), training_file=training_file)
+    assert lossy.calls == ["0", "1"]  # the client sent it twice
+    assert [j.id for j in ai.fine_tuning.jobs.list()] == [job.id]
+    # a deliberate second submission (a new request, not a retry) is a second job
+    assert ai.fine_tuning.jobs.create(model=str(DEMO_MODEL), training_file=training_file).id != job.id
+
+
+# --- live: a server and a real worker ---------------------------------------------------------
+def wait_status(ai: OpenAI, job_id: str, statuses: set[str], timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while (job := ai.fine_tuning.jobs.retrieve(job_id)).status not in statuses:
+        assert time.monotonic() < deadline, f"{job_id} still {job.status}"
+        time.sleep(0.3)
+    return job
+
+
+@sqlite_only
+@pytest.mark.e2e
+@pytest.mark.usefixtures("demo_model")
+def test_the_official_client_trains_pauses_resumes_and_cancels_jobs(redis_env, tmp_path):
+    with running_service(redis_env, tmp_path) as client:
+        ai = openai_client(client)
+        training_file = ai.files.create(file=("adder.jsonl", chat_jsonl()), purpose="fine-tune")
+        create = {"model": str(DEMO_MODEL), "training_file": training_file.id, "suffix": "adder"}
+        trained = ai.fine_tuning.jobs.create(
+            **create, hyperparameters={"batch_size": 4}, extra_body=job_options(max_steps=6, save_steps=3)
+        )
+        paused = ai.fine_tuning.jobs.create(**create, extra_body=job_options(max_steps=40, save_steps=100))
+        cancelled = ai.fine_tuning.jobs.create(**create, extra_body=job_options(max_steps=6))
+        assert ai.fine_tuning.jobs.cancel(cancelled.id).status == "cancelled"  # while queued
+
+        # one worker: the first job trains to the end
+        done = wait_status(ai, trained.id, {"succeeded", "failed"})
+        assert done.status == "succeeded", done.error
+        assert done.fine_tuned_model == f"ft:tiny-phi2:alice:adder:{trained.id}"
+        assert done.finished_at >= done.created_at and done.trained_tokens > 0
+
+        events = ai.fine_tuning.jobs.list_events(trained.id, limit=100).data
+        times = [e.created_at for e in events]
+        assert times == sorted(times, reverse=True)  # newest first
+        metrics = [e for e in events if e.type == "metrics"]
+        assert [e.data["step"] for e in metrics] == [6, 5, 4, 3, 2, 1]
+        assert all(e.data["train_loss"] > 0 and e.data["total_steps"] == 6 for e in metrics)
+        messages = [e.message for e in events if e.type == "message"]
+        assert messages[-1] == "job created" and messages[0].startswith("finished")
+        page = ai.fine_tuning.jobs.list_events(trained.id, limit=3)
+        after = ai.fine_tuning.jobs.list_events(trained.id, limit=3, after=page.data[-1].id)
+        assert [e.id for e in page.data + after.data] == [e.id for e in events[:6]]
+
+        checkpoints = ai.fine_tuning.jobs.checkpoints.list(trained.id).data
+        assert [c.step_number for c in checkpoints] == [6, 3]
+        for checkpoint in checkpoints:
+            assert (
+                checkpoint.fine_tuned_model_checkpoint
+                == f"{done.fine_tuned_model}:ckpt-step-{checkpoint.step_number}"
+            )
+            assert checkpoint.metrics.train_loss > 0 and checkpoint.fine_tuning_job_id == trained.id
+            download = client.get(checkpoint.download_url)  # the service's own checkpoint download
+            assert hashlib.sha256(download.content).hexdigest() == checkpoint.sha256
+            assert f"checkpoint-{checkpoint.step_number}/adapter_model.safetensors" in (
+                zipfile.ZipFile(BytesIO(download.content)).namelist()
+            )
+        with pytest.raises(openai.BadRequestError):
+            ai.fine_tuning.jobs.pause(trained.id)  # it has ended
+
+        # the second pauses mid-run with a checkpoint, then resumes from it to the end
+        wait_for_step(client, paused.id, 1)
+        assert ai.fine_tuning.jobs.pause(paused.id).status in ("running", "paused")
+        stopped = wait_status(ai, paused.id, {"paused", "succeeded", "failed"})
+        assert stopped.status == "paused" and stopped.finished_at is None
+        [saved] = ai.fine_tuning.jobs.checkpoints.list(paused.id).data
+        assert 0 < saved.step_number < 40
+        with pytest.raises(openai.BadRequestError):
+            ai.fine_tuning.jobs.pause(paused.id)
+        assert ai.fine_tuning.jobs.resume(paused.id).status == "queued"
+        resumed = wait_status(ai, paused.id, {"succeeded", "failed"})
+        assert resumed.status == "succeeded", resumed.error
+        steps = [
+            e.data["step"]
+            for e in ai.fine_tuning.jobs.list_events(paused.id, limit=100)
+            if e.type == "metrics"
+        ]
+        assert sorted(steps) == list(range(1, 41))  # one row per step across the pause
+        messages = [
+            e.message for e in ai.fine_tuning.jobs.list_events(paused.id, limit=100) if e.type == "message"
+        ]
+        assert f"paused at step {saved.step_number}; checkpoint-{saved.step_number} saved" in messages
+        assert f"resume: resuming from checkpoint-{saved.step_number}" in messages
+
+        listed = ai.fine_tuning.jobs.list(limit=2)
+        assert [j.id for j in listed.data] == [cancelled.id, paused.id] and listed.has_more
+        assert [j.status for j in ai.fine_tuning.jobs.list(after=paused.id).data] == ["succeeded"]
+        assert ai.fine_tuning.jobs.retrieve(cancelled.id).status == "cancelled"
