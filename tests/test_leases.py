@@ -105,3 +105,18 @@ def test_ids_the_broker_lost_are_sent_again(client, service_env, monkeypatch):
     assert redispatch_lost() == [first, second]
     assert queued_messages(service_env) == 2
     assert redispatch_lost() == []
+
+
+@pytest.mark.parametrize("action", ["cancel", "pause"])
+def test_a_job_whose_worker_dies_after_a_cancel_or_pause_stops_instead_of_running_again(client, action):
+    claim = running_job(client)
+    client.post(f"/jobs/{claim.job_id}/{action}")
+    expire(claim.job_id)
+
+    assert sweep() == []
+
+    job = jobs.get_job(claim.job_id, TEST_OWNER)
+    assert job.status == {"cancel": "cancelled", "pause": "paused"}[action]
+    assert runs.claim_job(claim.job_id) is None  # a late delivery of its id does not run it
+    if action == "pause":
+        assert client.post(f"/jobs/{claim.job_id}/resume").json()["status"] == "queued"

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def sweep() -> list[str]:
     """Re-queue running jobs with an expired lease from their last complete checkpoint, or fail
-    them once they have used `max_attempts`. Returns the re-queued ids.
+    them once they have used `max_attempts`; one a user asked to cancel or pause is cancelled or
+    paused instead (resume continues from its last complete checkpoint). Returns the re-queued ids.
 
     Every change is conditional on the lease seen expired, so concurrent sweepers (several API
     processes) and a worker that renews at the last moment are safe.
@@ -30,12 +31,12 @@ def sweep() -> list[str]:
     now = utcnow()
     with session_scope() as session:
         expired = session.execute(
-            select(Job.id, Job.lease_owner, Job.attempts).where(
+            select(Job.id, Job.lease_owner, Job.attempts, Job.cancel_requested, Job.pause_requested).where(
                 Job.status == JobStatus.RUNNING, Job.lease_expires_at < now
             )
         ).all()
     requeued = []
-    for job_id, owner, attempts in expired:
+    for job_id, owner, attempts, cancel, pause in expired:
         still_expired = (
             Job.status == JobStatus.RUNNING,
             Job.lease_owner == owner,
@@ -43,6 +44,22 @@ def sweep() -> list[str]:
         )
         reason = f"worker {owner} stopped renewing its lease"
         with session_scope() as session:
+            if cancel or pause:  # the user's request stands: stop here rather than run again
+                status = JobStatus.CANCELLED if cancel else JobStatus.PAUSED
+                stopped = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, *still_expired)
+                    .values(
+                        status=status,
+                        finished_at=now if cancel else None,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        pause_requested=False,
+                    )
+                ).rowcount
+                if stopped:
+                    add_state_event(session, job_id, status, f"{status}: {reason} before it stopped")
+                continue
             if attempts >= max_attempts:
                 error = f"{reason}; gave up after {attempts} attempts"
                 failed = session.execute(
