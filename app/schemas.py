@@ -23,18 +23,24 @@ class ErrorBody(BaseModel):
     detail: Any = Field(description="For a person: a sentence, or for 422 the list of bad fields.")
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description}
-    for status, description in {
-        401: "No valid API key.",
-        404: "No such thing, or not yours.",
-        409: "The job's state does not allow this.",
-        413: "Request body too large.",
-        422: "Invalid input; `detail` lists each field and why.",
-        429: "Too many queued jobs for this owner.",
-        503: "The database or the broker did not answer; nothing was changed.",
-    }.items()
+# Why each documented error status is answered (the OpenAI-compatible routes reuse these).
+ERROR_REASONS = {
+    401: "No valid API key.",
+    404: "No such thing, or not yours.",
+    409: "The job's state does not allow this.",
+    413: "Request body too large.",
+    422: "Invalid input; `detail` lists each field and why.",
+    429: "Too many queued jobs for this owner.",
+    503: "The database or the broker did not answer; nothing was changed.",
 }
+
+
+def error_responses(body: type[BaseModel], reasons: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """FastAPI's `responses=` documenting each status with its body model and reason."""
+    return {status: {"model": body, "description": reason} for status, reason in reasons.items()}
+
+
+ERROR_RESPONSES = error_responses(ErrorBody, ERROR_REASONS)
 
 
 class _FromRow(BaseModel):

@@ -123,6 +123,18 @@ def test_uploads_must_be_json_lines_or_json(client):
     assert client.get("/datasets").json()["items"] == []
 
 
+def test_a_broken_multipart_body_is_a_bad_field(client):
+    """Found by the fuzz test: an empty multipart body was an undocumented 400."""
+    boundary = "4bea7452f2ee0b8418ae8c1020a88206"
+    broken = {"content": f"--{boundary}\r\n--{boundary}--\r\n".encode()}
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    native = client.post("/datasets", headers=headers, **broken)
+    assert native.status_code == 422 and native.json()["detail"][0]["field"] == "body"
+    openai = client.post("/v1/files", headers=headers, **broken)
+    assert openai.status_code == 400 and openai.json()["error"]["param"] == "body"
+    assert client.get("/datasets").json()["items"] == []
+
+
 def test_a_job_naming_an_invalid_or_unknown_dataset_is_refused_before_it_is_queued(client, service_env):
     invalid = upload(client, "bad.jsonl", b"not json\n").json()
     spec = demo_spec()

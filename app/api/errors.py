@@ -55,9 +55,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         path = request.url.path
-        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:
-            # FastAPI's answer to a body that is not text (not UTF-8): a bad field like any other
-            detail = [{"field": "body", "message": "the body is not UTF-8 JSON text", "type": "json_invalid"}]
+        if exc.status_code == 400:
+            # FastAPI's and Starlette's answer to a body they can't parse (not UTF-8 text, broken
+            # multipart; the service's own code raises no HTTPException): a bad field like any other
+            if exc.detail == BODY_PARSE_ERROR:
+                detail = [
+                    {"field": "body", "message": "the body is not UTF-8 JSON text", "type": "json_invalid"}
+                ]
+            else:
+                detail = [{"field": "body", "message": str(exc.detail), "type": "body_invalid"}]
             return error_response(path, 422, "validation_error", detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(path, exc.status_code, code, exc.detail)

@@ -6,10 +6,10 @@ service's 409) and a bad field (422) are 400s here: retrying them can't help."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+
+from app.schemas import ERROR_REASONS, error_responses
 
 PREFIX = "/v1/"
 
@@ -29,17 +29,14 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": description}
-    for status, description in {
+# The service's statuses, with 409 and 422 answered as 400 (see above).
+ERROR_RESPONSES = error_responses(
+    ErrorBody,
+    {
         400: "Invalid input, or the job's state does not allow this; `param` names the field.",
-        401: "No valid API key.",
-        404: "No such thing, or not yours.",
-        413: "Request body too large.",
-        429: "Too many queued jobs for this owner.",
-        503: "The database or the broker did not answer; nothing was changed.",
-    }.items()
-}
+        **{status: reason for status, reason in ERROR_REASONS.items() if status not in (409, 422)},
+    },
+)
 
 
 def is_openai_path(path: str) -> bool:
