@@ -3,7 +3,9 @@ same services a worker calls)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import sqlite3
 from pathlib import Path
 
@@ -229,7 +231,7 @@ def _running_job_with_metrics(client, steps: int) -> runs.Claim:
     return claim
 
 
-def test_logs_as_pages_and_as_text(client):
+def test_logs_as_pages_as_text_and_as_csv(client):
     job_id = _running_job_with_metrics(client, 5).job_id
 
     page = client.get(f"/jobs/{job_id}/logs", params={"after_step": 1, "limit": 2}).json()
@@ -245,6 +247,10 @@ def test_logs_as_pages_and_as_text(client):
     }
     text = client.get(f"/jobs/{job_id}/logs", params={"format": "text"}).text.splitlines()
     assert len(text) == 5 and "step=5" in text[-1] and "loss=2.5000" in text[-1]
+    table = list(
+        csv.DictReader(io.StringIO(client.get(f"/jobs/{job_id}/logs", params={"format": "csv"}).text))
+    )
+    assert [row["step"] for row in table] == ["1", "2", "3", "4", "5"] and float(table[-1]["loss"]) == 2.5
 
 
 def test_log_stream_sends_rows_from_last_event_id_and_ends_with_the_job(client):

@@ -4,11 +4,13 @@ checkpoints, pause and resume, cancel) against a live server with a real worker.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import time
 import zipfile
-from io import BytesIO
+from datetime import timedelta
 
 import httpx
 import httpx2  # what the openai client (and Starlette's TestClient) send requests with
@@ -16,6 +18,8 @@ import openai
 import pytest
 from openai import OpenAI
 
+from app.models import utcnow
+from app.services import runs
 from tests.conftest import DEMO_MODEL, sqlite_only
 from tests.processes import running_service, wait_for_step
 
@@ -185,6 +189,37 @@ def test_create_maps_openais_fields_onto_the_spec_and_pages_with_after(ai, clien
     assert [j.id for j in ai.fine_tuning.jobs.list(limit=1)] == newest_first  # the client's auto-paging
 
 
+def test_a_running_job_estimates_its_finish_and_a_stopped_one_has_a_result_file(ai):
+    training_file = ai.files.create(file=("t.jsonl", chat_jsonl()), purpose="fine-tune").id
+    job = ai.fine_tuning.jobs.create(model=str(DEMO_MODEL), training_file=training_file)
+    claim = runs.claim_job(job.id)
+    runs.set_total_steps(claim, 100)
+    now = utcnow()
+    rows = [{"step": s, "loss": 5 - s / 10, "time": now - timedelta(seconds=10 - s)} for s in range(1, 11)]
+    runs.report_progress(claim, 10, rows, trained_tokens=5000)
+
+    running = ai.fine_tuning.jobs.retrieve(job.id)
+    assert running.estimated_finish == pytest.approx(now.timestamp() + 90, abs=3)  # 1 step/s, 90 to go
+    assert (running.trained_tokens, running.result_files) == (5000, [])
+
+    runs.finish_job(claim, "failed", "training failed", error="RuntimeError: out of memory")
+    failed = ai.fine_tuning.jobs.retrieve(job.id)
+    assert failed.error.model_dump() == {
+        "code": "training_failed",
+        "message": "RuntimeError: out of memory",
+        "param": None,
+    }
+    assert failed.estimated_finish is None
+    [results] = failed.result_files
+    described = ai.files.retrieve(results)
+    assert (described.purpose, described.status) == ("fine-tune-results", "processed")
+    table = list(csv.DictReader(io.StringIO(ai.files.content(results).text)))
+    assert len(table) == 10 and described.bytes == len(ai.files.content(results).content)
+    assert (table[0]["step"], float(table[0]["train_loss"])) == ("1", 4.9)
+    with pytest.raises(openai.BadRequestError):
+        ai.files.delete(results)
+
+
 class LoseFirstResponse(httpx2.BaseTransport):
     """Delivers each request, but the first response is lost on the way back (a timeout)."""
 
@@ -236,11 +271,24 @@ def test_the_official_client_trains_pauses_resumes_and_cancels_jobs(redis_env, t
         cancelled = ai.fine_tuning.jobs.create(**create, extra_body=job_options(max_steps=6))
         assert ai.fine_tuning.jobs.cancel(cancelled.id).status == "cancelled"  # while queued
 
+        # while the first trains: a malformed file, and each error class, from the live server
+        broken = ai.files.create(file=("broken.jsonl", b'{"messages": []}\n{oops\n'), purpose="fine-tune")
+        assert broken.status == "error" and "line 2: invalid JSON" in broken.status_details
+        with pytest.raises(openai.BadRequestError) as refused:
+            ai.fine_tuning.jobs.create(model=str(DEMO_MODEL), training_file=broken.id)
+        assert refused.value.param == "training_file"
+        with pytest.raises(openai.AuthenticationError):
+            OpenAI(base_url=f"{client.base_url}/v1", api_key="key_0.wrong").fine_tuning.jobs.list()
+        with pytest.raises(openai.NotFoundError):
+            ai.fine_tuning.jobs.retrieve("job_" + "0" * 24)
+
         # one worker: the first job trains to the end
         done = wait_status(ai, trained.id, {"succeeded", "failed"})
         assert done.status == "succeeded", done.error
         assert done.fine_tuned_model == f"ft:tiny-phi2:alice:adder:{trained.id}"
         assert done.finished_at >= done.created_at and done.trained_tokens > 0
+        table = list(csv.DictReader(io.StringIO(ai.files.content(done.result_files[0]).text)))
+        assert [int(row["step"]) for row in table] == [1, 2, 3, 4, 5, 6]
 
         events = ai.fine_tuning.jobs.list_events(trained.id, limit=100).data
         times = [e.created_at for e in events]
@@ -265,7 +313,7 @@ def test_the_official_client_trains_pauses_resumes_and_cancels_jobs(redis_env, t
             download = client.get(checkpoint.download_url)  # the service's own checkpoint download
             assert hashlib.sha256(download.content).hexdigest() == checkpoint.sha256
             assert f"checkpoint-{checkpoint.step_number}/adapter_model.safetensors" in (
-                zipfile.ZipFile(BytesIO(download.content)).namelist()
+                zipfile.ZipFile(io.BytesIO(download.content)).namelist()
             )
         with pytest.raises(openai.BadRequestError):
             ai.fine_tuning.jobs.pause(trained.id)  # it has ended

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from starlette.concurrency import run_in_threadpool
 
@@ -27,6 +29,29 @@ def format_text_line(row: MetricRead) -> str:
         if value is not None:
             fields.append(f"{name}={value:{fmt}}")
     return f"{row.time.isoformat(timespec='seconds')} " + " ".join(fields)
+
+
+CSV_COLUMNS = (
+    "step",
+    "epoch",
+    "loss",
+    "eval_loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_second",
+    "time",
+)
+
+
+def format_csv(rows: Iterable[MetricRead], headers: dict[str, str] | None = None) -> str:
+    """Metric rows as CSV, a column per field (named as in `headers` where it names one)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([(headers or {}).get(column, column) for column in CSV_COLUMNS])
+    for row in rows:
+        record = row.model_dump(mode="json")  # the time as ISO 8601 text
+        writer.writerow(["" if record[column] is None else record[column] for column in CSV_COLUMNS])
+    return out.getvalue()
 
 
 async def metric_events(job_id: str, owner: str, after_step: int) -> AsyncIterator[dict]:

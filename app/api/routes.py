@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Owner
-from app.api.logs import format_text_line, metric_events
+from app.api.logs import format_csv, format_text_line, metric_events
 from app.errors import InvalidCursor
 from app.models import JobStatus, SampleStatus
 from app.schemas import (
@@ -111,7 +111,7 @@ def resume_job(job_id: str, owner: Owner, body: Annotated[ResumeRequest | None, 
     "/jobs/{job_id}/logs",
     response_model=Page[MetricRead],
     tags=["metrics"],
-    responses={200: {"content": {"text/event-stream": {}, "text/plain": {}}}},
+    responses={200: {"content": {"text/event-stream": {}, "text/plain": {}, "text/csv": {}}}},
 )
 async def job_logs(
     request: Request,
@@ -119,11 +119,12 @@ async def job_logs(
     owner: Owner,
     after_step: Annotated[int | None, Query(ge=-1, le=MAX_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
-    format: Annotated[str, Query(pattern="^(json|text)$")] = "json",
+    format: Annotated[str, Query(pattern="^(json|text|csv)$")] = "json",
     accept: Annotated[str, Header()] = "",
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response | Page[MetricRead]:
-    """Metric rows. `Accept: text/event-stream` streams them live; `?format=text` gives a log file."""
+    """Metric rows. `Accept: text/event-stream` streams them live; `?format=text` gives a log
+    file, `?format=csv` a table."""
     if "text/event-stream" in accept:
         start = after_step if after_step is not None else -1
         if last_event_id:
@@ -136,6 +137,8 @@ async def job_logs(
     if format == "text":
         text = "".join(format_text_line(row) + "\n" for row in page.items)
         return PlainTextResponse(text)
+    if format == "csv":
+        return PlainTextResponse(format_csv(page.items), media_type="text/csv")
     return page
 
 

@@ -35,8 +35,9 @@ from app.spec import JobSpec
 from app.storage import job_files
 
 RESUMABLE = (JobStatus.PAUSED, JobStatus.FAILED, JobStatus.CANCELLED)
-# How long a retried create (without an Idempotency-Key) looks back for its first attempt.
-RETRY_WINDOW = timedelta(hours=1)
+# How long a retried create (without an Idempotency-Key) looks back for its first attempt: the
+# openai client's 3 tries of up to 10 minutes each.
+RETRY_WINDOW = timedelta(minutes=30)
 
 
 def create_job(

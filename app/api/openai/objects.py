@@ -94,6 +94,34 @@ def full_spec(job: JobRead) -> dict[str, Any]:
     }
 
 
+# A job's result file: its metric rows as CSV, once it has stopped (OpenAI's `result_files`).
+RESULTS_PREFIX = "results-"
+RESULT_HEADERS = {"loss": "train_loss", "eval_loss": "valid_loss"}
+
+
+def results_file_id(job_id: str) -> str:
+    return RESULTS_PREFIX + job_id
+
+
+def results_job_id(file_id: str) -> str | None:
+    """The job whose result file this id names, or None (an upload's id)."""
+    return file_id.removeprefix(RESULTS_PREFIX) if file_id.startswith(RESULTS_PREFIX) else None
+
+
+def results_file_object(job: JobRead, size: int) -> dict[str, Any]:
+    return {
+        "id": results_file_id(job.id),
+        "object": "file",
+        "bytes": size,
+        "created_at": unix(job.finished_at or job.updated_at),
+        "filename": f"{job.id}-step-metrics.csv",
+        "purpose": "fine-tune-results",
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
+
+
 def job_object(job: JobRead, estimated_finish: datetime | None = None) -> dict[str, Any]:
     spec = full_spec(job)
     hyper = hyperparameters(spec)
@@ -114,7 +142,7 @@ def job_object(job: JobRead, estimated_finish: datetime | None = None) -> dict[s
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
         "training_file": spec["dataset"]["source"],
         "validation_file": spec["dataset"].get("validation_source"),
-        "result_files": [],
+        "result_files": [results_file_id(job.id)] if job.status in JobStatus.STOPPED else [],
         "trained_tokens": job.trained_tokens,
         "seed": spec["training"]["seed"],
         "estimated_finish": unix(estimated_finish),

@@ -7,12 +7,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, Query, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Owner
+from app.api.logs import format_csv
 from app.errors import InvalidCursor, InvalidFields
 from app.models import Dataset, Job
+from app.schemas import JobRead
 from app.services import datasets, jobs
 from app.services.pagination import cursor_of
 from app.services.timeline import job_timeline
@@ -20,6 +22,7 @@ from app.spec import ModelOrDataset
 
 from .errors import ERROR_RESPONSES
 from .objects import (
+    RESULT_HEADERS,
     checkpoint_object,
     event_object,
     file_object,
@@ -27,6 +30,8 @@ from .objects import (
     page,
     parse_checkpoint_step,
     parse_event_id,
+    results_file_object,
+    results_job_id,
 )
 from .requests import OPENAI_NAMES, CreateJobRequest, job_spec
 
@@ -72,19 +77,38 @@ def list_files(
     return page([file_object(d) for d in listed.items], listed.next is not None)
 
 
+def _results(job_id: str, owner: str) -> tuple[JobRead, bytes]:
+    """A job's result file: its metric rows as CSV, headed as OpenAI's (`train_loss`, …)."""
+    job = jobs.get_job(job_id, owner)
+    _, rows = jobs.metrics_since(job_id, owner, -1)
+    return job, format_csv(rows, RESULT_HEADERS).encode()
+
+
 @router.get("/files/{file_id}")
 def retrieve_file(file_id: str, owner: Owner) -> Object:
+    job_id = results_job_id(file_id)
+    if job_id is not None:
+        job, content = _results(job_id, owner)
+        return results_file_object(job, len(content))
     return file_object(datasets.get_dataset(file_id, owner))
 
 
 @router.get("/files/{file_id}/content", response_class=FileResponse)
-def file_content(file_id: str, owner: Owner) -> FileResponse:
+def file_content(file_id: str, owner: Owner) -> Response:
+    """The upload as sent, or a job's result file (`results-<job id>`: its metrics as CSV)."""
+    job_id = results_job_id(file_id)
+    if job_id is not None:
+        return Response(_results(job_id, owner)[1], media_type="text/csv")
     path, filename = datasets.stored_file(file_id, owner)
     return FileResponse(path, media_type="application/octet-stream", filename=filename)
 
 
 @router.delete("/files/{file_id}")
 def delete_file(file_id: str, owner: Owner) -> Object:
+    job_id = results_job_id(file_id)
+    if job_id is not None:
+        jobs.get_job(job_id, owner)  # 404 unless it is the owner's
+        raise InvalidFields(("file_id", "a result file goes with its job; it can't be deleted"))
     datasets.delete_dataset(file_id, owner)
     return {"id": file_id, "object": "file", "deleted": True}
 
