@@ -29,7 +29,7 @@ import yaml
 from dotenv import dotenv_values
 
 from tests.conftest import DEMO_JOB, POSTGRES_URL, REDIS_URL, REPO, fresh_postgres_database
-from tests.processes import free_port, service_process, wait_for
+from tests.processes import free_port, service_process, wait_for, wait_for_step
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
 
@@ -345,6 +345,32 @@ def test_generate_answers_with_the_jobs_adapter(deployment, finished_job):
     assert from_checkpoint.returncode == 0, from_checkpoint.stderr
     missing = deployment.cli("generate", finished_job["id"], prompt, "--checkpoint", "checkpoint-8")
     assert missing.returncode == 1 and "checkpoint_not_found" in missing.stderr
+
+
+def test_pause_saves_a_checkpoint_and_resume_finishes_the_job(deployment):
+    submitted = deployment.cli(
+        "submit", str(DEMO_JOB), "--set", "training.max_steps=30", "--set", "training.save_steps=100"
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    with deployment.client() as client:
+        wait_for_step(client, job_id, 1)
+        paused = deployment.cli("pause", job_id)
+        assert paused.returncode == 0 and f"{job_id}: pause requested" in paused.stdout, paused.stderr
+        stopped = wait_for(client, job_id, {"paused", "succeeded", "failed"}, timeout=60)
+        assert stopped["status"] == "paused", stopped["error"]
+        [checkpoint] = client.get(f"/jobs/{job_id}/checkpoints").json()["items"]
+        assert checkpoint["step"] == stopped["current_step"] < 30
+
+        following = deployment.cli("logs", job_id, "--follow")  # the stream ends at the pause
+        assert following.returncode == 1 and f"{job_id} paused" in following.stdout
+        resumed = deployment.cli("resume", job_id)
+        assert f"{job_id}: queued, from {checkpoint['name']}" in resumed.stdout, resumed.stderr
+        finished = deployment.cli("logs", job_id, "--follow")
+        assert finished.returncode == 0, finished.stdout
+        assert [row["step"] for row in client.get(f"/jobs/{job_id}/logs").json()["items"]] == list(
+            range(1, 31)
+        )
 
 
 def test_upload_prints_the_validation_report(deployment, tmp_path):
