@@ -183,9 +183,9 @@ def event_object(entry: Entry, total_steps: int | None) -> dict[str, Any]:
             "type": "message",
             "data": row.data,
         }
-    parts = [f"training loss={row.loss:.4f}" if row.loss is not None else None]
-    parts.append(f"validation loss={row.eval_loss:.4f}" if row.eval_loss is not None else None)
-    message = f"Step {row.step}/{total_steps or '?'}: " + ", ".join(p for p in parts if p)
+    losses = (("training loss", row.loss), ("validation loss", row.eval_loss))
+    measured = ", ".join(f"{name}={value:.4f}" for name, value in losses if value is not None)
+    message = f"Step {row.step}/{total_steps or '?'}: {measured}"
     return {
         **base,
         "level": "info",
