@@ -27,8 +27,12 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{
 def resolve_model_or_dataset(value: str) -> str:
     """A local path that exists (made absolute) or a hub id `org/name[@revision]`."""
     value = value.strip()
-    path = Path(value).expanduser()
-    if path.exists():
+    try:
+        path = Path(value).expanduser()
+        exists = path.exists()
+    except (OSError, ValueError, RuntimeError):  # too long a file name, a NUL byte, ~unknown_user
+        exists = False
+    if exists:
         return str(path.resolve())
     if "://" in value or not HUB_ID.match(value):
         raise ValueError(

@@ -92,10 +92,8 @@ def test_stateful_sequences_along_inferred_links(api_schema, auth):
     Machine.run(settings=settings(SETTINGS, max_examples=60, stateful_step_count=6))
     # the sequences reached real jobs and datasets through the links (not only 404s)
     # (which operations succeed varies with the state the sequences build: a job may already be
-    # cancelled, the owner's queue may be full)
-    assert any(hit.startswith("GET /jobs/{job_id}") for hit in linked_hits) and len(linked_hits) >= 3, (
-        linked_hits
-    )
+    # cancelled, the owner's queue may be full; the job may be reached natively or under /v1)
+    assert any("/jobs/{job_id}" in hit for hit in linked_hits) and len(linked_hits) >= 3, linked_hits
     print(
         f"FIGURE schemathesis, stateful: {calls} calls in sequences along inferred links "
         f"({len(linked_hits)} operations reached on created jobs and datasets); 0 server errors, "

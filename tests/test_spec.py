@@ -48,6 +48,10 @@ def test_every_value_is_overridable_and_the_rest_keep_their_defaults():
         ({"base_model": "https://evil.example/model"}, ("base_model",)),
         ({"base_model": "./no/such/model/dir"}, ("base_model",)),
         ({"dataset": {"source": "not a name"}}, ("dataset", "source")),
+        # found by the fuzz test: too long a file name, a NUL byte, an unknown user (were 500s)
+        ({"base_model": "x" * 300}, ("base_model",)),
+        ({"dataset": {"source": "a\x00b"}}, ("dataset", "source")),
+        ({"base_model": "~no_such_user_here/model"}, ("base_model",)),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(body, field):

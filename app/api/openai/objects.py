@@ -195,19 +195,19 @@ def event_object(entry: Entry, total_steps: int | None) -> dict[str, Any]:
     }
 
 
-def parse_event_id(event_id: str) -> tuple[str, int] | None:
-    prefix, _, rest = event_id.partition("-")
-    kind, _, number = rest.partition("-")
-    return (kind, int(number)) if prefix == "ftevent" and number.isdigit() else None
+def parse_event_id(event_id: str) -> tuple[str, int]:
+    """`ftevent-<kind>-<row id>` (the route checked its shape) → (kind, row id)."""
+    _, kind, number = event_id.split("-")
+    return kind, int(number)
 
 
 def checkpoint_id(job_id: str, step: int) -> str:
     return f"ftckpt-{job_id}-{step}"
 
 
-def parse_checkpoint_step(checkpoint: str) -> int | None:
-    step = checkpoint.rpartition("-")[2]
-    return int(step) if checkpoint.startswith("ftckpt-") and step.isdigit() else None
+def parse_checkpoint_step(checkpoint: str) -> int:
+    """`ftckpt-<job id>-<step>` (the route checked its shape) → the step."""
+    return int(checkpoint.rpartition("-")[2])
 
 
 def checkpoint_object(job: JobRead, checkpoint: CheckpointRead, metric: MetricRead | None) -> dict[str, Any]:

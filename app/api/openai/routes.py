@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Owner
 from app.api.logs import format_csv
-from app.errors import InvalidCursor, InvalidFields
+from app.errors import InvalidFields
 from app.models import Dataset, Job
 from app.schemas import JobRead
 from app.services import datasets, jobs
@@ -37,9 +37,19 @@ from .requests import OPENAI_NAMES, CreateJobRequest, job_spec
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
-After = Annotated[
-    str | None, Query(max_length=200, description="The id of the last object of the page before.")
-]
+
+def after(pattern: str, what: str):
+    """A page cursor: the id of the last object of the page before (checked for shape, so that
+    nothing else reaches the database)."""
+    return Annotated[
+        str | None, Query(pattern=f"^{pattern}$", description=f"The last {what} of the page before.")
+    ]
+
+
+FileAfter = after(r"ds_[0-9a-f]{24}", "file id")
+JobAfter = after(r"job_[0-9a-f]{24}", "job id")
+EventAfter = after(r"ftevent-(event|metric)-[0-9]{1,9}", "event id")
+CheckpointAfter = after(r"ftckpt-job_[0-9a-f]{24}-[0-9]{1,12}", "checkpoint id")
 Limit = Annotated[int, Query(ge=1, le=100)]
 Object = dict[str, Any]
 
@@ -65,7 +75,7 @@ def create_file(
 @router.get("/files")
 def list_files(
     owner: Owner,
-    after: After = None,
+    after: FileAfter = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     order: Annotated[str, Query(pattern="^desc$", description="Newest first only.")] = "desc",
     purpose: str | None = None,
@@ -139,7 +149,7 @@ def create_job(
 
 
 @router.get("/fine_tuning/jobs")
-def list_jobs(owner: Owner, after: After = None, limit: Limit = 20) -> Object:
+def list_jobs(owner: Owner, after: JobAfter = None, limit: Limit = 20) -> Object:
     cursor = cursor_of(Job, after, Job.owner == owner) if after else None
     listed = jobs.list_jobs(owner, None, limit, cursor)
     return page([job_object(j, jobs.estimated_finish(j)) for j in listed.items], listed.next is not None)
@@ -173,28 +183,20 @@ def resume_job(job_id: str, owner: Owner) -> Object:
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
-async def list_events(job_id: str, owner: Owner, after: After = None, limit: Limit = 20) -> Object:
+async def list_events(job_id: str, owner: Owner, after: EventAfter = None, limit: Limit = 20) -> Object:
     """State changes and messages (`type: "message"`) and per-step metrics (`type: "metrics"`,
     `data` with `step`, `train_loss`, `valid_loss`, …), newest first."""
-    cursor = None
-    if after is not None:
-        cursor = parse_event_id(after)
-        if cursor is None:
-            raise InvalidCursor(f"{after!r} is not an event id")
+    cursor = parse_event_id(after) if after is not None else None
     job = await run_in_threadpool(jobs.get_job, job_id, owner)
     entries, more = await run_in_threadpool(job_timeline, job_id, owner, cursor, limit)
     return page([event_object(entry, job.total_steps) for entry in entries], more)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
-def list_checkpoints(job_id: str, owner: Owner, after: After = None, limit: Limit = 10) -> Object:
+def list_checkpoints(job_id: str, owner: Owner, after: CheckpointAfter = None, limit: Limit = 10) -> Object:
     """Checkpoints newest first, each with its metrics and a `download_url` (the zip that
     `GET /jobs/{id}/checkpoints/{name}/download` serves)."""
-    before_step = None
-    if after is not None:
-        before_step = parse_checkpoint_step(after)
-        if before_step is None:
-            raise InvalidCursor(f"{after!r} is not a checkpoint id")
+    before_step = parse_checkpoint_step(after) if after is not None else None
     job = jobs.get_job(job_id, owner)
     listed = [
         c
