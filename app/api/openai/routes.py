@@ -124,8 +124,7 @@ def delete_file(file_id: str, owner: Owner) -> Object:
 
 
 # --- fine-tuning jobs: the service's jobs -----------------------------------------------------
-def _job(job_id: str, owner: str) -> Object:
-    job = jobs.get_job(job_id, owner)
+def _job(job: JobRead) -> Object:
     return job_object(job, jobs.estimated_finish(job))
 
 
@@ -145,41 +144,38 @@ def create_job(
         job = jobs.create_job(spec, owner, idempotency_key=idempotency_key, retry=retry)
     except InvalidFields as exc:  # e.g. an upload that is invalid: named as this request named it
         raise exc.renamed(OPENAI_NAMES) from None
-    return job_object(job)
+    return _job(job)
 
 
 @router.get("/fine_tuning/jobs")
 def list_jobs(owner: Owner, after: JobAfter = None, limit: Limit = 20) -> Object:
     cursor = cursor_of(Job, after, Job.owner == owner) if after else None
     listed = jobs.list_jobs(owner, None, limit, cursor)
-    return page([job_object(j, jobs.estimated_finish(j)) for j in listed.items], listed.next is not None)
+    return page([_job(job) for job in listed.items], listed.next is not None)
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
 def retrieve_job(job_id: str, owner: Owner) -> Object:
-    return _job(job_id, owner)
+    return _job(jobs.get_job(job_id, owner))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
 def cancel_job(job_id: str, owner: Owner) -> Object:
     """A queued or paused job is cancelled at once, a running one at its next step."""
-    jobs.cancel_job(job_id, owner)
-    return _job(job_id, owner)
+    return _job(jobs.cancel_job(job_id, owner))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/pause")
 def pause_job(job_id: str, owner: Owner) -> Object:
     """A running job saves a checkpoint at its next step and stops (`paused`). 400 unless the
     job is queued or running."""
-    jobs.pause_job(job_id, owner)
-    return _job(job_id, owner)
+    return _job(jobs.pause_job(job_id, owner))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/resume")
 def resume_job(job_id: str, owner: Owner) -> Object:
     """Queue a paused (or failed, or cancelled) job to continue from its latest checkpoint."""
-    jobs.resume_job(job_id, owner, None)
-    return _job(job_id, owner)
+    return _job(jobs.resume_job(job_id, owner, None))
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
