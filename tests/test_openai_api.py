@@ -189,6 +189,23 @@ def test_create_maps_openais_fields_onto_the_spec_and_pages_with_after(ai, clien
     assert [j.id for j in ai.fine_tuning.jobs.list(limit=1)] == newest_first  # the client's auto-paging
 
 
+def test_jobs_are_listed_by_their_metadata(ai, client):
+    training_file = ai.files.create(file=("t.jsonl", chat_jsonl()), purpose="fine-tune").id
+    made = {
+        team: ai.fine_tuning.jobs.create(
+            model=str(DEMO_MODEL),
+            training_file=training_file,
+            **({"metadata": {"team": team}} if team else {}),
+        ).id
+        for team in ("search", "ads", None)
+    }
+    assert [j.id for j in ai.fine_tuning.jobs.list(metadata={"team": "search"})] == [made["search"]]
+    assert [j.id for j in ai.fine_tuning.jobs.list(metadata={"team": "nobody"})] == []
+    assert len(ai.fine_tuning.jobs.list(metadata={}).data) == 3
+    unlabelled = client.get("/v1/fine_tuning/jobs", params={"metadata": "null"}).json()["data"]
+    assert [j["id"] for j in unlabelled] == [made[None]]
+
+
 def test_a_running_job_estimates_its_finish_and_a_stopped_one_has_a_result_file(ai):
     training_file = ai.files.create(file=("t.jsonl", chat_jsonl()), purpose="fine-tune").id
     job = ai.fine_tuning.jobs.create(model=str(DEMO_MODEL), training_file=training_file)

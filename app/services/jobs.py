@@ -141,10 +141,21 @@ def get_job(job_id: str, owner: str) -> JobRead:
         return JobRead.model_validate(owned_job(session, job_id, owner))
 
 
-def list_jobs(owner: str, status: str | None, limit: int, cursor: str | None) -> Page[JobRead]:
-    return newest_first(
-        Job, JobRead, limit, cursor, Job.owner == owner, *([Job.status == status] if status else [])
-    )
+def list_jobs(
+    owner: str,
+    status: str | None,
+    limit: int,
+    cursor: str | None,
+    metadata: dict[str, str] | None = None,
+    unlabelled: bool = False,
+) -> Page[JobRead]:
+    """The owner's jobs, newest first; only those in `status`, labelled with every `metadata`
+    pair, or `unlabelled` (no metadata), when asked."""
+    where = [Job.owner == owner, *([Job.status == status] if status else [])]
+    where += [Job.spec[("metadata", key)].as_string() == value for key, value in (metadata or {}).items()]
+    if unlabelled:
+        where.append(Job.spec["metadata"].as_string().is_(None))
+    return newest_first(Job, JobRead, limit, cursor, *where)
 
 
 def cancel_job(job_id: str, owner: str) -> JobRead:

@@ -4,9 +4,10 @@ jobs that `POST /jobs` makes."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Query, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -52,6 +53,8 @@ EventAfter = after(r"ftevent-(event|metric)-[0-9]{1,9}", "event id")
 CheckpointAfter = after(r"ftckpt-job_[0-9a-f]{24}-[0-9]{1,12}", "checkpoint id")
 Limit = Annotated[int, Query(ge=1, le=100)]
 Object = dict[str, Any]
+# A metadata filter in a job list's query: metadata[KEY]=VALUE
+METADATA_PARAM = re.compile(r"metadata\[(.{1,64})\]")
 
 
 # --- files: the service's uploaded datasets ---------------------------------------------------
@@ -148,9 +151,13 @@ def create_job(
 
 
 @router.get("/fine_tuning/jobs")
-def list_jobs(owner: Owner, after: JobAfter = None, limit: Limit = 20) -> Object:
+def list_jobs(request: Request, owner: Owner, after: JobAfter = None, limit: Limit = 20) -> Object:
+    """Newest first; `metadata[KEY]=VALUE` (as the client sends `metadata={...}`) keeps only the
+    jobs with those labels, `metadata=null` those without any."""
+    query = request.query_params
+    labels = {m.group(1): v for name, v in query.multi_items() if (m := METADATA_PARAM.fullmatch(name))}
     cursor = cursor_of(Job, after, Job.owner == owner) if after else None
-    listed = jobs.list_jobs(owner, None, limit, cursor)
+    listed = jobs.list_jobs(owner, None, limit, cursor, labels, unlabelled=query.get("metadata") == "null")
     return page([_job(job) for job in listed.items], listed.next is not None)
 
 
