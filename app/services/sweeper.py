@@ -7,6 +7,7 @@ import logging
 from datetime import timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.models import Job, JobStatus, utcnow
@@ -46,35 +47,11 @@ def sweep() -> list[str]:
         with session_scope() as session:
             if cancel or pause:  # the user's request stands: stop here rather than run again
                 status = JobStatus.CANCELLED if cancel else JobStatus.PAUSED
-                stopped = session.execute(
-                    update(Job)
-                    .where(Job.id == job_id, *still_expired)
-                    .values(
-                        status=status,
-                        finished_at=now if cancel else None,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        pause_requested=False,
-                    )
-                ).rowcount
-                if stopped:
-                    add_state_event(session, job_id, status, f"{status}: {reason} before it stopped")
+                _stop(session, job_id, still_expired, status, f"{status}: {reason} before it stopped")
                 continue
             if attempts >= max_attempts:
                 error = f"{reason}; gave up after {attempts} attempts"
-                failed = session.execute(
-                    update(Job)
-                    .where(Job.id == job_id, *still_expired)
-                    .values(
-                        status=JobStatus.FAILED,
-                        error=error,
-                        finished_at=now,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                    )
-                ).rowcount
-                if failed:
-                    add_state_event(session, job_id, JobStatus.FAILED, error)
+                _stop(session, job_id, still_expired, JobStatus.FAILED, error, error=error)
                 continue
             stale = requeue_from_checkpoint(session, job_id, None, reason, *still_expired)
         if stale is None:
@@ -89,6 +66,24 @@ def sweep() -> list[str]:
             continue
         requeued.append(job_id)
     return requeued
+
+
+def _stop(session: Session, job_id: str, still_expired: tuple, status: str, message: str, **values) -> None:
+    """End the job's run in `status` (with `values`), if its lease is still the expired one."""
+    stopped = session.execute(
+        update(Job)
+        .where(Job.id == job_id, *still_expired)
+        .values(
+            status=status,
+            finished_at=utcnow() if status in JobStatus.TERMINAL else None,
+            lease_owner=None,
+            lease_expires_at=None,
+            pause_requested=False,
+            **values,
+        )
+    ).rowcount
+    if stopped:
+        add_state_event(session, job_id, status, message)
 
 
 def redispatch_lost() -> list[str]:
