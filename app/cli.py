@@ -82,6 +82,9 @@ def _run_celery_worker(queue: str, node: str, *pool: str) -> None:
     from worker.celery_app import celery
 
     _configure_logging()
+    cwd = get_settings().worker_cwd  # settings (and their relative paths) are read before the move
+    cwd.mkdir(parents=True, exist_ok=True)
+    os.chdir(cwd)
     celery.worker_main(
         ["worker", f"--loglevel={get_settings().log_level}", *pool, "-Q", queue, "-n", f"{node}@%h"]
     )

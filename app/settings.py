@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 1 << 30
     # Every other request body (job specs, resume requests).
     max_body_bytes: int = 1 << 20
-    # Local models and datasets a job may name must lie under one of these folders.
+    # Local models and datasets a job may name must lie under one of these folders (an operator's
+    # feature). The data dir never counts, even inside one: uploads are reached by their id only.
     local_roots: list[Path] = [Path("examples")]
     # Models that ship their own Python code (config auto_map) run only if the admin allows it.
     trust_remote_code: bool = False
@@ -65,7 +66,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _fill_derived(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
-        self.local_roots = [root.expanduser().resolve() for root in self.local_roots] + [self.data_dir]
+        self.local_roots = [root.expanduser().resolve() for root in self.local_roots]
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'finetune.db'}"
         return self
@@ -76,6 +77,12 @@ class Settings(BaseSettings):
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
+
+    @property
+    def worker_cwd(self) -> Path:
+        """An empty folder workers run in: transformers and datasets try a hub id like
+        'org/name' as a local folder first, so from here it can only mean the hub."""
+        return self.data_dir / "worker-cwd"
 
     def dataset_dir(self, dataset_id: str) -> Path:
         return self.data_dir / "datasets" / dataset_id

@@ -24,20 +24,41 @@ from pydantic import (
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{1,128})?$")
 
 
-def resolve_model_or_dataset(value: str) -> str:
-    """A local path that exists (made absolute) or a hub id `org/name[@revision]`."""
-    value = value.strip()
+# The one answer for a name that is neither: the same whether or not such a file exists, and
+# without the server's folders in it.
+NOT_A_MODEL_OR_DATASET = (
+    "must be a hub id like 'org/name' (optionally '@revision') or a path under the server's folders "
+    "for local models and data (FINETUNE_LOCAL_ROOTS)"
+)
+
+
+def allowed_local_path(value: str) -> Path | None:
+    """`value` as an existing local file or folder a job may read, made absolute with symbolic
+    links resolved; None unless it lies under FINETUNE_LOCAL_ROOTS and outside the data dir
+    (which holds every owner's uploads and files: those are reached by id only)."""
+    from app.settings import get_settings
+
+    settings = get_settings()
     try:
-        path = Path(value).expanduser()
-        exists = path.exists()
-    except (OSError, ValueError, RuntimeError):  # too long a file name, a NUL byte, ~unknown_user
-        exists = False
-    if exists:
-        return str(path.resolve())
-    if "://" in value or not HUB_ID.match(value):
-        raise ValueError(
-            "must be a hub id like 'org/name' (optionally '@revision') or an existing local path"
+        path = Path(value).expanduser().resolve()
+        inside = not path.is_relative_to(settings.data_dir) and any(
+            path.is_relative_to(root) for root in settings.local_roots
         )
+        return path if inside and path.exists() else None
+    except (OSError, ValueError, RuntimeError):  # too long a file name, a NUL byte, ~unknown_user
+        return None
+
+
+def resolve_model_or_dataset(value: str) -> str:
+    """An allowed local path (made absolute) or a hub id `org/name[@revision]`. Anything else is
+    refused with one message, so a refusal tells nothing about the server's files. Workers look
+    hub ids up from an empty working folder, so a hub id never names a local file there."""
+    value = value.strip()
+    local = allowed_local_path(value)
+    if local is not None:
+        return str(local)
+    if "://" in value or not HUB_ID.match(value):
+        raise ValueError(NOT_A_MODEL_OR_DATASET)
     return value
 
 

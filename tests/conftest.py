@@ -101,11 +101,13 @@ def service_env(request, tmp_path: Path, monkeypatch) -> Iterator[dict[str, str]
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
+    (tmp_path / "models").mkdir()  # an operator's folder of local models and data (`local_models`)
     with database_url(request.param, data_dir) as url:
         env = {
             "FINETUNE_DATA_DIR": str(data_dir),
             "FINETUNE_DATABASE_URL": url,
             "FINETUNE_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
+            "FINETUNE_LOCAL_ROOTS": json.dumps([str(REPO / "examples"), str(tmp_path / "models")]),
             "FINETUNE_FLUSH_INTERVAL_S": "0",
             "FINETUNE_STREAM_POLL_S": "0.1",
         }
@@ -115,6 +117,11 @@ def service_env(request, tmp_path: Path, monkeypatch) -> Iterator[dict[str, str]
         migrate.upgrade()
         yield env
         reset_caches()
+
+
+def local_models(service_env: dict[str, str]) -> Path:
+    """The test's folder under FINETUNE_LOCAL_ROOTS for local models and data of its own."""
+    return Path(service_env["FINETUNE_DATA_DIR"]).parent / "models"
 
 
 def bearer(owner: str = TEST_OWNER) -> dict[str, str]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import REPO, bearer, demo_spec, reset_caches
-from tests.test_datasets import queued_messages
+from tests.conftest import REPO, bearer, demo_spec, local_models, reset_caches
+from tests.test_datasets import CHAT, jsonl, queued_messages, upload
 
 
 def nothing_stored(client, service_env) -> bool:
@@ -50,12 +50,21 @@ def test_uploads_have_their_own_cap(client, service_env, monkeypatch):
     assert nothing_stored(client, service_env)
 
 
+def refusal(client, field: str, value: str):
+    spec = demo_spec()
+    if field == "base_model":
+        spec["base_model"] = value
+    else:
+        spec["dataset"][field.removeprefix("dataset.")] = value
+    return client.post("/jobs", json=spec)
+
+
 def test_local_models_and_data_outside_the_allowed_folders_are_refused(client, service_env, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "config.json").write_text("{}")
     # a link inside an allowed folder does not make its target allowed
-    link = Path(service_env["FINETUNE_DATA_DIR"]) / "models-link"
+    link = local_models(service_env) / "models-link"
     link.symlink_to(outside)
 
     for field, value in (
@@ -63,21 +72,55 @@ def test_local_models_and_data_outside_the_allowed_folders_are_refused(client, s
         ("base_model", str(link)),
         ("dataset.source", str(outside)),
     ):
-        spec = demo_spec()
-        if field == "base_model":
-            spec["base_model"] = value
-        else:
-            spec["dataset"]["source"] = value
-        response = client.post("/jobs", json=spec)
+        response = refusal(client, field, value)
         assert response.status_code == 422, value
         assert [d["field"] for d in response.json()["detail"]] == [field]
-        assert "local paths must lie under" in response.json()["detail"][0]["message"]
-    link.unlink()
+        assert "FINETUNE_LOCAL_ROOTS" in response.json()["detail"][0]["message"]
     assert nothing_stored(client, service_env)
 
 
+def test_another_owners_upload_is_never_reached_through_its_path(client, service_env, monkeypatch):
+    """Finding 1: the data dir (every owner's uploads, the SQLite database) was an allowed local
+    root, and a refusal named the server's folders and told whether a file existed."""
+    from fastapi.testclient import TestClient
+
+    from app.api.main import create_app
+
+    data_dir = Path(service_env["FINETUNE_DATA_DIR"])
+    private = upload(client, "private.jsonl", jsonl(CHAT)).json()
+    private_file = client.get(f"/datasets/{private['id']}").json()
+    stored = next((data_dir / "datasets" / private["id"]).iterdir())
+    assert private_file["status"] == "ready" and stored.is_file()
+    # even an operator root that holds the data dir does not open it
+    monkeypatch.setenv("FINETUNE_LOCAL_ROOTS", json.dumps([str(data_dir.parent), str(REPO / "examples")]))
+    reset_caches()
+
+    with TestClient(create_app(), headers=bearer("bob")) as bob:
+        answers = {
+            value: refusal(bob, field, value)
+            for field in ("dataset.source", "dataset.validation_source", "base_model")
+            for value in (
+                str(stored),  # exists
+                str(stored.with_name("no-such-file.jsonl")),  # does not
+                str(data_dir / "finetune.db"),
+                str(stored.parent),
+            )
+        }
+        tokenizer = upload(bob, "a.jsonl", jsonl(CHAT), tokenizer=str(stored.parent))
+        allowed = REPO / "examples" / "data" / "oasst1" / "en-validation.jsonl"
+        mine = refusal(bob, "dataset.source", str(allowed))
+
+    bodies = {json.dumps(r.json()["detail"][0]["message"]) for r in answers.values()}
+    assert {r.status_code for r in answers.values()} == {422}
+    assert len(bodies) == 1, bodies  # the same words whether the file exists or not
+    assert str(data_dir) not in bodies.pop() and str(data_dir) not in tokenizer.text
+    assert tokenizer.status_code == 422 and tokenizer.json()["detail"][0]["field"] == "tokenizer"
+    assert mine.status_code == 201, mine.text  # a folder the operator allowed still works
+    assert [j["id"] for j in client.get("/jobs").json()["items"]] == []  # alice has none; bob one
+
+
 def test_models_that_ship_their_own_code_are_refused(client, service_env):
-    model = Path(service_env["FINETUNE_DATA_DIR"]) / "custom-model"
+    model = local_models(service_env) / "custom-model"
     model.mkdir()
     config = json.loads((REPO / "examples" / "tiny-phi2" / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}

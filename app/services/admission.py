@@ -1,5 +1,6 @@
 """What a job spec must satisfy beyond its own validation before it is stored and queued:
-uploads that exist and are valid, local paths inside the allowed folders, no remote code."""
+uploads of this owner's that exist and are valid, no remote code, notifications that can be
+signed and sent. (Local paths are checked by the spec itself: `app.spec.allowed_local_path`.)"""
 
 from __future__ import annotations
 
@@ -12,28 +13,11 @@ from app.settings import get_settings
 from app.spec import JobSpec
 
 
-def _local_path_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    settings = get_settings()
-    problems = []
-    named = {
-        "base_model": spec.base_model,
-        "dataset.source": spec.dataset.source,
-        "dataset.validation_source": spec.dataset.validation_source,
-    }
-    for field, value in named.items():
-        # The spec made local names absolute and resolved symbolic links; hub ids stay relative.
-        if value is None or not Path(value).is_absolute():
-            continue
-        if not any(Path(value).is_relative_to(root) for root in settings.local_roots):
-            roots = ", ".join(str(root) for root in settings.local_roots)
-            problems.append((field, f"local paths must lie under one of: {roots} (FINETUNE_LOCAL_ROOTS)"))
-    return problems
-
-
 def _remote_code_problems(spec: JobSpec) -> list[tuple[str, str]]:
     """A local model whose config maps to its own Python code needs trust_remote_code."""
     config = Path(spec.base_model) / "config.json"
-    if get_settings().trust_remote_code or not config.is_file():
+    # a hub id is not looked at here (a relative name must never reach the API's own files)
+    if get_settings().trust_remote_code or not config.is_absolute() or not config.is_file():
         return []
     try:
         auto_map = json.loads(config.read_text()).get("auto_map")
@@ -54,7 +38,7 @@ def _notification_problems(spec: JobSpec) -> list[tuple[str, str]]:
 
 def check_admissible(spec: JobSpec, owner: str) -> None:
     problems = (
-        dataset_reference_problems(spec, owner) + _local_path_problems(spec) + _notification_problems(spec)
+        dataset_reference_problems(spec, owner) + _notification_problems(spec)
     )
     if not problems:
         problems = _remote_code_problems(spec)
