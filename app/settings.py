@@ -50,9 +50,12 @@ class Settings(BaseSettings):
     # unacknowledged task is then delivered again; the claim skips a second copy, and dead
     # workers are found by their lease long before).
     broker_transport_options: dict[str, Any] = {}
-    # Job-end notifications (`notify_url` in a job spec) carry an HMAC-SHA256 of their body
-    # under this key in `X-Finetune-Signature`; jobs can ask for notifications only when set.
+    # Job-end notifications (`notify_url` in a job spec) are signed with this key the Standard
+    # Webhooks way (`whsec_<base64>`, or any text); jobs can ask for notifications only when set.
     notify_secret: str = ""
+    # Notifications go to public addresses only; true allows loopback, private and link-local
+    # receivers too (on-premises hooks on a network you trust).
+    notify_allow_private: bool = False
     # Failed deliveries are retried after notify_retry_s, doubling, up to notify_max_attempts.
     notify_max_attempts: int = 5
     notify_retry_s: float = 10.0

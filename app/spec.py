@@ -210,8 +210,8 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     notify_url: HttpUrl | None = Field(
         None,
-        description="Gets a signed JSON POST (header X-Finetune-Signature: sha256=<HMAC of the body>) "
-        "when the job ends.",
+        description="Gets a JSON POST signed the Standard Webhooks way (webhook-id, webhook-timestamp, "
+        "webhook-signature) when the job ends; public addresses only (docs/deploy.md).",
     )
 
     @model_validator(mode="after")

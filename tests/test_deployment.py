@@ -7,8 +7,8 @@ headless Chromium."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import hmac
 import json
 import os
 import re
@@ -20,13 +20,16 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
+import standardwebhooks.webhooks
 import yaml
 from dotenv import dotenv_values
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from tests.conftest import DEMO_JOB, POSTGRES_URL, REDIS_URL, REPO, fresh_postgres_database
 from tests.processes import free_port, service_process, wait_for, wait_for_step
@@ -36,7 +39,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_SCHEMA = REPO / "tests" / "data" / "compose-spec" / "compose-spec.json"
 BIN = Path(sys.executable).parent
-NOTIFY_SECRET = "test-notify-secret"
+NOTIFY_SECRET = "whsec_" + base64.b64encode(b"test-notify-secret-of-32-bytes!!").decode()
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
@@ -111,6 +114,7 @@ def compose_env(data_dir: Path, database_url: str, broker_url: str, port: int) -
         FINETUNE_PORT=str(port),
         FINETUNE_LOCAL_ROOTS=json.dumps([str(REPO / "examples")]),
         FINETUNE_NOTIFY_SECRET=NOTIFY_SECRET,
+        FINETUNE_NOTIFY_ALLOW_PRIVATE="true",  # the test's receiver listens on loopback
         HF_HOME=str(data_dir / "hf-cache"),
         # quicker than production, so the test doesn't wait
         FINETUNE_SWEEP_INTERVAL_S="0.5",
@@ -298,21 +302,35 @@ def test_download_checks_the_sha256(deployment, finished_job, tmp_path):
     assert not corrupt.exists() and not list(tmp_path.glob("*.part"))
 
 
-def test_the_job_end_is_notified_signed_and_retried(deployment, finished_job, receiver):
+def test_the_job_end_is_notified_signed_and_retried(deployment, finished_job, receiver, monkeypatch):
     deadline = time.monotonic() + 60
     while len(receiver.requests) < 2:
         assert time.monotonic() < deadline, receiver.requests
         time.sleep(0.2)
     for headers, body in receiver.requests:
-        expected = "sha256=" + hmac.new(NOTIFY_SECRET.encode(), body, hashlib.sha256).hexdigest()
-        assert hmac.compare_digest(headers["X-Finetune-Signature"], expected)
-        payload = json.loads(body)
+        payload = Webhook(NOTIFY_SECRET).verify(body, headers)  # a Standard Webhooks receiver's check
         assert (payload["job_id"], payload["status"], payload["event"]) == (
             finished_job["id"],
             "succeeded",
             "job.finished",
         )
     assert [json.loads(body)["attempt"] for _, body in receiver.requests] == [1, 2]
+    # one message id for both attempts (receivers deduplicate by it); a replay later is refused
+    assert len({headers["webhook-id"] for headers, _ in receiver.requests}) == 1
+    headers, body = receiver.requests[-1]
+    restamped = {**headers, "webhook-timestamp": str(int(time.time()))}
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        Webhook(NOTIFY_SECRET).verify(body, restamped)  # the timestamp is signed
+    sent_at = datetime.fromtimestamp(int(headers["webhook-timestamp"]), timezone.utc)
+
+    class SixMinutesLater(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return sent_at + timedelta(minutes=6)
+
+    monkeypatch.setattr(standardwebhooks.webhooks, "datetime", SixMinutesLater)
+    with pytest.raises(WebhookVerificationError, match="too old"):
+        Webhook(NOTIFY_SECRET).verify(body, headers)
     with deployment.client() as client:
         events = client.get(f"/jobs/{finished_job['id']}/events").json()["items"]
     attempts = [e["message"] for e in events if e["message"].startswith("notification")]

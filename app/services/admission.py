@@ -9,6 +9,7 @@ from pathlib import Path
 
 from app.errors import InvalidFields
 from app.services.datasets import dataset_reference_problems
+from app.services.outbound import url_problem
 from app.settings import get_settings
 from app.spec import JobSpec
 
@@ -31,9 +32,12 @@ def _remote_code_problems(spec: JobSpec) -> list[tuple[str, str]]:
 
 
 def _notification_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    if spec.notify_url is not None and not get_settings().notify_secret:
+    if spec.notify_url is None:
+        return []
+    if not get_settings().notify_secret:
         return [("notify_url", "this server has no FINETUNE_NOTIFY_SECRET to sign notifications with")]
-    return []
+    problem = url_problem(str(spec.notify_url))
+    return [("notify_url", problem)] if problem else []
 
 
 def check_admissible(spec: JobSpec, owner: str) -> None:

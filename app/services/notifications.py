@@ -1,33 +1,45 @@
 """Job-end notifications: an outbox row is written with the job's final status (same
-transaction), and the API's sweeper POSTs it, signed, retrying with backoff. Every attempt is
-recorded in the job's event log."""
+transaction), and the API's sweeper POSTs it, signed the Standard Webhooks way (id, timestamp,
+signature: receivers can reject replays), to public addresses only (`outbound`), retrying with
+backoff. Every attempt is recorded in the job's event log."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-import httpx
+import httpcore
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
+from standardwebhooks import Webhook
 
 from app.db import session_scope
 from app.models import DeliveryStatus, Job, Notification, utcnow
+from app.services import outbound
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Finetune-Signature"
 # A delivery attempt is claimed for this long, so that two sweepers never send the same one.
 CLAIM_S = 60.0
+TIMEOUT_S = 10.0
 
 
-def sign(body: bytes, secret: str) -> str:
-    """The header value a receiver recomputes: `sha256=<hex HMAC-SHA256 of the raw body>`."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def signer(secret: str) -> Webhook:
+    """A Standard Webhooks secret (`whsec_<base64>`) as such; any other text as its UTF-8 bytes
+    (a receiver then verifies with `Webhook(secret.encode())`)."""
+    return Webhook(secret if secret.startswith("whsec_") else secret.encode())
+
+
+def signed_headers(message_id: str, body: bytes, secret: str, now: datetime) -> dict[str, str]:
+    """`webhook-id` (the same on every attempt of one notification), `webhook-timestamp` (this
+    attempt's, seconds) and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>`)."""
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": signer(secret).sign(message_id, now, body.decode()),
+    }
 
 
 def queue_notification(session: Session, job_id: str, status: str, message: str) -> None:
@@ -79,14 +91,22 @@ def deliver_due() -> int:
         body = json.dumps({**payload, "attempt": attempt}, separators=(",", ":")).encode()
         headers = {
             "Content-Type": "application/json",
-            SIGNATURE_HEADER: sign(body, settings.notify_secret),
             "User-Agent": "finetune-service",
+            **signed_headers(f"msg_{job_id}_{notification_id}", body, settings.notify_secret, utcnow()),
         }
         try:
-            response = httpx.post(url, content=body, headers=headers, timeout=10)
-            ok, outcome = response.is_success, f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            ok, outcome = False, f"{type(exc).__name__}: {exc}"
+            status_code = outbound.post(url, body, headers, TIMEOUT_S)
+            ok, outcome = 200 <= status_code < 300, f"HTTP {status_code}"
+            if 300 <= status_code < 400:
+                outcome += " (redirects are not followed)"
+        except outbound.OutboundRefused as exc:
+            ok, outcome = False, f"refused: {exc}"
+        except httpcore.TimeoutException:
+            ok, outcome = False, "no answer in time"
+        except httpcore.NetworkError:
+            ok, outcome = False, "could not connect"
+        except httpcore.ProtocolError:
+            ok, outcome = False, "not an HTTP answer"
         with session_scope() as session:
             if ok:
                 status, next_at, note = DeliveryStatus.DELIVERED, now, "delivered"
