@@ -9,12 +9,16 @@ from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import RetryCallState, retry, retry_if_exception_type, wait_exponential
 
 from app.settings import get_settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# The database did not answer (down, restarting, locked, no free connection): nothing was
+# changed, and the same request may succeed shortly.
+UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)
 
 
 def make_engine(url: str) -> Engine:
@@ -74,7 +78,7 @@ def retry_while_unreachable(fn: F) -> F:
     period (after that the job's lease is gone anyway). For a worker's writes, which must not
     fail a training over a database blip. `fn` must be safe to run again."""
     return retry(
-        retry=retry_if_exception_type((OperationalError, InterfaceError)),
+        retry=retry_if_exception_type(UNREACHABLE),
         wait=wait_exponential(multiplier=0.2, max=5),
         stop=_lease_has_passed,
         reraise=True,

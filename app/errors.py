@@ -8,6 +8,7 @@ from typing import Any
 class ServiceError(Exception):
     status_code = 400
     code = "bad_request"
+    headers: dict[str, str] | None = None
 
     def __init__(self, detail: Any = None):
         super().__init__(detail)
@@ -78,11 +79,24 @@ class InvalidCursor(ServiceError):
     code = "invalid_cursor"
 
 
+# How long a client is asked to wait when a dependency (database, broker) did not answer.
+RETRY_AFTER_S = 2
+
+
 class BrokerUnavailable(ServiceError):
     """The job queue's broker could not be reached."""
 
     status_code = 503
     code = "broker_unavailable"
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
+
+
+class DatabaseUnavailable(ServiceError):
+    """The database did not answer; nothing was changed."""
+
+    status_code = 503
+    code = "database_unavailable"
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
 
 
 class NotAuthenticated(ServiceError):

@@ -200,19 +200,6 @@ def test_list_jobs_pages_with_a_cursor_and_filters_by_status(client):
     assert client.get("/jobs", params={"cursor": "garbage"}).status_code == 422
 
 
-def test_broker_down_is_a_503_and_the_job_is_kept_as_failed(client, monkeypatch):
-    from tests.conftest import reset_caches
-
-    monkeypatch.setenv("FINETUNE_BROKER_URL", "redis://127.0.0.1:9/0")
-    reset_caches()
-
-    response = client.post("/jobs", json={})
-
-    assert response.status_code == 503 and response.json()["error"] == "broker_unavailable"
-    [job] = client.get("/jobs").json()["items"]
-    assert job["status"] == "failed" and "enqueue" in job["error"]
-
-
 def _running_job_with_metrics(client, steps: int) -> runs.Claim:
     claim = runs.claim_job(submit(client)["id"])
     rows = [

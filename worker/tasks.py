@@ -79,7 +79,7 @@ def execute_job(job_id: str) -> None:
             steps = outcome.summary["steps"]
             if outcome.stopped == SHUTDOWN:
                 runs.hand_back(claim, "worker shutting down")
-                jobs.enqueue_or_fail(job_id)
+                jobs.dispatch(job_id)
                 return
             if outcome.stopped == CANCEL:
                 runs.finish_job(claim, JobStatus.CANCELLED, f"cancelled at step {steps}")

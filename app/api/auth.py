@@ -13,7 +13,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import error_response
+from app.api.errors import database_unavailable, error_response
+from app.db import UNREACHABLE
 from app.errors import NotAuthenticated
 from app.models import LOCAL_OWNER
 from app.services.keys import owner_of
@@ -48,7 +49,11 @@ class Authenticate:
             return
         if get_settings().auth:
             token = _bearer_token(scope)
-            owner = await run_in_threadpool(owner_of, token) if token else None
+            try:
+                owner = await run_in_threadpool(owner_of, token) if token else None
+            except UNREACHABLE as exc:  # outside the app's exception handlers: answered here
+                await database_unavailable(scope.get("method", ""), path, exc)(scope, receive, send)
+                return
             if owner is None:
                 error = NotAuthenticated(
                     "unknown or revoked API key" if token else "missing `Authorization: Bearer <key>` header"

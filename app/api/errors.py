@@ -8,11 +8,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.openai.errors import is_openai_path, openai_error
-from app.errors import ServiceError
+from app.db import UNREACHABLE
+from app.errors import DatabaseUnavailable, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,20 @@ def error_response(
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
+def service_error_response(path: str, exc: ServiceError) -> JSONResponse:
+    return error_response(path, exc.status_code, exc.code, exc.detail, headers=exc.headers)
+
+
+def database_unavailable(method: str, path: str, exc: Exception) -> JSONResponse:
+    """A restart, an outage or a lock held too long: a 503 the client may retry, never a 500."""
+    log.warning("database unavailable on %s %s: %s", method, path, exc)
+    return service_error_response(path, DatabaseUnavailable("the database did not answer; retry shortly"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(request.url.path, exc.status_code, exc.code, exc.detail)
+        return service_error_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -68,18 +78,11 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(path, exc.status_code, code, exc.detail)
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(InterfaceError)
-    async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-        # a restart or a lock held too long: nothing was changed, the client may retry
-        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(
-            request.url.path,
-            503,
-            "database_unavailable",
-            "the database did not answer; retry shortly",
-            headers={"Retry-After": "2"},
-        )
+    for unreachable in UNREACHABLE:
+
+        @app.exception_handler(unreachable)
+        async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+            return database_unavailable(request.method, request.url.path, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

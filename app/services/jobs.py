@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session
 from app.db import session_scope
 from app.errors import (
     ArtifactNotReady,
+    BrokerUnavailable,
     CheckpointNotFound,
     IdempotencyKeyReused,
     InvalidFields,
@@ -28,11 +30,13 @@ from app.queue import enqueue_job
 from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
 from app.services.admission import check_admissible
 from app.services.datasets import dataset_reference_problems
-from app.services.events import add_state_event
+from app.services.events import add_event, add_state_event
 from app.services.pagination import newest_first
 from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import job_files
+
+log = logging.getLogger(__name__)
 
 RESUMABLE = (JobStatus.PAUSED, JobStatus.FAILED, JobStatus.CANCELLED)
 # How long a retried create (without an Idempotency-Key) looks back for its first attempt: the
@@ -74,7 +78,7 @@ def create_job(
             raise
         return earlier
     # Only after the commit: a worker that picks the id up must find the row.
-    enqueue_or_fail(read.id)
+    dispatch(read.id)
     return read
 
 
@@ -102,18 +106,21 @@ def _first_attempt(owner: str, key: str | None, request_sha256: str, retry: bool
         return JobRead.model_validate(job) if job is not None else None
 
 
-def enqueue_or_fail(job_id: str) -> None:
+def dispatch(job_id: str) -> bool:
+    """Send a committed, queued job's id to the broker. If the broker does not answer, the job
+    stays queued, marked as never sent, and the sweeper sends it once the broker answers
+    (`sweeper.redispatch_lost`): a broker outage loses no job and fails none."""
     try:
         enqueue_job(job_id)
-    except Exception as exc:
+        return True
+    except BrokerUnavailable as exc:
+        log.warning("job %s: %s; the sweeper sends it when the broker answers", job_id, exc)
         with session_scope() as session:
             session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-                .values(status=JobStatus.FAILED, error=str(exc), finished_at=utcnow())
+                update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(dispatched_at=None)
             )
-            add_state_event(session, job_id, JobStatus.FAILED, f"could not enqueue: {exc}")
-        raise
+            add_event(session, job_id, "the broker did not answer; the job waits and is sent when it does")
+        return False
 
 
 def _check_queue_room(session: Session, owner: str) -> None:
@@ -219,7 +226,7 @@ def resume_job(job_id: str, owner: str, checkpoint: str | None) -> JobRead:
         read = JobRead.model_validate(job)
     for name in stale:
         job_files(job_id).remove_checkpoint(name)
-    enqueue_or_fail(job_id)
+    dispatch(job_id)
     return read
 
 

@@ -13,7 +13,7 @@ from app.db import session_scope
 from app.models import Job, JobStatus, utcnow
 from app.queue import enqueue_job, waiting_messages
 from app.services.events import add_state_event
-from app.services.jobs import enqueue_or_fail, requeue_from_checkpoint
+from app.services.jobs import dispatch, requeue_from_checkpoint
 from app.settings import get_settings
 from app.storage import job_files
 
@@ -59,11 +59,7 @@ def sweep() -> list[str]:
         log.warning("job %s: %s; re-queued", job_id, reason)
         for name in stale:
             job_files(job_id).remove_checkpoint(name)
-        try:
-            enqueue_or_fail(job_id)
-        except Exception as exc:  # the job is marked failed with the reason; a user can resume it
-            log.error("job %s: %s", job_id, exc)
-            continue
+        dispatch(job_id)  # a broker outage leaves it queued for redispatch_lost
         requeued.append(job_id)
     return requeued
 
@@ -87,30 +83,28 @@ def _stop(session: Session, job_id: str, still_expired: tuple, status: str, mess
 
 
 def redispatch_lost() -> list[str]:
-    """Send again the ids of jobs that have waited `redispatch_after_s` since their id was sent,
-    when the broker holds fewer waiting messages than there are such jobs: some ids were lost
-    (a broker restarted without persistence, a queue purged). A job whose id is still in the
-    queue as well is delivered twice; the second delivery finds it taken and is skipped."""
+    """Send the ids of queued jobs that were never sent (the broker was down when they were
+    queued), and again the ids of jobs that have waited `redispatch_after_s` since their id was
+    sent, when the broker holds fewer waiting messages than there are such jobs: some ids were
+    lost (a broker restarted without persistence, a queue purged). A job whose id is still in
+    the queue as well is delivered twice; the second delivery finds it taken and is skipped."""
     settings = get_settings()
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.redispatch_after_s)
+    queued = select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at)
     with session_scope() as session:
-        waiting = list(
-            session.scalars(
-                select(Job.id)
-                .where(Job.status == JobStatus.QUEUED, Job.dispatched_at < cutoff)
-                .order_by(Job.created_at)
-            )
-        )
-    if not waiting or waiting_messages() >= len(waiting):
-        return []
+        unsent = list(session.scalars(queued.where(Job.dispatched_at.is_(None))))
+        waiting = list(session.scalars(queued.where(Job.dispatched_at < cutoff)))
+    if waiting and waiting_messages() >= len(waiting):
+        waiting = []
     sent = []
-    for job_id in waiting:
+    for job_id in unsent + waiting:
         enqueue_job(job_id)
         with session_scope() as session:
             session.execute(
                 update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(dispatched_at=now)
             )
         sent.append(job_id)
-    log.warning("sent %d queued job id(s) to the broker again: %s", len(sent), ", ".join(sent))
+    if sent:
+        log.warning("sent %d queued job id(s) to the broker: %s", len(sent), ", ".join(sent))
     return sent
