@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import sqlite3
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from app.models import utcnow
 from app.services import runs
+from tests.conftest import TEST_OWNER
 from worker.training.artifacts import zip_directory
 
 
@@ -253,6 +255,46 @@ def test_log_stream_sends_rows_from_last_event_id_and_ends_with_the_job(client):
     events = [block for block in body.split("\r\n\r\n") if block.strip() and not block.startswith(":")]
     assert [e.splitlines()[0] for e in events[:-1]] == ["id: 3", "id: 4"]
     assert events[-1].startswith("event: end") and '"failed"' in events[-1]
+
+
+def test_an_evaluation_that_arrives_after_its_steps_row_reaches_live_streams(client):
+    """Finding 4: eval_loss was merged into a row the stream had already sent, so live charts
+    and `logs --follow` never showed it."""
+    import asyncio
+
+    from app.api.logs import metric_events
+
+    claim = _running_job_with_metrics(client, 2)
+
+    async def watch() -> list[tuple[str, int | None, float | None]]:
+        seen = []
+        stream = metric_events(claim.job_id, TEST_OWNER, -1)
+        async for event in stream:
+            if event["event"] == "end":
+                seen.append(("end", None, None))
+                break
+            row = json.loads(event["data"])
+            seen.append((event["event"], row["step"], row["eval_loss"]))
+            if len(seen) == 2:  # both rows sent; now the evaluation of step 2, then step 3
+                runs.report_progress(claim, 2, [{"step": 2, "eval_loss": 1.5, "time": utcnow()}])
+                runs.report_progress(claim, 3, [{"step": 3, "loss": 2.0, "time": utcnow()}])
+                runs.finish_job(claim, "succeeded", "finished")
+        return seen
+
+    assert asyncio.run(watch()) == [
+        ("metric", 1, None),
+        ("metric", 2, None),
+        ("eval", 2, 1.5),
+        ("metric", 3, None),
+        ("end", None, None),
+    ]
+    # a client resuming after step 2 gets step 2's evaluation again, then what follows
+    with client.stream(
+        "GET", f"/jobs/{claim.job_id}/logs", headers={"Accept": "text/event-stream", "Last-Event-ID": "2"}
+    ) as response:
+        body = "".join(response.iter_text())
+    events = [block for block in body.split("\r\n\r\n") if block.strip() and not block.startswith(":")]
+    assert [e.splitlines()[0] for e in events] == ["event: eval", "id: 3", "event: end"]
 
 
 def test_metric_rows_are_unique_per_step_and_merge(client):

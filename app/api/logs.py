@@ -55,13 +55,24 @@ def format_csv(rows: Iterable[MetricRead], headers: dict[str, str] | None = None
 
 
 async def metric_events(job_id: str, owner: str, after_step: int) -> AsyncIterator[dict]:
-    """Rows as they are written (`id:` is the step); ends with an `end` event once the job has
-    stopped (finished or paused)."""
+    """Rows as they are written (`metric`, `id:` is the step), and an `eval` event (the step's
+    row again, now with its eval_loss, no `id:`) when an evaluation result arrives for a step
+    already sent; ends with an `end` event once the job has stopped (finished or paused)."""
     poll = get_settings().stream_poll_s
+    # A client resuming after step N may have missed the evaluation of step N (it is written
+    # after the step's row, and before any later row).
+    evals_after = after_step - 1
     while True:
-        status, rows = await run_in_threadpool(jobs.metrics_since, job_id, owner, after_step)
+        status, rows, evals = await run_in_threadpool(
+            jobs.metrics_since, job_id, owner, after_step, evals_after
+        )
+        for row in evals:
+            evals_after = row.step
+            yield {"event": "eval", "data": row.model_dump_json()}
         for row in rows:
             after_step = row.step
+            if row.eval_loss is not None:
+                evals_after = row.step
             yield {"id": str(row.step), "event": "metric", "data": row.model_dump_json()}
         if status in JobStatus.STOPPED:
             job = await run_in_threadpool(jobs.get_job, job_id, owner)

@@ -296,14 +296,30 @@ def list_metrics(job_id: str, owner: str, after_step: int | None, limit: int) ->
     return _page_of_job_rows(job_id, owner, Metric, Metric.step, MetricRead, after_step, limit)
 
 
-def metrics_since(job_id: str, owner: str, after_step: int) -> tuple[str, list[MetricRead]]:
-    """The job's status, read before its new rows: when it is final, no row can follow."""
+def metrics_since(
+    job_id: str, owner: str, after_step: int, evals_after: int | None = None
+) -> tuple[str, list[MetricRead], list[MetricRead]]:
+    """The job's status (read first: when it is final, no row can follow), its rows after
+    `after_step`, and the rows up to `after_step` whose eval_loss arrived after them (an
+    evaluation runs once its step's row is written) after step `evals_after` (default: none)."""
+    evals_after = after_step if evals_after is None else evals_after
     with session_scope() as session:
         status = owned_job(session, job_id, owner).status
         rows = session.scalars(
             select(Metric).where(Metric.job_id == job_id, Metric.step > after_step).order_by(Metric.step)
         )
-        return status, [MetricRead.model_validate(row) for row in rows]
+        evals = session.scalars(
+            select(Metric)
+            .where(
+                Metric.job_id == job_id,
+                Metric.step > evals_after,
+                Metric.step <= after_step,
+                Metric.eval_loss.is_not(None),
+            )
+            .order_by(Metric.step)
+        )
+        as_read = MetricRead.model_validate
+        return status, [as_read(row) for row in rows], [as_read(row) for row in evals]
 
 
 def list_events(job_id: str, owner: str, after: int | None, limit: int) -> Page[EventRead]:

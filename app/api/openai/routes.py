@@ -93,7 +93,7 @@ def list_files(
 def _results(job_id: str, owner: str) -> tuple[JobRead, bytes]:
     """A job's result file: its metric rows as CSV, headed as OpenAI's (`train_loss`, …)."""
     job = jobs.get_job(job_id, owner)
-    _, rows = jobs.metrics_since(job_id, owner, -1)
+    _, rows, _ = jobs.metrics_since(job_id, owner, -1)
     return job, format_csv(rows, RESULT_HEADERS).encode()
 
 

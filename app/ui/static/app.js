@@ -157,6 +157,13 @@ function addRows(newRows) {
   drawCharts();
 }
 
+// An evaluation result for a step already drawn: the stream sends that step's row again.
+function updateRow(row) {
+  const index = dashboard.rows.findIndex((r) => r.step === row.step);
+  if (index >= 0) dashboard.rows[index] = row;
+  drawCharts();
+}
+
 async function loadAllRows(jobId) {
   let rows = [];
   let after = null;
@@ -194,6 +201,7 @@ async function streamMetrics(jobId, signal) {
             return;
           }
           if (event.name === "metric") addRows([event.data]);
+          if (event.name === "eval") updateRow(event.data);
         }
       }
     } catch (error) {
