@@ -2,13 +2,25 @@
 
 Same model (Phi-2 shapes, random weights, saved by `seed_recipe_bench.py prepare`), same
 samples (lengths drawn from the real oasst1-en length file, random token ids), and the
-worker's own code: `load_quantized_lora_model`, `training_arguments`, the packing planner and
-`PackedTrainer`, and optionally the real metric callback writing to a SQLite database.
+worker's own code: `load_quantized_lora_model`, `training_arguments`, the packing planners,
+`PackedTrainer`, the speed settings of `worker.training.speed`, and optionally the real
+metric callback writing to a SQLite database.
 
-usage: python3 bench/service_bench.py MODEL_DIR --dtype bfloat16|float16 [--steps N]
-       [--lengths FILE] [--callback] [--accumulation N] [--profile]
+One process loads the model once and measures one or more variants one after another
+(`--variants`: a JSON list of objects; keys below), each with its own Trainer and optimizer.
+Every variant reports trained tok/s and s/step over its timed steps, then profiles its last
+`profile_steps` steps with torch.profiler: the GPU's kernel time per step, its share of the
+(unprofiled) step time, kernel ms per 1,000 trained tokens and kernel launches per step.
+
+usage: python3 bench/service_bench.py MODEL_DIR --dtype bfloat16|float16 [--lengths FILE]
+       [--callback] [--variants JSON]   (or the single-variant flags below)
    or: python3 -m torch.distributed.run --standalone --nproc-per-node 2 bench/service_bench.py …
        (data-parallel: each GPU takes its share of every step, as a `resources.gpus: 2` job does)
+
+Variant keys: name, steps (timed), warmup, profile_steps, accumulation (gradient_accumulation
+_steps), batch_size, attention ("cudnn": sdpa's default order; "auto": the worker's choice),
+compile (decoder layers compiled), checkpointing (true/false; "auto": the worker's choice),
+optim, full_rows, row_multiple.
 """
 
 from __future__ import annotations
@@ -26,102 +38,162 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench" / "reference"))
 
+AS_ON_MAIN = {"attention": "cudnn", "compile": False, "checkpointing": True, "row_multiple": 1}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--lengths")
     parser.add_argument("--callback", action="store_true", help="stream metrics to a database")
+    parser.add_argument("--variants", help="JSON list of variants (see the docstring)")
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--accumulation", type=int, default=4, help="gradient_accumulation_steps")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (experiment)")
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler summary of 3 steps")
+    parser.add_argument("--fast", action="store_true", help="the worker's speed plan (default: as on main)")
+    parser.add_argument("--full-rows", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the profiler's tables too")
     args = parser.parse_args()
+    variants = (
+        json.loads(args.variants)
+        if args.variants
+        else [
+            {
+                "name": "service",
+                "steps": args.steps,
+                "accumulation": args.accumulation,
+                "full_rows": args.full_rows,
+                **(
+                    {"attention": "auto", "compile": True, "checkpointing": True, "row_multiple": 64}
+                    if args.fast
+                    else {}
+                ),
+            }
+        ]
+    )
     # Under torchrun (data-parallel): one process per GPU, each takes its share of every step.
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-data-"))
     os.environ.update(FINETUNE_DATA_DIR=str(data_dir), FINETUNE_LEASE_S="3600", FINETUNE_FLUSH_INTERVAL_S="1")
+    # the spec accepts a local model only under FINETUNE_LOCAL_ROOTS
+    os.environ["FINETUNE_LOCAL_ROOTS"] = json.dumps([str(Path(args.model_dir).resolve())])
 
     import torch
 
     if world > 1:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     from seed_recipe_bench import lengths, make_samples
-    from transformers import TrainerCallback
 
-    from app.spec import JobSpec
     from worker.training.data import TokenizedSample, TrainingData
     from worker.training.model import load_quantized_lora_model
-    from worker.training.packing import collate_packed
-    from worker.training.recipe import PackedTrainer, _packed, training_arguments
 
-    spec = JobSpec.model_validate(
-        {
-            "base_model": args.model_dir,
-            "quantization": {"compute_dtype": args.dtype},
-            "training": {
-                "max_steps": args.steps,
-                "save_steps": 10_000,
-                "gradient_accumulation_steps": args.accumulation,
-            },
-        }
-    )
+    spec = _spec(args.model_dir, args.dtype, 4, 12)
     dtype = getattr(torch, args.dtype)
     started = time.time()
     model = load_quantized_lora_model(spec, dtype)
     load_s = time.time() - started
-
     samples = [TokenizedSample(ids, list(ids)) for ids in make_samples(lengths(args.lengths))]
     data = TrainingData(samples, len(samples), 0, {})
+    callbacks: list = [_progress_callback(spec, data_dir)] if args.callback else []
+    for variant in variants:
+        try:
+            result = _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, world)
+        except Exception as exc:  # report and go on with the next variant
+            import traceback
+
+            traceback.print_exc()
+            result = {"name": variant.get("name"), "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        if result is not None:
+            gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+            result.update(load_s=load_s, dtype=args.dtype, gpu=gpu)
+            print("RESULT", json.dumps(result), flush=True)
+
+
+def _spec(model_dir: str, dtype: str, accumulation: int, steps: int, batch_size: int = 4):
+    from app.spec import JobSpec
+
+    return JobSpec.model_validate(
+        {
+            "base_model": model_dir,
+            "quantization": {"compute_dtype": dtype},
+            "training": {
+                "max_steps": steps,
+                "save_steps": 10_000,
+                "batch_size": batch_size,
+                "gradient_accumulation_steps": accumulation,
+            },
+        }
+    )
+
+
+def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, world):  # noqa: C901
+    import torch
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+    from worker.training.packing import collate_packed
+    from worker.training.recipe import PackedTrainer, _packed, training_arguments
+    from worker.training.speed import (
+        SpeedPlan,
+        apply_speed_plan,
+        choose_attention,
+        plan_speed,
+        restore_decoder_layers,
+    )
+
+    v = {**AS_ON_MAIN, "steps": 12, "warmup": 2, "profile_steps": 2, "accumulation": 4, "batch_size": 4}
+    v.update(variant)
+    full_rows = bool(v.get("full_rows"))
+    warm, timed, profiled = v["warmup"], v["steps"], v["profile_steps"]
+    total = warm + timed + profiled
+    spec = _spec(args.model_dir, args.dtype, v["accumulation"], total, v["batch_size"])
+    t = spec.training
+
+    restore_decoder_layers(model)
+    micro_tokens = t.batch_size * t.max_seq_length
+    if v["checkpointing"] == "auto":
+        plan = plan_speed(model.config, micro_tokens, True, compile_layers=bool(v["compile"]))
+    else:
+        plan = SpeedPlan(checkpointing=bool(v["checkpointing"]), compile_layers=bool(v["compile"]))
+    # attention: "cudnn" is sdpa's own order (cuDNN first on Hopper), "auto" the worker's choice
+    if cuda:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    plan.attention = choose_attention() if v["attention"] == "auto" else "sdpa default order"
+    plan.row_multiple = int(v["row_multiple"])
+    apply_speed_plan(model, plan)
+
     counter = {"real": 0, "computed": 0}
-    callbacks: list = []
 
     def collate(batch):
-        out = collate_packed(batch, pad_token_id=50256)
+        out = collate_packed(batch, pad_token_id=50256, row_multiple=plan.row_multiple)
         counter["real"] += int((out["sequence_ids"] > 0).sum())
         counter["computed"] += out["input_ids"].numel()
         return out
 
-    t = spec.training
-    train_set = _packed(data, spec, t.batch_size * t.gradient_accumulation_steps // world)
-    if args.callback:
-        callbacks.append(_progress_callback(spec, data_dir))
-
-    marks = []
+    per_process = t.batch_size * t.gradient_accumulation_steps // world
+    train_set = _packed(data, spec, per_process, full_rows)
+    marks: list[tuple[float, int, int]] = []
+    prof: dict = {}
 
     class Clock(TrainerCallback):
         def on_step_end(self, a, state, control, **kwargs):
-            torch.cuda.synchronize()
+            if cuda:
+                torch.cuda.synchronize()
             marks.append((time.time(), counter["real"], counter["computed"]))
-            if args.profile and state.global_step == 4:
-                self.profiler = torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                )
-                self.profiler.__enter__()
-                self.started = time.time()
-            if args.profile and state.global_step == 7 and rank == 0:
-                self.profiler.__exit__(None, None, None)
-                wall = time.time() - self.started
-                events = self.profiler.key_averages()
-                # kernels only: an op's self device time repeats its kernels'
-                gpu_busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
-                print(events.table(sort_by="self_cpu_time_total", row_limit=15))
-                print(events.table(sort_by="self_device_time_total", row_limit=10))
-                launches = sum(
-                    e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel"))
-                )
-                print(
-                    f"PROFILE 3 steps: wall {wall:.2f} s, GPU kernels busy {gpu_busy:.2f} s "
-                    f"({100 * gpu_busy / wall:.0f} % of wall), {launches} kernel launches"
-                )
+            if state.global_step == warm + timed and profiled:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if cuda:
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                prof["profiler"] = torch.profiler.profile(activities=activities)
+                prof["profiler"].__enter__()
+            if state.global_step == total and "profiler" in prof:
+                prof["profiler"].__exit__(None, None, None)
 
-    out_dir = data_dir / "out"
-    training_args = training_arguments(spec, out_dir, dtype, evaluate=False)
-    if args.compile:
-        training_args.torch_compile = True
-        training_args.torch_compile_backend = "inductor"
+    out_dir = data_dir / f"out-{v.get('name', 'x')}".replace(" ", "_")
+    training_args = training_arguments(spec, out_dir, dtype, evaluate=False, speed=plan, full_rows=full_rows)
+    if v.get("optim"):
+        training_args.optim = v["optim"]
     trainer = PackedTrainer(
         model=model,
         args=training_args,
@@ -129,36 +201,67 @@ def main() -> None:
         data_collator=collate,
         callbacks=[*callbacks, Clock()],
     )
-    trainer.mask_dtype = dtype
-    torch.cuda.reset_peak_memory_stats()
+    trainer.mask_dtype = dtype if cuda else torch.float32
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    warm = 2
-    (t0, r0, c0), (t1, r1, c1) = marks[warm - 1], marks[-1]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
+    (t0, r0, c0), (t1, r1, c1) = marks[warm - 1], marks[warm + timed - 1]
+    pr = marks[-1][1] - r1  # trained tokens of the profiled steps
     if world > 1:  # every process trained its share: sum the tokens over them
         import torch.distributed as dist
 
-        totals = torch.tensor([r1 - r0, c1 - c0], dtype=torch.float64, device="cuda")
+        totals = torch.tensor([r1 - r0, c1 - c0, pr], dtype=torch.float64, device="cuda" if cuda else "cpu")
         dist.all_reduce(totals)
-        r0, c0, r1, c1 = 0, 0, int(totals[0]), int(totals[1])
-        if rank != 0:
-            return
+        r0, c0, r1, c1, pr = 0, 0, int(totals[0]), int(totals[1]), int(totals[2])
+    # a step: one item per process (per-step packing) or `accumulation` micro-batches in all
+    samples_per_step = train_set.mean_samples_per_step * (
+        t.gradient_accumulation_steps if full_rows else world
+    )
     result = {
-        "variant": "service" + ("_callback" if args.callback else "") + ("_compiled" if args.compile else ""),
+        "name": v.get("name"),
+        "variant": {k: v[k] for k in sorted(v) if k not in ("name", "tables")},
+        "plan": plan.describe(),
         "gpus": world,
-        "accumulation": args.accumulation,
-        "dtype": args.dtype,
-        "steps": len(marks) - warm,
-        "sec_per_step": (t1 - t0) / (len(marks) - warm),
+        "accumulation": t.gradient_accumulation_steps,
+        "full_rows": full_rows,
+        "steps": timed,
+        "sec_per_step": (t1 - t0) / timed,
         "real_tok_s": (r1 - r0) / (t1 - t0),
         "computed_tok_s": (c1 - c0) / (t1 - t0),
-        "samples_per_step": train_set.mean_samples_per_step,
+        "samples_per_step": samples_per_step,
         "fill": train_set.fill,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-        "load_s": load_s,
-        "gpu": torch.cuda.get_device_name(0),
+        "steps_per_epoch": len(data) / samples_per_step,
+        "peak_gib": peak,
+        "reserved_gib": reserved,
     }
-    print("RESULT", json.dumps(result))
+    if "profiler" in prof:
+        tables = args.profile or bool(v.get("tables"))
+        result.update(_profile_figures(prof["profiler"], profiled, pr, result["sec_per_step"], tables))
+    if rank != 0:
+        return None
+    return result
+
+
+def _profile_figures(profiler, steps: int, trained_tokens: int, sec_per_step: float, tables: bool) -> dict:
+    events = profiler.key_averages()
+    # kernels only: an op's self device time repeats its kernels'
+    kernel_s = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+    launches = sum(
+        e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch"))
+    )
+    if tables:
+        print(events.table(sort_by="self_cpu_time_total", row_limit=20))
+        print(events.table(sort_by="self_device_time_total", row_limit=20))
+    per_step = kernel_s / steps
+    return {
+        "gpu_kernel_s_per_step": per_step,
+        "gpu_busy_share": per_step / sec_per_step,
+        "kernel_ms_per_1k_tokens": 1000 * kernel_s * 1000 / max(1, trained_tokens),
+        "launches_per_step": launches / steps,
+    }
 
 
 def _progress_callback(spec, data_dir: Path):

@@ -1,9 +1,14 @@
 """Side-by-side training throughput on one GPU: the seed recipe, TRL's packed SFTTrainer (what a
-user would pick today) and the service's own path, on the same model (Phi-2 shapes, random
-weights), the same real oasst1-en length distribution, in float16 and bfloat16. Each variant
-runs in its own process so its peak memory is its own.
+user would pick today) and the service's own path, with each speed change of
+worker/training/speed.py measured alone and together, on the same model (Phi-2 shapes, random
+weights) and the same real oasst1-en length distribution.
 
-usage (on the GPU machine, wheels installed): python3 bench/throughput.py --out FILE.json
+The seed and TRL each run in their own process; the service's variants of one dtype share a
+process (the model is loaded once; each variant gets its own Trainer and optimizer, and its peak
+memory is measured from an emptied cache).
+
+usage (on the GPU machine, wheels installed):
+    python3 bench/throughput.py --out FILE.json [--only GROUP ...] [--pick VARIANT ...]
 Prints one line per variant and writes them all to FILE.json; docs/benchmarks.md has results.
 """
 
@@ -21,86 +26,67 @@ BENCH = Path(__file__).resolve().parent
 LENGTHS = BENCH / "oasst1-en-message-lengths-phi2.txt"
 EPOCH_TOKENS = sum(int(x) for x in LENGTHS.read_text().split())  # 4.88 M: every English message
 
-VARIANTS = {
-    "seed fp16 (pad to 2048)": ["reference/seed_recipe_bench.py", "run", "{model}", "seed", "--steps", "8"],
-    "TRL SFTTrainer packing=bfd, bf16": ["reference/trl_peer_bench.py", "{model}", "bfd", "--steps", "10"],
-    "service bf16": ["service_bench.py", "{model}", "--dtype", "bfloat16", "--steps", "30"],
-    "service fp16": ["service_bench.py", "{model}", "--dtype", "float16", "--steps", "30"],
-    "service bf16 + metric callback": [
-        "service_bench.py",
-        "{model}",
-        "--dtype",
-        "bfloat16",
-        "--steps",
-        "30",
-        "--callback",
-    ],
-    # Not the recipe: 4 × 16 = 64 samples a step (~8k tokens, full rows), to show the packed
-    # path's speed once a step is large enough to hide the per-step host overhead.
-    "service bf16, 64 samples/step": [
-        "service_bench.py",
-        "{model}",
-        "--dtype",
-        "bfloat16",
-        "--steps",
-        "12",
-        "--accumulation",
-        "16",
-    ],
-    # Data-parallel on two GPUs (`resources.gpus: 2`): the same steps, each GPU half of each.
-    "service bf16, 2 GPUs": [
-        "torchrun:2",
-        "service_bench.py",
-        "{model}",
-        "--dtype",
-        "bfloat16",
-        "--steps",
-        "30",
-    ],
-    "service bf16, 64 samples/step, 2 GPUs": [
-        "torchrun:2",
-        "service_bench.py",
-        "{model}",
-        "--dtype",
-        "bfloat16",
-        "--steps",
-        "12",
-        "--accumulation",
-        "16",
-    ],
-    "service bf16, profiled": [
-        "service_bench.py",
-        "{model}",
-        "--dtype",
-        "bfloat16",
-        "--steps",
-        "10",
-        "--profile",
-    ],
-    "service fp16, 64 samples/step": [
-        "service_bench.py",
-        "{model}",
-        "--dtype",
-        "float16",
-        "--steps",
-        "12",
-        "--accumulation",
-        "16",
-    ],
+MAIN = {"attention": "cudnn", "compile": False, "checkpointing": True, "row_multiple": 1}
+FAST = {"attention": "auto", "row_multiple": 64}
+FULL = {"full_rows": True, "steps": 5, "warmup": 2, "profile_steps": 1}
+
+# The default recipe (16 samples a step) as on main, then one change at a time, then together.
+SERVICE = [
+    {"name": "as on main", **MAIN, "tables": True},
+    {"name": "cuDNN attention off", **MAIN, "attention": "auto"},
+    {"name": "cuDNN off, rows to x64", **MAIN, **FAST},
+    {"name": "cuDNN off, fused AdamW", **MAIN, **FAST, "optim": "adamw_torch_fused"},
+    {"name": "compiled layers (new default)", **FAST, "compile": True, "warmup": 4, "tables": True},
+    {"name": "compiled layers, fused AdamW", **FAST, "compile": True, "optim": "adamw_torch_fused"},
+    {"name": "compiled, no recompute (big card)", **FAST, "compile": True, "checkpointing": False},
+    {"name": "full rows, eager", **MAIN, **FAST, **FULL},
+    {"name": "full rows, compiled", **FAST, **FULL, "compile": True},
+    {"name": "full rows, compiled, no recompute", **FAST, **FULL, "compile": True, "checkpointing": False},
+]
+SERVICE_FP16 = [
+    {"name": "as on main", **MAIN},
+    {"name": "compiled layers (new default)", **FAST, "compile": True, "warmup": 4},
+    {"name": "full rows, compiled", **FAST, **FULL, "compile": True},
+]
+SERVICE_2GPU = [
+    {"name": "as on main", **MAIN},
+    {"name": "compiled layers (new default)", **FAST, "compile": True, "warmup": 4},
+    {"name": "full rows, compiled", **FAST, **FULL, "compile": True},
+    {"name": "full rows, compiled, no recompute", **FAST, **FULL, "compile": True, "checkpointing": False},
+]
+
+
+def _service(dtype: str, variants: list[dict]) -> list[str]:
+    return ["service_bench.py", "{model}", "--dtype", dtype, "--variants", json.dumps(variants)]
+
+
+GROUPS = {
+    "seed": ["reference/seed_recipe_bench.py", "run", "{model}", "seed", "--steps", "6"],
+    "trl": ["reference/trl_peer_bench.py", "{model}", "bfd", "--steps", "8"],
+    "service bf16": _service("bfloat16", SERVICE),
+    "service fp16": _service("float16", SERVICE_FP16),
+    "service bf16, 2 GPUs": ["torchrun:2", *_service("bfloat16", SERVICE_2GPU)],
 }
+LABELS = {"seed": "seed recipe, fp16, pad to 2048", "trl": "TRL SFTTrainer packing=bfd, bf16"}
 
 
-def run(name: str, argv: list[str], model: str) -> dict:
+def run(group: str, argv: list[str], model: str, pick: list[str] | None, log) -> list[dict]:
     launcher = [sys.executable]
     if argv[0].startswith("torchrun:"):
         processes = argv[0].split(":")[1]
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
         argv = argv[1:]
+    if pick and "--variants" in argv:
+        at = argv.index("--variants") + 1
+        chosen = [v for v in json.loads(argv[at]) if v["name"] in pick]
+        if not chosen:
+            return []
+        argv = [*argv[:at], json.dumps(chosen), *argv[at + 1 :]]
     script = BENCH / argv[0]
     command = [
         *launcher,
         str(script),
-        *[a.format(model=model) for a in argv[1:]],
+        *[a.replace("{model}", model) for a in argv[1:]],
         "--lengths",
         str(LENGTHS),
     ]
@@ -109,25 +95,53 @@ def run(name: str, argv: list[str], model: str) -> dict:
         # One process: one GPU (with more visible, the Trainer would spread it with DataParallel).
         env.setdefault("CUDA_VISIBLE_DEVICES", "0")
     started = time.time()
-    done = subprocess.run(command, cwd=script.parent, capture_output=True, text=True, env=env)
-    for profile_line in (ln for ln in done.stdout.splitlines() if ln.startswith("PROFILE")):
-        print(profile_line, flush=True)
-    if "--profile" in argv:
-        print(done.stdout[-12000:], flush=True)
-    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        return {"name": name, "error": (done.stderr or done.stdout)[-3000:]}
-    result = json.loads(line.removeprefix("RESULT "))
-    result.update(name=name, wall_s=round(time.time() - started, 1))
-    result["epoch_hours"] = EPOCH_TOKENS / result["real_tok_s"] / 3600
-    return result
+    log.write(f"==== {group}: {' '.join(command)}\n")
+    log.flush()
+    offset = log.tell()
+    # straight into the log (stdout and stderr), so a run cut short still leaves what it printed
+    done = subprocess.run(
+        command, cwd=script.parent, stdout=log, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    log.flush()
+    with open(log.name) as again:
+        again.seek(offset)
+        output = again.read()
+    results = []
+    for line in output.splitlines():
+        if not line.startswith("RESULT "):
+            continue
+        result = json.loads(line.removeprefix("RESULT "))
+        name = result.get("name")
+        result["name"] = f"{group}: {name}" if name else LABELS.get(group, group)
+        result["group"] = group
+        if "real_tok_s" in result:
+            result["epoch_hours"] = EPOCH_TOKENS / result["real_tok_s"] / 3600
+        results.append(result)
+    if not results:
+        results.append({"name": group, "error": f"exit {done.returncode}: {output[-3000:]}"})
+    for result in results:
+        result["process_wall_s"] = round(time.time() - started, 1)
+    return results
+
+
+def line(result: dict) -> str:
+    if "error" in result:
+        return f"{result['name']}: FAILED {result['error'][-600:]}"
+    busy = result.get("gpu_busy_share")
+    per_k = result.get("kernel_ms_per_1k_tokens")
+    return (
+        f"{result['name']:58s} {result['real_tok_s']:8.0f} tok/s {result.get('sec_per_step', 0):6.3f} s/step "
+        + (f"busy {100 * busy:5.1f}% {per_k:6.1f} ms/1k " if busy is not None else "")
+        + f"peak {result['peak_gib']:.2f}/{result['reserved_gib']:.2f} GiB"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default="/tmp/phi2-random")
-    parser.add_argument("--only", nargs="*", help="names of variants to run (default all)")
+    parser.add_argument("--only", nargs="*", help="groups to run (default all): " + ", ".join(GROUPS))
+    parser.add_argument("--pick", nargs="*", help="service variants to run (default all)")
     args = parser.parse_args()
     if not Path(args.model, "config.json").exists():
         subprocess.run(
@@ -135,23 +149,15 @@ def main() -> None:
             cwd=BENCH / "reference",
             check=True,
         )
-    results = []
-    for name, argv in VARIANTS.items():
-        if args.only and name not in args.only:
-            continue
-        result = run(name, argv, args.model)
-        results.append(result)
-        if "error" in result:
-            print(f"{name}: FAILED\n{result['error']}", flush=True)
-            continue
-        print(
-            f"{name:36s} {result['real_tok_s']:8.0f} trained tok/s  "
-            f"{result.get('computed_tok_s', float('nan')):8.0f} computed tok/s  "
-            f"peak {result['peak_gib']:.2f} / reserved {result['reserved_gib']:.2f} GiB  "
-            f"epoch {result['epoch_hours']:.2f} h  ({result['gpu']})",
-            flush=True,
-        )
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    results: list[dict] = []
+    with open(Path(args.out).with_suffix(".log"), "w") as log:
+        for group, argv in GROUPS.items():
+            if args.only and group not in args.only:
+                continue
+            for result in run(group, argv, args.model, args.pick, log):
+                results.append(result)
+                print(line(result), flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,14 @@ Samples never see each other: the collator hands the trainer a per-token sample 
 `block_causal_mask` turns it into a 4D mask on the GPU (sample-diagonal and causal), where it
 costs a few MiB. A sample's first label is ignored, so no token is trained to predict the
 start of the next sample.
+
+Full-row mode (`plan_full_rows`, `training.packing_mode: "full_rows"`) is the other
+choice, and not the seed's recipe: all samples are packed best-fit into rows filled close to
+`max_seq_length`, an item is one micro-batch of `batch_size` full rows and an optimizer step
+is `gradient_accumulation_steps` of them — the seed's 16 rows of 2048 per step, filled with
+real tokens instead of padding. An epoch then has ~16× fewer optimizer steps (oasst1-en:
+~150 instead of ~2,450), each averaging ~16× more tokens; docs/benchmarks.md says how to set
+the learning rate for it.
 """
 
 from __future__ import annotations
@@ -68,6 +76,37 @@ def plan_steps(
     return steps
 
 
+def plan_full_rows(
+    lengths: list[int], rows_per_item: int, row_length: int, seed: int, window: int = 512
+) -> list[PackedStep]:
+    """Shuffle the samples (seeded), pack each window of `window` samples best-fit decreasing
+    into rows of `row_length` tokens, and cut the rows into items of `rows_per_item` rows.
+    Every sample is placed once; a window's rows are ~97 % full for oasst-like lengths."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    rows: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        window_rows: list[list[int]] = []
+        free: list[int] = []
+        for index in chunk:
+            need = min(lengths[index], row_length)
+            best = -1
+            for r, room in enumerate(free):
+                if room >= need and (best < 0 or room < free[best]):
+                    best = r
+            if best >= 0:
+                window_rows[best].append(index)
+                free[best] -= need
+            else:
+                window_rows.append([index])
+                free.append(row_length - need)
+        rows += window_rows
+    # rows in a seeded random order, so long and short rows mix across items
+    random.Random(seed + 1).shuffle(rows)
+    return [PackedStep(rows[i : i + rows_per_item]) for i in range(0, len(rows), rows_per_item)]
+
+
 class PackedData:
     """A training set whose items are whole optimizer steps (the trainer's batch size is 1)."""
 
@@ -112,10 +151,14 @@ class PackedData:
         return real / max(1, computed)
 
 
-def collate_packed(items: list[dict[str, list[list[int]]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """One step's rows, padded to the longest row (sequence id 0 marks padding)."""
+def collate_packed(
+    items: list[dict[str, list[list[int]]]], pad_token_id: int, row_multiple: int = 1
+) -> dict[str, torch.Tensor]:
+    """One step's rows, padded to the longest row rounded up to `row_multiple` (sequence id 0
+    marks padding: it carries no loss and no sample sees it)."""
     [step] = items
     width = max(len(row) for row in step["input_ids"])
+    width = -(-width // row_multiple) * row_multiple
     pads = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "position_ids": 0, "sequence_ids": 0}
     return {
         key: torch.tensor([row + [pads[key]] * (width - len(row)) for row in rows], dtype=torch.long)

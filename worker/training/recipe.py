@@ -6,6 +6,7 @@ and the tests.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -29,7 +30,14 @@ from worker.training.artifacts import ZipInfo, write_model_card, zip_directory
 from worker.training.callbacks import FollowerCallback, JobProgressCallback
 from worker.training.data import IGNORE_INDEX, TrainingData, build_eval_data, build_training_data
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
-from worker.training.packing import PackedData, block_causal_mask, collate_packed, plan_steps
+from worker.training.packing import (
+    PackedData,
+    block_causal_mask,
+    collate_packed,
+    plan_full_rows,
+    plan_steps,
+)
+from worker.training.speed import SpeedPlan, apply_speed_plan, plan_speed
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +63,41 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+FULL_ROWS = "full_rows"
+
+
+def packing_mode(spec: JobSpec) -> str:
+    """`per_step` (the default: each optimizer step packs the recipe's batch_size ×
+    gradient_accumulation_steps samples) or `full_rows` (rows filled to max_seq_length;
+    a step is gradient_accumulation_steps micro-batches of batch_size full rows). Read with a
+    default so that a spec without the field trains as before."""
+    mode = getattr(spec.training, "packing_mode", None) or "per_step"
+    return FULL_ROWS if mode == FULL_ROWS else "per_step"
+
+
 def training_arguments(
-    spec: JobSpec, output_dir: Path, dtype: torch.dtype, evaluate: bool
+    spec: JobSpec,
+    output_dir: Path,
+    dtype: torch.dtype,
+    evaluate: bool,
+    speed: SpeedPlan | None = None,
+    full_rows: bool | None = None,
 ) -> TrainingArguments:
     t = spec.training
     on_gpu = torch.cuda.is_available()
+    full_rows = packing_mode(spec) == FULL_ROWS if full_rows is None else full_rows
+    # The Trainer's own checkpointing only when the layers are not compiled (compiled layers are
+    # checkpointed from outside by worker.training.speed) and the plan keeps recomputation.
+    checkpointing = t.gradient_checkpointing
+    if speed is not None:
+        checkpointing = speed.checkpointing and not speed.compile_layers
     # Packed, each item is one process's share of an optimizer step (see worker.training.packing);
     # padded, the processes split the accumulation steps. Either way a step takes
-    # batch_size × gradient_accumulation_steps samples, however many GPUs.
-    if t.packing:
+    # batch_size × gradient_accumulation_steps samples, however many GPUs. Full rows: an item
+    # is a micro-batch of batch_size full rows, and the processes split the accumulation steps.
+    if t.packing and full_rows:
+        batch_size, accumulation = 1, max(1, t.gradient_accumulation_steps // world_size())
+    elif t.packing:
         batch_size, accumulation = 1, 1
     else:
         batch_size, accumulation = t.batch_size, t.gradient_accumulation_steps // world_size()
@@ -80,7 +114,7 @@ def training_arguments(
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         optim=t.optimizer,
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         # Mixed precision is a GPU matter; on a CPU the 4-bit layers compute in `dtype` as they are.
         fp16=on_gpu and dtype == torch.float16,
@@ -132,6 +166,11 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     )
     dtype = compute_dtype(spec.quantization)
     model = load_quantized_lora_model(spec, dtype)
+    t = spec.training
+    speed = plan_speed(model.config, t.batch_size * t.max_seq_length, t.gradient_checkpointing)
+    apply_speed_plan(model, speed)
+    if torch.cuda.is_available():
+        say(job_id, f"training step: {speed.describe()}", speed=dataclasses.asdict(speed))
     log.info("job %s: data and model ready in %.1f s", job_id, time.perf_counter() - started)
 
     progress: JobProgressCallback | FollowerCallback = (
@@ -139,16 +178,19 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
         if main
         else FollowerCallback()
     )
-    args = training_arguments(spec, files.output_dir, dtype, evaluate=eval_data is not None)
+    args = training_arguments(spec, files.output_dir, dtype, evaluate=eval_data is not None, speed=speed)
     if spec.training.packing:
-        t = spec.training
+        full_rows = packing_mode(spec) == FULL_ROWS
         per_process = t.batch_size * t.gradient_accumulation_steps // world_size()
-        train_set, eval_set = _packed(data, spec, per_process), None
+        train_set, eval_set = _packed(data, spec, per_process, full_rows), None
         if eval_data is not None:
             eval_set = _packed(eval_data, spec, t.batch_size)
+        what = (
+            f"micro-batches of {t.batch_size} full rows" if full_rows else f"items of {per_process} samples"
+        )
         say(
             job_id,
-            f"packed {len(data)} samples into {len(train_set)} items of {per_process} samples "
+            f"packed {len(data)} samples into {len(train_set)} {what} "
             f"for {world_size()} process(es): {train_set.mean_samples_per_step:.2f} samples per item, "
             f"{train_set.fill:.1%} of computed tokens real",
             steps=len(train_set),
@@ -160,7 +202,9 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
             args=args,
             train_dataset=train_set,
             eval_dataset=eval_set,
-            data_collator=partial(collate_packed, pad_token_id=tokenizer.pad_token_id),
+            data_collator=partial(
+                collate_packed, pad_token_id=tokenizer.pad_token_id, row_multiple=speed.row_multiple
+            ),
             processing_class=tokenizer,
             callbacks=[progress],
         )
@@ -203,10 +247,13 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     return Outcome(stopped=None, adapter=adapter, summary=summary)
 
 
-def _packed(data: TrainingData, spec: JobSpec, samples_per_item: int) -> PackedData:
+def _packed(data: TrainingData, spec: JobSpec, samples_per_item: int, full_rows: bool = False) -> PackedData:
     t = spec.training
     lengths = [len(sample.input_ids) for sample in data.samples]
-    steps = plan_steps(lengths, samples_per_item, t.batch_size, t.max_seq_length, t.seed)
+    if full_rows:
+        steps = plan_full_rows(lengths, t.batch_size, t.max_seq_length, t.seed)
+    else:
+        steps = plan_steps(lengths, samples_per_item, t.batch_size, t.max_seq_length, t.seed)
     return PackedData(data.samples, steps)
 
 

@@ -1,0 +1,192 @@
+"""How a training step runs fast on the GPU it has, without changing what it computes.
+
+Each setting here keeps the recipe's meaning (same samples per step, same loss, same
+optimizer update); what it changes is how many kernels a step launches and which kernels:
+
+- attention backend per GPU: on Hopper (compute capability 9.x) PyTorch's sdpa tries cuDNN
+  first, which plans a new graph for every new sequence length and costs ~2 ms of host time
+  per call; the memory-efficient kernel (the one a T4 runs anyway, and the one that takes the
+  packed path's 4D mask) does not. `choose_attention` switches cuDNN attention off there.
+- per-decoder-layer `torch.compile`: each layer's forward and backward become a few fused
+  kernels instead of ~300 small ones. Gradient checkpointing stays *outside* the compiled code
+  (this module checkpoints each compiled layer itself, non-reentrant), so inductor never sees
+  the recomputation (whole-model compile with checkpointing inside fails on torch 2.11: peft
+  issue 3020). Row widths are rounded up (`row_multiple`) and the sequence dimension is
+  compiled dynamic, so new lengths do not recompile.
+- recomputation dropped on big cards: when the GPU's free memory is several times what the
+  step's activations need without checkpointing, the worker trains without it (and says so
+  in the job's events); a T4 keeps it.
+
+Everything is opt-out with `FINETUNE_FAST_PATH=0` in the worker's environment, and nothing
+here runs without CUDA (the CPU path, and so the test suite, is the plain eager one unless
+a test asks for it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from dataclasses import dataclass, field
+from types import MethodType
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Rows of a packed micro-batch are padded to a multiple of this on the GPU: fewer distinct
+# shapes for cuBLAS/attention heuristics and the compiled layers, at < 3 % padding.
+ROW_MULTIPLE = 64
+
+
+def fast_path_enabled() -> bool:
+    return os.environ.get("FINETUNE_FAST_PATH", "1").lower() not in ("0", "false", "no", "off")
+
+
+@dataclass
+class SpeedPlan:
+    """What the worker does to make this job's steps fast, and why (for the job's events)."""
+
+    attention: str = "default"
+    compile_layers: bool = False
+    checkpointing: bool = True
+    row_multiple: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = [f"attention {self.attention}"]
+        parts.append("decoder layers compiled" if self.compile_layers else "eager")
+        parts.append("gradient checkpointing " + ("on" if self.checkpointing else "off"))
+        if self.row_multiple > 1:
+            parts.append(f"rows padded to a multiple of {self.row_multiple}")
+        return "; ".join(parts + self.notes)
+
+
+def choose_attention() -> str:
+    """Switch sdpa's cuDNN backend off on Hopper and newer (see the module's docstring)."""
+    if not torch.cuda.is_available():
+        return "default"
+    major, _ = torch.cuda.get_device_capability()
+    if major >= 9:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        return "memory-efficient sdpa (cuDNN attention off)"
+    return "default sdpa"
+
+
+def activation_bytes_without_checkpointing(config: Any, tokens: int) -> int:
+    """A generous estimate of a micro-batch's activations kept for backward without
+    recomputation: ~40 bf16 values of hidden size per token per layer (Phi-2 on an H200:
+    51 GiB reserved for 4 × 2048 tokens)."""
+    layers = getattr(config, "num_hidden_layers", 32)
+    hidden = getattr(config, "hidden_size", 2560)
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    per_token_layer = 2 * (24 * hidden + 4 * intermediate)
+    return tokens * layers * per_token_layer
+
+
+def plan_speed(
+    config: Any,
+    micro_batch_tokens: int,
+    checkpointing: bool,
+    *,
+    compile_layers: bool | None = None,
+    drop_checkpointing: bool | None = None,
+) -> SpeedPlan:
+    """Decide, for this GPU and this job, what `apply_speed_plan` will do.
+
+    `compile_layers` / `drop_checkpointing` None: decide (fast path on CUDA); True/False: force
+    (the bench uses these to measure each change alone)."""
+    plan = SpeedPlan(checkpointing=checkpointing)
+    if not torch.cuda.is_available() or not fast_path_enabled():
+        return plan
+    plan.attention = choose_attention()
+    plan.row_multiple = ROW_MULTIPLE
+    plan.compile_layers = True if compile_layers is None else compile_layers
+    if checkpointing:
+        free, _total = torch.cuda.mem_get_info()
+        need = activation_bytes_without_checkpointing(config, micro_batch_tokens)
+        roomy = need * 2 < free
+        if drop_checkpointing is None:
+            drop = roomy
+        else:
+            drop = drop_checkpointing
+        if drop:
+            plan.checkpointing = False
+            plan.notes.append(
+                f"recomputation dropped: {free / 2**30:.0f} GiB free, "
+                f"activations need ~{need / 2**30:.0f} GiB"
+            )
+    return plan
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (transformers' GradientCheckpointingLayer subclasses)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - older transformers
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_decoder_layers(
+    model: torch.nn.Module, checkpointing: bool, backend: str = "inductor", dynamic: bool | None = True
+) -> int:
+    """Compile every decoder layer's own forward once (one compiled function shared by all
+    layers: parameters are inputs), and checkpoint each compiled layer from the outside.
+
+    transformers' own checkpointing (in `__call__` in 5.17, around `forward` in 5.24) is
+    switched off on the model so it never wraps compiled code; the caller must also pass
+    `gradient_checkpointing=False` to the Trainer (it would switch it back on)."""
+    layers = decoder_layers(model)
+    if not layers:
+        return 0
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 512
+        )
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "is_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
+    for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+        if hasattr(config, "use_cache"):
+            config.use_cache = False  # no KV cache updates inside compiled code
+    compiled: dict[type, Any] = {}
+    for layer in layers:
+        cls = type(layer)
+        if cls not in compiled:
+            compiled[cls] = torch.compile(inspect.unwrap(cls.forward), backend=backend, dynamic=dynamic)
+        layer.forward = MethodType(_checkpointed(compiled[cls], checkpointing), layer)
+    return len(layers)
+
+
+def restore_decoder_layers(model: torch.nn.Module) -> None:
+    """Undo `compile_decoder_layers` (the class's own forward again); the bench measures
+    variants one after another on one loaded model."""
+    for layer in decoder_layers(model):
+        layer.__dict__.pop("forward", None)
+
+
+def _checkpointed(compiled_forward, checkpointing: bool):
+    from torch.utils.checkpoint import checkpoint
+
+    def forward(self, *args, **kwargs):
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("use_cache", None)
+        if checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(compiled_forward, self, *args, use_reentrant=False, **kwargs)
+        return compiled_forward(self, *args, **kwargs)
+
+    return forward
+
+
+def apply_speed_plan(model: torch.nn.Module, plan: SpeedPlan) -> None:
+    if plan.compile_layers:
+        compile_decoder_layers(model, plan.checkpointing)
+    elif not plan.checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(base, "is_gradient_checkpointing", False):
+            base.gradient_checkpointing_disable()
