@@ -52,7 +52,7 @@ def flatten_trees(trees: Iterable[dict]) -> Iterator[dict]:
             stack.extend((reply, node["message_id"]) for reply in reversed(node.get("replies") or []))
 
 
-def _drop_reason(row: dict, languages: set[str] | None, include_synthetic: bool) -> str | None:
+def drop_reason(row: dict, languages: set[str] | None, include_synthetic: bool) -> str | None:
     if row.get("deleted"):
         return "deleted"
     if row.get("review_result") is False:
@@ -83,7 +83,7 @@ def conversations_from_rows(
     dropped: Counter = Counter()
     by_id: dict[str, dict] = {}
     for row in rows:
-        reason = _drop_reason(row, wanted, include_synthetic)
+        reason = drop_reason(row, wanted, include_synthetic)
         if reason:
             dropped[f"rows_{reason}"] += 1
         else:

@@ -1,27 +1,38 @@
 """Validate an uploaded training file line by line, before any GPU time is spent.
 
-Pure Python: the API runs it on upload. Token length statistics need the tokenizer and are
-added later by the worker (`worker/analysis.py`).
+Pure Python, run by the API on upload, in bounded memory whatever the file's size: records are
+read one line at a time and checked on their own; what needs the whole file (which oasst1
+message rows form threads) is worked out in an index on disk. Token length statistics need
+the tokenizer and are added later by a worker (`worker/analysis.py`).
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from app.conversations import (
     chat_turns,
-    conversations_from_chats,
     conversations_from_rows,
     detect_format,
+    drop_reason,
     flatten_trees,
 )
 
 MAX_PROBLEMS_LISTED = 100
 UPLOAD_SUFFIXES = (".jsonl", ".json")
 OASST_ROLES = ("prompter", "assistant")
+# One record per line may be this long; a file that is one JSON array this large at most
+# (larger ones: JSON Lines, which is read a line at a time).
+MAX_LINE_BYTES = 16 << 20
+MAX_JSON_ARRAY_BYTES = 16 << 20
+# Languages counted by name; the rest are counted together.
+MAX_LANGUAGES = 100
 
 
 def _row_problem(row: Any) -> str | None:
@@ -56,73 +67,187 @@ def _record_problem(record: Any, fmt: str) -> str | None:
     return _row_problem(record)
 
 
-def _numbered_records(path: Path) -> tuple[list[tuple[int, Any]], list[dict[str, Any]]]:
-    """(line number, parsed value) for each non-blank line, and the lines that did not parse."""
-    problems: list[dict[str, Any]] = []
+def _parse(line: bytes) -> tuple[Any, str | None]:
+    """(value, None), or (None, why the line is not a JSON value)."""
+    if len(line) > MAX_LINE_BYTES:
+        return None, f"line longer than {MAX_LINE_BYTES >> 20} MiB"
     try:
-        text = path.read_text(encoding="utf-8")
+        return json.loads(line.decode("utf-8")), None
     except UnicodeDecodeError as exc:
-        return [], [{"line": None, "error": f"not UTF-8 text: {exc.reason} at byte {exc.start}"}]
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            return [(i + 1, record) for i, record in enumerate(json.loads(text))], []
-        except json.JSONDecodeError as exc:
-            return [], [{"line": exc.lineno, "error": f"invalid JSON: {exc.msg} (column {exc.colno})"}]
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            problems.append({"line": number, "error": f"invalid JSON: {exc.msg} (column {exc.colno})"})
-    return records, problems
+        return None, f"not UTF-8 text: {exc.reason} at byte {exc.start}"
+    except json.JSONDecodeError as exc:
+        return None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+    except RecursionError:
+        return None, "JSON nested too deeply"
 
 
-def _root_marker(row: dict) -> str | None:
-    """Rows without a message_tree_id count their roots as trees."""
-    return row["message_id"] if row.get("parent_id") is None else None
+def numbered_records(path: Path) -> Iterator[tuple[int | None, Any, str | None]]:
+    """(line number, parsed value, None) for each non-blank line of a JSON Lines file (or each
+    element of a file holding one JSON array), or (line, None, why) for one that did not parse."""
+    with path.open("rb") as file:
+        head = file.read(64).lstrip()
+        file.seek(0)
+        if path.suffix == ".json" and head.startswith(b"["):
+            text = file.read(MAX_JSON_ARRAY_BYTES + 1)
+            if len(text) > MAX_JSON_ARRAY_BYTES:
+                limit = MAX_JSON_ARRAY_BYTES >> 20
+                yield None, None, f"a JSON array over {limit} MiB: send JSON Lines (.jsonl), a record a line"
+                return
+            records, problem = _parse(text)
+            if problem is not None or not isinstance(records, list):
+                yield None, None, problem or "not a JSON array"
+                return
+            for index, record in enumerate(records):
+                yield index + 1, record, None
+            return
+        for number, line in enumerate(file, start=1):
+            if line.strip():
+                record, problem = _parse(line.rstrip(b"\r\n"))
+                yield number, record, problem
+
+
+class ThreadIndex:
+    """oasst1 message rows, reduced to what threads need, in a SQLite file on disk: how many
+    assistant replies have every ancestor present and kept (a sample each)."""
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="finetune-threads-")
+        self.db = sqlite3.connect(Path(self._folder.name) / "index.db")
+        self.db.execute(
+            "CREATE TABLE rows (id TEXT PRIMARY KEY, parent TEXT, kept INT, assistant INT, tree TEXT)"
+        )
+        self._batch: list[tuple] = []
+
+    def add(self, row: dict, kept: bool) -> None:
+        tree = row.get("message_tree_id") or (row["message_id"] if row.get("parent_id") is None else None)
+        self._batch.append((row["message_id"], row.get("parent_id"), kept, row["role"] == "assistant", tree))
+        if len(self._batch) >= 2_000:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?)", self._batch)
+        self._batch = []
+
+    def counts(self) -> tuple[int, int, int]:
+        """(samples, kept replies missing an ancestor, trees)."""
+        self._flush()
+        self.db.execute("CREATE INDEX rows_parent ON rows (parent)")
+        (samples, missing), = self.db.execute(
+            """
+            WITH RECURSIVE whole(id) AS (
+                SELECT id FROM rows WHERE parent IS NULL AND kept
+                UNION ALL
+                SELECT rows.id FROM rows JOIN whole ON rows.parent = whole.id WHERE rows.kept
+            )
+            SELECT count(whole.id), count(*) - count(whole.id)
+            FROM rows LEFT JOIN whole ON rows.id = whole.id
+            WHERE rows.kept AND rows.assistant
+            """
+        )
+        (trees,) = self.db.execute("SELECT count(DISTINCT tree) FROM rows").fetchone()
+        return samples, missing, trees
+
+    def close(self) -> None:
+        self.db.close()
+        self._folder.cleanup()
+
+
+class Report:
+    """Counts and problems, gathered one record at a time."""
+
+    def __init__(self) -> None:
+        self.fmt: str | None = None
+        self.records = 0
+        self.samples = 0
+        self.messages = 0
+        self.trees = 0
+        self.languages: Counter = Counter()
+        self.dropped: Counter = Counter()
+        self.problems: list[dict[str, Any]] = []
+        self.problem_count = 0
+        self.threads: ThreadIndex | None = None
+
+    def problem(self, line: int | None, error: str) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_PROBLEMS_LISTED:
+            self.problems.append({"line": line, "error": error})
+
+    def add(self, line: int | None, record: Any) -> None:
+        self.records += 1
+        if self.fmt is None:
+            if not isinstance(record, dict):
+                self.problem(line, "not a JSON object")
+                return
+            try:
+                self.fmt = detect_format(record)
+            except ValueError as exc:
+                self.problem(line, str(exc))
+                return
+        problem = _record_problem(record, self.fmt)
+        if problem:
+            self.problem(line, problem)
+        elif self.fmt == "chat":
+            self.samples += 1
+        elif self.fmt == "oasst_trees":
+            rows = list(flatten_trees([record]))
+            self._count_rows(rows)
+            conversations = conversations_from_rows(rows, None)
+            self.samples += len(conversations.samples)
+            self.dropped.update(conversations.dropped)
+            self.trees += 1
+        else:
+            self._count_rows([record])
+            if self.threads is None:
+                self.threads = ThreadIndex()
+            self.threads.add(record, kept=drop_reason(record, None, True) is None)
+
+    def _count_rows(self, rows: list[dict]) -> None:
+        self.messages += len(rows)
+        for row in rows:
+            language = row.get("lang") or "unknown"
+            known = language in self.languages or len(self.languages) < MAX_LANGUAGES
+            self.languages[language if known else "other"] += 1
+            if self.fmt == "oasst_rows":
+                reason = drop_reason(row, None, True)
+                if reason:
+                    self.dropped[f"rows_{reason}"] += 1
+
+    def finish(self) -> dict[str, Any]:
+        if self.threads is not None:
+            samples, missing, self.trees = self.threads.counts()
+            self.samples += samples
+            if missing:
+                self.dropped["replies_missing_ancestor"] += missing
+            self.threads.close()
+        report: dict[str, Any] = {"format": self.fmt, "records": self.records}
+        if self.fmt != "chat":
+            report["messages"] = self.messages
+            report["trees"] = self.trees
+            report["languages"] = dict(self.languages.most_common())
+        report["samples"] = self.samples
+        report["dropped"] = dict(self.dropped)
+        if self.fmt and not self.problem_count and not self.samples:
+            self.problem(None, "no training sample can be built from this file")
+        if not self.records and not self.problem_count:
+            self.problem(None, "the file holds no records")
+        self.problems.sort(key=lambda p: (p["line"] is None, p["line"] or 0))
+        report["problem_count"] = self.problem_count
+        report["problems"] = self.problems
+        report["valid"] = not self.problem_count
+        return report
 
 
 def validate_file(path: Path) -> dict[str, Any]:
-    """A report: format, counts, languages, samples, drops, and each problem with its line.
+    """A report: format, counts, languages, samples, drops, and each problem with its line (the
+    first MAX_PROBLEMS_LISTED; `problem_count` counts all).
 
     `valid` is true only when every line parsed, matched the format and at least one training
     sample can be built.
     """
-    records, problems = _numbered_records(path)
-    fmt = None
-    first_object = next((r for _, r in records if isinstance(r, dict)), None)
-    if first_object is not None:
-        try:
-            fmt = detect_format(first_object)
-        except ValueError as exc:
-            problems.append({"line": records[0][0], "error": str(exc)})
-    good: list[Any] = []
-    if fmt:
-        for number, record in records:
-            problem = _record_problem(record, fmt)
-            if problem:
-                problems.append({"line": number, "error": problem})
-            else:
-                good.append(record)
-    report: dict[str, Any] = {"format": fmt, "records": len(records)}
-    if fmt == "chat":
-        conversations = conversations_from_chats(good)
-    else:
-        rows = list(flatten_trees(good)) if fmt == "oasst_trees" else good
-        conversations = conversations_from_rows(rows, None)
-        report["messages"] = len(rows)
-        report["trees"] = len({row.get("message_tree_id") or _root_marker(row) for row in rows} - {None})
-        report["languages"] = dict(Counter(row.get("lang") or "unknown" for row in rows).most_common())
-    report["samples"] = len(conversations.samples)
-    report["dropped"] = dict(conversations.dropped)
-    if fmt and not problems and not conversations.samples:
-        problems.append({"line": None, "error": "no training sample can be built from this file"})
-    if not records and not problems:
-        problems.append({"line": None, "error": "the file holds no records"})
-    problems.sort(key=lambda p: (p["line"] is None, p["line"] or 0))
-    report["problem_count"] = len(problems)
-    report["problems"] = problems[:MAX_PROBLEMS_LISTED]
-    report["valid"] = not problems
-    return report
+    report = Report()
+    for line, record, problem in numbered_records(path):
+        if problem is not None:
+            report.problem(line, problem)
+        else:
+            report.add(line, record)
+    return report.finish()

@@ -14,8 +14,10 @@ TASK_RUN_JOB = "finetune.run_job"
 TASK_ANALYZE_DATASET = "finetune.analyze_dataset"
 TASK_GENERATE_SAMPLE = "finetune.generate_sample"
 QUEUE = "finetune"
-# Samples go to `finetune sampler`, so that a long training never makes a prompt wait.
+# Samples go to `finetune sampler`, so that a long training never makes a prompt wait; so do
+# an upload's token statistics (seconds of tokenizing a bounded sample of it).
 SAMPLES_QUEUE = "finetune.samples"
+ANALYSIS_QUEUE = SAMPLES_QUEUE
 
 
 def make_celery(broker_url: str, transport_options: dict[str, Any] | None = None) -> Celery:

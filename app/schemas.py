@@ -7,6 +7,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.models import CHECKPOINT_NAME
+
 T = TypeVar("T")
 
 
@@ -113,7 +115,7 @@ class ResumeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str | None = Field(
-        None, pattern=r"^checkpoint-\d+$", description="Default: the latest checkpoint."
+        None, pattern=CHECKPOINT_NAME.pattern, max_length=32, description="Default: the latest checkpoint."
     )
 
 
@@ -123,7 +125,8 @@ class SampleRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=8000, description="What the Human says.")
     checkpoint: str | None = Field(
         None,
-        pattern=r"^checkpoint-\d{1,12}$",
+        pattern=CHECKPOINT_NAME.pattern,
+        max_length=32,
         description="Default: the final adapter, or the latest checkpoint while the job runs.",
     )
     max_new_tokens: int = Field(128, ge=1, le=2048)

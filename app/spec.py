@@ -62,8 +62,13 @@ def resolve_model_or_dataset(value: str) -> str:
     return value
 
 
+# Longest hub id or local path a spec may name.
+MAX_NAME_CHARS = 1024
+
 # A field naming a model or dataset: validated and made absolute when local.
-ModelOrDataset = Annotated[str, AfterValidator(resolve_model_or_dataset)]
+ModelOrDataset = Annotated[
+    str, StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(resolve_model_or_dataset)
+]
 
 # An uploaded dataset (POST /datasets); the job service checks that it exists and is valid.
 DATASET_ID = re.compile(r"^ds_[0-9a-f]{24}$")
@@ -73,7 +78,13 @@ def resolve_dataset_source(value: str) -> str:
     return value.strip() if DATASET_ID.match(value.strip()) else resolve_model_or_dataset(value)
 
 
-DatasetSource = Annotated[str, AfterValidator(resolve_dataset_source)]
+DatasetSource = Annotated[
+    str, StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(resolve_dataset_source)
+]
+# A dataset split: `train`, `validation[:10%]`, …
+Split = Annotated[str, StringConstraints(pattern=r"^[\w.\-\[\]:%]+$", max_length=128)]
+Language = Annotated[str, StringConstraints(min_length=1, max_length=16)]
+ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
 def split_revision(hub_id: str) -> tuple[str, str | None]:
@@ -89,9 +100,11 @@ class DatasetSpec(_Strict):
     source: DatasetSource = Field(
         "OpenAssistant/oasst1", description="Hub id, local file or folder, or an uploaded dataset's id."
     )
-    split: str = Field("train", pattern=r"^[\w.\-\[\]:%]+$")
-    languages: list[str] | None = Field(
-        default_factory=lambda: ["en"], description="Keep messages in these languages; null keeps all."
+    split: Split = "train"
+    languages: list[Language] | None = Field(
+        default_factory=lambda: ["en"],
+        max_length=64,
+        description="Keep messages in these languages; null keeps all.",
     )
     format: Literal["auto", "oasst_rows", "oasst_trees", "chat"] = Field(
         "auto", description="oasst1 message rows, OpenAssistant tree export, or chat `messages` records."
@@ -105,9 +118,8 @@ class DatasetSpec(_Strict):
         "assistant", description="Which tokens carry loss: assistant replies only, or every token."
     )
     max_samples: int | None = Field(None, ge=1, description="Use at most this many samples.")
-    validation_split: str | None = Field(
+    validation_split: Split | None = Field(
         "validation",
-        pattern=r"^[\w.\-\[\]:%]+$",
         description="Split giving eval_loss, for hub or folder datasets (a missing split is skipped).",
     )
     validation_source: DatasetSource | None = Field(
@@ -129,8 +141,8 @@ class LoraSpec(_Strict):
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense"], min_length=1
+    target_modules: list[ModuleName] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense"], min_length=1, max_length=64
     )
     bias: Literal["none", "all", "lora_only"] = Field(
         "none", description="Which bias vectors train beside the LoRA weights (peft's `bias`)."
@@ -197,6 +209,7 @@ class JobSpec(_Strict):
     name: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        max_length=64,
         description="A short label for the job and its adapter (OpenAI's `suffix`).",
     )
     metadata: dict[MetadataKey, MetadataValue] | None = Field(

@@ -119,6 +119,16 @@ def service_env(request, tmp_path: Path, monkeypatch) -> Iterator[dict[str, str]
         reset_caches()
 
 
+@pytest.fixture
+def tmp_path_allowed(tmp_path: Path, monkeypatch) -> Iterator[Path]:
+    """tmp_path, as a folder job specs may name local models and data in (FINETUNE_LOCAL_ROOTS)."""
+    monkeypatch.setenv("FINETUNE_LOCAL_ROOTS", json.dumps([str(tmp_path)]))
+    monkeypatch.setenv("FINETUNE_DATA_DIR", str(tmp_path / "data"))
+    reset_caches()
+    yield tmp_path
+    reset_caches()
+
+
 def local_models(service_env: dict[str, str]) -> Path:
     """The test's folder under FINETUNE_LOCAL_ROOTS for local models and data of its own."""
     return Path(service_env["FINETUNE_DATA_DIR"]).parent / "models"

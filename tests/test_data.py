@@ -187,7 +187,8 @@ def test_the_default_spec_reads_oasst1_train_and_validation_from_the_hub(monkeyp
     assert len(train) == len(evaluation) == len(conversations_from_rows(rows, ["en"]).samples)
 
 
-def test_local_parquet_files_and_dataset_folders_load(tmp_path, tokenizer, rows):
+def test_local_parquet_files_and_dataset_folders_load(tmp_path_allowed, tokenizer, rows):
+    tmp_path = tmp_path_allowed
     import datasets
 
     from worker.training.data import build_eval_data, build_training_data

@@ -192,3 +192,65 @@ def test_token_statistics_and_training_on_an_uploaded_dataset(client, service_en
     assert job["spec"]["dataset"]["source"] == dataset["id"]
     execute_job(job["id"])
     assert jobs.get_job(job["id"], TEST_OWNER).status == "succeeded"
+
+
+def test_uploads_are_validated_in_bounded_memory(tmp_path):
+    """Finding 5: a file was read whole, with every record and conversation held at once (a
+    100 MB upload took 1.5 GB in the API). Now a line at a time; threads in an index on disk."""
+    import tracemalloc
+
+    from app.dataset_report import validate_file
+
+    rows = [json.loads(line) for line in (DATA / "en-validation.jsonl").read_text().splitlines()]
+    chats, oasst = tmp_path / "chats.jsonl", tmp_path / "rows.jsonl"
+    with chats.open("w") as out:
+        while out.tell() < 24 << 20:
+            out.write(json.dumps(CHAT[1]) + "\n")
+    with oasst.open("w") as out:
+        copy = 0
+        while out.tell() < 24 << 20:  # the rows again under new ids: more trees, same shape
+            copy += 1
+            for row in rows:
+                fresh = {**row, "message_id": f"{copy}-{row['message_id']}"}
+                fresh["parent_id"] = row["parent_id"] and f"{copy}-{row['parent_id']}"
+                fresh["message_tree_id"] = f"{copy}-{row['message_tree_id']}"
+                out.write(json.dumps(fresh) + "\n")
+
+    peaks = {}
+    for path in (chats, oasst):
+        tracemalloc.start()
+        report = validate_file(path)
+        peaks[path.name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert report["valid"] and report["samples"] > 0, report
+
+    single = validate_file(DATA / "en-validation.jsonl")
+    assert report["trees"] == copy * single["trees"] and report["samples"] == copy * single["samples"]
+    for name, peak in peaks.items():
+        print(f"FIGURE validating a 24 MiB {name}: peak Python memory {peak / 2**20:.1f} MiB")
+        assert peak < 4 << 20, (name, peak)  # a few MiB for a 24 MiB file
+
+
+@pytest.mark.parametrize("route", ["/datasets", "/v1/files"])
+def test_deeply_nested_json_in_an_upload_is_a_named_problem(client, route):
+    """Finding 6: depth ≥ 1000 was a 500."""
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    content = jsonl(CHAT[:1]) + deep
+
+    response = client.post(route, files={"file": ("deep.jsonl", content)}, data={"purpose": "fine-tune"})
+
+    assert response.status_code == 201 if route == "/datasets" else 200, response.text
+    dataset = client.get(f"/datasets/{response.json()['id']}").json()
+    assert dataset["status"] == "invalid"
+    assert dataset["report"]["problems"] == [{"line": 2, "error": "JSON nested too deeply"}]
+
+
+@pytest.mark.parametrize("route", ["/jobs", "/v1/fine_tuning/jobs"])
+def test_deeply_nested_json_bodies_are_a_422_naming_the_body(client, route):
+    body = b'{"model": "a/b", "training_file": "x", "metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+
+    response = client.post(route, content=body, headers={"content-type": "application/json"})
+
+    assert response.status_code == (422 if route == "/jobs" else 400), response.text
+    assert "nested deeper than 32 levels" in response.text
+    assert client.get("/jobs").json()["items"] == []

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO, bearer, demo_spec, local_models, reset_caches
 from tests.test_datasets import CHAT, jsonl, queued_messages, upload
 
@@ -140,3 +142,64 @@ def test_models_that_ship_their_own_code_are_refused(client, service_env):
     for url in ("https://evil.example/model", "hf://org/model", "file:///etc/passwd"):
         assert client.post("/jobs", json={"base_model": url}).status_code == 422
     assert client.get("/jobs").json()["items"] == [] and queued_messages(service_env) == 0
+
+
+def unbounded_fields(schema: dict, where: str, components: dict, seen: frozenset = frozenset()) -> list[str]:
+    """Strings without a maxLength, arrays without maxItems and maps without maxProperties in
+    a request body's JSON schema (following $refs), named by their path."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        return [] if name in seen else unbounded_fields(components[name], where, components, seen | {name})
+    found = []
+    for option in schema.get("anyOf", []) + schema.get("oneOf", []) + schema.get("allOf", []):
+        found += unbounded_fields(option, where, components, seen)
+    kind = schema.get("type")
+    if kind == "string" and not {"maxLength", "enum", "const", "contentMediaType"} & set(schema):
+        found.append(where)
+    if kind == "array":
+        found += [] if "maxItems" in schema else [f"{where}[]"]
+        found += unbounded_fields(schema.get("items", {}), f"{where}[]", components, seen)
+    if kind == "object":
+        for name, field in schema.get("properties", {}).items():
+            found += unbounded_fields(field, f"{where}.{name}", components, seen)
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            found += [] if "maxProperties" in schema else [f"{where}{{}}"]
+            found += unbounded_fields(extra, f"{where}{{}}", components, seen)
+    return found
+
+
+def test_every_string_and_list_in_every_request_body_is_bounded(client):
+    """Finding 7: `dataset.split`, `languages`, `target_modules`, … had no size limit (60 jobs
+    of 1 MB each made `GET /jobs?limit=1000` a 60 MB answer)."""
+    document = client.get("/openapi.json").json()
+    components = document["components"]["schemas"]
+    bodies = [
+        (f"{method.upper()} {path}", content["schema"])
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        for content in operation.get("requestBody", {}).get("content", {}).values()
+    ]
+
+    unbounded = [field for where, schema in bodies for field in unbounded_fields(schema, where, components)]
+
+    assert len(bodies) >= 6 and unbounded == []
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("dataset", "split", "s" * 1000),
+        ("dataset", "languages", ["en"] * 1000),
+        ("dataset", "languages", ["x" * 1000]),
+        ("lora", "target_modules", ["q_proj"] * 1000),
+        ("lora", "target_modules", ["q" * 1000]),
+        ("dataset", "validation_split", "v" * 1000),
+    ],
+)
+def test_oversized_spec_values_are_a_422_naming_the_field(client, service_env, section, field, value):
+    response = client.post("/jobs", json={section: {field: value}})
+
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"].startswith(f"{section}.{field}")
+    assert nothing_stored(client, service_env)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from pydantic import ValidationError
 
 from app.spec import JobSpec
-from tests.conftest import reset_caches
 
 
 def test_empty_spec_is_the_seed_recipe():
@@ -64,13 +61,10 @@ def test_bad_values_are_rejected_naming_the_field(body, field):
     assert [tuple(err["loc"]) for err in caught.value.errors()] == [field]
 
 
-def test_hub_ids_may_pin_a_revision_and_local_paths_become_absolute(tmp_path, monkeypatch, request):
+def test_hub_ids_may_pin_a_revision_and_local_paths_become_absolute(tmp_path_allowed, monkeypatch):
+    tmp_path = tmp_path_allowed
     (tmp_path / "my-model").mkdir()
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FINETUNE_LOCAL_ROOTS", json.dumps([str(tmp_path)]))
-    monkeypatch.setenv("FINETUNE_DATA_DIR", str(tmp_path / "data"))
-    reset_caches()
-    request.addfinalizer(reset_caches)
 
     spec = JobSpec.model_validate({"base_model": "my-model", "dataset": {"source": "org/data@v1.2"}})
 

@@ -1,14 +1,24 @@
-"""Token length statistics of an uploaded dataset under a tokenizer (runs in the worker)."""
+"""Token length statistics of an uploaded dataset under a tokenizer, measured on a bounded
+sample of it (runs in `finetune sampler`, beside samples, so it never waits behind training and
+takes seconds whatever the file's size)."""
 
 from __future__ import annotations
 
 import logging
+import random
+from itertools import islice
 from typing import Any
 
+from app.dataset_report import numbered_records
 from app.services import datasets
 from app.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
+
+# At most this many records are read (from the start of the file: oasst1 exports keep each
+# tree's messages together), and at most this many samples, drawn at random, tokenized.
+MAX_RECORDS_READ = 20_000
+MAX_SAMPLES_MEASURED = 2_000
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
@@ -16,16 +26,19 @@ def percentile(sorted_values: list[int], q: float) -> int:
 
 
 def analyze_dataset(dataset_id: str, tokenizer_name: str, max_seq_length: int) -> dict[str, Any]:
-    from worker.training.data import conversations_from_records, load_records, tokenize_conversation
+    from worker.training.data import conversations_from_records, tokenize_conversation
     from worker.training.model import load_tokenizer
 
     base = {"tokenizer": tokenizer_name, "max_seq_length": max_seq_length}
     try:
         tokenizer = load_tokenizer(tokenizer_name)
         spec = DatasetSpec(source=dataset_id, languages=None)
-        conversations = conversations_from_records(load_records(spec.source, spec.split), spec)
+        read = islice(numbered_records(datasets.dataset_file(dataset_id)), MAX_RECORDS_READ)
+        records = [record for _, record, problem in read if problem is None]
+        samples = conversations_from_records(records, spec).samples
+        measured = random.Random(0).sample(samples, min(len(samples), MAX_SAMPLES_MEASURED))
         lengths, truncated = [], 0
-        for turns in conversations.samples:
+        for turns in measured:
             # the full length, before truncation, is what a user needs to choose max_seq_length
             sample, _ = tokenize_conversation(turns, tokenizer, 1 << 30, spec.train_on)
             lengths.append(len(sample.input_ids))
@@ -35,6 +48,9 @@ def analyze_dataset(dataset_id: str, tokenizer_name: str, max_seq_length: int) -
             **base,
             "status": "done",
             "samples": len(lengths),
+            # measured on a sample: `samples` of the file's first `records_read` records
+            "sampled": len(measured) < len(samples) or len(records) == MAX_RECORDS_READ,
+            "records_read": len(records),
             "total": sum(lengths),
             "mean": round(sum(lengths) / len(lengths), 1),
             "p50": percentile(lengths, 0.5),

@@ -1,10 +1,69 @@
-"""Request body size caps: 413 before a large body is read (or as soon as it outgrows the cap)."""
+"""Request body caps: 413 before a large body is read (or as soon as it outgrows the cap), and
+422 for a JSON body nested deeper than any request of this API needs."""
 
 from __future__ import annotations
+
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
+
+# The deepest request body here (a job spec's sections, an OpenAI request's hyperparameters)
+# is 4 levels; this leaves room for clients that send more, and keeps parsers far from their
+# recursion limits.
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """Whether `body`, read as JSON, nests arrays and objects more than `limit` levels deep
+    (brackets inside strings don't count)."""
+    depth = 0
+    for match in _BRACKET.finditer(_JSON_STRING.sub(b'""', body)):
+        depth += 1 if match.group() in (b"[", b"{") else -1
+        if depth > limit:
+            return True
+    return False
+
+
+class JsonDepthLimit:
+    """Refuses JSON bodies nested deeper than MAX_JSON_DEPTH with a 422 on `body`, before any
+    parser sees them. Runs inside BodySizeLimit, so what it buffers is capped."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
+        if not headers.get(b"content-type", b"").split(b";")[0].strip().endswith(b"json"):
+            await self.app(scope, receive, send)
+            return
+        messages, chunks = [], []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        if json_depth_exceeds(b"".join(chunks), MAX_JSON_DEPTH):
+            detail = [
+                {
+                    "field": "body",
+                    "message": f"JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                    "type": "json_too_deep",
+                }
+            ]
+            await error_response(scope.get("path", ""), 422, "validation_error", detail)(scope, receive, send)
+            return
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 class BodySizeLimit:

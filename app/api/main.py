@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Authenticate
 from app.api.errors import install_error_handlers
-from app.api.limits import BodySizeLimit
+from app.api.limits import BodySizeLimit, JsonDepthLimit
 from app.api.openai.routes import router as openai_router
 from app.api.routes import ops_router, router
 from app.services.notifications import deliver_due
@@ -64,6 +64,7 @@ def create_app() -> FastAPI:
         return RedirectResponse("/ui/")
 
     settings = get_settings()
+    app.add_middleware(JsonDepthLimit)
     app.add_middleware(
         BodySizeLimit,
         limit=settings.max_body_bytes,

@@ -17,7 +17,7 @@ from app.dataset_report import UPLOAD_SUFFIXES, validate_file
 from app.db import session_scope
 from app.errors import BrokerUnavailable, DatasetInUse, DatasetNotFound, InvalidFields, UploadTooLarge
 from app.models import Dataset, DatasetStatus, Job, JobStatus, new_dataset_id
-from app.queue import TASK_ANALYZE_DATASET, send
+from app.queue import ANALYSIS_QUEUE, TASK_ANALYZE_DATASET, send
 from app.schemas import DatasetRead, Page
 from app.services.pagination import newest_first
 from app.settings import get_settings
@@ -57,6 +57,8 @@ def _store(stream: BinaryIO, target: Path, limit: int) -> tuple[int, str]:
 def upload_dataset(
     filename: str | None, stream: BinaryIO, owner: str, tokenizer: str, max_seq_length: int
 ) -> DatasetRead:
+    """Store the file (streamed to disk), validate it a line at a time, record it, and ask a
+    worker for its token statistics. Nothing is left behind if any step fails."""
     settings = get_settings()
     name = _safe_filename(filename)
     dataset_id = new_dataset_id()
@@ -65,33 +67,33 @@ def upload_dataset(
     try:
         size, sha256 = _store(stream, folder / name, settings.max_upload_bytes)
         report = validate_file(folder / name)
+        valid = report["valid"]
+        report["tokens"] = {
+            "status": "pending" if valid else "skipped",
+            "tokenizer": tokenizer,
+            "max_seq_length": max_seq_length,
+        }
+        with session_scope() as session:
+            row = Dataset(
+                id=dataset_id,
+                owner=owner,
+                filename=name,
+                path=str(folder / name),
+                size_bytes=size,
+                sha256=sha256,
+                status=DatasetStatus.READY if valid else DatasetStatus.INVALID,
+                format=report["format"],
+                report=report,
+            )
+            session.add(row)
+            session.flush()
+            read = DatasetRead.model_validate(row)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    valid = report["valid"]
-    report["tokens"] = {
-        "status": "pending" if valid else "skipped",
-        "tokenizer": tokenizer,
-        "max_seq_length": max_seq_length,
-    }
-    with session_scope() as session:
-        row = Dataset(
-            id=dataset_id,
-            owner=owner,
-            filename=name,
-            path=str(folder / name),
-            size_bytes=size,
-            sha256=sha256,
-            status=DatasetStatus.READY if valid else DatasetStatus.INVALID,
-            format=report["format"],
-            report=report,
-        )
-        session.add(row)
-        session.flush()
-        read = DatasetRead.model_validate(row)
     if valid:
         try:
-            send(TASK_ANALYZE_DATASET, dataset_id, tokenizer, max_seq_length)
+            send(TASK_ANALYZE_DATASET, dataset_id, tokenizer, max_seq_length, queue=ANALYSIS_QUEUE)
         except BrokerUnavailable as exc:  # the upload stands; only its token statistics are missing
             log.warning("dataset %s: %s", dataset_id, exc)
             set_token_stats(dataset_id, {**report["tokens"], "status": "unavailable", "error": str(exc)})

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from app.errors import InvalidFields
-from app.spec import JobSpec, TrainingSpec
+from app.spec import MAX_NAME_CHARS, JobSpec, MetadataKey, MetadataValue, TrainingSpec
 
 RECIPE_LEARNING_RATE = TrainingSpec.model_fields["learning_rate"].default
 RECIPE_MICRO_BATCH = TrainingSpec.model_fields["batch_size"].default
@@ -68,15 +68,19 @@ class CreateJobRequest(BaseModel):
     # Extra fields are the service's own spec sections (checked by JobSpec below).
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1, description="A hub id or a local model folder.")
-    training_file: str = Field(min_length=1, description="A file id from POST /v1/files.")
-    validation_file: str | None = None
-    suffix: str | None = None
+    model: str = Field(
+        min_length=1, max_length=MAX_NAME_CHARS, description="A hub id or a local model folder."
+    )
+    training_file: str = Field(
+        min_length=1, max_length=MAX_NAME_CHARS, description="A file id from POST /v1/files."
+    )
+    validation_file: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    suffix: str | None = Field(None, max_length=64)
     seed: int | None = None
-    metadata: dict[str, str] | None = None
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
-    integrations: list[Any] | None = None
+    integrations: list[Any] | None = Field(None, max_length=16)
 
     def merged_hyperparameters(self) -> Hyperparameters:
         """The method's hyperparameters over the top-level (deprecated) ones."""

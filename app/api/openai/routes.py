@@ -64,7 +64,7 @@ def create_file(
     file: Annotated[
         UploadFile, File(description='Chat JSONL (`{"messages": [...]}` per line), or oasst rows.')
     ],
-    purpose: Annotated[str, Form()],
+    purpose: Annotated[str, Form(max_length=64)],
     tokenizer: Annotated[ModelOrDataset, Form()] = "microsoft/phi-2",
     max_seq_length: Annotated[int, Form(ge=16, le=131072)] = 2048,
 ) -> Object:
