@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -45,6 +46,16 @@ def get_engine() -> Engine:
     if settings.database_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     return make_engine(settings.database_url)
+
+
+def _forget_parents_connections() -> None:
+    """In a forked child (a Celery pool process): open new connections rather than share the
+    parent's sockets (SQLAlchemy's advice for forking)."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_parents_connections)
 
 
 @lru_cache

@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
 
 
 def stream_metrics(client: httpx.Client, job_id: str) -> tuple[list[dict], dict]:
-    """Read the live SSE stream until the job ends: (metric rows, end event)."""
+    """Read the live SSE stream until the job ends: (metric rows, with the evaluation results
+    that arrived after their step's row merged in, end event)."""
     rows, end, event = [], None, None
     with client.stream(
         "GET", f"/jobs/{job_id}/logs", headers={"Accept": "text/event-stream"}, timeout=300
@@ -35,7 +36,10 @@ def stream_metrics(client: httpx.Client, job_id: str) -> tuple[list[dict], dict]
                 if event == "end":
                     end = data
                     break
-                rows.append(data)
+                if event == "eval":  # a row already sent, now with its eval_loss
+                    rows = [data if row["step"] == data["step"] else row for row in rows]
+                else:
+                    rows.append(data)
     return rows, end
 
 
@@ -54,6 +58,9 @@ def check_demo_run(client: httpx.Client, job: dict) -> None:
     losses = [row["loss"] for row in rows]
     assert mean(losses[-5:]) < mean(losses[:5]) - 0.2  # the loss visibly falls
     assert all(row["learning_rate"] is not None and row["tokens_per_second"] > 0 for row in rows[1:])
+    evaluated = [row["step"] for row in rows if row["eval_loss"] is not None]
+    eval_steps = job["spec"]["training"]["eval_steps"] or job["spec"]["training"]["save_steps"]
+    assert evaluated == list(range(eval_steps, steps[-1] + 1, eval_steps))  # live, as they arrived
 
     checkpoints = client.get(f"/jobs/{job['id']}/checkpoints").json()["items"]
     training = job["spec"]["training"]

@@ -83,14 +83,22 @@ def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
         return Claim(job_id, owner, dict(job.spec), job.resume_from, job.attempts)
 
 
-@retry_while_unreachable
-def skip_delivery(job_id: str) -> str | None:
-    """Note a delivery of a job's id that found the job not queued; returns its status."""
+def skip_stale_delivery(job_id: str) -> str | None:
+    """If the job is not queued (cancelled or paused before it started, or a second delivery of
+    its id while another worker has it or after it ended), note the delivery as skipped and
+    return its status ("missing" for an id the database doesn't know); None if it is queued."""
     with session_scope() as session:
         status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status == JobStatus.QUEUED:
+            return None
         if status is not None:
-            add_event(session, job_id, f"delivery skipped: job is {status}", data={"status": status})
-        return status
+            add_event(
+                session,
+                job_id,
+                f"delivery skipped: job is {status}",
+                data={"status": status, "worker": f"{socket.gethostname()}:{os.getpid()}"},
+            )
+        return status or "missing"
 
 
 def _hold(session: Session, claim: Claim, **values: Any) -> None:
