@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # Failed deliveries are retried after notify_retry_s, doubling, up to notify_max_attempts.
     notify_max_attempts: int = 5
     notify_retry_s: float = 10.0
+    # GET /metrics shows every key holder totals only; a scrape with this token as its bearer
+    # (an operator's: Prometheus' `authorization: {credentials: …}`) also gets per-job series,
+    # labelled with job ids and owners.
+    metrics_token: str = ""
     # How long POST /jobs/{id}/generate waits for the sampler before answering 202.
     sample_wait_s: float = 60.0
     # How often the worker flushes metric rows and looks for a cancel request.

@@ -119,6 +119,31 @@ def test_every_route_needs_a_key_and_hides_other_owners_things(client, service_e
     )
 
 
+def test_metrics_show_key_holders_totals_and_only_the_operator_each_job(client, monkeypatch):
+    """Finding 9: /metrics showed other owners' job ids and owner names to any key."""
+    from fastapi.testclient import TestClient
+
+    from app.api.main import create_app
+    from app.services import runs
+    from tests.conftest import reset_caches
+
+    monkeypatch.setenv("FINETUNE_METRICS_TOKEN", "the-operators-token")
+    reset_caches()
+    job_id = client.post("/jobs", json={}).json()["id"]
+    claim = runs.claim_job(job_id)
+    runs.report_progress(claim, 3, [{"step": 3, "loss": 1.0, "tokens_per_second": 500.0, "time": utcnow()}])
+
+    with TestClient(create_app()) as other:
+        bobs = other.get("/metrics", headers=bearer("bob")).text
+        operators = other.get("/metrics", headers={"Authorization": "Bearer the-operators-token"}).text
+        assert other.get("/metrics").status_code == 401
+        assert other.get("/jobs", headers={"Authorization": "Bearer the-operators-token"}).status_code == 401
+
+    assert 'finetune_jobs{status="running"} 1.0' in bobs and "finetune_tokens_per_second 500.0" in bobs
+    assert job_id not in bobs and "alice" not in bobs and "finetune_job_step" not in bobs
+    assert f'finetune_job_step{{job_id="{job_id}",owner="alice"}} 3.0' in operators
+
+
 def test_only_a_hash_of_the_key_is_stored(service_env):
     key = create_key("carol")
     key_id, secret = key.split(".")

@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_SCHEMA = REPO / "tests" / "data" / "compose-spec" / "compose-spec.json"
 BIN = Path(sys.executable).parent
+METRICS_TOKEN = "operator-scrape-token"
 NOTIFY_SECRET = "whsec_" + base64.b64encode(b"test-notify-secret-of-32-bytes!!").decode()
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -115,6 +116,7 @@ def compose_env(data_dir: Path, database_url: str, broker_url: str, port: int) -
         FINETUNE_LOCAL_ROOTS=json.dumps([str(REPO / "examples")]),
         FINETUNE_NOTIFY_SECRET=NOTIFY_SECRET,
         FINETUNE_NOTIFY_ALLOW_PRIVATE="true",  # the test's receiver listens on loopback
+        FINETUNE_METRICS_TOKEN=METRICS_TOKEN,
         HF_HOME=str(data_dir / "hf-cache"),
         # quicker than production, so the test doesn't wait
         FINETUNE_SWEEP_INTERVAL_S="0.5",
@@ -237,8 +239,9 @@ def finished_job(deployment: Deployment, receiver: Receiver, tmp_path_factory) -
     follow = subprocess.Popen(
         [BIN / "finetune", "logs", job_id, "--follow"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
     )
-    # while it trains, /metrics shows its throughput
-    with deployment.client() as client:
+    # while it trains, /metrics shows the operator its throughput
+    operator = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    with httpx.Client(base_url=deployment.url, headers=operator, timeout=30) as client:
         deadline = time.monotonic() + 180
         while f'finetune_job_steps_per_second{{job_id="{job_id}"' not in client.get("/metrics").text:
             assert time.monotonic() < deadline and follow.poll() is None, "no throughput in /metrics"

@@ -6,6 +6,7 @@ can't make the server spool an upload; routes get the owner through the `Owner` 
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -35,9 +36,17 @@ def _bearer_token(scope: Scope) -> str | None:
     return None
 
 
+METRICS_PATH = "/metrics"
+
+
+def _is_operator(token: str | None, metrics_token: str) -> bool:
+    return bool(token and metrics_token) and hmac.compare_digest(token.encode(), metrics_token.encode())
+
+
 class Authenticate:
     """Rejects requests without a valid key (401) except to public paths; puts the owner in
-    the request's state."""
+    the request's state, and whether the caller is the operator (FINETUNE_METRICS_TOKEN on
+    /metrics, or anyone with auth off)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -47,7 +56,12 @@ class Authenticate:
         if scope["type"] != "http" or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
-        if get_settings().auth:
+        settings = get_settings()
+        if path == METRICS_PATH and _is_operator(_bearer_token(scope), settings.metrics_token):
+            scope.setdefault("state", {}).update(owner=None, operator=True)
+            await self.app(scope, receive, send)
+            return
+        if settings.auth:
             token = _bearer_token(scope)
             try:
                 owner = await run_in_threadpool(owner_of, token) if token else None
@@ -65,7 +79,8 @@ class Authenticate:
                 return
         else:
             owner = LOCAL_OWNER
-        scope.setdefault("state", {})["owner"] = owner
+        # With auth off there is one owner, who may see everything.
+        scope.setdefault("state", {}).update(owner=owner, operator=not settings.auth)
         await self.app(scope, receive, send)
 
 

@@ -55,10 +55,12 @@ def healthz() -> dict[str, str]:
     tags=["ops"],
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
 )
-def prometheus_metrics() -> PlainTextResponse:
-    """Jobs by status, queue depth, and each running job's step, steps/s and tokens/s, for
-    Prometheus (it sends the API key as a bearer token: `authorization: {credentials: KEY}`)."""
-    return PlainTextResponse(monitoring.render(), media_type=CONTENT_TYPE_LATEST)
+def prometheus_metrics(request: Request) -> PlainTextResponse:
+    """Totals for Prometheus: jobs by status, queue depth, running jobs, tokens/s. With the
+    operator's FINETUNE_METRICS_TOKEN as bearer (`authorization: {credentials: TOKEN}`), also
+    each running job's step, steps/s and tokens/s, labelled with its id and owner."""
+    per_job = request.state.operator
+    return PlainTextResponse(monitoring.render(per_job=per_job), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post("/jobs", status_code=201, response_model=JobRead, tags=["jobs"])

@@ -1,5 +1,6 @@
 """`/metrics` in Prometheus' text format, read from the database (and the broker) at each
-scrape: jobs by status, queue depth, and each running job's progress and throughput."""
+scrape: jobs by status, queue depth, running jobs and their total throughput; for the
+operator, also each running job's progress and throughput (labelled with its id and owner)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class ServiceCollector(Collector):
+    def __init__(self, per_job: bool):
+        self.per_job = per_job
+
     def collect(self) -> Iterator[Metric]:
         with session_scope() as session:
             counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
@@ -57,6 +61,20 @@ class ServiceCollector(Collector):
         else:
             yield GaugeMetricFamily("finetune_queue_depth", "Job ids waiting in the broker.", value=depth)
 
+        yield GaugeMetricFamily("finetune_running_jobs", "Jobs training now.", value=len(running))
+        yield GaugeMetricFamily(
+            "finetune_tokens_per_second",
+            "Trained tokens per second of all running jobs together, at their last logged steps.",
+            value=sum(rate for rate in tokens.values() if rate is not None),
+        )
+        yield GaugeMetricFamily(
+            "finetune_notifications_pending", "Job-end notifications not yet delivered.", value=pending
+        )
+        if self.per_job:
+            yield from self._per_job(running, rates, tokens)
+
+    @staticmethod
+    def _per_job(running, rates, tokens) -> Iterator[Metric]:
         labels = ["job_id", "owner"]
         step = GaugeMetricFamily("finetune_job_step", "A running job's current step.", labels=labels)
         total = GaugeMetricFamily("finetune_job_total_steps", "A running job's total steps.", labels=labels)
@@ -77,12 +95,9 @@ class ServiceCollector(Collector):
             if tokens[job_id] is not None:
                 tokens_rate.add_metric([job_id, owner], tokens[job_id])
         yield from (step, total, steps_rate, tokens_rate)
-        yield GaugeMetricFamily(
-            "finetune_notifications_pending", "Job-end notifications not yet delivered.", value=pending
-        )
 
 
-def render() -> bytes:
+def render(per_job: bool) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector())
+    registry.register(ServiceCollector(per_job))
     return generate_latest(registry)
