@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
@@ -75,6 +75,17 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def serialize(session: Session, key: str) -> None:
+    """Hold a lock named `key` until the session's transaction ends, so that a check and the
+    write it allows (count the queued jobs, then insert one) can't interleave with another
+    request's. PostgreSQL: an advisory lock per key. SQLite: its one write lock, taken now by
+    a write that changes nothing (it serializes every writer anyway)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": key})
+    else:
+        session.execute(text("UPDATE jobs SET id = id WHERE 0"))
 
 
 F = TypeVar("F", bound=Callable)

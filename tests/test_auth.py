@@ -170,6 +170,39 @@ def test_queued_jobs_are_capped_per_owner(client, service_env, monkeypatch):
     assert client.post("/jobs", json={}).status_code == 201
 
 
+def test_the_queue_cap_holds_under_concurrent_submissions(client, service_env, monkeypatch):
+    """Finding 10: a burst passed the cap (93 queued + 40 concurrent posts → 107 queued): the
+    count and the insert were not serialized."""
+    import threading
+
+    from app.errors import TooManyQueuedJobs
+    from app.services import jobs
+    from app.spec import JobSpec
+    from tests.conftest import reset_caches
+
+    monkeypatch.setenv("FINETUNE_MAX_QUEUED_JOBS", "5")
+    reset_caches()
+    start = threading.Barrier(24)
+    outcomes: list[str] = []
+
+    def submit() -> None:
+        start.wait()
+        try:
+            jobs.create_job(JobSpec(), "alice")
+            outcomes.append("created")
+        except TooManyQueuedJobs:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=submit) for _ in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(outcomes) == ["created"] * 5 + ["refused"] * 19
+    assert len(client.get("/jobs").json()["items"]) == 5 and queued_messages(service_env) == 5
+
+
 def finetune(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     import os
 

@@ -14,7 +14,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import session_scope
+from app.db import serialize, session_scope
 from app.errors import (
     ArtifactNotReady,
     BrokerUnavailable,
@@ -124,8 +124,9 @@ def dispatch(job_id: str) -> bool:
 
 
 def _check_queue_room(session: Session, owner: str) -> None:
-    """Per-owner cap on waiting jobs (checked, not locked: concurrent submissions may pass it
-    by a few)."""
+    """Per-owner cap on waiting jobs. The owner's queue is locked until the caller's
+    transaction commits the job it queues, so concurrent submissions can't pass the cap."""
+    serialize(session, f"queue:{owner}")
     limit = get_settings().max_queued_jobs
     queued = session.scalar(
         select(func.count()).select_from(Job).where(Job.owner == owner, Job.status == JobStatus.QUEUED)
