@@ -354,3 +354,21 @@ def test_checkpoints_are_listed_pruned_downloaded_and_resumed_from(client, servi
     assert client.get(f"/jobs/{job_id}/logs", params={"limit": 1000}).json()["items"][-1]["step"] == 20
     events = [e["message"] for e in client.get(f"/jobs/{job_id}/events").json()["items"]]
     assert events[-1] == "resume: resuming from checkpoint-20"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/jobs", "GET, POST"),
+        ("PUT", "/jobs/job_000000000000000000000000", "GET"),
+        ("GET", "/jobs/job_000000000000000000000000/cancel", "POST"),
+        ("PATCH", "/datasets/ds_000000000000000000000000", "DELETE, GET"),
+        ("DELETE", "/v1/fine_tuning/jobs", "GET, POST"),
+    ],
+)
+def test_a_method_not_allowed_is_a_405_naming_the_allowed_ones(client, method, path, allowed):
+    """Finding 11: 405 answers lacked the Allow header."""
+    response = client.request(method, path)
+
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed

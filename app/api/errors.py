@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.api.openai.errors import is_openai_path, openai_error
 from app.db import UNREACHABLE
@@ -45,6 +46,21 @@ def database_unavailable(method: str, path: str, exc: Exception) -> JSONResponse
     return service_error_response(path, DatabaseUnavailable("the database did not answer; retry shortly"))
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers at this request's path (Starlette's own 405
+    names only the first such route's)."""
+    methods: set[str] = set()
+    routes = list(request.app.router.routes)
+    while routes:
+        route = routes.pop()
+        included = getattr(route, "original_router", None)  # an included APIRouter (FastAPI ≥ 0.16x)
+        if included is not None:
+            routes.extend(included.routes)
+        elif route.matches(request.scope)[0] in (Match.PARTIAL, Match.FULL):
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -76,7 +92,10 @@ def install_error_handlers(app: FastAPI) -> None:
                 detail = [{"field": "body", "message": str(exc.detail), "type": "body_invalid"}]
             return error_response(path, 422, "validation_error", detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(path, exc.status_code, code, exc.detail)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return error_response(path, exc.status_code, code, exc.detail, headers=headers or None)
 
     for unreachable in UNREACHABLE:
 
