@@ -93,17 +93,17 @@ def _run_celery_worker(queue: str, node: str, *pool: str) -> None:
 @cli.command(rich_help_panel="Server")
 def worker() -> None:
     """Run a Celery worker: one training job at a time, each in a fresh child process."""
-    from app.queue import QUEUE
+    from app.queue import job_queue
 
-    _run_celery_worker(QUEUE, NODE_NAMES["worker"], "--pool=prefork", "--concurrency=1")
+    _run_celery_worker(job_queue(), NODE_NAMES["worker"], "--pool=prefork", "--concurrency=1")
 
 
 @cli.command(rich_help_panel="Server")
 def sampler() -> None:
     """Answer samples (POST /jobs/{id}/generate): one process keeping the last model loaded."""
-    from app.queue import SAMPLES_QUEUE
+    from app.queue import samples_queue
 
-    _run_celery_worker(SAMPLES_QUEUE, NODE_NAMES["sampler"], "--pool=solo")
+    _run_celery_worker(samples_queue(), NODE_NAMES["sampler"], "--pool=solo")
 
 
 @cli.command(rich_help_panel="Server")

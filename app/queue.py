@@ -13,17 +13,23 @@ from app.settings import get_settings
 TASK_RUN_JOB = "finetune.run_job"
 TASK_ANALYZE_DATASET = "finetune.analyze_dataset"
 TASK_GENERATE_SAMPLE = "finetune.generate_sample"
-QUEUE = "finetune"
-# Samples go to `finetune sampler`, so that a long training never makes a prompt wait; so do
-# an upload's token statistics (seconds of tokenizing a bounded sample of it).
-SAMPLES_QUEUE = "finetune.samples"
-ANALYSIS_QUEUE = SAMPLES_QUEUE
 
 
-def make_celery(broker_url: str, transport_options: dict[str, Any] | None = None) -> Celery:
+def job_queue() -> str:
+    """Where job ids go (`finetune worker` takes them): FINETUNE_QUEUE."""
+    return get_settings().queue
+
+
+def samples_queue() -> str:
+    """Where samples go (`finetune sampler`), so that a long training never makes a prompt
+    wait; so do uploads' token statistics (seconds of tokenizing a bounded sample)."""
+    return f"{get_settings().queue}.samples"
+
+
+def make_celery(broker_url: str, transport_options: dict[str, Any] | None, default_queue: str) -> Celery:
     celery = Celery("finetune", broker=broker_url)
     celery.conf.update(
-        task_default_queue=QUEUE,
+        task_default_queue=default_queue,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
         # Trainings run for hours: acknowledge a job only once it has finished, take one at a
@@ -48,7 +54,7 @@ def make_celery(broker_url: str, transport_options: dict[str, Any] | None = None
 @lru_cache
 def get_celery() -> Celery:
     settings = get_settings()
-    return make_celery(settings.broker_url, settings.broker_transport_options)
+    return make_celery(settings.broker_url, settings.broker_transport_options, settings.queue)
 
 
 def declare_queue() -> None:
@@ -57,7 +63,7 @@ def declare_queue() -> None:
     celery = get_celery()
     with celery.connection_for_write() as connection:
         connection.ensure_connection(max_retries=3)
-        celery.amqp.queues[QUEUE](connection.default_channel).declare()
+        celery.amqp.queues[job_queue()](connection.default_channel).declare()
 
 
 def waiting_messages() -> int:
@@ -66,13 +72,14 @@ def waiting_messages() -> int:
     with celery.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1)
         # Not passive: a Redis restarted without persistence has forgotten the queue itself.
-        declared = celery.amqp.queues[QUEUE](connection.default_channel).queue_declare()
+        declared = celery.amqp.queues[job_queue()](connection.default_channel).queue_declare()
         return declared.message_count
 
 
-def send(task: str, *args: object, queue: str = QUEUE) -> None:
+def send(task: str, *args: object, queue: str | None = None) -> None:
+    """Publish `task(*args)` to `queue` (default: the job queue)."""
     try:
-        get_celery().send_task(task, args=list(args), queue=queue)
+        get_celery().send_task(task, args=list(args), queue=queue or job_queue())
     except Exception as exc:  # any failure to publish leaves the work undispatched
         raise BrokerUnavailable(f"could not enqueue {task}{args}: {exc}") from exc
 
@@ -82,4 +89,4 @@ def enqueue_job(job_id: str) -> None:
 
 
 def enqueue_sample(sample_id: str) -> None:
-    send(TASK_GENERATE_SAMPLE, sample_id, queue=SAMPLES_QUEUE)
+    send(TASK_GENERATE_SAMPLE, sample_id, queue=samples_queue())

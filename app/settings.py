@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     # Redis in production; `finetune dev` switches to an embedded SQLite broker
     # (kombu's sqla transport) when this is not set.
     broker_url: str = DEFAULT_REDIS_URL
+    # The broker queue job ids go to; samples and uploads' token statistics go to
+    # `<queue>.samples`. Deployments (or test runs) that share one broker use different names.
+    queue: str = Field("finetune", pattern=r"^[\w.-]{1,64}$")
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "INFO"

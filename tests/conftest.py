@@ -108,6 +108,8 @@ def service_env(request, tmp_path: Path, monkeypatch) -> Iterator[dict[str, str]
             "FINETUNE_DATABASE_URL": url,
             "FINETUNE_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
             "FINETUNE_LOCAL_ROOTS": json.dumps([str(REPO / "examples"), str(tmp_path / "models")]),
+            # its own queue names: test runs sharing a Redis never take each other's job ids
+            "FINETUNE_QUEUE": unique_queue(),
             "FINETUNE_FLUSH_INTERVAL_S": "0",
             "FINETUNE_STREAM_POLL_S": "0.1",
         }
@@ -152,9 +154,24 @@ def client(service_env):
         yield test_client
 
 
-@pytest.fixture
-def redis_env(service_env) -> dict[str, str]:
+def unique_queue() -> str:
+    return f"finetune-test-{secrets.token_hex(6)}"
+
+
+def drop_queues(redis_url: str, queue: str) -> None:
+    """Remove what kombu kept in Redis for `queue` and `queue.samples` (their messages, at
+    every priority, and bindings), leaving other runs' keys alone."""
     import redis
 
-    redis.Redis.from_url(REDIS_URL).flushdb()
-    return {**service_env, "FINETUNE_BROKER_URL": REDIS_URL, "FINETUNE_FLUSH_INTERVAL_S": "0.5"}
+    client = redis.Redis.from_url(redis_url)
+    for pattern in (f"{queue}*", f"_kombu.binding.{queue}*"):
+        for key in client.scan_iter(match=pattern):
+            client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def redis_env(service_env) -> Iterator[dict[str, str]]:
+    """service_env with the test Redis as broker, under the test's own queue names."""
+    yield {**service_env, "FINETUNE_BROKER_URL": REDIS_URL, "FINETUNE_FLUSH_INTERVAL_S": "0.5"}
+    drop_queues(REDIS_URL, service_env["FINETUNE_QUEUE"])

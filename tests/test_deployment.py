@@ -31,7 +31,15 @@ import yaml
 from dotenv import dotenv_values
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from tests.conftest import DEMO_JOB, POSTGRES_URL, REDIS_URL, REPO, fresh_postgres_database
+from tests.conftest import (
+    DEMO_JOB,
+    POSTGRES_URL,
+    REDIS_URL,
+    REPO,
+    drop_queues,
+    fresh_postgres_database,
+    unique_queue,
+)
 from tests.processes import free_port, service_process, wait_for, wait_for_step
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
@@ -40,6 +48,7 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_SCHEMA = REPO / "tests" / "data" / "compose-spec" / "compose-spec.json"
 BIN = Path(sys.executable).parent
 METRICS_TOKEN = "operator-scrape-token"
+QUEUE = unique_queue()
 NOTIFY_SECRET = "whsec_" + base64.b64encode(b"test-notify-secret-of-32-bytes!!").decode()
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -117,6 +126,7 @@ def compose_env(data_dir: Path, database_url: str, broker_url: str, port: int) -
         FINETUNE_NOTIFY_SECRET=NOTIFY_SECRET,
         FINETUNE_NOTIFY_ALLOW_PRIVATE="true",  # the test's receiver listens on loopback
         FINETUNE_METRICS_TOKEN=METRICS_TOKEN,
+        FINETUNE_QUEUE=QUEUE,  # this run's own: another run on the same Redis can't take its ids
         HF_HOME=str(data_dir / "hf-cache"),
         # quicker than production, so the test doesn't wait
         FINETUNE_SWEEP_INTERVAL_S="0.5",
@@ -143,11 +153,9 @@ def run_healthcheck(service: dict, env: dict[str, str], timeout: float = 90) -> 
 @contextmanager
 def database_and_broker(tmp: Path) -> Iterator[tuple[str, str]]:
     if POSTGRES_URL and REDIS_URL:
-        import redis
-
-        redis.Redis.from_url(REDIS_URL).flushdb()
         with fresh_postgres_database() as url:
             yield url, REDIS_URL
+        drop_queues(REDIS_URL, QUEUE)
     else:
         yield f"sqlite:///{tmp / 'finetune.db'}", f"sqla+sqlite:///{tmp / 'broker.sqlite'}"
 

@@ -4,11 +4,13 @@ queued until the broker answers again."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from app.errors import BrokerUnavailable
 from app.models import JobStatus
-from tests.conftest import bearer, reset_caches
+from tests.conftest import REDIS_URL, bearer, drop_queues, needs_redis, reset_caches, unique_queue
 from tests.test_auth import call, operations
 from tests.test_datasets import CHAT, jsonl, queued_messages
 
@@ -106,3 +108,20 @@ def test_a_broker_outage_answers_503_with_retry_after_where_work_must_be_sent_no
 
     assert response.status_code == 503 and response.headers["retry-after"] == "2"
     assert response.json()["error"] == "broker_unavailable"
+
+
+@needs_redis
+def test_runs_sharing_one_redis_never_see_each_others_job_ids(redis_env, monkeypatch):
+    """Every test run used Redis database 15 and one queue name and wiped it with flushdb():
+    two runs on one machine took each other's job ids. Now each test has its own queue."""
+    from app.queue import enqueue_job, waiting_messages
+
+    monkeypatch.setenv("FINETUNE_BROKER_URL", redis_env["FINETUNE_BROKER_URL"])
+    reset_caches()
+    enqueue_job("job_" + "1" * 24)
+    assert waiting_messages() == 1
+
+    monkeypatch.setenv("FINETUNE_QUEUE", unique_queue())  # another run's
+    reset_caches()
+    assert waiting_messages() == 0
+    drop_queues(REDIS_URL, os.environ["FINETUNE_QUEUE"])

@@ -6,5 +6,5 @@ from app.queue import make_celery
 from app.settings import get_settings
 
 settings = get_settings()
-celery = make_celery(settings.broker_url, settings.broker_transport_options)
+celery = make_celery(settings.broker_url, settings.broker_transport_options, settings.queue)
 celery.conf.update(include=["worker.tasks"], worker_hijack_root_logger=False)

@@ -17,7 +17,7 @@ from app.dataset_report import UPLOAD_SUFFIXES, validate_file
 from app.db import session_scope
 from app.errors import BrokerUnavailable, DatasetInUse, DatasetNotFound, InvalidFields, UploadTooLarge
 from app.models import Dataset, DatasetStatus, Job, JobStatus, new_dataset_id
-from app.queue import ANALYSIS_QUEUE, TASK_ANALYZE_DATASET, send
+from app.queue import TASK_ANALYZE_DATASET, samples_queue, send
 from app.schemas import DatasetRead, Page
 from app.services.pagination import newest_first
 from app.settings import get_settings
@@ -93,7 +93,7 @@ def upload_dataset(
         raise
     if valid:
         try:
-            send(TASK_ANALYZE_DATASET, dataset_id, tokenizer, max_seq_length, queue=ANALYSIS_QUEUE)
+            send(TASK_ANALYZE_DATASET, dataset_id, tokenizer, max_seq_length, queue=samples_queue())
         except BrokerUnavailable as exc:  # the upload stands; only its token statistics are missing
             log.warning("dataset %s: %s", dataset_id, exc)
             set_token_stats(dataset_id, {**report["tokens"], "status": "unavailable", "error": str(exc)})
