@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="the worker's speed plan (default: as on main)")
     parser.add_argument("--full-rows", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the profiler's tables too")
+    parser.add_argument("--check", action="store_true", help="compare losses and LoRA gradients first")
     args = parser.parse_args()
     variants = (
         json.loads(args.variants)
@@ -96,6 +97,8 @@ def main() -> None:
     samples = [TokenizedSample(ids, list(ids)) for ids in make_samples(lengths(args.lengths))]
     data = TrainingData(samples, len(samples), 0, {})
     callbacks: list = [_progress_callback(spec, data_dir)] if args.callback else []
+    if args.check:
+        print("RESULT", json.dumps(_check(model, data, dtype)), flush=True)
     for variant in variants:
         try:
             result = _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, world)
@@ -135,11 +138,13 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     from worker.training.packing import collate_packed
     from worker.training.recipe import PackedTrainer, _packed, training_arguments
     from worker.training.speed import (
+        FLEX_BLOCK,
         SpeedPlan,
         apply_speed_plan,
         choose_attention,
         plan_speed,
         restore_decoder_layers,
+        use_sdpa_attention,
     )
 
     v = {**AS_ON_MAIN, "steps": 12, "warmup": 2, "profile_steps": 2, "accumulation": 4, "batch_size": 4}
@@ -161,6 +166,11 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         torch.backends.cuda.enable_cudnn_sdp(True)
     plan.attention = choose_attention() if v["attention"] == "auto" else "sdpa default order"
     plan.row_multiple = int(v["row_multiple"])
+    plan.mask = v.get("mask", "sdpa")
+    if plan.mask == "flex":
+        plan.attention = "FlexAttention, document block mask"
+        plan.row_multiple = max(plan.row_multiple, FLEX_BLOCK)
+    use_sdpa_attention(model)
     apply_speed_plan(model, plan)
 
     counter = {"real": 0, "computed": 0}
@@ -202,6 +212,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         callbacks=[*callbacks, Clock()],
     )
     trainer.mask_dtype = dtype if cuda else torch.float32
+    trainer.mask_kind = plan.mask
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -243,6 +254,64 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     if rank != 0:
         return None
     return result
+
+
+def _check(model, data, dtype) -> dict:
+    """One packed 4-row micro-batch, eval mode (no dropout), autocast as in training: the loss
+    and LoRA gradients of the dense-mask sdpa path (the reference, as on main) against
+    FlexAttention with the document block mask, eager and in compiled layers."""
+    import torch
+
+    from worker.training.packing import PackedData, block_causal_mask, collate_packed, plan_steps
+    from worker.training.speed import (
+        compile_decoder_layers,
+        document_block_mask,
+        restore_decoder_layers,
+        use_flex_attention,
+        use_sdpa_attention,
+    )
+
+    lengths = [len(s.input_ids) for s in data.samples]
+    step = plan_steps(lengths, 64, 4, 2048, seed=7)[0]
+    batch = collate_packed([PackedData(data.samples, [step])[0]], 50256, row_multiple=128)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    sequence_ids = batch.pop("sequence_ids")
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+
+    def run(mask):
+        with torch.autocast("cuda", dtype=dtype):
+            loss = model(**batch, attention_mask=mask).loss
+        loss.backward()
+        grads = {n: p.grad.detach().float().clone() for n, p in lora.items()}
+        model.zero_grad(set_to_none=True)
+        return loss.item(), grads
+
+    def compare(name, got, ref):
+        (loss, grads), (ref_loss, ref_grads) = got, ref
+        rel = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-12)) for n, g in ref_grads.items())
+        return {f"{name}_loss_diff": abs(loss - ref_loss), f"{name}_max_rel_grad_diff": rel}
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    out: dict = {
+        "name": "check: flex and compiled vs dense sdpa",
+        "check": True,
+        "tokens": int((sequence_ids > 0).sum()),
+    }
+    reference = run(block_causal_mask(sequence_ids, dtype))
+    again = run(block_causal_mask(sequence_ids, dtype))
+    out.update(compare("dense_again", again, reference))  # run-to-run noise of the reference
+    use_flex_attention(model)
+    try:
+        out.update(compare("flex_eager", run(document_block_mask(sequence_ids)), reference))
+        compile_decoder_layers(model, checkpointing=True)
+        out.update(compare("flex_compiled", run(document_block_mask(sequence_ids)), reference))
+    finally:
+        restore_decoder_layers(model)
+        use_sdpa_attention(model)
+        model.train()
+    out["reference_loss"] = reference[0]
+    return out
 
 
 def _profile_figures(profiler, steps: int, trained_tokens: int, sec_per_step: float, tables: bool) -> dict:

@@ -28,42 +28,44 @@ EPOCH_TOKENS = sum(int(x) for x in LENGTHS.read_text().split())  # 4.88 M: every
 
 MAIN = {"attention": "cudnn", "compile": False, "checkpointing": True, "row_multiple": 1}
 FAST = {"attention": "auto", "row_multiple": 64}
+FLEX = {"attention": "auto", "mask": "flex", "compile": True}  # the new default (speed.plan_speed)
 FULL = {"full_rows": True, "steps": 5, "warmup": 2, "profile_steps": 1}
 
 # The default recipe (16 samples a step) as on main, then one change at a time, then together.
+# The first variant of each compiled kind warms up longer: its first steps compile.
 SERVICE = [
     {"name": "as on main", **MAIN, "tables": True},
     {"name": "cuDNN attention off", **MAIN, "attention": "auto"},
-    {"name": "cuDNN off, rows to x64", **MAIN, **FAST},
-    {"name": "cuDNN off, fused AdamW", **MAIN, **FAST, "optim": "adamw_torch_fused"},
-    {"name": "compiled layers (new default)", **FAST, "compile": True, "warmup": 4, "tables": True},
-    {"name": "compiled layers, fused AdamW", **FAST, "compile": True, "optim": "adamw_torch_fused"},
-    {"name": "compiled, no recompute (big card)", **FAST, "compile": True, "checkpointing": False},
-    {"name": "full rows, eager", **MAIN, **FAST, **FULL},
-    {"name": "full rows, compiled", **FAST, **FULL, "compile": True},
-    {"name": "full rows, compiled, no recompute", **FAST, **FULL, "compile": True, "checkpointing": False},
+    {"name": "+ compiled layers (sdpa, dense mask)", **FAST, "compile": True, "warmup": 8},
+    {"name": "+ FlexAttention block mask (new default)", **FLEX, "warmup": 8, "tables": True},
+    {"name": "new default, fused AdamW instead of paged", **FLEX, "optim": "adamw_torch_fused"},
+    {"name": "new default, no recompute (big card: H200 default)", **FLEX, "checkpointing": False},
+    {"name": "full rows, eager (cuDNN off)", **MAIN, **FAST, **FULL},
+    {"name": "full rows, new default", **FLEX, **FULL},
+    {"name": "full rows, new default, no recompute (H200)", **FLEX, **FULL, "checkpointing": False},
 ]
 SERVICE_FP16 = [
     {"name": "as on main", **MAIN},
-    {"name": "compiled layers (new default)", **FAST, "compile": True, "warmup": 4},
-    {"name": "full rows, compiled", **FAST, **FULL, "compile": True},
+    {"name": "new default", **FLEX, "warmup": 8},
+    {"name": "new default, no recompute (H200)", **FLEX, "checkpointing": False},
+    {"name": "full rows, new default, no recompute (H200)", **FLEX, **FULL, "checkpointing": False},
 ]
 SERVICE_2GPU = [
     {"name": "as on main", **MAIN},
-    {"name": "compiled layers (new default)", **FAST, "compile": True, "warmup": 4},
-    {"name": "full rows, compiled", **FAST, **FULL, "compile": True},
-    {"name": "full rows, compiled, no recompute", **FAST, **FULL, "compile": True, "checkpointing": False},
+    {"name": "new default", **FLEX, "warmup": 8},
+    {"name": "full rows, new default", **FLEX, **FULL},
+    {"name": "full rows, new default, no recompute", **FLEX, **FULL, "checkpointing": False},
 ]
 
 
-def _service(dtype: str, variants: list[dict]) -> list[str]:
-    return ["service_bench.py", "{model}", "--dtype", dtype, "--variants", json.dumps(variants)]
+def _service(dtype: str, variants: list[dict], *extra: str) -> list[str]:
+    return ["service_bench.py", "{model}", "--dtype", dtype, *extra, "--variants", json.dumps(variants)]
 
 
 GROUPS = {
     "seed": ["reference/seed_recipe_bench.py", "run", "{model}", "seed", "--steps", "6"],
     "trl": ["reference/trl_peer_bench.py", "{model}", "bfd", "--steps", "8"],
-    "service bf16": _service("bfloat16", SERVICE),
+    "service bf16": _service("bfloat16", SERVICE, "--check"),
     "service fp16": _service("float16", SERVICE_FP16),
     "service bf16, 2 GPUs": ["torchrun:2", *_service("bfloat16", SERVICE_2GPU)],
 }
@@ -127,6 +129,10 @@ def run(group: str, argv: list[str], model: str, pick: list[str] | None, log) ->
 def line(result: dict) -> str:
     if "error" in result:
         return f"{result['name']}: FAILED {result['error'][-600:]}"
+    if result.get("check"):
+        return f"{result['name']}: " + json.dumps(
+            {k: v for k, v in result.items() if "diff" in k or "loss" in k}
+        )
     busy = result.get("gpu_busy_share")
     per_k = result.get("kernel_ms_per_1k_tokens")
     return (

@@ -99,3 +99,33 @@ def test_compiled_decoder_layers_keep_the_loss_and_gradients(checkpointing):
     assert abs(compiled_loss - eager_loss) < 1e-5
     for name, grad in eager_grads.items():
         assert torch.allclose(compiled_grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.usefixtures("demo_model")
+def test_flex_attention_with_the_document_block_mask_gives_the_dense_masks_loss():
+    """FlexAttention has no backward on a CPU: the loss here; bench/service_bench.py --check
+    compares the LoRA gradients on the GPU."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from worker.training.data import build_training_data
+    from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
+    from worker.training.speed import document_block_mask, use_flex_attention, use_sdpa_attention
+
+    spec = JobSpec.model_validate(demo_spec(max_seq_length=256))
+    tokenizer = load_tokenizer(spec.base_model)
+    samples = build_training_data(spec.dataset, tokenizer, 256).samples[:6]
+    model = load_quantized_lora_model(spec, compute_dtype(spec.quantization))
+    model.eval()
+    lengths = [len(s.input_ids) for s in samples]
+    packed = PackedData(samples, plan_steps(lengths, 6, 2, sum(lengths), seed=0))
+    batch = collate_packed([packed[0]], tokenizer.pad_token_id, row_multiple=128)
+    sequence_ids = batch.pop("sequence_ids")
+    assert batch["input_ids"].shape[1] % 128 == 0 and (sequence_ids == 0).any()  # padding too
+
+    with torch.no_grad():
+        dense = model(**batch, attention_mask=block_causal_mask(sequence_ids, torch.float32)).loss.item()
+        use_flex_attention(model)
+        try:
+            flex = model(**batch, attention_mask=document_block_mask(sequence_ids)).loss.item()
+        finally:
+            use_sdpa_attention(model)
+    assert abs(flex - dense) < 1e-4, (flex, dense)

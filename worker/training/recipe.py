@@ -37,7 +37,7 @@ from worker.training.packing import (
     plan_full_rows,
     plan_steps,
 )
-from worker.training.speed import SpeedPlan, apply_speed_plan, plan_speed
+from worker.training.speed import SpeedPlan, apply_speed_plan, document_block_mask, plan_speed
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,9 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     dtype = compute_dtype(spec.quantization)
     model = load_quantized_lora_model(spec, dtype)
     t = spec.training
-    speed = plan_speed(model.config, t.batch_size * t.max_seq_length, t.gradient_checkpointing)
+    speed = plan_speed(
+        model.config, t.batch_size * t.max_seq_length, t.gradient_checkpointing, packed=t.packing
+    )
     apply_speed_plan(model, speed)
     if torch.cuda.is_available():
         say(job_id, f"training step: {speed.describe()}", speed=dataclasses.asdict(speed))
@@ -209,6 +211,7 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
             callbacks=[progress],
         )
         trainer.mask_dtype = dtype if torch.cuda.is_available() else torch.float32
+        trainer.mask_kind = speed.mask
     else:
         trainer = Trainer(
             model=model,
@@ -262,10 +265,15 @@ class PackedTrainer(Trainer):
     sample-diagonal causal mask on the model's device."""
 
     mask_dtype: torch.dtype = torch.float32
+    mask_kind: str = "sdpa"  # "flex": a FlexAttention BlockMask (worker.training.speed)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         inputs = dict(inputs)
-        inputs["attention_mask"] = block_causal_mask(inputs.pop("sequence_ids"), self.mask_dtype)
+        sequence_ids = inputs.pop("sequence_ids")
+        if self.mask_kind == "flex":
+            inputs["attention_mask"] = document_block_mask(sequence_ids)
+        else:
+            inputs["attention_mask"] = block_causal_mask(sequence_ids, self.mask_dtype)
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 

@@ -13,6 +13,11 @@ optimizer update); what it changes is how many kernels a step launches and which
   the recomputation (whole-model compile with checkpointing inside fails on torch 2.11: peft
   issue 3020). Row widths are rounded up (`row_multiple`) and the sequence dimension is
   compiled dynamic, so new lengths do not recompile.
+- document-masked FlexAttention on Ampere and newer: the packed rows' attention is
+  block-diagonal (each sample sees only itself), ~90 % of a 2048-token row's score matrix is
+  masked for oasst-sized samples, and the memory-efficient kernel computes all of it against a
+  dense additive mask. A `BlockMask` built from the per-token sample numbers lets FlexAttention
+  skip the masked blocks; the result is the same attention (tests/test_throughput_speed.py).
 - recomputation dropped on big cards: when the GPU's free memory is several times what the
   step's activations need without checkpointing, the worker trains without it (and says so
   in the job's events); a T4 keeps it.
@@ -49,13 +54,16 @@ class SpeedPlan:
     """What the worker does to make this job's steps fast, and why (for the job's events)."""
 
     attention: str = "default"
+    # "sdpa": the dense additive 4D mask (worker.training.packing.block_causal_mask);
+    # "flex": FlexAttention with a document BlockMask (`document_block_mask`)
+    mask: str = "sdpa"
     compile_layers: bool = False
     checkpointing: bool = True
     row_multiple: int = 1
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        parts = [f"attention {self.attention}"]
+        parts = [f"attention: {self.attention}"]
         parts.append("decoder layers compiled" if self.compile_layers else "eager")
         parts.append("gradient checkpointing " + ("on" if self.checkpointing else "off"))
         if self.row_multiple > 1:
@@ -92,6 +100,8 @@ def plan_speed(
     *,
     compile_layers: bool | None = None,
     drop_checkpointing: bool | None = None,
+    flex: bool | None = None,
+    packed: bool = True,
 ) -> SpeedPlan:
     """Decide, for this GPU and this job, what `apply_speed_plan` will do.
 
@@ -103,6 +113,11 @@ def plan_speed(
     plan.attention = choose_attention()
     plan.row_multiple = ROW_MULTIPLE
     plan.compile_layers = True if compile_layers is None else compile_layers
+    if flex is None:  # the padded (unpacked) path keeps its 2D mask and sdpa
+        flex = packed and plan.compile_layers and flex_attention_available()
+    if flex:
+        plan.mask, plan.attention = "flex", "FlexAttention, document block mask"
+        plan.row_multiple = FLEX_BLOCK
     if checkpointing:
         free, _total = torch.cuda.mem_get_info()
         need = activation_bytes_without_checkpointing(config, micro_batch_tokens)
@@ -118,6 +133,53 @@ def plan_speed(
                 f"activations need ~{need / 2**30:.0f} GiB"
             )
     return plan
+
+
+FLEX_BLOCK = 128  # FlexAttention's block size: rows padded to a multiple of it
+
+
+def flex_attention_available() -> bool:
+    """FlexAttention's Triton kernels, on a GPU of compute capability 8.0 or newer (a T4 keeps
+    the memory-efficient sdpa kernel)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
+    except ImportError:  # pragma: no cover - old torch
+        return False
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
+def use_flex_attention(model: torch.nn.Module) -> None:
+    """Switch the model's attention to transformers' FlexAttention path (it takes a BlockMask
+    as the attention mask as it is)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation("flex_attention")
+    else:  # pragma: no cover - older transformers
+        base.config._attn_implementation = "flex_attention"
+
+
+def use_sdpa_attention(model: torch.nn.Module) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation("sdpa")
+    else:  # pragma: no cover - older transformers
+        base.config._attn_implementation = "sdpa"
+
+
+def document_block_mask(sequence_ids: torch.Tensor):
+    """FlexAttention's BlockMask for packed rows: a token sees earlier tokens of its own sample
+    (padding, sample number 0, sees earlier padding), as `block_causal_mask` does."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, width = sequence_ids.shape
+    docs = sequence_ids
+
+    def same_sample_causal(b, h, q, kv):
+        return (docs[b, q] == docs[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_sample_causal, batch, None, width, width, device=docs.device)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -184,6 +246,8 @@ def _checkpointed(compiled_forward, checkpointing: bool):
 
 
 def apply_speed_plan(model: torch.nn.Module, plan: SpeedPlan) -> None:
+    if plan.mask == "flex":
+        use_flex_attention(model)
     if plan.compile_layers:
         compile_decoder_layers(model, plan.checkpointing)
     elif not plan.checkpointing:
