@@ -76,8 +76,8 @@ def _service(dtype: str, variants: list[dict], *extra: str) -> list[str]:
 
 
 GROUPS = {
-    "seed": ["reference/seed_recipe_bench.py", "run", "{model}", "seed", "--steps", "6"],
-    "trl": ["reference/trl_peer_bench.py", "{model}", "bfd", "--steps", "8"],
+    "seed": ["reference/seed_recipe_bench.py", "run", "{model}", "seed", "--steps", "5"],
+    "trl": ["reference/trl_peer_bench.py", "{model}", "bfd", "--steps", "6"],
     "service bf16": _service("bfloat16", SERVICE, "--check", "full"),
     "service bf16, warm": _service("bfloat16", SERVICE_WARM, "--check", "eager"),
     "service fp16": _service("float16", SERVICE_FP16),
