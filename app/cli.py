@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -110,8 +111,8 @@ def sampler() -> None:
 def health(
     service: str = typer.Argument(..., help="api, worker or sampler: which process on this host to check."),
 ) -> None:
-    """Exit 0 if this host's API answers /healthz, or its worker / sampler answers a ping over
-    the broker (the containers' healthchecks)."""
+    """Exit 0 if this host's API answers /healthz, or its worker / sampler consumes (its
+    heartbeat is fresh): the containers' healthchecks."""
     import socket
 
     import httpx
@@ -124,10 +125,9 @@ def health(
         except httpx.HTTPError:
             ok = False
     elif service in ("worker", "sampler"):
-        from worker.celery_app import celery
+        from worker.heartbeat import is_alive
 
-        node = f"{NODE_NAMES[service]}@{socket.gethostname()}"
-        ok = bool(celery.control.ping(destination=[node], timeout=5))
+        ok = is_alive(f"{NODE_NAMES[service]}@{socket.gethostname()}")
     else:
         raise typer.BadParameter("must be api, worker or sampler", param_hint="SERVICE")
     typer.echo(f"{service}: {'ok' if ok else 'not answering'}")
@@ -194,20 +194,38 @@ def dev() -> None:
     # uvicorn re-raises the SIGTERM that stopped it once it has shut down; with this handler
     # in place that ends serve() with SystemExit, so the workers below are stopped too.
     signal.signal(signal.SIGTERM, _exit_quietly)
+    # Their own sessions: a Ctrl-C in this terminal reaches only this process, which then
+    # stops them the way `docker compose stop` does (one SIGTERM: a running job saves a
+    # checkpoint and goes back to the queue, its attempt not spent).
     workers = [
-        subprocess.Popen([sys.executable, "-m", "app.cli", command], env=os.environ.copy())
+        subprocess.Popen(
+            [sys.executable, "-m", "app.cli", command], env=os.environ.copy(), start_new_session=True
+        )
         for command in ("worker", "sampler")
     ]
     try:
         serve()
     finally:
+        _stop_workers(workers)
+
+
+def _stop_workers(workers: list[subprocess.Popen], grace_s: float = 300) -> None:
+    """SIGTERM each, then wait for a running job's checkpoint; a second Ctrl-C stops at once."""
+    for process in workers:
+        process.send_signal(signal.SIGTERM)
+    typer.secho(
+        "stopping the worker and the sampler; a running job saves a checkpoint and goes back to the "
+        "queue (Ctrl-C again to stop at once)",
+        fg=typer.colors.YELLOW,
+        err=True,
+    )
+    try:
         for process in workers:
-            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=grace_s)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
         for process in workers:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def _exit_quietly(signum: int, frame: object) -> None:

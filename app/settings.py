@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -13,7 +13,9 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FINETUNE_", env_file=".env", extra="ignore")
+    # Environment variables only: the .env file next to docker-compose.yml is compose's (its
+    # addresses name compose services), and must not steer `make run` from the same folder.
+    model_config = SettingsConfigDict(env_prefix="FINETUNE_", extra="ignore")
 
     data_dir: Path = Path("finetune-data")
     # Empty means a SQLite file under data_dir.
@@ -66,6 +68,10 @@ class Settings(BaseSettings):
     # (an operator's: Prometheus' `authorization: {credentials: …}`) also gets per-job series,
     # labelled with job ids and owners.
     metrics_token: str = ""
+    # Whether the sampler keeps its last model loaded between answers: "auto" keeps it on the CPU
+    # and frees it after each answer on a GPU (which a training may need: a 16 GB T4 holds one
+    # Phi-2 training, not a second copy of the base beside it); "true" / "false" force either.
+    sampler_keep_model: Literal["auto", "true", "false"] = "auto"
     # How long POST /jobs/{id}/generate waits for the sampler before answering 202.
     sample_wait_s: float = 60.0
     # How often the worker flushes metric rows and looks for a cancel request.

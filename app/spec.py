@@ -157,6 +157,9 @@ class LoraSpec(_Strict):
         return value
 
 
+# Optimizer steps a job may ask for (several days at the fastest step measured).
+MAX_STEPS = 1_000_000
+
 LrScheduler = Literal[
     "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"
 ]
@@ -167,7 +170,13 @@ Optimizer = Literal[
 
 class TrainingSpec(_Strict):
     epochs: float = Field(1.0, gt=0, le=1000)
-    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Overrides epochs when set. At most a million: beyond that the warmup alone "
+        "(warmup_ratio of the steps) would keep the learning rate near 0 for days.",
+    )
     batch_size: int = Field(4, ge=1, le=1024)
     gradient_accumulation_steps: int = Field(4, ge=1, le=1024)
     learning_rate: float = Field(2e-4, gt=0, le=1)

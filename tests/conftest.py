@@ -172,6 +172,9 @@ def drop_queues(redis_url: str, queue: str) -> None:
 
 @pytest.fixture
 def redis_env(service_env) -> Iterator[dict[str, str]]:
-    """service_env with the test Redis as broker, under the test's own queue names."""
+    """service_env with the test Redis as broker, under the test's own queue names; the test is
+    skipped, with the reason, where FINETUNE_TEST_REDIS_URL is not set (a fresh machine)."""
+    if not REDIS_URL:
+        pytest.skip("needs Redis: FINETUNE_TEST_REDIS_URL not set")
     yield {**service_env, "FINETUNE_BROKER_URL": REDIS_URL, "FINETUNE_FLUSH_INTERVAL_S": "0.5"}
     drop_queues(REDIS_URL, service_env["FINETUNE_QUEUE"])

@@ -73,10 +73,41 @@ def test_bad_spec_is_a_422_naming_the_field_and_writes_nothing(client, body, fie
     assert job_count(client) == before
 
 
-def test_malformed_json_is_a_422(client):
-    response = client.post("/jobs", content=b"{not json", headers={"content-type": "application/json"})
+def test_malformed_json_is_a_422_naming_where_it_breaks(client):
+    """Issue 18: the error named a field "1" (the parser's position)."""
+    response = client.post(
+        "/jobs", content=b'{"training": {"max_steps": 5,}}', headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
-    assert response.json()["error"] == "validation_error"
+    assert response.json()["detail"] == [
+        {
+            "field": "body",
+            "message": "not valid JSON at character 29: Expecting property name enclosed in double quotes",
+            "type": "json_invalid",
+        }
+    ]
+
+
+@pytest.mark.parametrize("body", [b"", b"null"])
+def test_an_empty_body_is_a_422_that_says_what_asks_for_the_default_recipe(client, body):
+    """Issue 18: a POST with no body queued the full default Phi-2 run."""
+    response = client.post("/jobs", content=body, headers={"content-type": "application/json"})
+
+    assert response.status_code == 422
+    [problem] = response.json()["detail"]
+    assert problem["field"] == "body" and "`{}` asks for the default recipe" in problem["message"]
+    assert job_count(client) == 0
+
+
+def test_a_step_count_whose_warmup_would_never_end_is_refused(client):
+    """Issue 18: `max_steps: 1000000000` ran with the learning rate stuck near 0 (30 M warmup
+    steps)."""
+    response = client.post("/jobs", json={"training": {"max_steps": 1_000_000_000}})
+
+    assert response.status_code == 422
+    [problem] = response.json()["detail"]
+    assert problem["field"] == "training.max_steps" and "1000000" in problem["message"]
+    assert client.post("/jobs", json={"training": {"max_steps": 1_000_000}}).status_code == 201
 
 
 @pytest.mark.parametrize(

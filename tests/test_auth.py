@@ -50,7 +50,7 @@ def operations(client) -> list[tuple[str, str]]:
 
 
 # Bodies for operations that need one (a route whose body is required must be listed here).
-BODIES = {("POST", "/jobs/{job_id}/generate"): {"prompt": "Hello", "wait_s": 0}}
+BODIES = {("POST", "/jobs"): {}, ("POST", "/jobs/{job_id}/generate"): {"prompt": "Hello", "wait_s": 0}}
 
 
 def a_sample(job_id: str) -> str:
@@ -119,7 +119,7 @@ def test_every_route_needs_a_key_and_hides_other_owners_things(client, service_e
     )
 
 
-def test_metrics_show_key_holders_totals_and_only_the_operator_each_job(client, monkeypatch):
+def test_metrics_show_key_holders_totals_and_only_the_operator_each_job(client, service_env, monkeypatch):
     """Finding 9: /metrics showed other owners' job ids and owner names to any key."""
     from fastapi.testclient import TestClient
 
@@ -141,6 +141,11 @@ def test_metrics_show_key_holders_totals_and_only_the_operator_each_job(client, 
 
     assert 'finetune_jobs{status="running"} 1.0' in bobs and "finetune_tokens_per_second 500.0" in bobs
     assert job_id not in bobs and "alice" not in bobs and "finetune_job_step" not in bobs
+    # queue depth counts jobs that will run: not a cancelled one whose id is still in the broker
+    cancelled = client.post("/jobs", json={}).json()["id"]
+    client.post(f"/jobs/{cancelled}/cancel")
+    assert queued_messages(service_env) == 2
+    assert "finetune_queue_depth 0.0" in client.get("/metrics").text
     assert f'finetune_job_step{{job_id="{job_id}",owner="alice"}} 3.0' in operators
 
 

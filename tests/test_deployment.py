@@ -83,8 +83,34 @@ def test_compose_file_is_valid_and_holds_what_a_gpu_host_needs():
     assert re.fullmatch(r"\d+m", grace) and int(grace[:-1]) >= 2  # room for the graceful checkpoint
 
     # every variable the compose file insists on is in .env.example
+    example = dotenv_values(REPO / ".env.example")
     required = set(re.findall(r"\$\{(\w+):\?", COMPOSE_FILE.read_text()))
-    assert required <= set(dotenv_values(REPO / ".env.example")), required
+    assert required <= set(example), required
+    # the database password is written once (compose builds the URL from it)
+    assert list(example.values()).count(example["POSTGRES_PASSWORD"]) == 1
+    assert "${POSTGRES_PASSWORD" in str(compose()["x-finetune"]["environment"]["FINETUNE_DATABASE_URL"])
+    # the local models root is mounted where FINETUNE_LOCAL_ROOTS points
+    for root in json.loads(example["FINETUNE_LOCAL_ROOTS"]):
+        for name in ("api", "worker", "sampler"):
+            targets = [re.search(r":(/[^:]*)(?::ro)?$", volume)[1] for volume in services[name]["volumes"]]
+            assert root in targets, (name, root)
+    # the build context leaves out the venv, the data, secrets and git
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", ".env", ".git", "finetune-data"} <= set(ignored)
+
+
+def test_a_dot_env_for_compose_does_not_steer_local_runs(tmp_path, monkeypatch):
+    """Issue 18: the same .env in a checkout broke `make run` (`failed to resolve host 'postgres'`)."""
+    from app.settings import Settings
+
+    (tmp_path / ".env").write_text((REPO / ".env.example").read_text() + "FINETUNE_BROKER_URL=redis://redis:6379/0\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("FINETUNE_BROKER_URL", "FINETUNE_DATABASE_URL", "FINETUNE_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+    settings = Settings()
+
+    assert settings.broker_url == "redis://127.0.0.1:6379/0" and settings.database_url.startswith("sqlite")
 
 
 def test_dockerfile_passes_hadolint_and_runs_as_a_user():
@@ -263,7 +289,11 @@ def test_logs_follow_shows_progress_until_the_job_succeeds(deployment, finished_
     assert finished_job["follow_rc"] == 0, finished_job["follow_output"]
     output = finished_job["follow_output"]
     assert f"{finished_job['id']} succeeded" in output
-    assert "24/24" in output and "loss" in output
+    # not a terminal (a pipe here): one line per metric row as it arrives, eval results too
+    lines = [line for line in output.splitlines() if line.startswith(("step ", "eval "))]
+    assert [line.split()[1] for line in lines if line.startswith("step ")] == [str(s) for s in range(1, 25)]
+    assert [line.split()[1] for line in lines if line.startswith("eval ")] == ["8", "16", "24"]
+    assert all("loss" in line for line in lines)
     assert 'finetune_jobs{status="running"} 1.0' in finished_job["metrics"]
     for series in ("step", "total_steps", "steps_per_second", "tokens_per_second"):
         line = rf'finetune_job_{series}\{{job_id="{finished_job["id"]}",owner="tester"\}} [0-9.]+'
@@ -384,9 +414,10 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_job(deployment):
     job_id = submitted.stdout.strip()
     with deployment.client() as client:
         wait_for_step(client, job_id, 1)
-        paused = deployment.cli("pause", job_id)
-        assert paused.returncode == 0 and f"{job_id}: pause requested" in paused.stdout, paused.stderr
-        stopped = wait_for(client, job_id, {"paused", "succeeded", "failed"}, timeout=60)
+        # the README's one-liner: pause takes effect at the next step; --wait returns then
+        paused = deployment.cli("pause", job_id, "--wait")
+        assert paused.returncode == 0 and f"{job_id}: paused" in paused.stdout, paused.stderr
+        stopped = client.get(f"/jobs/{job_id}").json()
         assert stopped["status"] == "paused", stopped["error"]
         [checkpoint] = client.get(f"/jobs/{job_id}/checkpoints").json()["items"]
         assert checkpoint["step"] == stopped["current_step"] < 30
@@ -400,6 +431,28 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_job(deployment):
         assert [row["step"] for row in client.get(f"/jobs/{job_id}/logs").json()["items"]] == list(
             range(1, 31)
         )
+
+
+def test_cancel_wait_then_resume_from_a_checkpoint_and_jobs_in_a_pipe(deployment):
+    """The README's `finetune cancel $JOB --wait; finetune resume $JOB --checkpoint …`, and
+    `finetune jobs` never cutting an id, whatever the width."""
+    submitted = deployment.cli(
+        "submit", str(DEMO_JOB), "--set", "training.max_steps=12", "--set", "training.save_steps=2"
+    )
+    job_id = submitted.stdout.strip()
+    with deployment.client() as client:
+        wait_for_step(client, job_id, 3)
+        cancelled = deployment.cli("cancel", job_id, "--wait")
+        assert cancelled.returncode == 0 and f"{job_id}: cancelled" in cancelled.stdout, cancelled.stderr
+        resumed = deployment.cli("resume", job_id, "--checkpoint", "checkpoint-2")
+        assert resumed.returncode == 0 and "from checkpoint-2" in resumed.stdout, resumed.stderr
+        done = deployment.cli("logs", job_id, "--follow")
+        assert done.returncode == 0 and f"{job_id} succeeded" in done.stdout
+
+    narrow = {**os.environ, "FINETUNE_URL": deployment.url, "FINETUNE_API_KEY": deployment.key}
+    narrow["COLUMNS"] = "40"
+    listed = subprocess.run([BIN / "finetune", "jobs"], env=narrow, capture_output=True, text=True)
+    assert listed.returncode == 0 and f"{job_id}\tsucceeded\t12/12\t" in listed.stdout, listed.stdout
 
 
 def test_upload_prints_the_validation_report(deployment, tmp_path):
@@ -495,7 +548,9 @@ def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, fi
     )
     assert sample["status"] == "succeeded" and sample["checkpoint"] is None, sample
     assert browser.find_element(By.ID, "sample-output").text == (sample["completion"] or "(an empty answer)")
-    browser.save_screenshot(str(REPO / "docs" / "dashboard.png"))
+    # the README's picture, refreshed only when asked for (tests write nothing tracked)
+    screenshot = os.environ.get("FINETUNE_TEST_SCREENSHOT")
+    browser.save_screenshot(screenshot or str(deployment.data_dir.parent / "dashboard.png"))
 
     # a live run: points arrive over the stream; cancel, then resume from its checkpoint
     with deployment.client() as client:
@@ -549,3 +604,23 @@ def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, fi
             timeout=60,
             message="the chart did not follow the resumed run to its end",
         )
+
+
+def test_health_answers_for_a_worker_on_the_embedded_broker(service_env, tmp_path):
+    """Issue 18: `finetune health worker` never answered over the embedded SQLite broker (it
+    can't carry Celery's broadcast ping), so a fresh machine's `make test` failed here."""
+    from tests.processes import finetune_process
+
+    def health(service: str) -> int:
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", "health", service], env={**os.environ, **service_env}, cwd=REPO
+        ).returncode
+
+    assert service_env["FINETUNE_BROKER_URL"].startswith("sqla+sqlite")
+    with finetune_process("worker", service_env, tmp_path):
+        deadline = time.monotonic() + 60
+        while health("worker") != 0:
+            assert time.monotonic() < deadline, "the worker never reported healthy"
+            time.sleep(1)
+        assert health("sampler") == 1  # none runs
+    assert health("worker") == 1  # stopped: its heartbeat is gone

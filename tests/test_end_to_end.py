@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 import zipfile
 from statistics import mean
@@ -61,6 +62,11 @@ def check_demo_run(client: httpx.Client, job: dict) -> None:
     evaluated = [row["step"] for row in rows if row["eval_loss"] is not None]
     eval_steps = job["spec"]["training"]["eval_steps"] or job["spec"]["training"]["save_steps"]
     assert evaluated == list(range(eval_steps, steps[-1] + 1, eval_steps))  # live, as they arrived
+
+    events = client.get(f"/jobs/{job['id']}/events").json()["items"]
+    [finished] = [e["message"] for e in events if (e["data"] or {}).get("status") == "succeeded"]
+    # a sentence, not a dict
+    assert re.fullmatch(rf"finished after {steps[-1]} steps: train loss [0-9.]+, eval loss [0-9.]+", finished)
 
     checkpoints = client.get(f"/jobs/{job['id']}/checkpoints").json()["items"]
     training = job["spec"]["training"]

@@ -179,3 +179,46 @@ def test_training_after_an_evaluation_keeps_the_4bit_layers_differentiable():
 
     first_layer = [p.grad for name, p in model.named_parameters() if "layers.0." in name and "lora_B" in name]
     assert first_layer and all(grad is not None and grad.abs().sum() > 0 for grad in first_layer)
+
+
+@pytest.mark.parametrize(("field", "kind"), [("base_model", "tokenizer"), ("dataset", "dataset")])
+def test_a_model_or_dataset_the_hub_cant_give_fails_naming_it(service_env, field, kind):
+    """Issue 18: the job failed with transformers' generic offline message, naming nothing.
+    (There is no hub here: HF_HUB_OFFLINE is set for every test.)"""
+    name = "nobody-here/no-such-thing"
+    spec = quick_spec().model_dump()
+    if field == "base_model":
+        spec["base_model"] = name
+    else:
+        spec["dataset"].update(source=name, validation_source=None)
+    job = jobs.create_job(JobSpec.model_validate(spec), LOCAL_OWNER)
+
+    execute_job(job.id)
+
+    failed = jobs.get_job(job.id, LOCAL_OWNER)
+    assert failed.status == "failed"
+    assert f"could not fetch the {kind} '{name}'" in failed.error
+    assert "hub could not be reached" in failed.error
+
+
+def test_the_sampler_frees_its_model_after_an_answer_unless_told_to_keep_it(service_env, monkeypatch):
+    """Issue 18: on one 16 GB T4 the sampler's copy of the base beside a training could run
+    the GPU out of memory; on a GPU it now loads for an answer and frees after ("auto")."""
+    from app.schemas import SampleRequest
+    from app.services import samples
+    from tests.conftest import reset_caches
+    from worker import sampling
+
+    job = jobs.create_job(quick_spec(), LOCAL_OWNER)
+    execute_job(job.id)
+    sampling.release_model()
+    for keep, loaded_after in (("false", 0), ("true", 1)):
+        monkeypatch.setenv("FINETUNE_SAMPLER_KEEP_MODEL", keep)
+        reset_caches()
+        sample = samples.create_sample(job.id, LOCAL_OWNER, SampleRequest(prompt="Hi", max_new_tokens=4))
+
+        sampling.answer(sample.id)
+
+        assert samples.get_sample(job.id, sample.id, LOCAL_OWNER).status == "succeeded"
+        assert sampling._model.cache_info().currsize == loaded_after, keep
+    sampling.release_model()

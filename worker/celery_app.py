@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from app.queue import make_celery
 from app.settings import get_settings
+from worker.heartbeat import Heartbeat
 
 settings = get_settings()
 celery = make_celery(settings.broker_url, settings.broker_transport_options, settings.queue)
 celery.conf.update(include=["worker.tasks"], worker_hijack_root_logger=False)
+celery.steps["consumer"].add(Heartbeat)

@@ -4,6 +4,7 @@ loaded stays in memory, so prompts to the same adapter answer at once."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +16,7 @@ from app.conversations import HUMAN, Turn
 from app.db import session_scope
 from app.models import Job
 from app.services.samples import finish_sample, start_sample
+from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import job_files
 from worker.training.data import format_segments
@@ -57,7 +59,23 @@ def answer(sample_id: str) -> None:
         log.exception("sample %s failed", sample_id)
         finish_sample(sample_id, error=f"{type(exc).__name__}: {exc}")
         return
+    finally:
+        if not keep_model():
+            release_model()
     finish_sample(sample_id, completion=completion)
+
+
+def keep_model() -> bool:
+    setting = get_settings().sampler_keep_model
+    return not torch.cuda.is_available() if setting == "auto" else setting == "true"
+
+
+def release_model() -> None:
+    """Give the model's memory back (the GPU's to a training beside this process)."""
+    _model.cache_clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @torch.inference_mode()

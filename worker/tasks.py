@@ -61,6 +61,17 @@ def generate_sample(sample_id: str) -> None:
     answer(sample_id)
 
 
+def finished_message(summary: dict) -> str:
+    """The "finished" event as a sentence: 'finished after 60 steps: train loss 9.52, eval loss
+    9.61'."""
+    losses = [
+        f"{label} {summary[key]:.4g}"
+        for label, key in (("train loss", "final_train_loss"), ("eval loss", "final_eval_loss"))
+        if summary.get(key) is not None
+    ]
+    return f"finished after {summary['steps']} steps" + (f": {', '.join(losses)}" if losses else "")
+
+
 def execute_job(job_id: str) -> None:
     """Claim the job, train it under a lease, record how it ended. A worker that loses its
     lease (the sweeper gave the job to another) stops and writes nothing more."""
@@ -116,7 +127,7 @@ def execute_job(job_id: str) -> None:
             runs.finish_job(
                 claim,
                 JobStatus.SUCCEEDED,
-                f"finished: {outcome.summary}",
+                finished_message(outcome.summary),
                 adapter={
                     "path": str(adapter.path),
                     "size_bytes": adapter.size_bytes,

@@ -26,6 +26,17 @@ def _field(loc: tuple) -> str:
     return ".".join(parts) or str(loc[0] if loc else "")
 
 
+def _field_error(err: dict) -> dict[str, object]:
+    """One request-validation error as {"field", "message", "type"}; a body that is not JSON is
+    named as the body, with where the parser stopped (FastAPI puts that position in `loc`)."""
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "json_invalid":
+        reason = (err.get("ctx") or {}).get("error") or err.get("msg", "")
+        message = f"not valid JSON at character {loc[-1]}: {reason}"
+        return {"field": "body", "message": message, "type": "json_invalid"}
+    return {"field": _field(loc), "message": err.get("msg", ""), "type": err.get("type")}
+
+
 def error_response(
     path: str, status: int, code: str, detail: object, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -68,14 +79,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = [
-            {
-                "field": _field(tuple(err.get("loc", ()))),
-                "message": err.get("msg", ""),
-                "type": err.get("type"),
-            }
-            for err in exc.errors()
-        ]
+        detail = [_field_error(err) for err in exc.errors()]
         return error_response(request.url.path, 422, "validation_error", detail)
 
     @app.exception_handler(StarletteHTTPException)

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Owner
 from app.api.logs import format_csv, format_text_line, metric_events
-from app.errors import InvalidCursor
+from app.errors import InvalidCursor, InvalidFields
 from app.models import JobStatus, SampleStatus
 from app.schemas import (
     ERROR_RESPONSES,
@@ -74,8 +74,10 @@ def create_job(
         ),
     ] = None,
 ) -> JobRead:
-    """Submit a fine-tune job. `{}` (or no body) runs the default recipe."""
-    return jobs.create_job(spec or JobSpec(), owner, idempotency_key=idempotency_key)
+    """Submit a fine-tune job. `{}` runs the default recipe (every field has a default)."""
+    if spec is None:  # an empty body is more likely a mistake than a request for a long GPU run
+        raise InvalidFields(("body", "send a job spec: `{}` asks for the default recipe (Phi-2, oasst1)"))
+    return jobs.create_job(spec, owner, idempotency_key=idempotency_key)
 
 
 @router.get("/jobs", response_model=Page[JobRead], tags=["jobs"])

@@ -22,7 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from app.client.http import DEFAULT_URL, RequestFailed, ServiceClient
 
@@ -34,6 +34,10 @@ ApiKey = Annotated[
     str | None, typer.Option("--api-key", envvar="FINETUNE_API_KEY", help="`finetune keys create` made it.")
 ]
 JobId = Annotated[str, typer.Argument(help="A job id (job_…).")]
+Wait = Annotated[bool, typer.Option("--wait", help="Return once the job has stopped.")]
+Timeout = Annotated[float, typer.Option("--timeout", min=1, help="Seconds to wait at most.")]
+# No worker holds the job, and nothing changes until a user acts.
+STOPPED = ("paused", "succeeded", "failed", "cancelled")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -91,16 +95,21 @@ def submit(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Then show live progress (like `logs -f`).")
     ] = False,
+    wait: Wait = False,
+    timeout: Timeout = 24 * 3600,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Submit a fine-tune job and print its id."""
+    """Submit a fine-tune job and print its id. With --wait (or --follow), return when it has
+    stopped; the exit code is 0 only if it succeeded."""
     spec = load_spec(spec_file, set_ or [])
     with service(url, api_key) as client:
         job = client.submit(spec)
         console.print(job["id"], highlight=False)
         if follow:
             _follow(client, job["id"])
+        elif wait:
+            _report_end(client.wait_for_job(job["id"], STOPPED, timeout))
 
 
 def jobs(
@@ -112,17 +121,22 @@ def jobs(
     """The newest jobs: id, status, progress, base model."""
     with service(url, api_key) as client:
         rows = client.jobs(status, limit)
-    table = Table("id", "status", "step", "created", "base model", box=None)
+    id_column = Column("id", no_wrap=True, min_width=28)
+    table = Table(id_column, "status", "step", "created", "base model", box=None)
     for job in rows:
-        total = job["total_steps"] or "?"
-        table.add_row(
+        fields = (
             job["id"],
             job["status"],
-            f"{job['current_step']}/{total}",
+            f"{job['current_step']}/{job['total_steps'] or '?'}",
             job["created_at"][:19],
             job["spec"]["base_model"],
         )
-    console.print(table)
+        if console.is_terminal:
+            table.add_row(*fields)
+        else:  # a pipe or a file: one tab-separated line a job, whatever the width
+            console.out("\t".join(fields), highlight=False, soft_wrap=True)
+    if console.is_terminal:
+        console.print(table)
 
 
 def status(
@@ -184,6 +198,19 @@ def _metric_text(row: dict[str, Any]) -> str:
 
 
 def _follow(client: ServiceClient, job_id: str) -> None:
+    """A live progress bar on a terminal; elsewhere (a pipe, a log file) a line per row as it
+    arrives. Then the final status; exit code 0 only if the job succeeded."""
+    if not console.is_terminal:
+        end: dict[str, Any] = {}
+        for event in client.follow(job_id):
+            if event.event == "end":
+                end = event.data
+                break
+            row = event.data
+            label = "eval" if event.event == "eval" else "step"
+            console.out(f"{label} {row['step']}  {_metric_text(row)}", highlight=False, soft_wrap=True)
+        _report_end(end, job_id)
+        return
     job = client.job(job_id)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -204,27 +231,42 @@ def _follow(client: ServiceClient, job_id: str) -> None:
             if progress.tasks[0].total is None:  # known once the worker has built the dataset
                 progress.update(task, total=client.job(job_id)["total_steps"])
             progress.update(task, completed=row["step"], metrics=_metric_text(row))
-    final = end.get("status", "unknown")
+    _report_end(end, job_id)
+
+
+def _report_end(job: dict[str, Any], job_id: str | None = None) -> None:
+    """Print how a job ended (a job object or the stream's end event); exit 1 unless it
+    succeeded."""
+    final = job.get("status", "unknown")
     colour = "green" if final == "succeeded" else "red"
-    console.print(f"[{colour}]{job_id} {final}[/{colour}]", highlight=False)
-    if end.get("error"):
-        console.print(f"error: {end['error']}", highlight=False)
+    console.print(f"[{colour}]{job_id or job['id']} {final}[/{colour}]", highlight=False)
+    if job.get("error"):
+        console.print(f"error: {job['error']}", highlight=False)
     if final != "succeeded":
         raise typer.Exit(1)
 
 
-def cancel(job_id: JobId, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    """Cancel a queued job at once, a running one at its next step."""
+def cancel(
+    job_id: JobId, wait: Wait = False, timeout: Timeout = 600, url: Url = DEFAULT_URL, api_key: ApiKey = None
+) -> None:
+    """Cancel a queued job at once, a running one at its next step (--wait: return once it has)."""
     with service(url, api_key) as client:
         job = client.cancel(job_id)
+        if wait:
+            job = client.wait_for_job(job_id, STOPPED, timeout)
     state = "cancel requested" if job["status"] == "running" else job["status"]
     console.print(f"{job_id}: {state}", highlight=False)
 
 
-def pause(job_id: JobId, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    """Pause a queued job at once; a running one saves a checkpoint at its next step and stops."""
+def pause(
+    job_id: JobId, wait: Wait = False, timeout: Timeout = 600, url: Url = DEFAULT_URL, api_key: ApiKey = None
+) -> None:
+    """Pause a queued job at once; a running one saves a checkpoint at its next step and stops
+    (--wait: return once it has)."""
     with service(url, api_key) as client:
         job = client.pause(job_id)
+        if wait:
+            job = client.wait_for_job(job_id, STOPPED, timeout)
     state = "pause requested" if job["status"] == "running" else job["status"]
     console.print(f"{job_id}: {state}", highlight=False)
 
@@ -317,12 +359,16 @@ def generate(
         str | None, typer.Option(help="Default: the final adapter, else the latest checkpoint.")
     ] = None,
     max_new_tokens: Annotated[int | None, typer.Option(min=1, max=2048)] = None,
+    timeout: Timeout = 600,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:
-    """Ask the base model plus this job's adapter; prints what the Assistant answers."""
+    """Ask the base model plus this job's adapter; prints what the Assistant answers. Waits
+    for a slow answer (the model may first have to load) up to --timeout, asking once."""
     with service(url, api_key) as client:
-        sample = client.generate(job_id, prompt, checkpoint=checkpoint, max_new_tokens=max_new_tokens)
+        sample = client.generate(
+            job_id, prompt, timeout_s=timeout, checkpoint=checkpoint, max_new_tokens=max_new_tokens
+        )
     if sample["status"] != "succeeded":
         raise _fail(f"sample {sample['id']} is {sample['status']}: {sample.get('error') or 'not done yet'}")
     console.out(sample["completion"], highlight=False)

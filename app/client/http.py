@@ -61,6 +61,10 @@ class ServiceClient:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self.http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:  # connected (or tried to); no answer in time
+            waited = f"{self.http.timeout.read:g} s"
+            message = f"{self.http.base_url} did not answer {method} {path} within {waited}"
+            raise RequestFailed(message) from exc
         except httpx.TransportError as exc:
             raise RequestFailed(f"cannot reach {self.http.base_url}: {exc}") from exc
         if response.status_code >= 400:
@@ -103,9 +107,43 @@ class ServiceClient:
         with path.open("rb") as handle:
             return self.request("POST", "/datasets", files={"file": (path.name, handle)}, data=form).json()
 
-    def generate(self, job_id: str, prompt: str, **options: Any) -> dict[str, Any]:
-        body = {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
-        return self.post(f"/jobs/{job_id}/generate", body)
+    def generate(self, job_id: str, prompt: str, timeout_s: float = 600, **options: Any) -> dict[str, Any]:
+        """Ask for one sample and wait for its answer by polling the sample it made (the first
+        answer may take minutes while the sampler loads the model; no request is held that long,
+        and a retry never asks twice)."""
+        body: dict[str, Any] = {"prompt": prompt, "wait_s": 0}
+        body.update({key: value for key, value in options.items() if value is not None})
+        sample = self.post(f"/jobs/{job_id}/generate", body)
+        return self.wait(
+            lambda: self.get(f"/jobs/{job_id}/samples/{sample['id']}"),
+            lambda s: s["status"] in ("succeeded", "failed"),
+            timeout_s,
+            first=sample,
+            every_s=0.5,
+        )
+
+    def wait_for_job(self, job_id: str, statuses: tuple[str, ...], timeout_s: float) -> dict[str, Any]:
+        """The job, once its status is one of `statuses`."""
+        return self.wait(lambda: self.job(job_id), lambda job: job["status"] in statuses, timeout_s)
+
+    @staticmethod
+    def wait(
+        read: Callable[[], dict[str, Any]],
+        done: Callable[[dict[str, Any]], bool],
+        timeout_s: float,
+        first: dict[str, Any] | None = None,
+        every_s: float = 1.0,
+    ) -> dict[str, Any]:
+        """`read()` again every `every_s` until `done` holds for what it returns; RequestFailed
+        after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        value = first if first is not None else read()
+        while not done(value):
+            if time.monotonic() > deadline:
+                raise RequestFailed(f"gave up waiting after {timeout_s:g} s (still {value.get('status')})")
+            time.sleep(every_s)
+            value = read()
+        return value
 
     # --- live metrics ---------------------------------------------------------------------
     def follow(self, job_id: str, after_step: int = -1, retry_for_s: float = 60) -> Iterator[StreamEvent]:

@@ -232,12 +232,13 @@ def resume_job(job_id: str, owner: str, checkpoint: str | None) -> JobRead:
 
 
 def requeue_from_checkpoint(
-    session: Session, job_id: str, checkpoint: str | None, reason: str, *only_if
+    session: Session, job_id: str, checkpoint: str | None, reason: str, *only_if, attempt_spent: bool = True
 ) -> list[str] | None:
     """Mark the job queued to continue from `checkpoint` (default the latest), if `only_if` still
     holds. The run branches off there: later checkpoints and metric rows are dropped. Returns
     the dropped checkpoints' names (their files go once the caller has committed), or None
-    when the job no longer matches `only_if`."""
+    when the job no longer matches `only_if`. `attempt_spent=False` (a worker shutting down,
+    not failing) gives the run's attempt back."""
     checkpoints = list(
         session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
     )
@@ -263,6 +264,7 @@ def requeue_from_checkpoint(
             lease_expires_at=None,
             updated_at=utcnow(),
             dispatched_at=utcnow(),
+            **({} if attempt_spent else {"attempts": Job.attempts - 1}),
         )
     ).rowcount
     if not requeued:

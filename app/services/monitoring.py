@@ -4,7 +4,6 @@ operator, also each running job's progress and throughput (labelled with its id 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -15,10 +14,7 @@ from sqlalchemy import func, select
 from app.db import session_scope
 from app.models import DeliveryStatus, Job, JobStatus, Notification
 from app.models import Metric as MetricRow
-from app.queue import waiting_messages
 from app.services.jobs import RATE_WINDOW, step_rate
-
-log = logging.getLogger(__name__)
 
 
 class ServiceCollector(Collector):
@@ -54,12 +50,10 @@ class ServiceCollector(Collector):
             jobs.add_metric([status], counts.get(status, 0))
         yield jobs
 
-        try:
-            depth = waiting_messages()
-        except Exception as exc:  # a broker outage must not break the scrape
-            log.warning("queue depth unavailable: %s", exc)
-        else:
-            yield GaugeMetricFamily("finetune_queue_depth", "Job ids waiting in the broker.", value=depth)
+        # From the database, not the broker: a cancelled job's id left in the queue won't run.
+        yield GaugeMetricFamily(
+            "finetune_queue_depth", "Jobs queued for a worker.", value=counts.get(JobStatus.QUEUED, 0)
+        )
 
         yield GaugeMetricFamily("finetune_running_jobs", "Jobs training now.", value=len(running))
         yield GaugeMetricFamily(

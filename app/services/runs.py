@@ -227,8 +227,9 @@ def finish_job(
 
 @retry_while_unreachable
 def hand_back(claim: Claim, reason: str) -> None:
-    """Release the job to the queue, to continue from its latest checkpoint (the caller sends
-    its id to the broker)."""
+    """Release the job to the queue, to continue from its latest checkpoint, without counting
+    this run against FINETUNE_MAX_ATTEMPTS: a worker shutting down is not a failure (the
+    caller sends its id to the broker)."""
     with session_scope() as session:
         stale = requeue_from_checkpoint(
             session,
@@ -237,6 +238,7 @@ def hand_back(claim: Claim, reason: str) -> None:
             reason,
             Job.lease_owner == claim.owner,
             Job.status == JobStatus.RUNNING,
+            attempt_spent=False,
         )
     if stale is None:
         raise LeaseLost(f"job {claim.job_id}: lease of {claim.owner} is gone")

@@ -18,6 +18,7 @@ from app.conversations import (
 )
 from app.services.datasets import dataset_file
 from app.spec import DATASET_ID, DatasetSpec, split_revision
+from worker.training.hub import fetching
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def load_records(source: str, split: str) -> list[dict]:
     if path.is_dir():
         return list(datasets.load_dataset(str(path), split=split))
     name, revision = split_revision(source)
-    return list(datasets.load_dataset(name, split=split, revision=revision))
+    with fetching("dataset", source):
+        return list(datasets.load_dataset(name, split=split, revision=revision))
 
 
 def conversations_from_records(records: list[dict], spec: DatasetSpec) -> Conversations:

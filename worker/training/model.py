@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from app.settings import get_settings
 from app.spec import JobSpec, QuantizationSpec, split_revision
+from worker.training.hub import fetching
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,10 @@ def compute_dtype(quantization: QuantizationSpec) -> torch.dtype:
 
 def load_tokenizer(base_model: str):
     name, revision = split_revision(base_model)
-    tokenizer = AutoTokenizer.from_pretrained(
-        name, revision=revision, trust_remote_code=get_settings().trust_remote_code
-    )
+    with fetching("tokenizer", base_model):
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=revision, trust_remote_code=get_settings().trust_remote_code
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -45,14 +47,15 @@ def load_quantized_model(spec: JobSpec, dtype: torch.dtype):
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=dtype,
     )
-    return AutoModelForCausalLM.from_pretrained(
-        name,
-        revision=revision,
-        quantization_config=quantization_config,
-        dtype=dtype,
-        device_map={"": torch.cuda.current_device()} if torch.cuda.is_available() else None,
-        trust_remote_code=get_settings().trust_remote_code,
-    )
+    with fetching("base model", spec.base_model):
+        return AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=revision,
+            quantization_config=quantization_config,
+            dtype=dtype,
+            device_map={"": torch.cuda.current_device()} if torch.cuda.is_available() else None,
+            trust_remote_code=get_settings().trust_remote_code,
+        )
 
 
 def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
