@@ -5,6 +5,7 @@ real 4-bit LoRA path."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -129,3 +130,59 @@ def test_flex_attention_with_the_document_block_mask_gives_the_dense_masks_loss(
         finally:
             use_sdpa_attention(model)
     assert abs(flex - dense) < 1e-4, (flex, dense)
+
+
+def _adam_pair(steps: int):
+    """The same LoRA-like parameters and gradients through bitsandbytes' paged 32-bit AdamW
+    (the recipe's optimizer) and torch's AdamW, with the recipe's hyperparameters."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    shapes = [(16, 64), (64, 16), (16, 64), (64, 16)]
+    start = [torch.randn(s) * 0.02 for s in shapes]
+    grads = [[torch.randn(s) * 1e-2 for s in shapes] for _ in range(steps)]
+    paged_params = [torch.nn.Parameter(t.clone()) for t in start]
+    torch_params = [torch.nn.Parameter(t.clone()) for t in start]
+    hyper = {"lr": 2e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+    paged = bnb.optim.PagedAdamW32bit(paged_params, **hyper)
+    plain = torch.optim.AdamW(torch_params, **hyper)
+    return paged, paged_params, plain, torch_params, grads
+
+
+def _step(optimizer, params, grads):
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g.clone()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_paged_adamw_32bit_and_torch_adamw_make_the_same_update():
+    paged, paged_params, plain, torch_params, grads = _adam_pair(steps=6)
+    for step_grads in grads:
+        _step(paged, paged_params, step_grads)
+        _step(plain, torch_params, step_grads)
+    for a, b in zip(paged_params, torch_params, strict=True):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-5), (a - b).abs().max()
+
+
+def test_a_paged_adamw_checkpoint_resumes_into_torch_adamw():
+    from worker.training.speed import SpeedPlan, accept_bnb_adam_state, optimizer_name
+
+    paged, paged_params, _, _, grads = _adam_pair(steps=6)
+    for step_grads in grads[:3]:
+        _step(paged, paged_params, step_grads)
+    saved = copy.deepcopy(paged.state_dict())  # as read back from a checkpoint file
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in paged_params]
+    resumed = torch.optim.AdamW(resumed_params, lr=1.0)  # hyperparameters come from the checkpoint
+    accept_bnb_adam_state(resumed)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["lr"] == 2e-4 and "exp_avg" in resumed.state[resumed_params[0]]
+    for step_grads in grads[3:]:
+        _step(paged, paged_params, step_grads)
+        _step(resumed, resumed_params, step_grads)
+    for a, b in zip(paged_params, resumed_params, strict=True):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-5), (a - b).abs().max()
+    # the substitution happens only where the plan says so (a GPU), and only for the same update
+    assert optimizer_name("paged_adamw_32bit", SpeedPlan(fused_adamw=True)) == "adamw_torch_fused"
+    assert optimizer_name("paged_adamw_32bit", SpeedPlan()) == "paged_adamw_32bit"
+    assert optimizer_name("paged_adamw_8bit", SpeedPlan(fused_adamw=True)) == "paged_adamw_8bit"

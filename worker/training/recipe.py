@@ -37,7 +37,14 @@ from worker.training.packing import (
     plan_full_rows,
     plan_steps,
 )
-from worker.training.speed import SpeedPlan, apply_speed_plan, document_block_mask, plan_speed
+from worker.training.speed import (
+    SpeedPlan,
+    accept_bnb_adam_state,
+    apply_speed_plan,
+    document_block_mask,
+    optimizer_name,
+    plan_speed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +120,7 @@ def training_arguments(
         remove_unused_columns=not t.packing,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        optim=t.optimizer,
+        optim=optimizer_name(t.optimizer, speed),
         gradient_checkpointing=checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         # Mixed precision is a GPU matter; on a CPU the 4-bit layers compute in `dtype` as they are.
@@ -213,7 +220,7 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
         trainer.mask_dtype = dtype if torch.cuda.is_available() else torch.float32
         trainer.mask_kind = speed.mask
     else:
-        trainer = Trainer(
+        trainer = ServiceTrainer(
             model=model,
             args=args,
             train_dataset=data,
@@ -260,7 +267,17 @@ def _packed(data: TrainingData, spec: JobSpec, samples_per_item: int, full_rows:
     return PackedData(data.samples, steps)
 
 
-class PackedTrainer(Trainer):
+class ServiceTrainer(Trainer):
+    """The Trainer, whose torch AdamW also resumes from a bitsandbytes AdamW checkpoint
+    (worker.training.speed runs paged_adamw_32bit as the fused torch AdamW on a GPU)."""
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        accept_bnb_adam_state(self.optimizer)
+        return optimizer
+
+
+class PackedTrainer(ServiceTrainer):
     """Trains on packed steps: turns the collator's per-token sample numbers into a
     sample-diagonal causal mask on the model's device."""
 

@@ -3,7 +3,7 @@
 Each setting here keeps the recipe's meaning (same samples per step, same loss, same
 optimizer update); what it changes is how many kernels a step launches and which kernels:
 
-- attention backend per GPU: on Hopper (compute capability 9.x) PyTorch's sdpa tries cuDNN
+- attention backend per GPU: on Hopper and newer (compute capability ≥ 9) PyTorch's sdpa tries cuDNN
   first, which plans a new graph for every new sequence length and costs ~2 ms of host time
   per call; the memory-efficient kernel (the one a T4 runs anyway, and the one that takes the
   packed path's 4D mask) does not. `choose_attention` switches cuDNN attention off there.
@@ -18,9 +18,16 @@ optimizer update); what it changes is how many kernels a step launches and which
   masked for oasst-sized samples, and the memory-efficient kernel computes all of it against a
   dense additive mask. A `BlockMask` built from the per-token sample numbers lets FlexAttention
   skip the masked blocks; the result is the same attention (tests/test_throughput_speed.py).
-- recomputation dropped on big cards: when the GPU's free memory is several times what the
-  step's activations need without checkpointing, the worker trains without it (and says so
-  in the job's events); a T4 keeps it.
+- the recipe's `paged_adamw_32bit` runs as torch's fused AdamW on a GPU: the same update
+  (AdamW, 32-bit states, same betas, eps, weight decay; tests/test_throughput_speed.py), but
+  bitsandbytes' paged optimizer synchronizes the device after every parameter's update (256
+  times a step for the default LoRA), which drains the GPU's queue each step; the LoRA states
+  (~84 MB for Phi-2) gain nothing from paging. A checkpoint saved with the paged optimizer's
+  state resumes into the fused one (`accept_bnb_adam_state`).
+- recomputation dropped on big cards: when a generous estimate of a full micro-batch's
+  activations without checkpointing is under 3/4 of the GPU's free memory, the worker trains
+  without it (and says so in the job's events): for Phi-2 an 80 GB card or larger drops it, a
+  40 GB card and a T4 keep it.
 
 Everything is opt-out with `FINETUNE_FAST_PATH=0` in the worker's environment, and nothing
 here runs without CUDA (the CPU path, and so the test suite, is the plain eager one unless
@@ -60,6 +67,8 @@ class SpeedPlan:
     compile_layers: bool = False
     checkpointing: bool = True
     row_multiple: int = 1
+    # paged_adamw_32bit (and adamw_torch) run as torch's fused AdamW (see `optimizer_name`)
+    fused_adamw: bool = False
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -68,6 +77,8 @@ class SpeedPlan:
         parts.append("gradient checkpointing " + ("on" if self.checkpointing else "off"))
         if self.row_multiple > 1:
             parts.append(f"rows padded to a multiple of {self.row_multiple}")
+        if self.fused_adamw:
+            parts.append("paged_adamw_32bit runs as torch's fused AdamW (same update)")
         return "; ".join(parts + self.notes)
 
 
@@ -111,10 +122,12 @@ def plan_speed(
     if not torch.cuda.is_available() or not fast_path_enabled():
         return plan
     plan.attention = choose_attention()
-    plan.row_multiple = ROW_MULTIPLE
+    plan.fused_adamw = True
     if compile_layers is None:  # measured on Hopper; a T4 (7.5) stays eager until measured there
         compile_layers = torch.cuda.get_device_capability()[0] >= 8
     plan.compile_layers = compile_layers
+    if compile_layers:  # fewer distinct shapes for the compiled layers; an eager GPU-bound T4 pads nothing
+        plan.row_multiple = ROW_MULTIPLE
     if flex is None:  # the padded (unpacked) path keeps its 2D mask and sdpa
         flex = packed and plan.compile_layers and flex_attention_available()
     if flex:
@@ -182,6 +195,67 @@ def document_block_mask(sequence_ids: torch.Tensor):
         return (docs[b, q] == docs[b, kv]) & (q >= kv)
 
     return create_block_mask(same_sample_causal, batch, None, width, width, device=docs.device)
+
+
+# the spec's optimizer names that torch's fused AdamW computes exactly (32-bit AdamW states)
+SAME_AS_FUSED_ADAMW = ("paged_adamw_32bit", "adamw_torch")
+
+
+def optimizer_name(spec_name: str, plan: SpeedPlan | None) -> str:
+    if plan is not None and plan.fused_adamw and spec_name in SAME_AS_FUSED_ADAMW:
+        return "adamw_torch_fused"
+    return spec_name
+
+
+BNB_NESTED = "__bnb_optimizer_quant_state__"
+
+
+def bnb_adam_state_to_torch(state_dict: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A bitsandbytes 32-bit Adam state dict (`state1`/`state2`, an int step) as torch AdamW's
+    (`exp_avg`/`exp_avg_sq`, a tensor step); param groups keep this optimizer's own flags
+    (fused, foreach, …) and take the saved hyperparameters. Anything else passes as it is."""
+    states = state_dict.get("state", {})
+
+    def moments(s: dict) -> dict:  # bitsandbytes ≥ 0.48 nests them under a private key
+        return s.get(BNB_NESTED, s)
+
+    if not any("state1" in moments(s) for s in states.values()):
+        return state_dict
+    converted = {}
+    for key, s in states.items():
+        inner = moments(s)
+        if "state1" not in inner or "state2" not in inner:
+            converted[key] = s
+            continue
+        converted[key] = {
+            "step": torch.tensor(float(s["step"]), dtype=torch.float32),
+            "exp_avg": inner["state1"].float(),
+            "exp_avg_sq": inner["state2"].float(),
+        }
+    groups = []
+    for saved, current in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
+        group = {k: v for k, v in current.items() if k != "params"}
+        for key in ("lr", "betas", "eps", "weight_decay", "initial_lr"):
+            if key in saved:
+                group[key] = saved[key]
+        group["params"] = saved["params"]
+        groups.append(group)
+    return {"state": converted, "param_groups": groups}
+
+
+def accept_bnb_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Let a torch AdamW load a checkpoint written by bitsandbytes' (paged) 32-bit AdamW, so
+    that a job paused before the switch resumes with its Adam moments."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper, if any
+    if not isinstance(inner, torch.optim.AdamW) or getattr(inner, "_accepts_bnb_state", False):
+        return
+    load = inner.load_state_dict
+
+    def load_state_dict(state_dict):
+        return load(bnb_adam_state_to_torch(state_dict, inner))
+
+    inner.load_state_dict = load_state_dict
+    inner._accepts_bnb_state = True
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
