@@ -83,6 +83,10 @@ GROUPS = {
     "service fp16": _service("float16", SERVICE_FP16),
     "service bf16, 2 GPUs": ["torchrun:2", *_service("bfloat16", SERVICE_2GPU)],
 }
+# What one plain `python3 bench/throughput.py --out FILE` runs (~9.5 min on an H200): the peers
+# and every bf16 service variant. fp16 and two GPUs: `--only "service fp16"`, `--only "service
+# bf16, 2 GPUs"` (a machine with two GPUs).
+DEFAULT_GROUPS = ["seed", "trl", "service bf16"]
 LABELS = {"seed": "seed recipe, fp16, pad to 2048", "trl": "TRL SFTTrainer packing=bfd, bf16"}
 
 
@@ -160,7 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default="/tmp/phi2-random")
-    parser.add_argument("--only", nargs="*", help="groups to run (default all): " + ", ".join(GROUPS))
+    parser.add_argument("--only", nargs="*", help="groups to run: " + ", ".join(GROUPS))
     parser.add_argument("--pick", nargs="*", help="service variants to run (default all)")
     args = parser.parse_args()
     if not Path(args.model, "config.json").exists():
@@ -172,7 +176,7 @@ def main() -> None:
     results: list[dict] = []
     with open(Path(args.out).with_suffix(".log"), "w") as log:
         for group, argv in GROUPS.items():
-            if args.only and group not in args.only:
+            if group not in (args.only or DEFAULT_GROUPS):
                 continue
             for result in run(group, argv, args.model, args.pick, log):
                 results.append(result)

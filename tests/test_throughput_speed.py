@@ -186,3 +186,31 @@ def test_a_paged_adamw_checkpoint_resumes_into_torch_adamw():
     assert optimizer_name("paged_adamw_32bit", SpeedPlan(fused_adamw=True)) == "adamw_torch_fused"
     assert optimizer_name("paged_adamw_32bit", SpeedPlan()) == "paged_adamw_32bit"
     assert optimizer_name("paged_adamw_8bit", SpeedPlan(fused_adamw=True)) == "paged_adamw_8bit"
+
+
+def test_full_row_mode_trains_micro_batches_of_full_rows_and_accumulates_the_step(tmp_path):
+    from worker.training.data import TokenizedSample, TrainingData
+    from worker.training.recipe import _packed, packing_mode, training_arguments
+
+    spec = JobSpec.model_validate(demo_spec(max_seq_length=256))
+    assert packing_mode(spec) == "per_step"  # the default, also before the spec has the field
+    t = spec.training
+    rng = random.Random(1)
+    samples = [TokenizedSample([1] * n, [1] * n) for n in (rng.randint(4, 120) for _ in range(400))]
+    data = TrainingData(samples, len(samples), 0, {})
+
+    per_step = training_arguments(spec, tmp_path, torch.float32, evaluate=False)
+    full = training_arguments(spec, tmp_path, torch.float32, evaluate=False, full_rows=True)
+    assert (per_step.per_device_train_batch_size, per_step.gradient_accumulation_steps) == (1, 1)
+    assert (full.per_device_train_batch_size, full.gradient_accumulation_steps) == (
+        1,
+        t.gradient_accumulation_steps,
+    )
+    items = _packed(data, spec, t.batch_size * t.gradient_accumulation_steps, full_rows=True)
+    rows = [row for step in items.steps for row in step.rows]
+    assert all(len(step.rows) <= t.batch_size for step in items.steps)
+    assert all(sum(len(samples[i].input_ids) for i in row) <= t.max_seq_length for row in rows)
+    assert items.fill > 0.9
+    # far more samples per optimizer step than the recipe's batch_size × gradient_accumulation_steps
+    per_optimizer_step = items.mean_samples_per_step * t.gradient_accumulation_steps
+    assert per_optimizer_step > 2 * t.batch_size * t.gradient_accumulation_steps
