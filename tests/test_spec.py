@@ -70,3 +70,10 @@ def test_hub_ids_may_pin_a_revision_and_local_paths_become_absolute(tmp_path_all
 
     assert spec.base_model == str(tmp_path / "my-model")
     assert spec.dataset.source == "org/data@v1.2"
+
+
+def test_full_row_packing_is_a_mode_of_packing():
+    spec = JobSpec.model_validate({"training": {"packing_mode": "full_rows"}})
+    assert spec.training.packing_mode == "full_rows" and JobSpec().training.packing_mode == "per_step"
+    with pytest.raises(ValidationError, match="needs training.packing: true"):
+        JobSpec.model_validate({"training": {"packing_mode": "full_rows", "packing": False}})

@@ -134,7 +134,7 @@ def jobs(
         if console.is_terminal:
             table.add_row(*fields)
         else:  # a pipe or a file: one tab-separated line a job, whatever the width
-            console.out("\t".join(fields), highlight=False, soft_wrap=True)
+            typer.echo("\t".join(fields))  # (rich would expand the tabs)
     if console.is_terminal:
         console.print(table)
 
@@ -208,7 +208,7 @@ def _follow(client: ServiceClient, job_id: str) -> None:
                 break
             row = event.data
             label = "eval" if event.event == "eval" else "step"
-            console.out(f"{label} {row['step']}  {_metric_text(row)}", highlight=False, soft_wrap=True)
+            console.out(f"{label} {row['step']}  {_metric_text(row)}", highlight=False)
         _report_end(end, job_id)
         return
     job = client.job(job_id)

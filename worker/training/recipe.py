@@ -76,10 +76,8 @@ FULL_ROWS = "full_rows"
 def packing_mode(spec: JobSpec) -> str:
     """`per_step` (the default: each optimizer step packs the recipe's batch_size ×
     gradient_accumulation_steps samples) or `full_rows` (rows filled to max_seq_length;
-    a step is gradient_accumulation_steps micro-batches of batch_size full rows). Read with a
-    default so that a spec without the field trains as before."""
-    mode = getattr(spec.training, "packing_mode", None) or "per_step"
-    return FULL_ROWS if mode == FULL_ROWS else "per_step"
+    a step is gradient_accumulation_steps micro-batches of batch_size full rows)."""
+    return FULL_ROWS if spec.training.packing_mode == FULL_ROWS else "per_step"
 
 
 def training_arguments(
