@@ -1,15 +1,17 @@
-"""Private Redis and PostgreSQL servers that a test may stop and restart (the shared ones stay
-up for every other test)."""
+"""Servers the tests start: private Redis and PostgreSQL servers that a test may stop and
+restart (the shared ones stay up for every other test), and a webhook receiver on loopback."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from tests.processes import free_port
@@ -132,3 +134,32 @@ def postgres_server() -> Iterator[PostgresServer]:
         except subprocess.CalledProcessError:
             pass
         shutil.rmtree(directory, ignore_errors=True)
+
+
+class WebhookReceiver:
+    """An HTTP server on 127.0.0.1 that records each POST (headers, body) and answers the
+    n-th with `statuses[n]` (the last one repeats), with a `Location` header if given."""
+
+    def __init__(self, statuses: tuple[int, ...] = (200,), location: str | None = None) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append((dict(self.headers), body))
+                self.send_response(statuses[min(len(receiver.requests), len(statuses)) - 1])
+                if location:
+                    self.send_header("Location", location)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()

@@ -14,14 +14,12 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -41,6 +39,7 @@ from tests.conftest import (
     unique_queue,
 )
 from tests.processes import free_port, service_process, wait_for, wait_for_step
+from tests.servers import WebhookReceiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
 
@@ -221,37 +220,16 @@ def deployment(tmp_path_factory, demo_model) -> Iterator[Deployment]:
         yield Deployment(f"http://127.0.0.1:{port}", created.stdout.strip(), env, data_dir)
 
 
-class Receiver:
-    """A webhook receiver that fails its first request (to see the retry) and records all."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.requests.append((dict(self.headers), body))
-                self.send_response(500 if len(receiver.requests) == 1 else 200)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    receiver = Receiver()
+def receiver() -> Iterator[WebhookReceiver]:
+    """Fails the first notification (to see the retry), takes the rest."""
+    receiver = WebhookReceiver(statuses=(500, 200))
     yield receiver
-    receiver.server.shutdown()
+    receiver.close()
 
 
 @pytest.fixture(scope="module")
-def finished_job(deployment: Deployment, receiver: Receiver, tmp_path_factory) -> dict:
+def finished_job(deployment: Deployment, receiver: WebhookReceiver, tmp_path_factory) -> dict:
     """The demo job submitted and followed with the CLI until it ends."""
     submitted = deployment.cli(
         "submit",

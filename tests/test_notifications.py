@@ -7,9 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from standardwebhooks import Webhook
@@ -17,6 +15,7 @@ from standardwebhooks import Webhook
 from app.services import outbound
 from app.services.notifications import deliver_due
 from tests.conftest import bearer, reset_caches
+from tests.servers import WebhookReceiver as Receiver
 from tests.test_datasets import queued_messages
 
 SECRET = "whsec_" + base64.b64encode(b"a-secret-for-the-notification-test").decode()
@@ -24,37 +23,12 @@ PUBLIC_IP = "93.184.215.14"  # what the stub resolver answers for PUBLIC_NAME at
 PUBLIC_NAME = "hooks.example.com"
 
 
-class Receiver:
-    """A loopback HTTP server that records each request and answers `status` (with `location`)."""
-
-    def __init__(self, status: int = 200, location: str | None = None) -> None:
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.requests.append((dict(self.headers), body))
-                self.send_response(status)
-                if location:
-                    self.send_header("Location", location)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
 def receivers() -> Iterator[list[Receiver]]:
     made: list[Receiver] = []
     yield made
     for receiver in made:
-        receiver.server.shutdown()
+        receiver.close()
 
 
 @pytest.fixture
@@ -145,7 +119,7 @@ def test_redirects_are_not_followed(api, receivers, monkeypatch):
     monkeypatch.setenv("FINETUNE_NOTIFY_ALLOW_PRIVATE", "true")
     reset_caches()
     target = Receiver()
-    redirecting = Receiver(status=307, location=target.url)
+    redirecting = Receiver(statuses=(307,), location=target.url)
     receivers.extend([target, redirecting])
     job_id = finished_job_notifying(api, redirecting.url)
 
