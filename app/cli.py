@@ -101,7 +101,8 @@ def worker() -> None:
 
 @cli.command(rich_help_panel="Server")
 def sampler() -> None:
-    """Answer samples (POST /jobs/{id}/generate): one process keeping the last model loaded."""
+    """Answer samples (POST /jobs/{id}/generate) and compute uploads' token statistics, one at a
+    time (on a GPU the model is loaded for each answer and freed after: FINETUNE_SAMPLER_KEEP_MODEL)."""
     from app.queue import samples_queue
 
     _run_celery_worker(samples_queue(), NODE_NAMES["sampler"], "--pool=solo")

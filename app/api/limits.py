@@ -37,7 +37,9 @@ class JsonDepthLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
-        if not headers.get(b"content-type", b"").split(b";")[0].strip().endswith(b"json"):
+        # FastAPI reads a body without a content type as JSON too
+        content_type = headers.get(b"content-type", b"json").split(b";")[0].strip()
+        if scope["type"] != "http" or not content_type.endswith(b"json"):
             await self.app(scope, receive, send)
             return
         messages, chunks = [], []

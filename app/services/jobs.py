@@ -106,13 +106,12 @@ def _first_attempt(owner: str, key: str | None, request_sha256: str, retry: bool
         return JobRead.model_validate(job) if job is not None else None
 
 
-def dispatch(job_id: str) -> bool:
+def dispatch(job_id: str) -> None:
     """Send a committed, queued job's id to the broker. If the broker does not answer, the job
     stays queued, marked as never sent, and the sweeper sends it once the broker answers
     (`sweeper.redispatch_lost`): a broker outage loses no job and fails none."""
     try:
         enqueue_job(job_id)
-        return True
     except BrokerUnavailable as exc:
         log.warning("job %s: %s; the sweeper sends it when the broker answers", job_id, exc)
         with session_scope() as session:
@@ -120,7 +119,6 @@ def dispatch(job_id: str) -> bool:
                 update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(dispatched_at=None)
             )
             add_event(session, job_id, "the broker did not answer; the job waits and is sent when it does")
-        return False
 
 
 def _check_queue_room(session: Session, owner: str) -> None:
