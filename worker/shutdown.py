@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNAL = signal.SIGUSR2
 stop_requested = threading.Event()
+# In the worker's main process: set once it shuts down; a job delivered after that (the id a
+# handed-back job just sent again, say) goes back to the broker for the next worker.
+worker_stopping = threading.Event()
 
 
 def _child_pids() -> list[int]:
@@ -34,6 +37,7 @@ def _child_pids() -> list[int]:
 
 @worker_shutting_down.connect
 def _ask_children_to_checkpoint(sig=None, how=None, exitcode=None, **_) -> None:
+    worker_stopping.set()
     if how != "Warm":
         return
     for pid in _child_pids():

@@ -7,6 +7,7 @@ import logging
 import os
 
 from celery.worker.request import Request
+from celery.worker.state import task_ready
 
 from app.db import UNREACHABLE, retry_while_unreachable
 from app.models import JobStatus
@@ -16,7 +17,7 @@ from app.services.runs import CANCEL, PAUSE, SHUTDOWN, LeaseLost
 from app.settings import get_settings
 from worker.celery_app import celery
 from worker.lease import LeaseKeeper
-from worker.shutdown import stop_on_signal
+from worker.shutdown import stop_on_signal, worker_stopping
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,11 @@ class JobDelivery(Request):
 
     def revoked(self) -> bool:
         if super().revoked():
+            return True
+        if worker_stopping.is_set():  # not this worker's to start: back to the broker
+            log.info("shutting down; the delivery of %s goes back to the queue", self.args[:1])
+            self.reject(requeue=True)
+            task_ready(self)
             return True
         job_id = self.args[0] if self.args else None
         try:

@@ -63,10 +63,17 @@ def prometheus_metrics(request: Request) -> PlainTextResponse:
     return PlainTextResponse(monitoring.render(per_job=per_job), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/jobs", status_code=201, response_model=JobRead, tags=["jobs"])
+# The body is required: an absent or null one gets the 422 below, not FastAPI's.
+@router.post(
+    "/jobs",
+    status_code=201,
+    response_model=JobRead,
+    tags=["jobs"],
+    openapi_extra={"requestBody": {"required": True}},
+)
 def create_job(
     owner: Owner,
-    spec: Annotated[JobSpec | None, Body()] = None,
+    spec: Annotated[JobSpec, Body()] = None,  # type: ignore[assignment]
     idempotency_key: Annotated[
         str | None,
         Header(
