@@ -200,7 +200,10 @@ def dev() -> None:
     # checkpoint and goes back to the queue, its attempt not spent).
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "app.cli", command], env=os.environ.copy(), start_new_session=True
+            [sys.executable, "-m", "app.cli", command],
+            env=os.environ.copy(),
+            start_new_session=True,
+            preexec_fn=_stop_with_parent,
         )
         for command in ("worker", "sampler")
     ]
@@ -208,6 +211,15 @@ def dev() -> None:
         serve()
     finally:
         _stop_workers(workers)
+
+
+def _stop_with_parent() -> None:
+    """In a child of `finetune dev`, before it runs: get SIGTERM when `finetune dev` dies, even
+    by SIGKILL (Linux), since its own session no longer ties it to the terminal."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _stop_workers(workers: list[subprocess.Popen], grace_s: float = 300) -> None:
