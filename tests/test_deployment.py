@@ -414,23 +414,23 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_job(deployment):
 def test_cancel_wait_then_resume_from_a_checkpoint_and_jobs_in_a_pipe(deployment):
     """The README's `finetune cancel $JOB --wait; finetune resume $JOB --checkpoint …`, and
     `finetune jobs` never cutting an id, whatever the width."""
-    submitted = deployment.cli(
-        "submit", str(DEMO_JOB), "--set", "training.max_steps=12", "--set", "training.save_steps=2"
-    )
+    settings = ("training.max_steps=9", "training.save_steps=3", "training.save_total_limit=10")
+    small = ("dataset.max_eval_samples=4",)
+    submitted = deployment.cli("submit", str(DEMO_JOB), *(f"--set={value}" for value in settings + small))
     job_id = submitted.stdout.strip()
     with deployment.client() as client:
         wait_for_step(client, job_id, 3)
         cancelled = deployment.cli("cancel", job_id, "--wait")
         assert cancelled.returncode == 0 and f"{job_id}: cancelled" in cancelled.stdout, cancelled.stderr
-        resumed = deployment.cli("resume", job_id, "--checkpoint", "checkpoint-2")
-        assert resumed.returncode == 0 and "from checkpoint-2" in resumed.stdout, resumed.stderr
+        resumed = deployment.cli("resume", job_id, "--checkpoint", "checkpoint-3")
+        assert resumed.returncode == 0 and "from checkpoint-3" in resumed.stdout, resumed.stderr
         done = deployment.cli("logs", job_id, "--follow")
         assert done.returncode == 0 and f"{job_id} succeeded" in done.stdout
 
     narrow = {**os.environ, "FINETUNE_URL": deployment.url, "FINETUNE_API_KEY": deployment.key}
     narrow["COLUMNS"] = "40"
     listed = subprocess.run([BIN / "finetune", "jobs"], env=narrow, capture_output=True, text=True)
-    assert listed.returncode == 0 and f"{job_id}\tsucceeded\t12/12\t" in listed.stdout, listed.stdout
+    assert listed.returncode == 0 and f"{job_id}\tsucceeded\t9/9\t" in listed.stdout, listed.stdout
 
 
 def test_upload_prints_the_validation_report(deployment, tmp_path):

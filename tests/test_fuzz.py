@@ -77,6 +77,13 @@ def test_stateful_sequences_along_inferred_links(api_schema, auth):
         def get_call_kwargs(self, case):
             return {"headers": auth}
 
+        def before_call(self, case):
+            # This phase is about sequences: every job it creates is the recipe (`{}`), so the
+            # links lead to real jobs (generated specs mostly name models or data that can't
+            # exist: a 422, then the links lead nowhere). The stateless phase fuzzes the bodies.
+            if (case.method.upper(), case.path) == ("POST", "/jobs"):
+                case.body = {}
+
         def validate_response(self, response, case, additional_checks=None, **kwargs):
             nonlocal calls
             calls += 1
@@ -89,7 +96,7 @@ def test_stateful_sequences_along_inferred_links(api_schema, auth):
                 recorder=self.recorder,
             )
 
-    Machine.run(settings=settings(SETTINGS, max_examples=60, stateful_step_count=10))
+    Machine.run(settings=settings(SETTINGS, max_examples=60, stateful_step_count=6))
     # the sequences reached real jobs and datasets through the links (not only 404s)
     # (which operations succeed varies with the state the sequences build: a job may already be
     # cancelled, the owner's queue may be full; the job may be reached natively or under /v1)
