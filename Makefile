@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # A CPU build is enough for the demo and the tests; on a GPU box pick the CUDA build you need.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install run test lint clean constraints
+.PHONY: install run test test-fast lint clean constraints
 
 $(BIN)/finetune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ run: install examples/tiny-phi2/model.safetensors
 test: install examples/tiny-phi2/model.safetensors
 	$(BIN)/ruff check app worker tests migrations
 	$(BIN)/python -m pytest
+
+## test-fast: the quick loop while changing code: no tests marked e2e (no service processes),
+## SQLite only. `make test` runs everything.
+test-fast: install examples/tiny-phi2/model.safetensors
+	$(BIN)/ruff check app worker tests migrations
+	env -u FINETUNE_TEST_POSTGRES_URL -u FINETUNE_TEST_REDIS_URL $(BIN)/python -m pytest -q -m "not e2e" --durations=5
 
 ## constraints: pin the Docker image's packages to what this venv (CI's) has
 constraints: install

@@ -16,7 +16,8 @@ from tests.conftest import sqlite_only
 from tests.test_training import quick_spec
 from worker.tasks import execute_job
 
-pytestmark = [pytest.mark.usefixtures("demo_model"), sqlite_only]
+# e2e: torchrun starts a process per rank
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model"), sqlite_only]
 
 
 def two_process_spec(**training):
