@@ -200,21 +200,13 @@ def test_uploads_are_validated_in_bounded_memory(tmp_path):
     import tracemalloc
 
     from app.dataset_report import validate_file
+    from bench.upload_memory import write_rows
 
-    rows = [json.loads(line) for line in (DATA / "en-validation.jsonl").read_text().splitlines()]
     chats, oasst = tmp_path / "chats.jsonl", tmp_path / "rows.jsonl"
     with chats.open("w") as out:
         while out.tell() < 24 << 20:
             out.write(json.dumps(CHAT[1]) + "\n")
-    with oasst.open("w") as out:
-        copy = 0
-        while out.tell() < 24 << 20:  # the rows again under new ids: more trees, same shape
-            copy += 1
-            for row in rows:
-                fresh = {**row, "message_id": f"{copy}-{row['message_id']}"}
-                fresh["parent_id"] = row["parent_id"] and f"{copy}-{row['parent_id']}"
-                fresh["message_tree_id"] = f"{copy}-{row['message_tree_id']}"
-                out.write(json.dumps(fresh) + "\n")
+    rows = write_rows(oasst, 24 << 20)  # the file the upload bench sends, smaller
 
     peaks = {}
     for path in (chats, oasst):
@@ -225,7 +217,8 @@ def test_uploads_are_validated_in_bounded_memory(tmp_path):
         assert report["valid"] and report["samples"] > 0, report
 
     single = validate_file(DATA / "en-validation.jsonl")
-    assert report["trees"] == copy * single["trees"] and report["samples"] == copy * single["samples"]
+    copies = rows // single["messages"]  # the validation split's rows again under new ids
+    assert report["trees"] == copies * single["trees"] and report["samples"] == copies * single["samples"]
     for name, peak in peaks.items():
         print(f"FIGURE validating a 24 MiB {name}: peak Python memory {peak / 2**20:.1f} MiB")
         assert peak < 4 << 20, (name, peak)  # a few MiB for a 24 MiB file
