@@ -56,14 +56,14 @@ def healthz() -> dict[str, str]:
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
 )
 def prometheus_metrics(request: Request) -> PlainTextResponse:
-    """Totals for Prometheus: jobs by status, queue depth, running jobs, tokens/s. With the
+    """Totals for Prometheus: jobs by status, queue depth, tokens/s. With the
     operator's FINETUNE_METRICS_TOKEN as bearer (`authorization: {credentials: TOKEN}`), also
     each running job's step, steps/s and tokens/s, labelled with its id and owner."""
     per_job = request.state.operator
     return PlainTextResponse(monitoring.render(per_job=per_job), media_type=CONTENT_TYPE_LATEST)
 
 
-# The body is required: an absent or null one gets the 422 below, not FastAPI's.
+# The body is required: an absent one gets the 422 below, not FastAPI's.
 @router.post(
     "/jobs",
     status_code=201,

@@ -1,6 +1,6 @@
-"""`/metrics` in Prometheus' text format, read from the database (and the broker) at each
-scrape: jobs by status, queue depth, running jobs and their total throughput; for the
-operator, also each running job's progress and throughput (labelled with its id and owner)."""
+"""`/metrics` in Prometheus' text format, read from the database at each scrape: jobs by
+status, queue depth and the running jobs' total throughput; for the operator, also each
+running job's progress and throughput (labelled with its id and owner)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class ServiceCollector(Collector):
                     Job.status == JobStatus.RUNNING
                 )
             ).all()
-            rates = {job_id: step_rate(session, job_id) for job_id, *_ in running}
+            rates = {job_id: step_rate(session, job_id) for job_id, *_ in running} if self.per_job else {}
             tokens = {
                 job_id: session.scalar(
                     select(MetricRow.tokens_per_second)
@@ -55,7 +55,6 @@ class ServiceCollector(Collector):
             "finetune_queue_depth", "Jobs queued for a worker.", value=counts.get(JobStatus.QUEUED, 0)
         )
 
-        yield GaugeMetricFamily("finetune_running_jobs", "Jobs training now.", value=len(running))
         yield GaugeMetricFamily(
             "finetune_tokens_per_second",
             "Trained tokens per second of all running jobs together, at their last logged steps.",
