@@ -96,7 +96,7 @@ def test_stateful_sequences_along_inferred_links(api_schema, auth):
                 recorder=self.recorder,
             )
 
-    Machine.run(settings=settings(SETTINGS, max_examples=60, stateful_step_count=6))
+    Machine.run(settings=settings(SETTINGS, max_examples=150, stateful_step_count=6))
     # the sequences reached real jobs and datasets through the links (not only 404s)
     # (which operations succeed varies with the state the sequences build: a job may already be
     # cancelled, the owner's queue may be full; the job may be reached natively or under /v1)
