@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Column, Table
 
 from app.client.http import DEFAULT_URL, RequestFailed, ServiceClient
+from app.models import JobStatus
 
 console = Console()
 errors = Console(stderr=True)
@@ -36,8 +37,6 @@ ApiKey = Annotated[
 JobId = Annotated[str, typer.Argument(help="A job id (job_…).")]
 Wait = Annotated[bool, typer.Option("--wait", help="Return once the job has stopped.")]
 Timeout = Annotated[float, typer.Option("--timeout", min=1, help="Seconds to wait at most.")]
-# No worker holds the job, and nothing changes until a user acts.
-STOPPED = ("paused", "succeeded", "failed", "cancelled")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -109,7 +108,7 @@ def submit(
         if follow:
             _follow(client, job["id"])
         elif wait:
-            _report_end(client.wait_for_job(job["id"], STOPPED, timeout))
+            _report_end(client.wait_for_job(job["id"], JobStatus.STOPPED, timeout))
 
 
 def jobs(
@@ -253,7 +252,7 @@ def cancel(
     with service(url, api_key) as client:
         job = client.cancel(job_id)
         if wait:
-            job = client.wait_for_job(job_id, STOPPED, timeout)
+            job = client.wait_for_job(job_id, JobStatus.STOPPED, timeout)
     state = "cancel requested" if job["status"] == "running" else job["status"]
     console.print(f"{job_id}: {state}", highlight=False)
 
@@ -266,7 +265,7 @@ def pause(
     with service(url, api_key) as client:
         job = client.pause(job_id)
         if wait:
-            job = client.wait_for_job(job_id, STOPPED, timeout)
+            job = client.wait_for_job(job_id, JobStatus.STOPPED, timeout)
     state = "pause requested" if job["status"] == "running" else job["status"]
     console.print(f"{job_id}: {state}", highlight=False)
 

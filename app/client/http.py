@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from app.models import SampleStatus
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -116,7 +118,7 @@ class ServiceClient:
         sample = self.post(f"/jobs/{job_id}/generate", body)
         return self.wait(
             lambda: self.get(f"/jobs/{job_id}/samples/{sample['id']}"),
-            lambda s: s["status"] in ("succeeded", "failed"),
+            lambda s: s["status"] in SampleStatus.FINAL,
             timeout_s,
             first=sample,
             every_s=0.5,
