@@ -102,7 +102,8 @@ def worker() -> None:
 @cli.command(rich_help_panel="Server")
 def sampler() -> None:
     """Answer samples (POST /jobs/{id}/generate) and compute uploads' token statistics, one at a
-    time (on a GPU the model is loaded for each answer and freed after: FINETUNE_SAMPLER_KEEP_MODEL)."""
+    time: on the GPU when the model fits beside a training there, else on the CPU
+    (FINETUNE_SAMPLER_DEVICE); on a GPU the model is freed after each answer."""
     from app.queue import samples_queue
 
     _run_celery_worker(samples_queue(), NODE_NAMES["sampler"], "--pool=solo")

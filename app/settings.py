@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     # and frees it after each answer on a GPU (which a training may need: a 16 GB T4 holds one
     # Phi-2 training, not a second copy of the base beside it); "true" / "false" force either.
     sampler_keep_model: Literal["auto", "true", "false"] = "auto"
+    # Where the sampler answers: "auto" on the GPU when the model fits beside what runs there
+    # (a training on the same card), else on the CPU, slower but never out of memory; "cuda" /
+    # "cpu" force either (worker/placement.py).
+    sampler_device: Literal["auto", "cuda", "cpu"] = "auto"
+    # GPU memory the service's processes on one card may use together, in GiB (default: all of
+    # it). The sampler keeps within what the others leave of it.
+    gpu_memory_gib: float | None = Field(default=None, gt=0)
     # How long POST /jobs/{id}/generate waits for the sampler before answering 202.
     sample_wait_s: float = 60.0
     # How often the worker flushes metric rows and looks for a cancel request.

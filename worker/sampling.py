@@ -1,6 +1,8 @@
 """Answers samples (POST /jobs/{id}/generate) in `finetune sampler`: the job's base model, in
-4-bit as it was trained, plus the adapter or checkpoint the sample names. The last model
-loaded stays in memory, so prompts to the same adapter answer at once."""
+4-bit as it was trained, plus the adapter or checkpoint the sample names; on the GPU when it has
+room beside a training (worker/placement.py), else on the CPU. On a CPU the last model loaded
+stays in memory, so prompts to the same adapter answer at once; on a GPU it is freed after each
+answer (FINETUNE_SAMPLER_KEEP_MODEL)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from app.services.samples import finish_sample, start_sample
 from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import job_files
+from worker.placement import answer_device
 from worker.training.data import format_segments
 from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
 
@@ -32,13 +35,18 @@ def prompt_text(prompt: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _model(spec_json: str, adapter_dir: str):
+def _model(spec_json: str, adapter_dir: str, device: str):
     spec = JobSpec.model_validate_json(spec_json)
     tokenizer = load_tokenizer(spec.base_model)
-    base = load_quantized_model(spec, compute_dtype(spec.quantization))
+    base = load_quantized_model(spec, sampling_dtype(spec, device), device)
     model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
     return model, tokenizer
+
+
+def sampling_dtype(spec: JobSpec, device: str) -> torch.dtype:
+    """The training's compute dtype on a GPU; float32 on a CPU (which has no fast float16)."""
+    return compute_dtype(spec.quantization) if device == "cuda" else torch.float32
 
 
 def answer(sample_id: str) -> None:
@@ -47,22 +55,36 @@ def answer(sample_id: str) -> None:
         log.info("sample %s is not queued; skipped", sample_id)
         return
     try:
-        with session_scope() as session:
-            spec_json = JobSpec.model_validate(session.get(Job, sample.job_id).spec).model_dump_json()
-        files = job_files(sample.job_id)
-        adapter_dir = files.checkpoint_dir(sample.checkpoint) if sample.checkpoint else files.adapter_dir
-        if not (Path(adapter_dir) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{sample.checkpoint or 'the adapter'} is no longer on disk")
-        model, tokenizer = _model(spec_json, str(adapter_dir))
-        completion = generate(model, tokenizer, sample.prompt, sample.max_new_tokens, sample.temperature)
+        completion = _complete(sample)
     except Exception as exc:
         log.exception("sample %s failed", sample_id)
         finish_sample(sample_id, error=f"{type(exc).__name__}: {exc}")
         return
     finally:
+        # After _complete has returned, nothing here refers to the model any more: freed now,
+        # its GPU memory goes back to the card (a reference left would keep it reserved).
         if not keep_model():
             release_model()
     finish_sample(sample_id, completion=completion)
+
+
+def _complete(sample) -> str:
+    with session_scope() as session:
+        spec = JobSpec.model_validate(session.get(Job, sample.job_id).spec)
+    files = job_files(sample.job_id)
+    adapter_dir = files.checkpoint_dir(sample.checkpoint) if sample.checkpoint else files.adapter_dir
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{sample.checkpoint or 'the adapter'} is no longer on disk")
+    device = _device_for(spec, sample)
+    model, tokenizer = _model(spec.model_dump_json(), str(adapter_dir), device)
+    return generate(model, tokenizer, sample.prompt, sample.max_new_tokens, sample.temperature)
+
+
+def _device_for(spec: JobSpec, sample) -> str:
+    """The GPU if the answer fits there beside what runs on it (a training), else the CPU; the
+    room counts a model this process keeps as its own. Sized for the longest prompt a job takes."""
+    tokens = spec.training.max_seq_length + sample.max_new_tokens
+    return answer_device(spec.base_model, tokens, sampling_dtype(spec, "cuda"))
 
 
 def keep_model() -> bool:

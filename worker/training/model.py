@@ -37,8 +37,11 @@ def load_tokenizer(base_model: str):
     return tokenizer
 
 
-def load_quantized_model(spec: JobSpec, dtype: torch.dtype):
-    """The base model with its linear layers in 4-bit, as the spec's quantization says."""
+def load_quantized_model(spec: JobSpec, dtype: torch.dtype, device: str | None = None):
+    """The base model with its linear layers in 4-bit, as the spec's quantization says, on
+    `device` ("cpu" or "cuda"; default: this process's GPU where there is one)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     name, revision = split_revision(spec.base_model)
     q = spec.quantization
     quantization_config = BitsAndBytesConfig(
@@ -53,7 +56,8 @@ def load_quantized_model(spec: JobSpec, dtype: torch.dtype):
             revision=revision,
             quantization_config=quantization_config,
             dtype=dtype,
-            device_map={"": torch.cuda.current_device()} if torch.cuda.is_available() else None,
+            # Named even for the CPU: with none, transformers puts a 4-bit model on the GPU.
+            device_map={"": torch.cuda.current_device() if device == "cuda" else "cpu"},
             trust_remote_code=get_settings().trust_remote_code,
         )
 
