@@ -28,11 +28,11 @@ test: install examples/tiny-phi2/model.safetensors
 	$(BIN)/ruff check app worker tests migrations
 	$(BIN)/python -m pytest
 
-## test-fast: the quick loop while changing code: no tests marked e2e (no service processes),
-## SQLite only. `make test` runs everything.
+## test-fast: the quick loop while changing code (under a minute): no service processes (e2e), no
+## model runs or long searches (slow), SQLite only. `make test` runs everything.
 test-fast: install examples/tiny-phi2/model.safetensors
 	$(BIN)/ruff check app worker tests migrations
-	env -u FINETUNE_TEST_POSTGRES_URL -u FINETUNE_TEST_REDIS_URL $(BIN)/python -m pytest -q -m "not e2e" --durations=5
+	env -u FINETUNE_TEST_POSTGRES_URL -u FINETUNE_TEST_REDIS_URL $(BIN)/python -m pytest -q -m "not e2e and not slow" --durations=5
 
 ## constraints: pin the Docker image's packages to what this venv (CI's) has
 constraints: install

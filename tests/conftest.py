@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,13 +62,13 @@ def reset_caches() -> None:
 
 
 @contextmanager
-def fresh_postgres_database() -> Iterator[str]:
-    """A new, empty database on the test server, dropped afterwards."""
+def fresh_postgres_database(template: str | None = None) -> Iterator[str]:
+    """A new database on the test server (empty, or a copy of `template`), dropped afterwards."""
     assert POSTGRES_URL
     name = "finetune_test_" + secrets.token_hex(6)
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
     try:
         yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     finally:
@@ -76,13 +77,44 @@ def fresh_postgres_database() -> Iterator[str]:
         admin.dispose()
 
 
-@contextmanager
-def database_url(kind: str, data_dir: Path) -> Iterator[str]:
-    if kind == "postgres":
-        with fresh_postgres_database() as url:
-            yield url
-    else:
-        yield f"sqlite:///{data_dir / 'finetune.db'}"
+class MigratedTemplates:
+    """Each kind of database migrated once per test session; every test gets a copy of it (a
+    copied SQLite file, a Postgres database created from a template), not a fresh migration."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.sqlite: Path | None = None
+        self.postgres: str | None = None
+        self._postgres_cleanup = ExitStack()
+
+    @contextmanager
+    def copy(self, kind: str, data_dir: Path) -> Iterator[str]:
+        from app import migrate
+
+        if kind == "postgres":
+            if self.postgres is None:
+                url = self._postgres_cleanup.enter_context(fresh_postgres_database())
+                migrate.upgrade(url)
+                self.postgres = make_url(url).database
+            with fresh_postgres_database(template=self.postgres) as url:
+                yield url
+            return
+        if self.sqlite is None:
+            self.sqlite = self.directory / "template.db"
+            migrate.upgrade(f"sqlite:///{self.sqlite}")
+        target = data_dir / "finetune.db"
+        shutil.copyfile(self.sqlite, target)
+        yield f"sqlite:///{target}"
+
+    def close(self) -> None:
+        self._postgres_cleanup.close()
+
+
+@pytest.fixture(scope="session")
+def migrated_templates(tmp_path_factory) -> Iterator[MigratedTemplates]:
+    templates = MigratedTemplates(tmp_path_factory.mktemp("migrated"))
+    yield templates
+    templates.close()
 
 
 @pytest.fixture(scope="session")
@@ -93,16 +125,15 @@ def demo_model() -> Path:
 
 
 @pytest.fixture(params=DATABASES)
-def service_env(request, tmp_path: Path, monkeypatch) -> Iterator[dict[str, str]]:
-    """FINETUNE_* settings for one test: its own data dir, a migrated database, a broker in a
-    SQLite file (tests that need Redis set their own). Applied to this process and returned for
-    child processes."""
-    from app import migrate
+def service_env(request, tmp_path: Path, monkeypatch, migrated_templates) -> Iterator[dict[str, str]]:
+    """FINETUNE_* settings for one test: its own data dir, a migrated database (a copy of the
+    session's), a broker in a SQLite file (tests that need Redis set their own). Applied to this
+    process and returned for child processes."""
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (tmp_path / "models").mkdir()  # an operator's folder of local models and data (`local_models`)
-    with database_url(request.param, data_dir) as url:
+    with migrated_templates.copy(request.param, data_dir) as url:
         env = {
             "FINETUNE_DATA_DIR": str(data_dir),
             "FINETUNE_DATABASE_URL": url,
@@ -116,7 +147,6 @@ def service_env(request, tmp_path: Path, monkeypatch) -> Iterator[dict[str, str]
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         reset_caches()
-        migrate.upgrade()
         yield env
         reset_caches()
 

@@ -169,6 +169,7 @@ def test_an_upload_is_downloaded_as_sent_and_deleted_unless_a_job_needs_it(clien
     assert resumed.status_code == 422 and resumed.json()["detail"][0]["field"] == "dataset.source"
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("demo_model")
 @sqlite_only
 def test_token_statistics_and_training_on_an_uploaded_dataset(client, service_env):
@@ -194,6 +195,7 @@ def test_token_statistics_and_training_on_an_uploaded_dataset(client, service_en
     assert jobs.get_job(job["id"], TEST_OWNER).status == "succeeded"
 
 
+@pytest.mark.slow
 def test_uploads_are_validated_in_bounded_memory(tmp_path):
     """Finding 5: a file was read whole, with every record and conversation held at once (a
     100 MB upload took 1.5 GB in the API). Now a line at a time; threads in an index on disk."""

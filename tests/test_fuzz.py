@@ -41,6 +41,7 @@ def auth(service_env) -> dict[str, str]:
     return {"Authorization": f"Bearer {create_key('fuzz')}"}
 
 
+@pytest.mark.slow
 def test_every_operation_answers_within_its_documented_contract(api_schema, auth):
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 14
@@ -61,6 +62,7 @@ def test_every_operation_answers_within_its_documented_contract(api_schema, auth
     )
 
 
+@pytest.mark.slow
 def test_stateful_sequences_along_inferred_links(api_schema, auth):
     base = api_schema.as_state_machine()
     calls = 0

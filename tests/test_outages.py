@@ -14,6 +14,8 @@ from tests.conftest import REDIS_URL, bearer, drop_queues, needs_redis, reset_ca
 from tests.test_auth import call, operations
 from tests.test_datasets import CHAT, jsonl, queued_messages
 
+pytestmark = pytest.mark.faults
+
 # Nothing listens on port 9 (discard) of the loopback address: connections are refused at once.
 DEAD_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:9/none?connect_timeout=2"
 DEAD_REDIS = "redis://127.0.0.1:9/0"

@@ -47,6 +47,7 @@ def test_rows_restart_positions_and_ignore_each_samples_first_label():
     assert mask[boundary, boundary - 1] < 0 and mask[boundary, boundary] == 0  # no peeking across
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("demo_model")
 def test_a_packed_step_has_the_loss_and_gradients_of_its_samples_apart():
     from worker.training.data import build_training_data

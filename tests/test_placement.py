@@ -16,6 +16,7 @@ from worker import placement
 GIB = placement.GIB
 
 
+@pytest.mark.slow
 def test_the_weight_estimate_matches_the_loaded_4bit_model(demo_model):
     from app.spec import JobSpec
     from worker.training.model import load_quantized_model
@@ -76,6 +77,7 @@ def test_the_device_can_be_forced(a_gpu, monkeypatch, forced):
     assert placement.answer_device("phi", 2176, torch.float16) == forced
 
 
+@pytest.mark.slow
 def test_the_sampler_releases_a_model_nothing_refers_to_any_more(service_env, monkeypatch):
     """Measured on the GPU machine: release_model() ran while answer() still held the model in a
     local, so torch.cuda.empty_cache() could not give its memory back (1.8–3.1 GiB stayed)."""

@@ -28,7 +28,7 @@ from tests.test_end_to_end import submit
 
 # Every scenario on SQLite (Postgres brings its own server in its scenario; fencing on Postgres
 # is in test_leases.py): CI's time is finite.
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model"), sqlite_only]
+pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.usefixtures("demo_model"), sqlite_only]
 
 FINAL = {"succeeded", "failed", "cancelled"}
 

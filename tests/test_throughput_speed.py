@@ -60,6 +60,7 @@ def test_the_plan_is_the_eager_recipe_without_cuda():
     assert (plan.compile_layers, plan.checkpointing, plan.row_multiple) == (False, True, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("demo_model")
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_compiled_decoder_layers_keep_the_loss_and_gradients(checkpointing):
@@ -102,6 +103,7 @@ def test_compiled_decoder_layers_keep_the_loss_and_gradients(checkpointing):
         assert torch.allclose(compiled_grads[name], grad, atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("demo_model")
 def test_flex_attention_with_the_document_block_mask_gives_the_dense_masks_loss():
     """FlexAttention has no backward on a CPU: the loss here; bench/service_bench.py --check

@@ -16,7 +16,7 @@ from app.spec import JobSpec
 from tests.conftest import demo_spec, sqlite_only
 from worker.tasks import execute_job
 
-pytestmark = pytest.mark.usefixtures("demo_model")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_model")]
 
 
 def quick_spec(
