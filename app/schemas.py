@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from app.lifecycle import allowed_actions
 from app.models import CHECKPOINT_NAME
 
 T = TypeVar("T")
@@ -68,6 +69,13 @@ class JobRead(_FromRow):
     trained_tokens: int | None = Field(description="Tokens trained on so far, padding not counted.")
     adapter_sha256: str | None
     adapter_size_bytes: int | None
+
+    @computed_field(description="What the owner may do now: `pause`, `cancel`, `resume` (app/lifecycle.py).")
+    @property
+    def actions(self) -> list[str]:
+        return allowed_actions(
+            self.status, pause_requested=self.pause_requested, cancel_requested=self.cancel_requested
+        )
 
 
 class MetricRead(_FromRow):

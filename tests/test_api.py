@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.models import utcnow
+from app.models import JobStatus, utcnow
 from app.services import runs
 from tests.conftest import TEST_OWNER
 from worker.training.artifacts import zip_directory
@@ -405,3 +405,40 @@ def test_a_method_not_allowed_is_a_405_naming_the_allowed_ones(client, method, p
 
     assert response.status_code == 405
     assert response.headers["allow"] == allowed
+
+
+def _job_in(client, state: str) -> dict:
+    """A job of TEST_OWNER's in `state` (running: claimed by a worker; paused, succeeded,
+    failed, cancelled: finished by that worker so)."""
+    job = submit(client)
+    if state != "queued":
+        claim = runs.claim_job(job["id"])
+        if state != "running":
+            runs.finish_job(claim, state, state)
+    return client.get(f"/jobs/{job['id']}").json()
+
+
+@pytest.mark.parametrize("state", JobStatus.ALL)
+def test_a_job_lists_exactly_the_actions_the_api_takes_in_its_status(client, state):
+    """Issue 17: the dashboard and the CLI read `actions` instead of copying the rules, so it
+    must say what the API does: every listed action is taken (2xx), every other one is a 409
+    that changes nothing."""
+    for action in ("pause", "cancel", "resume"):
+        job = _job_in(client, state)
+        assert job["status"] == state
+
+        response = client.post(f"/jobs/{job['id']}/{action}")
+
+        if action in job["actions"]:
+            assert response.status_code == 202, (state, action, response.json())
+        else:
+            assert response.status_code == 409, (state, action)
+            assert response.json()["error"] == "invalid_job_state"
+            assert client.get(f"/jobs/{job['id']}").json()["updated_at"] == job["updated_at"]
+
+
+def test_a_stop_already_asked_for_is_not_offered_again(client):
+    job = _job_in(client, "running")
+    assert job["actions"] == ["pause", "cancel"]
+    assert client.post(f"/jobs/{job['id']}/pause").json()["actions"] == ["cancel"]
+    assert client.post(f"/jobs/{job['id']}/cancel").json()["actions"] == []

@@ -165,6 +165,10 @@ def status(
         console.print(f"  adapter      {job['adapter_size_bytes']:,} bytes, sha256 {job['adapter_sha256']}")
     if job["error"]:
         console.print(f"  [red]error[/red]        {job['error']}", highlight=False)
+    # what the server allows now (app/lifecycle.py), as `finetune ACTION JOB` commands
+    if job["actions"]:
+        actions = ", ".join(job["actions"])
+        console.print(f"  you can      {actions}  (finetune ACTION {job['id']})", highlight=False)
 
 
 def logs(

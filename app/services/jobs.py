@@ -25,6 +25,7 @@ from app.errors import (
     JobStateConflict,
     TooManyQueuedJobs,
 )
+from app.lifecycle import AT_NEXT_STEP, OWNER_ACTIONS, JobAction, refusal, statuses_allowing
 from app.models import CHECKPOINT_NAME, JOB_ID, Checkpoint, Event, Job, JobStatus, Metric, utcnow
 from app.queue import enqueue_job
 from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
@@ -38,7 +39,7 @@ from app.storage import job_files
 
 log = logging.getLogger(__name__)
 
-RESUMABLE = (JobStatus.PAUSED, JobStatus.FAILED, JobStatus.CANCELLED)
+RESUMABLE = statuses_allowing(JobAction.RESUME)
 # How long a retried create (without an Idempotency-Key) looks back for its first attempt: the
 # openai client's 3 tries of up to 10 minutes each.
 RETRY_WINDOW = timedelta(minutes=30)
@@ -167,40 +168,43 @@ def list_jobs(
 def cancel_job(job_id: str, owner: str) -> JobRead:
     """A queued or paused job is cancelled at once; a running one when the worker reaches a step
     boundary."""
-    return _stop(job_id, owner, JobStatus.CANCELLED, (JobStatus.QUEUED, JobStatus.PAUSED), "cancel")
+    return _stop(job_id, owner, JobAction.CANCEL)
 
 
 def pause_job(job_id: str, owner: str) -> JobRead:
     """A running job saves a checkpoint at its next step boundary and stops (`paused`); a queued
     one is paused at once. `resume_job` continues it."""
-    return _stop(job_id, owner, JobStatus.PAUSED, (JobStatus.QUEUED,), "pause")
+    return _stop(job_id, owner, JobAction.PAUSE)
 
 
-def _stop(job_id: str, owner: str, status: str, at_once: tuple[str, ...], verb: str) -> JobRead:
-    """Move the job to `status` now if it is in `at_once`, or ask its worker to (running)."""
+def _stop(job_id: str, owner: str, action: str) -> JobRead:
+    """Take `action` (pause or cancel) as OWNER_ACTIONS says for the job's status: move the job
+    now, or ask its worker to at the next step. A job that changes status meanwhile (a worker
+    claims it) is looked at again."""
     with session_scope() as session:
         job = owned_job(session, job_id, owner)
-        now = utcnow()
-        before = job.status
-        finished = now if status in JobStatus.TERMINAL else None
-        stopped = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.in_(at_once))
-            .values(status=status, finished_at=finished, updated_at=now)
-        ).rowcount
-        if stopped:
-            add_state_event(session, job_id, status, f"{status} while {before}")
-        else:
-            flag = {"cancel_requested": True} if status == JobStatus.CANCELLED else {"pause_requested": True}
-            running = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-                .values(**flag, updated_at=now)
+        for _ in range(3):
+            before = job.status
+            target = OWNER_ACTIONS.get(before, {}).get(action)
+            if target is None:
+                raise JobStateConflict(refusal(action, before))
+            now = utcnow()
+            if target == AT_NEXT_STEP:
+                flag = {"cancel_requested": True} if action == JobAction.CANCEL else {"pause_requested": True}
+                values, event = {**flag, "updated_at": now}, (before, f"{action} requested")
+            else:
+                finished = now if target in JobStatus.TERMINAL else None
+                values = {"status": target, "finished_at": finished, "updated_at": now}
+                event = (target, f"{target} while {before}")
+            moved = session.execute(
+                update(Job).where(Job.id == job_id, Job.status == before).values(**values)
             ).rowcount
-            if not running:
-                allowed = " or ".join((*at_once, JobStatus.RUNNING))
-                raise JobStateConflict(f"job is {job.status}; only {allowed} jobs can be {status}")
-            add_state_event(session, job_id, JobStatus.RUNNING, f"{verb} requested")
+            if moved:
+                add_state_event(session, job_id, *event)
+                break
+            session.refresh(job)
+        else:
+            raise JobStateConflict("the job kept changing state; try again")
         session.refresh(job)
         return JobRead.model_validate(job)
 
@@ -211,9 +215,7 @@ def resume_job(job_id: str, owner: str, checkpoint: str | None) -> JobRead:
     with session_scope() as session:
         job = owned_job(session, job_id, owner)
         if job.status not in RESUMABLE:
-            raise JobStateConflict(
-                f"job is {job.status}; only paused, failed or cancelled jobs can be resumed"
-            )
+            raise JobStateConflict(refusal(JobAction.RESUME, job.status))
         gone = dataset_reference_problems(JobSpec.model_validate(job.spec), owner)
         if gone:
             raise InvalidFields(*gone)

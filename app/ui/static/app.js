@@ -239,9 +239,10 @@ async function refreshJob(jobId) {
     `step ${job.current_step}/${job.total_steps ?? "?"} · ${job.spec.base_model} on ${job.spec.dataset.source}` +
     ` · attempt ${job.attempts} · created ${fmtTime(job.created_at)}`;
   $("#job-error").textContent = job.error || "";
-  $("#cancel-button").disabled = !["queued", "running", "paused"].includes(job.status) || job.cancel_requested;
-  $("#pause-button").disabled = !["queued", "running"].includes(job.status) || job.pause_requested || job.cancel_requested;
-  $("#resume-button").disabled = !["paused", "failed", "cancelled"].includes(job.status);
+  // Which actions a job allows now is the server's rule (app/lifecycle.py): the job says.
+  for (const action of ["cancel", "pause", "resume"]) {
+    $(`#${action}-button`).disabled = !job.actions.includes(action);
+  }
 
   $("#checkpoints-table tbody").replaceChildren(
     ...checkpoints.items.map((c) =>

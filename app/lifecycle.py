@@ -1,0 +1,69 @@
+"""What a job's owner may do in each status, and what it does: the one place for these rules.
+
+`app.services.jobs` applies them, every job response lists the actions allowed now (`actions`),
+and the dashboard and the CLI read that list instead of keeping rules of their own. Changing a
+rule is changing a line of OWNER_ACTIONS."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from app.models import JobStatus
+
+
+class JobAction:
+    PAUSE = "pause"
+    CANCEL = "cancel"
+    RESUME = "resume"
+
+
+# The action is taken by the job's worker at its next step boundary (a checkpoint is saved
+# first); the job stays running until then, with `pause_requested` / `cancel_requested` set.
+AT_NEXT_STEP = "at the next step"
+
+# For each status, the owner's actions allowed in it and where each one takes the job.
+OWNER_ACTIONS: dict[str, dict[str, str]] = {
+    JobStatus.QUEUED: {JobAction.PAUSE: JobStatus.PAUSED, JobAction.CANCEL: JobStatus.CANCELLED},
+    JobStatus.RUNNING: {JobAction.PAUSE: AT_NEXT_STEP, JobAction.CANCEL: AT_NEXT_STEP},
+    JobStatus.PAUSED: {JobAction.RESUME: JobStatus.QUEUED, JobAction.CANCEL: JobStatus.CANCELLED},
+    JobStatus.FAILED: {JobAction.RESUME: JobStatus.QUEUED},
+    JobStatus.CANCELLED: {JobAction.RESUME: JobStatus.QUEUED},
+    JobStatus.SUCCEEDED: {},
+}
+
+
+def statuses_allowing(action: str, *, at_once: bool | None = None) -> tuple[str, ...]:
+    """The statuses in which `action` is allowed (only those where it takes effect at once, or
+    only those where the worker takes it at its next step, if `at_once` says)."""
+    return tuple(
+        status
+        for status, actions in OWNER_ACTIONS.items()
+        if action in actions and (at_once is None or (actions[action] != AT_NEXT_STEP) == at_once)
+    )
+
+
+def allowed_actions(
+    status: str, *, pause_requested: bool = False, cancel_requested: bool = False
+) -> list[str]:
+    """The owner's actions allowed now. A stop already asked for is not asked again; a job being
+    cancelled is not paused."""
+    actions = list(OWNER_ACTIONS.get(status, {}))
+    if cancel_requested:
+        actions = [a for a in actions if a not in (JobAction.PAUSE, JobAction.CANCEL)]
+    if pause_requested:
+        actions = [a for a in actions if a != JobAction.PAUSE]
+    return actions
+
+
+def refusal(action: str, status: str) -> str:
+    """Why `action` is a 409 in `status`, naming the statuses that allow it."""
+    return f"job is {status}; only {_either(statuses_allowing(action))} jobs can be {_done(action)}"
+
+
+def _done(action: str) -> str:
+    return {JobAction.PAUSE: "paused", JobAction.CANCEL: "cancelled", JobAction.RESUME: "resumed"}[action]
+
+
+def _either(statuses: Iterable[str]) -> str:
+    names = list(statuses)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
