@@ -67,3 +67,39 @@ def _done(action: str) -> str:
 def _either(statuses: Iterable[str]) -> str:
     names = list(statuses)
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+# What the service itself moves a job through: (from, to, who, when). The worker and the sweeper
+# make these moves (app/services/runs.py, app/services/sweeper.py); together with OWNER_ACTIONS
+# they are every status change there is, and docs/architecture.md's diagram is drawn from both.
+SERVICE_MOVES: tuple[tuple[str, str, str, str], ...] = (
+    (JobStatus.QUEUED, JobStatus.RUNNING, "worker", "claims it under a lease"),
+    (JobStatus.RUNNING, JobStatus.SUCCEEDED, "worker", "every step trained, adapter saved"),
+    (JobStatus.RUNNING, JobStatus.FAILED, "worker", "training raised"),
+    (JobStatus.RUNNING, JobStatus.PAUSED, "worker", "pause requested, checkpoint saved"),
+    (JobStatus.RUNNING, JobStatus.CANCELLED, "worker", "cancel requested"),
+    (JobStatus.RUNNING, JobStatus.QUEUED, "worker", "shutting down, handed back without spending an attempt"),
+    (JobStatus.RUNNING, JobStatus.QUEUED, "sweeper", "lease expired, queued from the last checkpoint"),
+    (JobStatus.RUNNING, JobStatus.FAILED, "sweeper", "lease expired, attempts used up"),
+    (JobStatus.RUNNING, JobStatus.PAUSED, "sweeper", "lease expired while pausing"),
+    (JobStatus.RUNNING, JobStatus.CANCELLED, "sweeper", "lease expired while cancelling"),
+)
+
+
+def service_may_move(before: str, after: str) -> bool:
+    return any((start, end) == (before, after) for start, end, _, _ in SERVICE_MOVES)
+
+
+def state_diagram() -> str:
+    """The lifecycle as a Mermaid state diagram: the owner's actions and the service's moves."""
+    lines = ["stateDiagram-v2", f"    [*] --> {JobStatus.QUEUED}: POST /jobs"]
+    for status, actions in OWNER_ACTIONS.items():
+        for action, target in actions.items():
+            if target == AT_NEXT_STEP:
+                lines.append(f"    {status} --> {status}: {action} (taken at the next step)")
+            else:
+                lines.append(f"    {status} --> {target}: {action}")
+    for before, after, who, when in SERVICE_MOVES:
+        lines.append(f"    {before} --> {after}: {who}, {when}")
+    lines += [f"    {status} --> [*]" for status in JobStatus.TERMINAL if not OWNER_ACTIONS[status]]
+    return "\n".join(lines)
