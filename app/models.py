@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 from datetime import datetime, timezone
 from typing import Any
@@ -23,23 +22,11 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from app.ids import new_dataset_id, new_job_id, new_sample_id
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-# What ids and names look like; anything else can't exist and is never sent to the database.
-JOB_ID = re.compile(r"^job_[0-9a-f]{24}$")
-CHECKPOINT_NAME = re.compile(r"^checkpoint-[0-9]{1,12}$")
-
-
-def new_job_id() -> str:
-    # 96 random bits: ids are unguessable, so they can double as capability links.
-    return "job_" + secrets.token_hex(12)
-
-
-def new_dataset_id() -> str:
-    return "ds_" + secrets.token_hex(12)
 
 
 def new_key_id() -> str:
@@ -200,10 +187,6 @@ class ApiKey(Base):
     secret_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
-
-
-def new_sample_id() -> str:
-    return "smp_" + secrets.token_hex(12)
 
 
 class DeliveryStatus:

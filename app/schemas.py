@@ -7,8 +7,8 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from app.ids import CHECKPOINT_NAME
 from app.lifecycle import allowed_actions
-from app.models import CHECKPOINT_NAME
 
 T = TypeVar("T")
 

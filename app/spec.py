@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from app.ids import DATASET_ID
+
 # org/name, optionally pinned: org/name@revision
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{1,128})?$")
 
@@ -70,8 +72,14 @@ ModelOrDataset = Annotated[
     str, StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(resolve_model_or_dataset)
 ]
 
-# An uploaded dataset (POST /datasets); the job service checks that it exists and is valid.
-DATASET_ID = re.compile(r"^ds_[0-9a-f]{24}$")
+# The seed recipe's base model and sequence lengths: the defaults of a job spec and of an upload's
+# token statistics alike.
+DEFAULT_BASE_MODEL = "microsoft/phi-2"
+DEFAULT_MAX_SEQ_LENGTH = 2048
+MIN_SEQ_LENGTH, MAX_SEQ_LENGTH = 16, 131072
+
+# An uploaded dataset (POST /datasets) is named by its id (app/ids.py); the job service checks
+# that it exists and is valid.
 
 
 def resolve_dataset_source(value: str) -> str:
@@ -183,7 +191,7 @@ class TrainingSpec(_Strict):
     lr_scheduler: LrScheduler = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     optimizer: Optimizer = "paged_adamw_32bit"
-    max_seq_length: int = Field(2048, ge=16, le=131072)
+    max_seq_length: int = Field(DEFAULT_MAX_SEQ_LENGTH, ge=MIN_SEQ_LENGTH, le=MAX_SEQ_LENGTH)
     gradient_checkpointing: bool = True
     packing: bool = Field(
         True,
@@ -231,7 +239,7 @@ class JobSpec(_Strict):
     metadata: dict[MetadataKey, MetadataValue] | None = Field(
         None, max_length=16, description="Up to 16 key-value labels, kept with the job."
     )
-    base_model: ModelOrDataset = "microsoft/phi-2"
+    base_model: ModelOrDataset = DEFAULT_BASE_MODEL
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)

@@ -10,6 +10,7 @@ from celery.worker.request import Request
 from celery.worker.state import task_ready
 
 from app.db import UNREACHABLE, retry_while_unreachable
+from app.ids import checkpoint_name
 from app.models import JobStatus
 from app.queue import TASK_ANALYZE_DATASET, TASK_GENERATE_SAMPLE, TASK_RUN_JOB
 from app.services import jobs, runs
@@ -126,7 +127,8 @@ def execute_job(job_id: str) -> None:
                 runs.finish_job(claim, JobStatus.CANCELLED, f"cancelled at step {steps}")
                 return
             if outcome.stopped == PAUSE:
-                runs.finish_job(claim, JobStatus.PAUSED, f"paused at step {steps}; checkpoint-{steps} saved")
+                saved = checkpoint_name(steps)
+                runs.finish_job(claim, JobStatus.PAUSED, f"paused at step {steps}; {saved} saved")
                 return
             adapter = outcome.adapter
             assert adapter is not None

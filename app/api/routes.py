@@ -30,7 +30,14 @@ from app.schemas import (
 )
 from app.services import datasets, jobs, monitoring, samples
 from app.settings import get_settings
-from app.spec import JobSpec, ModelOrDataset
+from app.spec import (
+    DEFAULT_BASE_MODEL,
+    DEFAULT_MAX_SEQ_LENGTH,
+    MAX_SEQ_LENGTH,
+    MIN_SEQ_LENGTH,
+    JobSpec,
+    ModelOrDataset,
+)
 
 # /healthz answers without a key; every other route may answer any documented error.
 ops_router = APIRouter()
@@ -217,10 +224,10 @@ def get_sample(job_id: str, sample_id: str, owner: Owner) -> SampleRead:
 def upload_dataset(
     owner: Owner,
     file: Annotated[UploadFile, File(description="oasst1 rows, tree export or chat records (.jsonl/.json)")],
-    tokenizer: Annotated[ModelOrDataset, Form(description="Tokenizer for the length statistics.")] = (
-        "microsoft/phi-2"
-    ),
-    max_seq_length: Annotated[int, Form(ge=16, le=131072)] = 2048,
+    tokenizer: Annotated[
+        ModelOrDataset, Form(description="Tokenizer for the length statistics.")
+    ] = DEFAULT_BASE_MODEL,
+    max_seq_length: Annotated[int, Form(ge=MIN_SEQ_LENGTH, le=MAX_SEQ_LENGTH)] = DEFAULT_MAX_SEQ_LENGTH,
 ) -> DatasetRead:
     """Store and validate a training file. An invalid file is kept with a report that names each
     bad line and why; jobs can only use valid ones (`"dataset": {"source": "<id>"}`)."""

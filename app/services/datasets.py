@@ -16,12 +16,13 @@ from sqlalchemy.orm import Session
 from app.dataset_report import UPLOAD_SUFFIXES, validate_file
 from app.db import session_scope
 from app.errors import BrokerUnavailable, DatasetInUse, DatasetNotFound, InvalidFields, UploadTooLarge
-from app.models import Dataset, DatasetStatus, Job, JobStatus, new_dataset_id
+from app.ids import DATASET_ID, new_dataset_id
+from app.models import Dataset, DatasetStatus, Job, JobStatus
 from app.queue import TASK_ANALYZE_DATASET, samples_queue, send
 from app.schemas import DatasetRead, Page
 from app.services.pagination import newest_first
 from app.settings import get_settings
-from app.spec import DATASET_ID, JobSpec
+from app.spec import JobSpec
 
 log = logging.getLogger(__name__)
 

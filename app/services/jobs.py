@@ -25,8 +25,9 @@ from app.errors import (
     JobStateConflict,
     TooManyQueuedJobs,
 )
+from app.ids import CHECKPOINT_NAME, JOB_ID
 from app.lifecycle import AT_NEXT_STEP, OWNER_ACTIONS, JobAction, refusal, statuses_allowing
-from app.models import CHECKPOINT_NAME, JOB_ID, Checkpoint, Event, Job, JobStatus, Metric, utcnow
+from app.models import Checkpoint, Event, Job, JobStatus, Metric, utcnow
 from app.queue import enqueue_job
 from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
 from app.services.admission import check_admissible

@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from app.db import retry_while_unreachable
+from app.ids import checkpoint_name
 from app.models import utcnow
 from app.services import runs
 from app.services.runs import Claim, LeaseLost
@@ -200,7 +201,7 @@ class JobProgressCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_):
         self.writer.write_now()  # the rows up to this checkpoint are stored before it is recorded
-        name = f"checkpoint-{state.global_step}"
+        name = checkpoint_name(state.global_step)  # the Trainer's folder name too
         started = time.perf_counter()
         save_s = started - self._step_ended
         info = zip_directory(self.files.checkpoint_dir(name), self.files.checkpoint_zip(name))

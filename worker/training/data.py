@@ -16,8 +16,9 @@ from app.conversations import (
     detect_format,
     flatten_trees,
 )
+from app.ids import DATASET_ID
 from app.services.datasets import dataset_file
-from app.spec import DATASET_ID, DatasetSpec, split_revision
+from app.spec import DatasetSpec, split_revision
 from worker.training.hub import fetching
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,19 @@ from starlette.concurrency import run_in_threadpool
 from app.api.auth import Owner
 from app.api.logs import format_csv
 from app.errors import InvalidFields
+from app.ids import DATASET_ID_PATTERN, JOB_ID_PATTERN, STEP
 from app.models import Dataset, Job
 from app.schemas import JobRead
 from app.services import datasets, jobs
 from app.services.pagination import cursor_of
 from app.services.timeline import job_timeline
-from app.spec import ModelOrDataset
+from app.spec import (
+    DEFAULT_BASE_MODEL,
+    DEFAULT_MAX_SEQ_LENGTH,
+    MAX_SEQ_LENGTH,
+    MIN_SEQ_LENGTH,
+    ModelOrDataset,
+)
 
 from .errors import ERROR_RESPONSES
 from .objects import (
@@ -47,10 +54,10 @@ def after(pattern: str, what: str):
     ]
 
 
-FileAfter = after(r"ds_[0-9a-f]{24}", "file id")
-JobAfter = after(r"job_[0-9a-f]{24}", "job id")
+FileAfter = after(DATASET_ID_PATTERN, "file id")
+JobAfter = after(JOB_ID_PATTERN, "job id")
 EventAfter = after(r"ftevent-(event|metric)-[0-9]{1,9}", "event id")
-CheckpointAfter = after(r"ftckpt-job_[0-9a-f]{24}-[0-9]{1,12}", "checkpoint id")
+CheckpointAfter = after(rf"ftckpt-{JOB_ID_PATTERN}-{STEP}", "checkpoint id")
 Limit = Annotated[int, Query(ge=1, le=100)]
 Object = dict[str, Any]
 # A metadata filter in a job list's query: metadata[KEY]=VALUE
@@ -65,8 +72,8 @@ def create_file(
         UploadFile, File(description='Chat JSONL (`{"messages": [...]}` per line), or oasst rows.')
     ],
     purpose: Annotated[str, Form(max_length=64)],
-    tokenizer: Annotated[ModelOrDataset, Form()] = "microsoft/phi-2",
-    max_seq_length: Annotated[int, Form(ge=16, le=131072)] = 2048,
+    tokenizer: Annotated[ModelOrDataset, Form()] = DEFAULT_BASE_MODEL,
+    max_seq_length: Annotated[int, Form(ge=MIN_SEQ_LENGTH, le=MAX_SEQ_LENGTH)] = DEFAULT_MAX_SEQ_LENGTH,
 ) -> Object:
     """Upload a training file. It is validated at once: a file with bad lines is kept with
     `status: "error"` and the lines and reasons in `status_details`."""
