@@ -50,12 +50,16 @@ class DatasetNotFound(ServiceError):
     code = "dataset_not_found"
 
 
-class InvalidFields(ServiceError):
-    """Fields that are well-formed but refer to something unusable; rendered like a 422 from
-    request validation: a list of {"field", "message"}."""
+class RequestInvalid(ServiceError):
+    """The request's body, path or query is malformed: `detail` lists each {"field", "message"}."""
 
     status_code = 422
     code = "validation_error"
+
+
+class InvalidFields(RequestInvalid):
+    """Fields that are well-formed but refer to something unusable; rendered like a 422 from
+    request validation: a list of {"field", "message"}."""
 
     def __init__(self, *problems: tuple[str, str]):
         super().__init__([{"field": field, "message": message} for field, message in problems])
@@ -132,3 +136,54 @@ class DatasetInUse(ServiceError):
 
     status_code = 409
     code = "dataset_in_use"
+
+
+# Errors the web layer answers before or around the services (app/api/errors.py, limits.py).
+
+
+class BodyTooLarge(ServiceError):
+    """The request body is larger than this route accepts."""
+
+    status_code = 413
+    code = "body_too_large"
+
+
+class RouteNotFound(ServiceError):
+    """No such route."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    """The route does not take this method; `Allow` lists those it takes."""
+
+    status_code = 405
+    code = "method_not_allowed"
+
+
+class InternalError(ServiceError):
+    """An unexpected server error (logged; no detail is sent)."""
+
+    status_code = 500
+    code = "internal_error"
+
+
+def all_errors() -> list[type[ServiceError]]:
+    """Every error the API answers with, one per code."""
+    found: dict[str, type[ServiceError]] = {}
+    pending = list(ServiceError.__subclasses__())
+    while pending:
+        cls = pending.pop(0)
+        found.setdefault(cls.code, cls)
+        pending.extend(cls.__subclasses__())
+    return sorted(found.values(), key=lambda cls: (cls.status_code, cls.code))
+
+
+def error_table() -> str:
+    """The README's table of error codes, generated from the classes above."""
+    rows = ["| HTTP | `error` | when |", "|---|---|---|"]
+    for cls in all_errors():
+        when = " ".join((cls.__doc__ or "").split())
+        rows.append(f"| {cls.status_code} | `{cls.code}` | {when} |")
+    return "\n".join(rows)

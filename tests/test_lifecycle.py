@@ -18,3 +18,9 @@ def test_every_status_has_its_owner_actions_and_is_reachable():
 def test_the_architecture_page_shows_the_tables_diagram():
     page = (REPO / "docs" / "architecture.md").read_text()
     assert "```mermaid\n" + state_diagram() + "\n```" in page
+
+
+def test_the_readme_lists_every_error_code_as_app_errors_defines_it():
+    from app.errors import error_table
+
+    assert error_table() in (REPO / "README.md").read_text()

@@ -13,7 +13,14 @@ from starlette.routing import Match
 
 from app.api.openai.errors import is_openai_path, openai_error
 from app.db import UNREACHABLE
-from app.errors import DatabaseUnavailable, ServiceError
+from app.errors import (
+    DatabaseUnavailable,
+    InternalError,
+    MethodNotAllowed,
+    RequestInvalid,
+    RouteNotFound,
+    ServiceError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +87,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = [_field_error(err) for err in exc.errors()]
-        return error_response(request.url.path, 422, "validation_error", detail)
+        return error_response(request.url.path, 422, RequestInvalid.code, detail)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -94,8 +101,8 @@ def install_error_handlers(app: FastAPI) -> None:
                 ]
             else:
                 detail = [{"field": "body", "message": str(exc.detail), "type": "body_invalid"}]
-            return error_response(path, 422, "validation_error", detail)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+            return error_response(path, 422, RequestInvalid.code, detail)
+        code = {404: RouteNotFound.code, 405: MethodNotAllowed.code}.get(exc.status_code, "http_error")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(request))
@@ -110,4 +117,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request.url.path, 500, "internal_error", "unexpected server error")
+        return error_response(request.url.path, 500, InternalError.code, "unexpected server error")

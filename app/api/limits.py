@@ -8,6 +8,7 @@ import re
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
+from app.errors import BodyTooLarge, RequestInvalid
 
 # The deepest request body here (a job spec's sections, an OpenAI request's hyperparameters)
 # is 4 levels; this leaves room for clients that send more, and keeps parsers far from their
@@ -59,7 +60,8 @@ class JsonDepthLimit:
                     "type": "json_too_deep",
                 }
             ]
-            await error_response(scope.get("path", ""), 422, "validation_error", detail)(scope, receive, send)
+            response = error_response(scope.get("path", ""), 422, RequestInvalid.code, detail)
+            await response(scope, receive, send)
             return
 
         async def replay() -> Message:
@@ -119,6 +121,6 @@ class BodySizeLimit:
     @staticmethod
     async def _reject(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(
-            scope.get("path", ""), 413, "body_too_large", f"request bodies here are limited to {limit} bytes"
+            scope.get("path", ""), 413, BodyTooLarge.code, f"request bodies here are limited to {limit} bytes"
         )
         await response(scope, receive, send)
