@@ -11,6 +11,7 @@ from typing import Any
 
 from app.dataset_report import numbered_records
 from app.services import datasets
+from app.services.dataset_files import dataset_file
 from app.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def analyze_dataset(dataset_id: str, tokenizer_name: str, max_seq_length: int) -
     try:
         tokenizer = load_tokenizer(tokenizer_name)
         spec = DatasetSpec(source=dataset_id, languages=None)
-        read = islice(numbered_records(datasets.dataset_file(dataset_id)), MAX_RECORDS_READ)
+        read = islice(numbered_records(dataset_file(dataset_id)), MAX_RECORDS_READ)
         records = [record for _, record, problem in read if problem is None]
         samples = conversations_from_records(records, spec).samples
         measured = random.Random(0).sample(samples, min(len(samples), MAX_SAMPLES_MEASURED))

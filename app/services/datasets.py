@@ -149,12 +149,6 @@ def _dataset_references(spec: dict[str, Any]) -> set[str]:
     return {dataset.get("source"), dataset.get("validation_source")} - {None}
 
 
-def dataset_file(dataset_id: str) -> Path:
-    """The stored file of an uploaded dataset (what a worker trains on)."""
-    with session_scope() as session:
-        return Path(_get(session, dataset_id, None).path)
-
-
 def set_token_stats(dataset_id: str, tokens: dict[str, Any]) -> None:
     with session_scope() as session:
         row = _get(session, dataset_id, None)

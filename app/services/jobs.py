@@ -10,7 +10,7 @@ import logging
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,6 +34,7 @@ from app.services.admission import check_admissible
 from app.services.datasets import dataset_reference_problems
 from app.services.events import add_event, add_state_event
 from app.services.pagination import newest_first
+from app.services.runs import requeue_from_checkpoint
 from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import job_files
@@ -230,55 +231,6 @@ def resume_job(job_id: str, owner: str, checkpoint: str | None) -> JobRead:
         job_files(job_id).remove_checkpoint(name)
     dispatch(job_id)
     return read
-
-
-def requeue_from_checkpoint(
-    session: Session, job_id: str, checkpoint: str | None, reason: str, *only_if, attempt_spent: bool = True
-) -> list[str] | None:
-    """Mark the job queued to continue from `checkpoint` (default the latest), if `only_if` still
-    holds. The run branches off there: later checkpoints and metric rows are dropped. Returns
-    the dropped checkpoints' names (their files go once the caller has committed), or None
-    when the job no longer matches `only_if`. `attempt_spent=False` (a worker shutting down,
-    not failing) gives the run's attempt back."""
-    checkpoints = list(
-        session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
-    )
-    if checkpoint is not None:
-        chosen = next((c for c in checkpoints if c.name == checkpoint), None)
-        if chosen is None:
-            raise CheckpointNotFound(f"job {job_id} has no checkpoint {checkpoint!r}")
-    else:
-        chosen = checkpoints[-1] if checkpoints else None
-    start_step = chosen.step if chosen else 0
-    requeued = session.execute(
-        update(Job)
-        .where(Job.id == job_id, *only_if)
-        .values(
-            status=JobStatus.QUEUED,
-            resume_from=chosen.name if chosen else None,
-            current_step=start_step,
-            cancel_requested=False,
-            pause_requested=False,
-            error=None,
-            finished_at=None,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=utcnow(),
-            dispatched_at=utcnow(),
-            **({} if attempt_spent else {"attempts": Job.attempts - 1}),
-        )
-    ).rowcount
-    if not requeued:
-        return None
-    stale = [c for c in checkpoints if c.step > start_step]
-    for row in stale:
-        session.delete(row)
-    session.execute(delete(Metric).where(Metric.job_id == job_id, Metric.step > start_step))
-    where = f"resuming from {chosen.name}" if chosen else "no checkpoint; restarting from step 0"
-    add_state_event(
-        session, job_id, JobStatus.QUEUED, f"{reason}: {where}", checkpoint=chosen.name if chosen else None
-    )
-    return [row.name for row in stale]
 
 
 def _page_of_job_rows(job_id: str, owner: str, model, key, schema, after: int | None, limit: int) -> Page:

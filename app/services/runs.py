@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.db import retry_while_unreachable, session_scope
+from app.errors import CheckpointNotFound
 from app.models import Checkpoint, Job, JobStatus, Metric, utcnow
 from app.services.events import add_event, add_state_event
-from app.services.jobs import requeue_from_checkpoint
 from app.settings import get_settings
 from app.storage import job_files
 
@@ -226,6 +226,55 @@ def finish_job(
 
 
 @retry_while_unreachable
+def requeue_from_checkpoint(
+    session: Session, job_id: str, checkpoint: str | None, reason: str, *only_if, attempt_spent: bool = True
+) -> list[str] | None:
+    """Mark the job queued to continue from `checkpoint` (default the latest), if `only_if` still
+    holds. The run branches off there: later checkpoints and metric rows are dropped. Returns
+    the dropped checkpoints' names (their files go once the caller has committed), or None
+    when the job no longer matches `only_if`. `attempt_spent=False` (a worker shutting down,
+    not failing) gives the run's attempt back."""
+    checkpoints = list(
+        session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
+    )
+    if checkpoint is not None:
+        chosen = next((c for c in checkpoints if c.name == checkpoint), None)
+        if chosen is None:
+            raise CheckpointNotFound(f"job {job_id} has no checkpoint {checkpoint!r}")
+    else:
+        chosen = checkpoints[-1] if checkpoints else None
+    start_step = chosen.step if chosen else 0
+    requeued = session.execute(
+        update(Job)
+        .where(Job.id == job_id, *only_if)
+        .values(
+            status=JobStatus.QUEUED,
+            resume_from=chosen.name if chosen else None,
+            current_step=start_step,
+            cancel_requested=False,
+            pause_requested=False,
+            error=None,
+            finished_at=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=utcnow(),
+            dispatched_at=utcnow(),
+            **({} if attempt_spent else {"attempts": Job.attempts - 1}),
+        )
+    ).rowcount
+    if not requeued:
+        return None
+    stale = [c for c in checkpoints if c.step > start_step]
+    for row in stale:
+        session.delete(row)
+    session.execute(delete(Metric).where(Metric.job_id == job_id, Metric.step > start_step))
+    where = f"resuming from {chosen.name}" if chosen else "no checkpoint; restarting from step 0"
+    add_state_event(
+        session, job_id, JobStatus.QUEUED, f"{reason}: {where}", checkpoint=chosen.name if chosen else None
+    )
+    return [row.name for row in stale]
+
+
 def hand_back(claim: Claim, reason: str) -> None:
     """Release the job to the queue, to continue from its latest checkpoint, without counting
     this run against FINETUNE_MAX_ATTEMPTS: a worker shutting down is not a failure (the

@@ -13,7 +13,8 @@ from app.db import session_scope
 from app.models import Job, JobStatus, utcnow
 from app.queue import enqueue_job, waiting_messages
 from app.services.events import add_state_event
-from app.services.jobs import dispatch, requeue_from_checkpoint
+from app.services.jobs import dispatch
+from app.services.runs import requeue_from_checkpoint
 from app.settings import get_settings
 from app.storage import job_files
 

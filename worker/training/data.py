@@ -17,7 +17,7 @@ from app.conversations import (
     flatten_trees,
 )
 from app.ids import DATASET_ID
-from app.services.datasets import dataset_file
+from app.services.dataset_files import dataset_file
 from app.spec import DatasetSpec, split_revision
 from worker.training.hub import fetching
 
