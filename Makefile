@@ -23,9 +23,10 @@ examples/tiny-phi2/model.safetensors: | $(BIN)/finetune
 run: install examples/tiny-phi2/model.safetensors
 	$(BIN)/finetune dev
 
-## test: install, then run the whole test suite
+## test: install, then lint, type-check and run the whole test suite
 test: install examples/tiny-phi2/model.safetensors
 	$(BIN)/ruff check app worker tests migrations
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 ## test-fast: the quick loop while changing code (under a minute): no service processes (e2e), no

@@ -147,7 +147,7 @@ def _rank_order(row: dict) -> tuple[bool, int]:
 
 def conversations_from_chats(records: Iterable[dict]) -> Conversations:
     """Chat records: one sample each, loss on every assistant message."""
-    samples, dropped = [], Counter()
+    samples, dropped = [], Counter[str]()
     for record in records:
         try:
             turns = chat_turns(record)

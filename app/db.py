@@ -6,9 +6,9 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
@@ -92,16 +92,26 @@ F = TypeVar("F", bound=Callable)
 
 
 def _lease_has_passed(state: RetryCallState) -> bool:
-    return state.seconds_since_start >= get_settings().lease_s
+    elapsed = state.seconds_since_start  # None only before the first attempt has an outcome
+    return elapsed is not None and elapsed >= get_settings().lease_s
 
 
 def retry_while_unreachable(fn: F) -> F:
     """Retry `fn` while the database is unreachable, restarting or locked, for up to one lease
     period (after that the job's lease is gone anyway). For a worker's writes, which must not
     fail a training over a database blip. `fn` must be safe to run again."""
-    return retry(
-        retry=retry_if_exception_type(UNREACHABLE),
-        wait=wait_exponential(multiplier=0.2, max=5),
-        stop=_lease_has_passed,
-        reraise=True,
-    )(fn)
+    return cast(
+        F,
+        retry(
+            retry=retry_if_exception_type(UNREACHABLE),
+            wait=wait_exponential(multiplier=0.2, max=5),
+            stop=_lease_has_passed,
+            reraise=True,
+        )(fn),
+    )
+
+
+def changed_rows(session: Session, statement: Executable) -> int:
+    """How many rows an UPDATE or DELETE changed: a conditional update's answer (0: the row was
+    no longer as the statement required, another writer won)."""
+    return cast("CursorResult[Any]", session.execute(statement)).rowcount

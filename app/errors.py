@@ -61,6 +61,8 @@ class InvalidFields(RequestInvalid):
     """Fields that are well-formed but refer to something unusable; rendered like a 422 from
     request validation: a list of {"field", "message"}."""
 
+    detail: list[dict[str, str]]
+
     def __init__(self, *problems: tuple[str, str]):
         super().__init__([{"field": field, "message": message} for field, message in problems])
 

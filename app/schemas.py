@@ -70,7 +70,10 @@ class JobRead(_FromRow):
     adapter_sha256: str | None
     adapter_size_bytes: int | None
 
-    @computed_field(description="What the owner may do now: `pause`, `cancel`, `resume` (app/lifecycle.py).")
+    # mypy can't type a decorator over @property; pydantic's docs give this ignore for computed_field
+    @computed_field(  # type: ignore[prop-decorator]
+        description="What the owner may do now: `pause`, `cancel`, `resume` (app/lifecycle.py)."
+    )
     @property
     def actions(self) -> list[str]:
         return allowed_actions(

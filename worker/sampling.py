@@ -70,7 +70,10 @@ def answer(sample_id: str) -> None:
 
 def _complete(sample) -> str:
     with session_scope() as session:
-        spec = JobSpec.model_validate(session.get(Job, sample.job_id).spec)
+        job = session.get(Job, sample.job_id)
+        if job is None:  # deleted since the sample was queued
+            raise LookupError(f"job {sample.job_id} no longer exists")
+        spec = JobSpec.model_validate(job.spec)
     files = job_files(sample.job_id)
     adapter_dir = files.checkpoint_dir(sample.checkpoint) if sample.checkpoint else files.adapter_dir
     if not (Path(adapter_dir) / "adapter_config.json").is_file():

@@ -40,7 +40,9 @@ METRICS_PATH = "/metrics"
 
 
 def _is_operator(token: str | None, metrics_token: str) -> bool:
-    return bool(token and metrics_token) and hmac.compare_digest(token.encode(), metrics_token.encode())
+    if not token or not metrics_token:
+        return False
+    return hmac.compare_digest(token.encode(), metrics_token.encode())
 
 
 class Authenticate:

@@ -223,7 +223,7 @@ def _follow(client: ServiceClient, job_id: str) -> None:
         TimeRemainingColumn(),
         console=console,
     )
-    end: dict[str, Any] = {}
+    end = {}
     with progress:
         task = progress.add_task(job_id, total=job["total_steps"], metrics=job["status"])
         for event in client.follow(job_id):

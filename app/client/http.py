@@ -179,7 +179,8 @@ class ServiceClient:
             if response.status_code >= 400:
                 response.read()
                 raise _describe(response)
-            event, data, event_id = "message", [], None
+            data: list[str] = []
+            event, event_id = "message", None
             for line in response.iter_lines():
                 if not line:  # a blank line ends one event
                     if data:

@@ -146,7 +146,7 @@ def delete_dataset(dataset_id: str, owner: str) -> None:
 
 def _dataset_references(spec: dict[str, Any]) -> set[str]:
     dataset = spec.get("dataset") or {}
-    return {dataset.get("source"), dataset.get("validation_source")} - {None}
+    return {ref for ref in (dataset.get("source"), dataset.get("validation_source")) if ref is not None}
 
 
 def set_token_stats(dataset_id: str, tokens: dict[str, Any]) -> None:

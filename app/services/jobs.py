@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import serialize, session_scope
+from app.db import changed_rows, serialize, session_scope
 from app.errors import (
     ArtifactNotReady,
     BrokerUnavailable,
@@ -129,9 +129,12 @@ def _check_queue_room(session: Session, owner: str) -> None:
     transaction commits the job it queues, so concurrent submissions can't pass the cap."""
     serialize(session, f"queue:{owner}")
     limit = get_settings().max_queued_jobs
-    queued = session.scalar(
-        select(func.count()).select_from(Job).where(Job.owner == owner, Job.status == JobStatus.QUEUED)
-    )
+    queued = (
+        session.scalar(
+            select(func.count()).select_from(Job).where(Job.owner == owner, Job.status == JobStatus.QUEUED)
+        )
+        or 0
+    )  # a COUNT always has its one row
     if queued >= limit:
         raise TooManyQueuedJobs(
             f"{queued} jobs are already queued; the limit is {limit} (FINETUNE_MAX_QUEUED_JOBS)"
@@ -198,9 +201,9 @@ def _stop(job_id: str, owner: str, action: str) -> JobRead:
                 finished = now if target in JobStatus.TERMINAL else None
                 values = {"status": target, "finished_at": finished, "updated_at": now}
                 event = (target, f"{target} while {before}")
-            moved = session.execute(
-                update(Job).where(Job.id == job_id, Job.status == before).values(**values)
-            ).rowcount
+            moved = changed_rows(
+                session, update(Job).where(Job.id == job_id, Job.status == before).values(**values)
+            )
             if moved:
                 add_state_event(session, job_id, *event)
                 break

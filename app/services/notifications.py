@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
-from app.db import session_scope
+from app.db import changed_rows, session_scope
 from app.models import DeliveryStatus, Job, Notification, utcnow
 from app.services import outbound
 from app.settings import get_settings
@@ -46,7 +46,7 @@ def queue_notification(session: Session, job_id: str, status: str, message: str)
     """Called with every final status change; adds an outbox row if the job asked for one."""
     job = session.get(Job, job_id, populate_existing=True)  # the values just written
     url = job.spec.get("notify_url") if job is not None else None
-    if not url:
+    if job is None or not url:
         return
     payload = {
         "event": "job.finished",
@@ -77,14 +77,16 @@ def deliver_due() -> int:
     attempted = 0
     for notification_id, seen_next in due:
         with session_scope() as session:
-            claimed = session.execute(
+            claimed = changed_rows(
+                session,
                 update(Notification)
                 .where(Notification.id == notification_id, Notification.next_attempt_at == seen_next)
-                .values(next_attempt_at=now + timedelta(seconds=CLAIM_S), attempts=Notification.attempts + 1)
-            ).rowcount
+                .values(next_attempt_at=now + timedelta(seconds=CLAIM_S), attempts=Notification.attempts + 1),
+            )
             if not claimed:
                 continue  # another sweeper has it
             notification = session.get(Notification, notification_id)
+            assert notification is not None  # claimed just now, in this transaction
             url, payload, attempt = notification.url, notification.payload, notification.attempts
             job_id = notification.job_id
         attempted += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import cast
 from urllib.parse import urlsplit
 
 import httpcore
@@ -41,7 +42,8 @@ def allowed_addresses(host: str, port: int) -> list[str]:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         raise OutboundRefused(f"{host} does not resolve") from exc
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    # an AF_INET/AF_INET6 socket address starts with the address text
+    addresses = list(dict.fromkeys(cast(str, info[4][0]) for info in infos))
     if not get_settings().notify_allow_private:
         for text in addresses:
             if not is_public(ipaddress.ip_address(text.split("%")[0])):

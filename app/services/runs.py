@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.db import retry_while_unreachable, session_scope
+from app.db import changed_rows, retry_while_unreachable, session_scope
 from app.errors import CheckpointNotFound
 from app.models import Checkpoint, Job, JobStatus, Metric, utcnow
 from app.services.events import add_event, add_state_event
@@ -61,7 +61,8 @@ def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
     owner = owner or new_owner()
     with session_scope() as session:
         now = utcnow()
-        claimed = session.execute(
+        claimed = changed_rows(
+            session,
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
             .values(
@@ -73,8 +74,8 @@ def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
                 pause_requested=False,
                 lease_owner=owner,
                 lease_expires_at=_lease_expiry(),
-            )
-        ).rowcount
+            ),
+        )
         if not claimed:
             return None
         job = session.get(Job, job_id)
@@ -103,11 +104,12 @@ def skip_stale_delivery(job_id: str) -> str | None:
 
 def _hold(session: Session, claim: Claim, **values: Any) -> None:
     """Renew the lease (and set `values`) if this worker still holds it; else raise LeaseLost."""
-    held = session.execute(
+    held = changed_rows(
+        session,
         update(Job)
         .where(Job.id == claim.job_id, Job.lease_owner == claim.owner, Job.status == JobStatus.RUNNING)
-        .values(**{"lease_expires_at": _lease_expiry(), "updated_at": utcnow(), **values})
-    ).rowcount
+        .values(**{"lease_expires_at": _lease_expiry(), "updated_at": utcnow(), **values}),
+    )
     if not held:
         raise LeaseLost(f"job {claim.job_id}: lease of {claim.owner} is gone")
 
@@ -129,7 +131,7 @@ def _upsert_metrics(session: Session, job_id: str, rows: list[dict[str, Any]]) -
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     for row in rows:
         stmt = insert(Metric).values(job_id=job_id, **row)
-        merged = {
+        merged: dict[str, ColumnElement[Any]] = {
             name: func.coalesce(stmt.excluded[name], Metric.__table__.c[name]) for name in METRIC_FIELDS
         }
         merged["time"] = stmt.excluded.time
@@ -244,7 +246,8 @@ def requeue_from_checkpoint(
     else:
         chosen = checkpoints[-1] if checkpoints else None
     start_step = chosen.step if chosen else 0
-    requeued = session.execute(
+    requeued = changed_rows(
+        session,
         update(Job)
         .where(Job.id == job_id, *only_if)
         .values(
@@ -260,8 +263,8 @@ def requeue_from_checkpoint(
             updated_at=utcnow(),
             dispatched_at=utcnow(),
             **({} if attempt_spent else {"attempts": Job.attempts - 1}),
-        )
-    ).rowcount
+        ),
+    )
     if not requeued:
         return None
     stale = [c for c in checkpoints if c.step > start_step]

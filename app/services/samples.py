@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import select, update
 
-from app.db import session_scope
+from app.db import changed_rows, session_scope
 from app.errors import BrokerUnavailable, CheckpointNotFound, JobStateConflict, SampleNotFound
 from app.models import Checkpoint, Sample, SampleStatus, utcnow
 from app.queue import enqueue_sample
@@ -60,11 +60,12 @@ def get_sample(job_id: str, sample_id: str, owner: str) -> SampleRead:
 def start_sample(sample_id: str) -> Sample | None:
     """The sampler takes a queued sample (None if it is gone or already taken)."""
     with session_scope() as session:
-        taken = session.execute(
+        taken = changed_rows(
+            session,
             update(Sample)
             .where(Sample.id == sample_id, Sample.status == SampleStatus.QUEUED)
-            .values(status=SampleStatus.RUNNING)
-        ).rowcount
+            .values(status=SampleStatus.RUNNING),
+        )
         if not taken:
             return None
         sample = session.get(Sample, sample_id)

@@ -9,7 +9,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.db import session_scope
+from app.db import changed_rows, session_scope
 from app.models import Job, JobStatus, utcnow
 from app.queue import enqueue_job, waiting_messages
 from app.services.events import add_state_event
@@ -67,7 +67,8 @@ def sweep() -> list[str]:
 
 def _stop(session: Session, job_id: str, still_expired: tuple, status: str, message: str, **values) -> None:
     """End the job's run in `status` (with `values`), if its lease is still the expired one."""
-    stopped = session.execute(
+    stopped = changed_rows(
+        session,
         update(Job)
         .where(Job.id == job_id, *still_expired)
         .values(
@@ -77,8 +78,8 @@ def _stop(session: Session, job_id: str, still_expired: tuple, status: str, mess
             lease_expires_at=None,
             pause_requested=False,
             **values,
-        )
-    ).rowcount
+        ),
+    )
     if stopped:
         add_state_event(session, job_id, status, message)
 

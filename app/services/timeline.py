@@ -4,9 +4,9 @@ OpenAI's job events: state changes and messages beside per-step metrics)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
-from sqlalchemy import and_, false, or_, select, true
+from sqlalchemy import ScalarResult, and_, false, or_, select, true
 
 from app.db import session_scope
 from app.errors import InvalidCursor
@@ -15,12 +15,16 @@ from app.schemas import EventRead, MetricRead
 from app.services.jobs import owned_job
 
 # Entries with the same time: events after metric rows (a step's row, then what it caused).
-TABLES = {"event": (Event, EventRead, 1), "metric": (Metric, MetricRead, 0)}
+Kind = Literal["event", "metric"]
+TABLES: dict[Kind, tuple[type[Event] | type[Metric], type[EventRead] | type[MetricRead], int]] = {
+    "event": (Event, EventRead, 1),
+    "metric": (Metric, MetricRead, 0),
+}
 
 
 @dataclass(frozen=True)
 class Entry:
-    kind: Literal["event", "metric"]
+    kind: Kind
     id: int  # the row's id in its table; (kind, id) is the entry's cursor
     row: EventRead | MetricRead
 
@@ -34,11 +38,12 @@ def job_timeline(
         older_than = None
         if after is not None:
             kind, row_id = after
-            model = TABLES[kind][0] if kind in TABLES else None
-            row = session.get(model, row_id) if model is not None else None
-            if row is None or row.job_id != job_id:
+            table = TABLES[kind] if kind in TABLES else None
+            # the row of the table's model, or None
+            row = cast("Event | Metric | None", session.get(table[0], row_id)) if table is not None else None
+            if table is None or row is None or row.job_id != job_id:
                 raise InvalidCursor(f"no event {kind}-{row_id} in job {job_id}")
-            older_than = (row.time, TABLES[kind][2], row_id)
+            older_than = (row.time, table[2], row_id)
         entries = []
         for kind, (model, schema, rank) in TABLES.items():
             query = select(model).where(model.job_id == job_id)
@@ -50,6 +55,7 @@ def job_timeline(
                     same_time = true() if rank < cursor_rank else false()
                 query = query.where(or_(model.time < time, and_(model.time == time, same_time)))
             query = query.order_by(model.time.desc(), model.id.desc()).limit(limit + 1)
-            entries += [Entry(kind, row.id, schema.model_validate(row)) for row in session.scalars(query)]
+            rows = cast("ScalarResult[Event | Metric]", session.scalars(query))  # of the table's model
+            entries += [Entry(kind, row.id, schema.model_validate(row)) for row in rows]
     entries.sort(key=lambda e: (e.row.time, TABLES[e.kind][2], e.id), reverse=True)
     return entries[:limit], len(entries) > limit

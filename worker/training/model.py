@@ -70,7 +70,8 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
     being trained keeps the autograd path throughout."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            # torch types Module.__setattr__ for tensors and submodules only; a plain flag is fine
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
 
 
 def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
@@ -83,7 +84,7 @@ def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
     )
     lora = LoraConfig(
         r=spec.lora.r,
-        lora_alpha=spec.lora.alpha,
+        lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]  # peft says int; a float scales as well
         lora_dropout=spec.lora.dropout,
         target_modules=spec.lora.target_modules,
         bias=spec.lora.bias,

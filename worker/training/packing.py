@@ -125,7 +125,10 @@ class PackedData:
             "sequence_ids": [],
         }
         for row in self.steps[index].rows:
-            input_ids, labels, positions, sequences = [], [], [], []
+            input_ids: list[int] = []
+            labels: list[int] = []
+            positions: list[int] = []
+            sequences: list[int] = []
             for number, sample_index in enumerate(row, start=1):
                 sample = self.samples[sample_index]
                 input_ids += sample.input_ids

@@ -58,7 +58,7 @@ class Outcome:
     summary: dict[str, Any]
 
 
-def _warmup(ratio: float) -> dict[str, float]:
+def _warmup(ratio: float) -> dict[str, Any]:
     # transformers 5 dropped warmup_ratio: a float warmup_steps below 1 is read as a ratio.
     if "warmup_ratio" in inspect.signature(TrainingArguments.__init__).parameters:
         return {"warmup_ratio": ratio}
@@ -204,7 +204,7 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
             samples_per_step=round(train_set.mean_samples_per_step, 3),
             fill=round(train_set.fill, 4),
         )
-        trainer: Trainer = PackedTrainer(
+        packed = PackedTrainer(
             model=model,
             args=args,
             train_dataset=train_set,
@@ -215,8 +215,9 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
             processing_class=tokenizer,
             callbacks=[progress],
         )
-        trainer.mask_dtype = dtype if torch.cuda.is_available() else torch.float32
-        trainer.mask_kind = speed.mask
+        packed.mask_dtype = dtype if torch.cuda.is_available() else torch.float32
+        packed.mask_kind = speed.mask
+        trainer: Trainer = packed
     else:
         trainer = ServiceTrainer(
             model=model,

@@ -165,10 +165,17 @@ def flex_attention_available() -> bool:
     return torch.cuda.get_device_capability()[0] >= 8
 
 
+def _base_model(model: torch.nn.Module) -> Any:
+    """The transformers model under a PEFT wrapper, or `model` itself; used by duck typing (torch
+    types a Module's other attributes as Tensor | Module)."""
+    wrapper: Any = model
+    return wrapper.get_base_model() if hasattr(wrapper, "get_base_model") else model
+
+
 def use_flex_attention(model: torch.nn.Module) -> None:
     """Switch the model's attention to transformers' FlexAttention path (it takes a BlockMask
     as the attention mask as it is)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation("flex_attention")
     else:  # pragma: no cover - older transformers
@@ -176,7 +183,7 @@ def use_flex_attention(model: torch.nn.Module) -> None:
 
 
 def use_sdpa_attention(model: torch.nn.Module) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     if hasattr(base, "set_attn_implementation"):
         base.set_attn_implementation("sdpa")
     else:  # pragma: no cover - older transformers
@@ -254,8 +261,9 @@ def accept_bnb_adam_state(optimizer: torch.optim.Optimizer) -> None:
     def load_state_dict(state_dict):
         return load(bnb_adam_state_to_torch(state_dict, inner))
 
-    inner.load_state_dict = load_state_dict
-    inner._accepts_bnb_state = True
+    patched: Any = inner  # this one instance's methods and attributes are replaced on purpose
+    patched.load_state_dict = load_state_dict
+    patched._accepts_bnb_state = True
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -286,7 +294,7 @@ def compile_decoder_layers(
         torch._dynamo.config.accumulated_cache_size_limit = max(
             torch._dynamo.config.accumulated_cache_size_limit, 512
         )
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     if getattr(base, "is_gradient_checkpointing", False):
         base.gradient_checkpointing_disable()
     for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
@@ -327,6 +335,6 @@ def apply_speed_plan(model: torch.nn.Module, plan: SpeedPlan) -> None:
     if plan.compile_layers:
         compile_decoder_layers(model, plan.checkpointing)
     elif not plan.checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = _base_model(model)
         if getattr(base, "is_gradient_checkpointing", False):
             base.gradient_checkpointing_disable()

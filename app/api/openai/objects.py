@@ -211,7 +211,7 @@ def parse_checkpoint_step(checkpoint: str) -> int:
 
 
 def checkpoint_object(job: JobRead, checkpoint: CheckpointRead, metric: MetricRead | None) -> dict[str, Any]:
-    metrics = {"step": checkpoint.step}
+    metrics: dict[str, float | None] = {"step": checkpoint.step}
     if metric is not None:
         metrics.update(train_loss=metric.loss, valid_loss=metric.eval_loss)
     return {

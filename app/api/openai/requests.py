@@ -13,7 +13,7 @@ Any of the spec's own sections (`lora`, `quantization`, `training`, `dataset`, `
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -45,7 +45,7 @@ class Hyperparameters(BaseModel):
     @classmethod
     def _auto_or_in_range(cls, value: Any, info: ValidationInfo) -> Any:
         # one plain message, rather than one per member of the union
-        low, high, kind = LIMITS[info.field_name]
+        low, high, kind = LIMITS[cast(str, info.field_name)]  # always set for a field validator
         if value == "auto":
             return value
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -105,7 +105,7 @@ def job_spec(request: CreateJobRequest) -> JobSpec:
     extra = dict(request.model_extra or {})
     dataset = dict(extra.pop("dataset", None) or {})
     training = dict(extra.pop("training", None) or {})
-    taken = [f for f in ("base_model", "name") if f in extra]
+    taken: list[str] = [f for f in ("base_model", "name") if f in extra]
     taken += [f"dataset.{f}" for f in ("source", "validation_source") if f in dataset]
     if request.integrations:
         raise InvalidFields(("integrations", "integrations are not supported by this service"))

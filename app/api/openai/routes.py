@@ -46,18 +46,17 @@ from .requests import OPENAI_NAMES, CreateJobRequest, job_spec
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 
 
-def after(pattern: str, what: str):
-    """A page cursor: the id of the last object of the page before (checked for shape, so that
-    nothing else reaches the database)."""
-    return Annotated[
-        str | None, Query(pattern=f"^{pattern}$", description=f"The last {what} of the page before.")
-    ]
+def after(pattern: str, what: str) -> Any:
+    """A page cursor's query parameter: the id of the last object of the page before (checked
+    for shape, so that nothing else reaches the database)."""
+    return Query(pattern=f"^{pattern}$", description=f"The last {what} of the page before.")
 
 
-FileAfter = after(DATASET_ID_PATTERN, "file id")
-JobAfter = after(JOB_ID_PATTERN, "job id")
-EventAfter = after(r"ftevent-(event|metric)-[0-9]{1,9}", "event id")
-CheckpointAfter = after(rf"ftckpt-{JOB_ID_PATTERN}-{STEP}", "checkpoint id")
+# spelled out as Annotated here (not built by a function), so that type checkers take them as types
+FileAfter = Annotated[str | None, after(DATASET_ID_PATTERN, "file id")]
+JobAfter = Annotated[str | None, after(JOB_ID_PATTERN, "job id")]
+EventAfter = Annotated[str | None, after(r"ftevent-(event|metric)-[0-9]{1,9}", "event id")]
+CheckpointAfter = Annotated[str | None, after(rf"ftckpt-{JOB_ID_PATTERN}-{STEP}", "checkpoint id")]
 Limit = Annotated[int, Query(ge=1, le=100)]
 Object = dict[str, Any]
 # A metadata filter in a job list's query: metadata[KEY]=VALUE
