@@ -26,7 +26,6 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
 COPY pyproject.toml README.md alembic.ini constraints.txt ./
 COPY app ./app
 COPY worker ./worker
-COPY migrations ./migrations
 COPY examples ./examples
 RUN pip install --no-cache-dir --constraint constraints.txt --editable ".[train]" \
     && useradd --create-home --uid 1000 finetune \

@@ -25,7 +25,7 @@ run: install examples/tiny-phi2/model.safetensors
 
 ## test: install, then run the linter and the whole test suite
 test: install examples/tiny-phi2/model.safetensors
-	$(BIN)/ruff check app worker tests migrations
+	$(BIN)/ruff check app worker tests
 	$(BIN)/python -m pytest
 
 ## typecheck: mypy with the pydantic plugin (clean; not yet in `make test`: CI's 15 minutes are
@@ -36,7 +36,7 @@ typecheck: install
 ## test-fast: the quick loop while changing code (under a minute): no service processes (e2e), no
 ## model runs or long searches (slow), SQLite only. `make test` runs everything.
 test-fast: install examples/tiny-phi2/model.safetensors
-	$(BIN)/ruff check app worker tests migrations
+	$(BIN)/ruff check app worker tests
 	env -u FINETUNE_TEST_POSTGRES_URL -u FINETUNE_TEST_REDIS_URL $(BIN)/python -m pytest -q -m "not e2e and not slow" --durations=5
 
 ## constraints: pin the Docker image's packages to what this venv (CI's) has

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic import command
 from alembic.config import Config
 
 from app.settings import get_settings
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# A package path, not a file path: it resolves wherever `app` is imported from (a checkout, an
+# editable install, a wheel in site-packages).
+SCRIPT_LOCATION = "app:migrations"
 
 
 def alembic_config(database_url: str | None = None) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", SCRIPT_LOCATION)
     config.set_main_option("sqlalchemy.url", database_url or get_settings().database_url)
     config.attributes["configure_logging"] = False
     return config
