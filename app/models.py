@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -11,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -26,7 +28,7 @@ from app.ids import new_dataset_id, new_job_id, new_sample_id
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_key_id() -> str:
@@ -51,7 +53,7 @@ class UTCDateTime(TypeDecorator):
 
     def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         return value
 
 
@@ -59,7 +61,9 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
 
 
-class JobStatus:
+class JobStatus(StrEnum):
+    """A job's status. Which moves between them exist, and who makes each: `app.lifecycle`."""
+
     QUEUED = "queued"
     RUNNING = "running"
     # stopped on request with a checkpoint of the step it reached; resume continues from there
@@ -68,10 +72,19 @@ class JobStatus:
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    ALL = (QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)
-    TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
-    # No worker has it and nothing changes until a user acts (resume).
-    STOPPED = (PAUSED, *TERMINAL)
+    @property
+    def terminal(self) -> bool:
+        """Ended: succeeded, failed or cancelled (a finish time is set)."""
+        return self in TERMINAL_STATUSES
+
+    @property
+    def stopped(self) -> bool:
+        """No worker has it and nothing changes until a user acts (resume): paused or ended."""
+        return self in STOPPED_STATUSES
+
+
+TERMINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+STOPPED_STATUSES = (JobStatus.PAUSED, *TERMINAL_STATUSES)
 
 
 class Job(Base):
@@ -80,7 +93,11 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_job_id)
     owner: Mapped[str] = mapped_column(String(64), index=True)
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=16, values_callable=lambda cls: [m.value for m in cls]),
+        default=JobStatus.QUEUED,
+        index=True,
+    )
     spec: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -8,7 +8,8 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from app.ids import CHECKPOINT_NAME
-from app.lifecycle import allowed_actions
+from app.lifecycle import JobAction, allowed_actions
+from app.models import JobStatus
 
 T = TypeVar("T")
 
@@ -53,7 +54,7 @@ class _FromRow(BaseModel):
 class JobRead(_FromRow):
     id: str
     owner: str
-    status: str
+    status: JobStatus
     spec: dict[str, Any]
     created_at: datetime
     updated_at: datetime
@@ -75,7 +76,7 @@ class JobRead(_FromRow):
         description="What the owner may do now: `pause`, `cancel`, `resume` (app/lifecycle.py)."
     )
     @property
-    def actions(self) -> list[str]:
+    def actions(self) -> list[JobAction]:
         return allowed_actions(
             self.status, pause_requested=self.pause_requested, cancel_requested=self.cancel_requested
         )

@@ -185,7 +185,7 @@ def child_sample(args) -> dict:
     stop = Path(args.stop_file)
 
     def training_over() -> bool:
-        return stop.exists() or jobs.get_job(args.job, LOCAL_OWNER).status in JobStatus.STOPPED
+        return stop.exists() or jobs.get_job(args.job, LOCAL_OWNER).status.stopped
 
     waited = time.time()
     while not jobs.list_checkpoints(args.job, LOCAL_OWNER) and not training_over():

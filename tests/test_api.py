@@ -418,7 +418,7 @@ def _job_in(client, state: str) -> dict:
     return client.get(f"/jobs/{job['id']}").json()
 
 
-@pytest.mark.parametrize("state", JobStatus.ALL)
+@pytest.mark.parametrize("state", list(JobStatus))
 def test_a_job_lists_exactly_the_actions_the_api_takes_in_its_status(client, state):
     """Issue 17: the dashboard and the CLI read `actions` instead of copying the rules, so it
     must say what the API does: every listed action is taken (2xx), every other one is a 409

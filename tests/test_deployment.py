@@ -19,7 +19,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -340,7 +340,7 @@ def test_the_job_end_is_notified_signed_and_retried(deployment, finished_job, re
     restamped = {**headers, "webhook-timestamp": str(int(time.time()))}
     with pytest.raises(WebhookVerificationError, match="No matching signature"):
         Webhook(NOTIFY_SECRET).verify(body, restamped)  # the timestamp is signed
-    sent_at = datetime.fromtimestamp(int(headers["webhook-timestamp"]), timezone.utc)
+    sent_at = datetime.fromtimestamp(int(headers["webhook-timestamp"]), UTC)
 
     class SixMinutesLater(datetime):
         @classmethod

@@ -11,6 +11,7 @@ from celery.worker.state import task_ready
 
 from app.db import UNREACHABLE, retry_while_unreachable
 from app.ids import checkpoint_name
+from app.lifecycle import AT_NEXT_STEP_ENDS_IN
 from app.models import JobStatus
 from app.queue import TASK_ANALYZE_DATASET, TASK_GENERATE_SAMPLE, TASK_RUN_JOB
 from app.services import jobs, runs
@@ -123,12 +124,10 @@ def execute_job(job_id: str) -> None:
                 runs.hand_back(claim, "worker shutting down")
                 jobs.dispatch(job_id)
                 return
-            if outcome.stopped == CANCEL:
-                runs.finish_job(claim, JobStatus.CANCELLED, f"cancelled at step {steps}")
-                return
-            if outcome.stopped == PAUSE:
-                saved = checkpoint_name(steps)
-                runs.finish_job(claim, JobStatus.PAUSED, f"paused at step {steps}; {saved} saved")
+            if outcome.stopped in (CANCEL, PAUSE):
+                ended = AT_NEXT_STEP_ENDS_IN[outcome.stopped]
+                saved = f"; {checkpoint_name(steps)} saved" if ended == JobStatus.PAUSED else ""
+                runs.finish_job(claim, ended, f"{ended} at step {steps}{saved}")
                 return
             adapter = outcome.adapter
             assert adapter is not None

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Iterable
 
 from starlette.concurrency import run_in_threadpool
 
-from app.models import JobStatus
 from app.schemas import MetricRead
 from app.services import jobs
 from app.settings import get_settings
@@ -74,7 +73,7 @@ async def metric_events(job_id: str, owner: str, after_step: int) -> AsyncIterat
             if row.eval_loss is not None:
                 evals_after = row.step
             yield {"id": str(row.step), "event": "metric", "data": row.model_dump_json()}
-        if status in JobStatus.STOPPED:
+        if status.stopped:
             job = await run_in_threadpool(jobs.get_job, job_id, owner)
             yield {"event": "end", "data": json.dumps({"status": job.status, "error": job.error})}
             return

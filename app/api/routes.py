@@ -43,9 +43,7 @@ from app.spec import (
 ops_router = APIRouter()
 router = APIRouter(responses=ERROR_RESPONSES)
 
-JobStatusFilter = Annotated[
-    str | None, Query(pattern="^(" + "|".join(JobStatus.ALL) + ")$", description="Only jobs in this status.")
-]
+JobStatusFilter = Annotated[JobStatus | None, Query(description="Only jobs in this status.")]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 # Step numbers and event ids are 32-bit integers in the database.
 MAX_ID = 2**31 - 1

@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.table import Column, Table
 
 from app.client.http import DEFAULT_URL, RequestFailed, ServiceClient
-from app.models import JobStatus
+from app.models import STOPPED_STATUSES
 
 console = Console()
 errors = Console(stderr=True)
@@ -108,7 +108,7 @@ def submit(
         if follow:
             _follow(client, job["id"])
         elif wait:
-            _report_end(client.wait_for_job(job["id"], JobStatus.STOPPED, timeout))
+            _report_end(client.wait_for_job(job["id"], STOPPED_STATUSES, timeout))
 
 
 def jobs(
@@ -256,7 +256,7 @@ def cancel(
     with service(url, api_key) as client:
         job = client.cancel(job_id)
         if wait:
-            job = client.wait_for_job(job_id, JobStatus.STOPPED, timeout)
+            job = client.wait_for_job(job_id, STOPPED_STATUSES, timeout)
     state = "cancel requested" if job["status"] == "running" else job["status"]
     console.print(f"{job_id}: {state}", highlight=False)
 
@@ -269,7 +269,7 @@ def pause(
     with service(url, api_key) as client:
         job = client.pause(job_id)
         if wait:
-            job = client.wait_for_job(job_id, JobStatus.STOPPED, timeout)
+            job = client.wait_for_job(job_id, STOPPED_STATUSES, timeout)
     state = "pause requested" if job["status"] == "running" else job["status"]
     console.print(f"{job_id}: {state}", highlight=False)
 

@@ -1,4 +1,5 @@
-"""The job event log: state changes and messages, in order."""
+"""The job event log: state changes and messages, in order. (Status changes themselves are
+made by `app.services.transitions.move_job`, which records their events here.)"""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.models import Event, JobStatus
-from app.services.notifications import queue_notification
+from app.models import Event
 
 
 def add_event(
@@ -18,5 +18,3 @@ def add_event(
 
 def add_state_event(session: Session, job_id: str, status: str, message: str, **data: Any) -> None:
     add_event(session, job_id, message, kind="state", data={"status": status, **data})
-    if status in JobStatus.TERMINAL:
-        queue_notification(session, job_id, status, message)

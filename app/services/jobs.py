@@ -26,7 +26,7 @@ from app.errors import (
     TooManyQueuedJobs,
 )
 from app.ids import CHECKPOINT_NAME, JOB_ID
-from app.lifecycle import AT_NEXT_STEP, OWNER_ACTIONS, JobAction, refusal, statuses_allowing
+from app.lifecycle import OWNER_ACTIONS, JobAction, refusal, statuses_allowing
 from app.models import Checkpoint, Event, Job, JobStatus, Metric, utcnow
 from app.queue import enqueue_job
 from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
@@ -35,6 +35,7 @@ from app.services.datasets import dataset_reference_problems
 from app.services.events import add_event, add_state_event
 from app.services.pagination import newest_first
 from app.services.runs import requeue_from_checkpoint
+from app.services.transitions import move_job
 from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import job_files
@@ -182,7 +183,7 @@ def pause_job(job_id: str, owner: str) -> JobRead:
     return _stop(job_id, owner, JobAction.PAUSE)
 
 
-def _stop(job_id: str, owner: str, action: str) -> JobRead:
+def _stop(job_id: str, owner: str, action: JobAction) -> JobRead:
     """Take `action` (pause or cancel) as OWNER_ACTIONS says for the job's status: move the job
     now, or ask its worker to at the next step. A job that changes status meanwhile (a worker
     claims it) is looked at again."""
@@ -193,19 +194,19 @@ def _stop(job_id: str, owner: str, action: str) -> JobRead:
             target = OWNER_ACTIONS.get(before, {}).get(action)
             if target is None:
                 raise JobStateConflict(refusal(action, before))
-            now = utcnow()
-            if target == AT_NEXT_STEP:
-                flag = {"cancel_requested": True} if action == JobAction.CANCEL else {"pause_requested": True}
-                values, event = {**flag, "updated_at": now}, (before, f"{action} requested")
-            else:
-                finished = now if target in JobStatus.TERMINAL else None
-                values = {"status": target, "finished_at": finished, "updated_at": now}
-                event = (target, f"{target} while {before}")
-            moved = changed_rows(
-                session, update(Job).where(Job.id == job_id, Job.status == before).values(**values)
-            )
-            if moved:
-                add_state_event(session, job_id, *event)
+            if isinstance(target, JobStatus):
+                done = move_job(session, job_id, before, target, f"{target} while {before}")
+            else:  # AT_NEXT_STEP: the worker stops at its next step boundary
+                flag = "cancel_requested" if action == JobAction.CANCEL else "pause_requested"
+                done = 0 < changed_rows(
+                    session,
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == before)
+                    .values({flag: True, "updated_at": utcnow()}),
+                )
+                if done:
+                    add_state_event(session, job_id, before, f"{action} requested")
+            if done:
                 break
             session.refresh(job)
         else:
@@ -225,7 +226,7 @@ def resume_job(job_id: str, owner: str, checkpoint: str | None) -> JobRead:
         if gone:
             raise InvalidFields(*gone)
         _check_queue_room(session, owner)
-        stale = requeue_from_checkpoint(session, job_id, checkpoint, "resume", Job.status.in_(RESUMABLE))
+        stale = requeue_from_checkpoint(session, job_id, checkpoint, "resume", RESUMABLE)
         if stale is None:
             raise JobStateConflict("job changed state while resuming; try again")
         session.refresh(job)
@@ -257,7 +258,7 @@ def list_metrics(job_id: str, owner: str, after_step: int | None, limit: int) ->
 
 def metrics_since(
     job_id: str, owner: str, after_step: int, evals_after: int | None = None
-) -> tuple[str, list[MetricRead], list[MetricRead]]:
+) -> tuple[JobStatus, list[MetricRead], list[MetricRead]]:
     """The job's status (read first: when it is final, no row can follow), its rows after
     `after_step`, and the rows up to `after_step` whose eval_loss arrived after them (an
     evaluation runs once its step's row is written) after step `evals_after` (default: none)."""

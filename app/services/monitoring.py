@@ -46,7 +46,7 @@ class ServiceCollector(Collector):
             )
 
         jobs = GaugeMetricFamily("finetune_jobs", "Jobs by status.", labels=["status"])
-        for status in JobStatus.ALL:
+        for status in JobStatus:
             jobs.add_metric([status], counts.get(status, 0))
         yield jobs
 

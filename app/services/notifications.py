@@ -17,6 +17,7 @@ from standardwebhooks import Webhook
 from app.db import changed_rows, session_scope
 from app.models import DeliveryStatus, Job, Notification, utcnow
 from app.services import outbound
+from app.services.events import add_event
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,6 @@ def queue_notification(session: Session, job_id: str, status: str, message: str)
 
 def deliver_due() -> int:
     """Send every notification that is due; returns how many were attempted."""
-    from app.services.events import add_event
-
     settings = get_settings()
     now = utcnow()
     with session_scope() as session:

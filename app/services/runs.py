@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -22,15 +23,17 @@ from sqlalchemy.orm import Session
 
 from app.db import changed_rows, retry_while_unreachable, session_scope
 from app.errors import CheckpointNotFound
+from app.lifecycle import JobAction
 from app.models import Checkpoint, Job, JobStatus, Metric, utcnow
-from app.services.events import add_event, add_state_event
+from app.services.events import add_event
+from app.services.transitions import move_job
 from app.settings import get_settings
 from app.storage import job_files
 
 METRIC_FIELDS = ("epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second")
 
 # Why a run stops before its last step: asked by a user (the first two), or the worker stopping.
-CANCEL, PAUSE, SHUTDOWN = "cancel", "pause", "shutdown"
+CANCEL, PAUSE, SHUTDOWN = JobAction.CANCEL, JobAction.PAUSE, "shutdown"
 
 
 class LeaseLost(Exception):
@@ -60,28 +63,27 @@ def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
     duplicate delivery of its id)."""
     owner = owner or new_owner()
     with session_scope() as session:
-        now = utcnow()
-        claimed = changed_rows(
+        attempts = session.scalar(select(Job.attempts).where(Job.id == job_id))
+        if attempts is None:
+            return None
+        attempt = attempts + 1
+        claimed = move_job(
             session,
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-            .values(
-                status=JobStatus.RUNNING,
-                attempts=Job.attempts + 1,
-                started_at=now,
-                updated_at=now,
-                cancel_requested=False,
-                pause_requested=False,
-                lease_owner=owner,
-                lease_expires_at=_lease_expiry(),
-            ),
+            job_id,
+            JobStatus.QUEUED,
+            JobStatus.RUNNING,
+            f"started (attempt {attempt})",
+            where=[Job.attempts == attempts],
+            event={"worker": owner},
+            attempts=attempt,
+            lease_owner=owner,
+            lease_expires_at=_lease_expiry(),
         )
         if not claimed:
             return None
         job = session.get(Job, job_id)
         assert job is not None
-        add_state_event(session, job_id, JobStatus.RUNNING, f"started (attempt {job.attempts})", worker=owner)
-        return Claim(job_id, owner, dict(job.spec), job.resume_from, job.attempts)
+        return Claim(job_id, owner, dict(job.spec), job.resume_from, attempt)
 
 
 def skip_stale_delivery(job_id: str) -> str | None:
@@ -201,41 +203,51 @@ def record_checkpoint(
 @retry_while_unreachable
 def finish_job(
     claim: Claim,
-    status: str,
+    status: JobStatus,
     message: str,
     *,
     error: str | None = None,
     adapter: dict[str, Any] | None = None,
 ) -> None:
-    assert status in JobStatus.STOPPED
+    """End this worker's run of the job in `status` (paused, or a final status); LeaseLost when
+    the lease is no longer this worker's."""
+    values: dict[str, Any] = {"error": error}
+    if adapter:
+        values.update(
+            adapter_path=adapter["path"],
+            adapter_size_bytes=adapter["size_bytes"],
+            adapter_sha256=adapter["sha256"],
+        )
     with session_scope() as session:
-        values: dict[str, Any] = {
-            "status": status,
-            "finished_at": utcnow() if status in JobStatus.TERMINAL else None,
-            "pause_requested": False,
-            "error": error,
-            "lease_owner": None,
-            "lease_expires_at": None,
-        }
-        if adapter:
-            values.update(
-                adapter_path=adapter["path"],
-                adapter_size_bytes=adapter["size_bytes"],
-                adapter_sha256=adapter["sha256"],
-            )
-        _hold(session, claim, **values)
-        add_state_event(session, claim.job_id, status, message, **({"error": error} if error else {}))
+        finished = move_job(
+            session,
+            claim.job_id,
+            JobStatus.RUNNING,
+            status,
+            message,
+            where=[Job.lease_owner == claim.owner],
+            event={"error": error} if error else None,
+            **values,
+        )
+    if not finished:
+        raise LeaseLost(f"job {claim.job_id}: lease of {claim.owner} is gone")
 
 
 @retry_while_unreachable
 def requeue_from_checkpoint(
-    session: Session, job_id: str, checkpoint: str | None, reason: str, *only_if, attempt_spent: bool = True
+    session: Session,
+    job_id: str,
+    checkpoint: str | None,
+    reason: str,
+    before: JobStatus | Iterable[JobStatus],
+    *only_if: ColumnElement[bool],
+    attempt_spent: bool = True,
 ) -> list[str] | None:
-    """Mark the job queued to continue from `checkpoint` (default the latest), if `only_if` still
-    holds. The run branches off there: later checkpoints and metric rows are dropped. Returns
-    the dropped checkpoints' names (their files go once the caller has committed), or None
-    when the job no longer matches `only_if`. `attempt_spent=False` (a worker shutting down,
-    not failing) gives the run's attempt back."""
+    """Move the job from `before` to queued, to continue from `checkpoint` (default the latest),
+    if `only_if` still holds. The run branches off there: later checkpoints and metric rows are
+    dropped. Returns the dropped checkpoints' names (their files go once the caller has
+    committed), or None when the job is no longer in `before` or matching `only_if`.
+    `attempt_spent=False` (a worker shutting down, not failing) gives the run's attempt back."""
     checkpoints = list(
         session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
     )
@@ -246,24 +258,19 @@ def requeue_from_checkpoint(
     else:
         chosen = checkpoints[-1] if checkpoints else None
     start_step = chosen.step if chosen else 0
-    requeued = changed_rows(
+    where = f"resuming from {chosen.name}" if chosen else "no checkpoint; restarting from step 0"
+    requeued = move_job(
         session,
-        update(Job)
-        .where(Job.id == job_id, *only_if)
-        .values(
-            status=JobStatus.QUEUED,
-            resume_from=chosen.name if chosen else None,
-            current_step=start_step,
-            cancel_requested=False,
-            pause_requested=False,
-            error=None,
-            finished_at=None,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=utcnow(),
-            dispatched_at=utcnow(),
-            **({} if attempt_spent else {"attempts": Job.attempts - 1}),
-        ),
+        job_id,
+        before,
+        JobStatus.QUEUED,
+        f"{reason}: {where}",
+        where=only_if,
+        event={"checkpoint": chosen.name if chosen else None},
+        resume_from=chosen.name if chosen else None,
+        current_step=start_step,
+        dispatched_at=utcnow(),
+        **({} if attempt_spent else {"attempts": Job.attempts - 1}),
     )
     if not requeued:
         return None
@@ -271,10 +278,6 @@ def requeue_from_checkpoint(
     for row in stale:
         session.delete(row)
     session.execute(delete(Metric).where(Metric.job_id == job_id, Metric.step > start_step))
-    where = f"resuming from {chosen.name}" if chosen else "no checkpoint; restarting from step 0"
-    add_state_event(
-        session, job_id, JobStatus.QUEUED, f"{reason}: {where}", checkpoint=chosen.name if chosen else None
-    )
     return [row.name for row in stale]
 
 
@@ -288,8 +291,8 @@ def hand_back(claim: Claim, reason: str) -> None:
             claim.job_id,
             None,
             reason,
+            JobStatus.RUNNING,
             Job.lease_owner == claim.owner,
-            Job.status == JobStatus.RUNNING,
             attempt_spent=False,
         )
     if stale is None:

@@ -7,18 +7,19 @@ import logging
 from datetime import timedelta
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
-from app.db import changed_rows, session_scope
+from app.db import session_scope
 from app.models import Job, JobStatus, utcnow
 from app.queue import enqueue_job, waiting_messages
-from app.services.events import add_state_event
 from app.services.jobs import dispatch
 from app.services.runs import requeue_from_checkpoint
+from app.services.transitions import move_job
 from app.settings import get_settings
 from app.storage import job_files
 
 log = logging.getLogger(__name__)
+
+RUNNING = JobStatus.RUNNING
 
 
 def sweep() -> list[str]:
@@ -39,22 +40,19 @@ def sweep() -> list[str]:
         ).all()
     requeued = []
     for job_id, owner, attempts, cancel, pause in expired:
-        still_expired = (
-            Job.status == JobStatus.RUNNING,
-            Job.lease_owner == owner,
-            Job.lease_expires_at < now,
-        )
+        still_expired = (Job.lease_owner == owner, Job.lease_expires_at < now)
         reason = f"worker {owner} stopped renewing its lease"
         with session_scope() as session:
             if cancel or pause:  # the user's request stands: stop here rather than run again
                 status = JobStatus.CANCELLED if cancel else JobStatus.PAUSED
-                _stop(session, job_id, still_expired, status, f"{status}: {reason} before it stopped")
+                message = f"{status}: {reason} before it stopped"
+                move_job(session, job_id, RUNNING, status, message, where=still_expired)
                 continue
             if attempts >= max_attempts:
                 error = f"{reason}; gave up after {attempts} attempts"
-                _stop(session, job_id, still_expired, JobStatus.FAILED, error, error=error)
+                move_job(session, job_id, RUNNING, JobStatus.FAILED, error, where=still_expired, error=error)
                 continue
-            stale = requeue_from_checkpoint(session, job_id, None, reason, *still_expired)
+            stale = requeue_from_checkpoint(session, job_id, None, reason, RUNNING, *still_expired)
         if stale is None:
             continue
         log.warning("job %s: %s; re-queued", job_id, reason)
@@ -63,25 +61,6 @@ def sweep() -> list[str]:
         dispatch(job_id)  # a broker outage leaves it queued for redispatch_lost
         requeued.append(job_id)
     return requeued
-
-
-def _stop(session: Session, job_id: str, still_expired: tuple, status: str, message: str, **values) -> None:
-    """End the job's run in `status` (with `values`), if its lease is still the expired one."""
-    stopped = changed_rows(
-        session,
-        update(Job)
-        .where(Job.id == job_id, *still_expired)
-        .values(
-            status=status,
-            finished_at=utcnow() if status in JobStatus.TERMINAL else None,
-            lease_owner=None,
-            lease_expires_at=None,
-            pause_requested=False,
-            **values,
-        ),
-    )
-    if stopped:
-        add_state_event(session, job_id, status, message)
 
 
 def redispatch_lost() -> list[str]:

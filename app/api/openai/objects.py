@@ -142,7 +142,7 @@ def job_object(job: JobRead, estimated_finish: datetime | None = None) -> dict[s
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
         "training_file": spec["dataset"]["source"],
         "validation_file": spec["dataset"].get("validation_source"),
-        "result_files": [results_file_id(job.id)] if job.status in JobStatus.STOPPED else [],
+        "result_files": [results_file_id(job.id)] if job.status.stopped else [],
         "trained_tokens": job.trained_tokens,
         "seed": spec["training"]["seed"],
         "estimated_finish": unix(estimated_finish),
