@@ -23,13 +23,13 @@ examples/tiny-phi2/model.safetensors: | $(BIN)/finetune
 run: install examples/tiny-phi2/model.safetensors
 	$(BIN)/finetune dev
 
-## test: install, then run the linter and the whole test suite
+## test: install, then run the linter, the type checker and the whole test suite
 test: install examples/tiny-phi2/model.safetensors
 	$(BIN)/ruff check app worker tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
-## typecheck: mypy with the pydantic plugin (clean; not yet in `make test`: CI's 15 minutes are
-## spent, see docs/architecture.md)
+## typecheck: mypy with the pydantic plugin (`make test` runs it too)
 typecheck: install
 	$(BIN)/mypy
 
