@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     # addresses name compose services), and must not steer `make run` from the same folder.
     model_config = SettingsConfigDict(env_prefix="FINETUNE_", extra="ignore")
 
+    # Jobs' folders lie under it at paths app.storage.job_files names.
     data_dir: Path = Path("finetune-data")
     # Empty means a SQLite file under data_dir.
     database_url: str = ""
@@ -93,13 +94,6 @@ class Settings(BaseSettings):
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'finetune.db'}"
         return self
-
-    @property
-    def jobs_dir(self) -> Path:
-        return self.data_dir / "jobs"
-
-    def job_dir(self, job_id: str) -> Path:
-        return self.jobs_dir / job_id
 
     @property
     def worker_cwd(self) -> Path:

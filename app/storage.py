@@ -1,4 +1,16 @@
-"""Where a job's files live under the data dir. Only names the database knows are served."""
+"""A job's folder: the one place that names its paths. Only names the database knows are served.
+
+    <data dir>/jobs/<job id>/
+        output/checkpoint-N/       the trainer's output_dir: unzipped checkpoints, what resume reads
+        checkpoints/checkpoint-N.zip
+        adapter/                   the trained adapter (and its README.md, the model card)
+        adapter.new/               the adapter while the trainer writes it
+        adapter.zip
+        run/                       a data-parallel job's exchange with its torchrun ranks
+
+Everything that reads or writes these (the API, the sweeper, the sampler, the training recipe,
+its callbacks and the torchrun launcher) asks `job_files(job_id)` instead of joining paths.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +18,45 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.settings import get_settings
+from app.settings import Settings, get_settings
+
+
+def being_written(path: Path) -> Path:
+    """Where `path` is written before a rename makes it whole: a hidden `.<name>.tmp` beside it
+    (what `JobFiles.remove_unrecorded` deletes when a kill left one behind)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What a data-parallel job's process and its torchrun ranks exchange (`JobFiles.run`)."""
+
+    root: Path
+
+    @property
+    def claim(self) -> Path:
+        """The claim the ranks train, as JSON."""
+        return self.root / "claim.json"
+
+    @property
+    def stop(self) -> Path:
+        """Created by the job's process to ask rank 0 for a checkpoint and a stop."""
+        return self.root / "stop"
+
+    @property
+    def outcome(self) -> Path:
+        """Rank 0's Outcome, as JSON."""
+        return self.root / "outcome.json"
+
+    @property
+    def outcome_partial(self) -> Path:
+        """Where rank 0 writes the outcome before renaming it to `outcome`."""
+        return self.outcome.with_suffix(".part")
+
+    @property
+    def log(self) -> Path:
+        """torchrun's and the ranks' output."""
+        return self.root / "torchrun.log"
 
 
 @dataclass(frozen=True)
@@ -21,16 +71,36 @@ class JobFiles:
     def checkpoint_dir(self, name: str) -> Path:
         return self.output_dir / name
 
+    @property
+    def checkpoint_zips_dir(self) -> Path:
+        """The zipped checkpoints users download."""
+        return self.root / "checkpoints"
+
     def checkpoint_zip(self, name: str) -> Path:
-        return self.root / "checkpoints" / f"{name}.zip"
+        return self.checkpoint_zips_dir / f"{name}.zip"
 
     @property
     def adapter_dir(self) -> Path:
         return self.root / "adapter"
 
     @property
+    def adapter_staging_dir(self) -> Path:
+        """Where the trainer saves the adapter; renamed to `adapter_dir` once complete."""
+        return self.root / "adapter.new"
+
+    @property
+    def model_card(self) -> Path:
+        """The adapter's README.md."""
+        return self.adapter_dir / "README.md"
+
+    @property
     def adapter_zip(self) -> Path:
         return self.root / "adapter.zip"
+
+    @property
+    def run(self) -> RunFiles:
+        """A data-parallel job's files for its torchrun ranks."""
+        return RunFiles(self.root / "run")
 
     def remove_checkpoint(self, name: str) -> None:
         shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
@@ -38,13 +108,13 @@ class JobFiles:
 
     def remove_unrecorded(self, recorded: set[str]) -> list[str]:
         """Delete what a kill during a save leaves behind: checkpoint folders and zips the
-        database never recorded, and temporary zips. Returns what was removed."""
+        database never recorded, and temporary zips (`being_written`). Returns what was removed."""
         removed = []
         for folder in self.output_dir.glob("checkpoint-*"):
             if folder.name not in recorded:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)
-        for file in (self.root / "checkpoints").glob("*"):
+        for file in self.checkpoint_zips_dir.glob("*"):
             if file.name.startswith(".") or file.stem not in recorded:
                 file.unlink(missing_ok=True)
                 removed.append(file.name)
@@ -58,5 +128,7 @@ class JobFiles:
         return None
 
 
-def job_files(job_id: str) -> JobFiles:
-    return JobFiles(get_settings().job_dir(job_id))
+def job_files(job_id: str, settings: Settings | None = None) -> JobFiles:
+    """Job `job_id`'s folder under the data dir of `settings` (default: the service's)."""
+    data_dir = (settings if settings is not None else get_settings()).data_dir
+    return JobFiles(data_dir / "jobs" / job_id)

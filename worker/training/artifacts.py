@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.storage import being_written
+
 
 @dataclass(frozen=True)
 class ZipInfo:
@@ -33,7 +35,7 @@ def zip_directory(source: Path, target: Path) -> ZipInfo:
     while training waits.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = being_written(target)
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
         for file in sorted(p for p in source.rglob("*") if p.is_file()):
             archive.write(file, arcname=str(Path(source.name) / file.relative_to(source)))
@@ -43,8 +45,9 @@ def zip_directory(source: Path, target: Path) -> ZipInfo:
     return ZipInfo(target, target.stat().st_size, sha256_of(target))
 
 
-def write_model_card(directory: Path, spec: dict[str, Any], job_id: str, summary: dict[str, Any]) -> None:
-    """A README.md for the adapter: what it was trained from, how, and how it ended."""
+def write_model_card(card: Path, spec: dict[str, Any], job_id: str, summary: dict[str, Any]) -> None:
+    """The adapter's README.md (`JobFiles.model_card`): what it was trained from, how, and how
+    it ended."""
     dataset = spec["dataset"]
     lines = [
         f"# LoRA adapter for {spec['base_model']}",
@@ -77,4 +80,4 @@ def write_model_card(directory: Path, spec: dict[str, Any], job_id: str, summary
         "```",
         "",
     ]
-    (directory / "README.md").write_text("\n".join(lines))
+    card.write_text("\n".join(lines))

@@ -5,7 +5,8 @@ shutdown requests, how the job ends.
 Rank 0 writes to the database (metrics, checkpoints, messages) exactly as a one-GPU run does;
 the other ranks only train. Each step, rank 0 tells every rank whether to stop (cancel or
 worker shutdown), so they all stop at the same step. The parent asks for a shutdown
-checkpoint by creating a file rank 0 looks for; rank 0 leaves the outcome in a JSON file.
+checkpoint by creating a file rank 0 looks for; rank 0 leaves the outcome in a JSON file
+(those files: app.storage.RunFiles, the job folder's `run`).
 
 Without CUDA (tests, laptops) the ranks are CPU processes talking over gloo.
 """
@@ -25,38 +26,12 @@ from pathlib import Path
 from app.services.runs import Claim
 from app.settings import Settings, get_settings
 from app.spec import JobSpec
+from app.storage import RunFiles, job_files
 from worker.training.artifacts import ZipInfo
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class RunFiles:
-    """What the job's process and its ranks exchange, in the job's folder."""
-
-    root: Path
-
-    @property
-    def claim(self) -> Path:
-        return self.root / "claim.json"
-
-    @property
-    def stop(self) -> Path:
-        return self.root / "stop"
-
-    @property
-    def outcome(self) -> Path:
-        return self.root / "outcome.json"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "torchrun.log"
-
-
-def run_files(settings: Settings, job_id: str) -> RunFiles:
-    return RunFiles(settings.job_dir(job_id) / "run")
 
 
 def check_gpus(gpus: int) -> None:
@@ -75,7 +50,7 @@ def launch(claim: Claim, settings: Settings, stop: threading.Event):
 
     gpus = JobSpec.model_validate(claim.spec).resources.gpus
     check_gpus(gpus)
-    files = run_files(settings, claim.job_id)
+    files = job_files(claim.job_id, settings).run
     files.root.mkdir(parents=True, exist_ok=True)
     for stale in (files.stop, files.outcome):
         stale.unlink(missing_ok=True)
@@ -146,9 +121,8 @@ def rank_main(root: Path) -> None:
             "adapter": adapter,
             "summary": outcome.summary,
         }
-        partial = files.outcome.with_suffix(".part")
-        partial.write_text(json.dumps(result))
-        os.replace(partial, files.outcome)
+        files.outcome_partial.write_text(json.dumps(result))
+        os.replace(files.outcome_partial, files.outcome)
 
 
 if __name__ == "__main__":

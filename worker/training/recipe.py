@@ -1,13 +1,16 @@
-"""The training a job runs, top to bottom: data, model, trainer, train, adapter.
+"""The training a job runs, in stages read top to bottom: setup → data → model → trainer → train
+→ save.
 
-`run_training` is the one entry point: the Celery task calls it, and so do the GPU proof
-and the tests.
+`run_training` is the one entry point: the Celery task calls it, so does each rank of a
+data-parallel job (worker.training.distributed), the GPU proof and the tests. Each stage is one
+function below, handing the next what it holds (`JobSetup`, `JobData`, `JobModel`, the Trainer,
+the summary). What the trainer stage builds from (TrainingArguments, packed data, the Trainer
+subclasses) is in worker.training.trainer; every path of the job's folder is in app.storage.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import os
 import shutil
@@ -24,29 +27,29 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set
 from app.services.runs import Claim, log_message, recorded_checkpoints
 from app.settings import Settings
 from app.spec import JobSpec
-from app.storage import JobFiles
+from app.storage import JobFiles, job_files
 from worker.doctor import unsupported_gpus
 from worker.training.artifacts import ZipInfo, write_model_card, zip_directory
 from worker.training.callbacks import FollowerCallback, JobProgressCallback
 from worker.training.data import IGNORE_INDEX, TrainingData, build_eval_data, build_training_data
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
-from worker.training.packing import (
-    PackedData,
-    block_causal_mask,
-    collate_packed,
-    plan_full_rows,
-    plan_steps,
-)
-from worker.training.speed import (
-    SpeedPlan,
-    accept_bnb_adam_state,
-    apply_speed_plan,
-    document_block_mask,
-    optimizer_name,
-    plan_speed,
+from worker.training.packing import collate_packed
+from worker.training.speed import SpeedPlan, apply_speed_plan, plan_speed
+
+# Also imported from here by bench/ and tests (their home before the trainer stage moved out).
+from worker.training.trainer import (
+    FULL_ROWS,
+    PackedTrainer,
+    ServiceTrainer,
+    _packed,
+    packing_mode,
+    training_arguments,
+    world_size,
 )
 
 log = logging.getLogger(__name__)
+
+Progress = JobProgressCallback | FollowerCallback
 
 
 @dataclass(frozen=True)
@@ -58,117 +61,105 @@ class Outcome:
     summary: dict[str, Any]
 
 
-def _warmup(ratio: float) -> dict[str, Any]:
-    # transformers 5 dropped warmup_ratio: a float warmup_steps below 1 is read as a ratio.
-    if "warmup_ratio" in inspect.signature(TrainingArguments.__init__).parameters:
-        return {"warmup_ratio": ratio}
-    return {"warmup_steps": ratio}
-
-
-def world_size() -> int:
-    """Processes training this job together (torchrun sets WORLD_SIZE; 1 without it)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-FULL_ROWS = "full_rows"
-
-
-def packing_mode(spec: JobSpec) -> str:
-    """`per_step` (the default: each optimizer step packs the recipe's batch_size ×
-    gradient_accumulation_steps samples) or `full_rows` (rows filled to max_seq_length;
-    a step is gradient_accumulation_steps micro-batches of batch_size full rows)."""
-    return FULL_ROWS if spec.training.packing_mode == FULL_ROWS else "per_step"
-
-
-def training_arguments(
-    spec: JobSpec,
-    output_dir: Path,
-    dtype: torch.dtype,
-    evaluate: bool,
-    speed: SpeedPlan | None = None,
-    full_rows: bool | None = None,
-) -> TrainingArguments:
-    t = spec.training
-    on_gpu = torch.cuda.is_available()
-    full_rows = packing_mode(spec) == FULL_ROWS if full_rows is None else full_rows
-    # The Trainer's own checkpointing only when the layers are not compiled (compiled layers are
-    # checkpointed from outside by worker.training.speed) and the plan keeps recomputation.
-    checkpointing = t.gradient_checkpointing
-    if speed is not None:
-        checkpointing = speed.checkpointing and not speed.compile_layers
-    # Packed, each item is one process's share of an optimizer step (see worker.training.packing);
-    # padded, the processes split the accumulation steps. Either way a step takes
-    # batch_size × gradient_accumulation_steps samples, however many GPUs. Full rows: an item
-    # is a micro-batch of batch_size full rows, and the processes split the accumulation steps.
-    if t.packing and full_rows:
-        batch_size, accumulation = 1, max(1, t.gradient_accumulation_steps // world_size())
-    elif t.packing:
-        batch_size, accumulation = 1, 1
-    else:
-        batch_size, accumulation = t.batch_size, t.gradient_accumulation_steps // world_size()
-    return TrainingArguments(
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=t.eval_steps or t.save_steps,
-        per_device_eval_batch_size=batch_size,
-        output_dir=str(output_dir),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        remove_unused_columns=not t.packing,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        optim=optimizer_name(t.optimizer, speed),
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        # Mixed precision is a GPU matter; on a CPU the 4-bit layers compute in `dtype` as they are.
-        fp16=on_gpu and dtype == torch.float16,
-        bf16=on_gpu and dtype == torch.bfloat16,
-        use_cpu=not on_gpu,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        logging_strategy="steps",
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        include_num_input_tokens_seen="non_padding",
-        seed=t.seed,
-        data_seed=t.seed,
-        report_to="none",
-        disable_tqdm=True,
-        ddp_find_unused_parameters=False if world_size() > 1 else None,
-        **_warmup(t.warmup_ratio),
-    )
-
-
 def run_training(claim: Claim, settings: Settings, stop: threading.Event | None = None) -> Outcome:
-    job_id = claim.job_id
-    spec = JobSpec.model_validate(claim.spec)
-    files = JobFiles(settings.job_dir(job_id))
-    # Rank 0 of a data-parallel run (or the only process) talks to the database and owns the files.
+    """Train `claim`'s job to its end, or until a cancel, a pause or `stop` (a worker shutdown)."""
+    job = set_up(claim, settings)
+    started = time.perf_counter()
+    data = load_data(job)
+    model = load_model(job)
+    log.info("job %s: data and model ready in %.1f s", job.id, time.perf_counter() - started)
+    progress = progress_callback(job, settings.flush_interval_s, stop)
+    trainer = build_trainer(job, data, model, progress)
+    summary = train(job, trainer, progress)
+    if progress.stopped is not None:
+        return Outcome(progress.stopped, adapter=None, summary=summary)
+    return Outcome(stopped=None, adapter=save(job, trainer, summary), summary=summary)
+
+
+# setup
+
+
+@dataclass(frozen=True)
+class JobSetup:
+    """What every stage works from: the claim, its spec, the job's files, and whether this is the
+    main process (rank 0 of a data-parallel run, or the only process), the one that talks to the
+    database and owns the files."""
+
+    claim: Claim
+    spec: JobSpec
+    files: JobFiles
+    main: bool
+
+    @property
+    def id(self) -> str:
+        return self.claim.job_id
+
+    def say(self, message: str, **data: Any) -> None:
+        """Add an event to the job's (from the main process only)."""
+        if self.main:
+            log_message(self.id, message, **data)
+
+
+def set_up(claim: Claim, settings: Settings) -> JobSetup:
+    """The job's JobSetup. Before training: removes checkpoint files a kill left unrecorded,
+    seeds every generator, and fails on GPUs this build cannot run on."""
     main = int(os.environ.get("RANK", "0")) == 0
-    leftovers = files.remove_unrecorded(recorded_checkpoints(job_id)) if main else []
+    job = JobSetup(claim, JobSpec.model_validate(claim.spec), job_files(claim.job_id, settings), main)
+    leftovers = job.files.remove_unrecorded(recorded_checkpoints(job.id)) if main else []
     if leftovers:
-        log_message(job_id, f"removed {len(leftovers)} incomplete checkpoint files", files=leftovers)
-    set_seed(spec.training.seed)
+        log_message(job.id, f"removed {len(leftovers)} incomplete checkpoint files", files=leftovers)
+    set_seed(job.spec.training.seed)
     unsupported = unsupported_gpus()
     if unsupported:
         raise RuntimeError("; ".join(unsupported))
+    return job
 
-    started = time.perf_counter()
+
+# data
+
+
+@dataclass(frozen=True)
+class JobData:
+    """The tokenizer and the job's tokenized samples (`eval`: None when the spec names none)."""
+
+    tokenizer: Any
+    train: TrainingData
+    eval: TrainingData | None
+
+
+def load_data(job: JobSetup) -> JobData:
+    """Tokenizes the job's training and validation samples, and says how many there are."""
+    spec = job.spec
     tokenizer = load_tokenizer(spec.base_model)
-    data = build_training_data(spec.dataset, tokenizer, spec.training.max_seq_length)
+    train_data = build_training_data(spec.dataset, tokenizer, spec.training.max_seq_length)
     eval_data = build_eval_data(spec.dataset, tokenizer, spec.training.max_seq_length)
     eval_samples = len(eval_data) if eval_data else 0
-    say = log_message if main else _quiet
-    say(
-        job_id,
-        f"data ready: {len(data)} training samples, {eval_samples} validation samples",
-        samples=len(data),
+    job.say(
+        f"data ready: {len(train_data)} training samples, {eval_samples} validation samples",
+        samples=len(train_data),
         eval_samples=eval_samples,
-        truncated=data.truncated,
-        dropped=data.dropped,
+        truncated=train_data.truncated,
+        dropped=train_data.dropped,
     )
+    return JobData(tokenizer, train_data, eval_data)
+
+
+# model
+
+
+@dataclass(frozen=True)
+class JobModel:
+    """The 4-bit base model with its LoRA layers, the dtype it computes in, and the speed plan
+    (worker.training.speed) applied to it."""
+
+    model: Any
+    dtype: torch.dtype
+    speed: SpeedPlan
+
+
+def load_model(job: JobSetup) -> JobModel:
+    """Loads the model and applies the speed plan for the job's shapes (said on a GPU)."""
+    spec = job.spec
     dtype = compute_dtype(spec.quantization)
     model = load_quantized_lora_model(spec, dtype)
     t = spec.training
@@ -177,133 +168,123 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     )
     apply_speed_plan(model, speed)
     if torch.cuda.is_available():
-        say(job_id, f"training step: {speed.describe()}", speed=dataclasses.asdict(speed))
-    log.info("job %s: data and model ready in %.1f s", job_id, time.perf_counter() - started)
+        job.say(f"training step: {speed.describe()}", speed=dataclasses.asdict(speed))
+    return JobModel(model, dtype, speed)
 
-    progress: JobProgressCallback | FollowerCallback = (
-        JobProgressCallback(claim, files, settings.flush_interval_s, stop or threading.Event())
-        if main
-        else FollowerCallback()
+
+# trainer
+
+
+def progress_callback(job: JobSetup, flush_interval_s: float, stop: threading.Event | None) -> Progress:
+    """The main process's callback streams metrics, zips and records checkpoints and stops the
+    training on a cancel, a pause or `stop`; other ranks' follow its decisions."""
+    if job.main:
+        return JobProgressCallback(job.claim, job.files, flush_interval_s, stop or threading.Event())
+    return FollowerCallback()
+
+
+def build_trainer(job: JobSetup, data: JobData, model: JobModel, progress: Progress) -> Trainer:
+    """The Trainer for the job: its arguments, and its samples packed (the default) or padded."""
+    args = training_arguments(
+        job.spec, job.files.output_dir, model.dtype, evaluate=data.eval is not None, speed=model.speed
     )
-    args = training_arguments(spec, files.output_dir, dtype, evaluate=eval_data is not None, speed=speed)
-    if spec.training.packing:
-        full_rows = packing_mode(spec) == FULL_ROWS
-        per_process = t.batch_size * t.gradient_accumulation_steps // world_size()
-        train_set, eval_set = _packed(data, spec, per_process, full_rows), None
-        if eval_data is not None:
-            eval_set = _packed(eval_data, spec, t.batch_size)
-        what = (
-            f"micro-batches of {t.batch_size} full rows" if full_rows else f"items of {per_process} samples"
-        )
-        say(
-            job_id,
-            f"packed {len(data)} samples into {len(train_set)} {what} "
-            f"for {world_size()} process(es): {train_set.mean_samples_per_step:.2f} samples per item, "
-            f"{train_set.fill:.1%} of computed tokens real",
-            steps=len(train_set),
-            samples_per_step=round(train_set.mean_samples_per_step, 3),
-            fill=round(train_set.fill, 4),
-        )
-        packed = PackedTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_set,
-            eval_dataset=eval_set,
-            data_collator=partial(
-                collate_packed, pad_token_id=tokenizer.pad_token_id, row_multiple=speed.row_multiple
-            ),
-            processing_class=tokenizer,
-            callbacks=[progress],
-        )
-        packed.mask_dtype = dtype if torch.cuda.is_available() else torch.float32
-        packed.mask_kind = speed.mask
-        trainer: Trainer = packed
-    else:
-        trainer = ServiceTrainer(
-            model=model,
-            args=args,
-            train_dataset=data,
-            eval_dataset=eval_data,
-            data_collator=DataCollatorForSeq2Seq(
-                tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest"
-            ),
-            processing_class=tokenizer,
-            callbacks=[progress],
-        )
-    resume_dir = files.checkpoint_dir(claim.resume_from) if claim.resume_from else None
+    if job.spec.training.packing:
+        return _packed_trainer(job, data, model, args, progress)
+    return ServiceTrainer(
+        model=model.model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=DataCollatorForSeq2Seq(
+            data.tokenizer, label_pad_token_id=IGNORE_INDEX, padding="longest"
+        ),
+        processing_class=data.tokenizer,
+        callbacks=[progress],
+    )
+
+
+def _packed_trainer(
+    job: JobSetup, data: JobData, model: JobModel, args: TrainingArguments, progress: Progress
+) -> PackedTrainer:
+    """A PackedTrainer over the samples packed into items (worker.training.packing), said."""
+    spec, t = job.spec, job.spec.training
+    full_rows = packing_mode(spec) == FULL_ROWS
+    per_process = t.batch_size * t.gradient_accumulation_steps // world_size()
+    train_set, eval_set = _packed(data.train, spec, per_process, full_rows), None
+    if data.eval is not None:
+        eval_set = _packed(data.eval, spec, t.batch_size)
+    what = f"micro-batches of {t.batch_size} full rows" if full_rows else f"items of {per_process} samples"
+    job.say(
+        f"packed {len(data.train)} samples into {len(train_set)} {what} "
+        f"for {world_size()} process(es): {train_set.mean_samples_per_step:.2f} samples per item, "
+        f"{train_set.fill:.1%} of computed tokens real",
+        steps=len(train_set),
+        samples_per_step=round(train_set.mean_samples_per_step, 3),
+        fill=round(train_set.fill, 4),
+    )
+    trainer = PackedTrainer(
+        model=model.model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=partial(
+            collate_packed, pad_token_id=data.tokenizer.pad_token_id, row_multiple=model.speed.row_multiple
+        ),
+        processing_class=data.tokenizer,
+        callbacks=[progress],
+    )
+    trainer.mask_dtype = model.dtype if torch.cuda.is_available() else torch.float32
+    trainer.mask_kind = model.speed.mask
+    return trainer
+
+
+# train
+
+
+def train(job: JobSetup, trainer: Trainer, progress: Progress) -> dict[str, Any]:
+    """Trains (from the claim's checkpoint when it resumes one) and returns the run's summary:
+    steps, the last training and validation losses, the mean training loss."""
+    resume_from = job.claim.resume_from
+    resume_dir = job.files.checkpoint_dir(resume_from) if resume_from else None
     if resume_dir is not None and not resume_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint {claim.resume_from} is missing on disk")
+        raise FileNotFoundError(f"checkpoint {resume_from} is missing on disk")
     try:
         result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     finally:
         progress.close()
-
-    summary = {
+    history = trainer.state.log_history
+    return {
         "steps": trainer.state.global_step,
-        "final_train_loss": _last(trainer.state.log_history, "loss"),
-        "final_eval_loss": _last(trainer.state.log_history, "eval_loss"),
+        "final_train_loss": _last(history, "loss"),
+        "final_eval_loss": _last(history, "eval_loss"),
         "train_loss_mean": round(result.training_loss, 4),
     }
-    if progress.stopped is not None:
-        return Outcome(progress.stopped, adapter=None, summary=summary)
-    saved = files.adapter_dir.with_name("adapter.new")
-    if main:
-        shutil.rmtree(saved, ignore_errors=True)
-    trainer.save_model(str(saved))  # every rank takes part; rank 0 writes
-    if not main:
-        return Outcome(stopped=None, adapter=None, summary=summary)
-    adapter = _save_adapter(saved, spec, job_id, files, summary)
-    return Outcome(stopped=None, adapter=adapter, summary=summary)
-
-
-def _packed(data: TrainingData, spec: JobSpec, samples_per_item: int, full_rows: bool = False) -> PackedData:
-    t = spec.training
-    lengths = [len(sample.input_ids) for sample in data.samples]
-    if full_rows:
-        steps = plan_full_rows(lengths, t.batch_size, t.max_seq_length, t.seed)
-    else:
-        steps = plan_steps(lengths, samples_per_item, t.batch_size, t.max_seq_length, t.seed)
-    return PackedData(data.samples, steps)
-
-
-class ServiceTrainer(Trainer):
-    """The Trainer, whose torch AdamW also resumes from a bitsandbytes AdamW checkpoint
-    (worker.training.speed runs paged_adamw_32bit as the fused torch AdamW on a GPU)."""
-
-    def create_optimizer(self, *args, **kwargs):
-        optimizer = super().create_optimizer(*args, **kwargs)
-        accept_bnb_adam_state(self.optimizer)
-        return optimizer
-
-
-class PackedTrainer(ServiceTrainer):
-    """Trains on packed steps: turns the collator's per-token sample numbers into a
-    sample-diagonal causal mask on the model's device."""
-
-    mask_dtype: torch.dtype = torch.float32
-    mask_kind: str = "sdpa"  # "flex": a FlexAttention BlockMask (worker.training.speed)
-
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        inputs = dict(inputs)
-        sequence_ids = inputs.pop("sequence_ids")
-        if self.mask_kind == "flex":
-            inputs["attention_mask"] = document_block_mask(sequence_ids)
-        else:
-            inputs["attention_mask"] = block_causal_mask(sequence_ids, self.mask_dtype)
-        return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 def _last(history: list[dict[str, Any]], key: str) -> float | None:
     return next((entry[key] for entry in reversed(history) if key in entry), None)
 
 
-def _quiet(*_: Any, **__: Any) -> None:
-    pass
+# save
 
 
-def _save_adapter(saved: Path, spec: JobSpec, job_id: str, files: JobFiles, summary: dict) -> ZipInfo:
-    """`saved` (adapter weights, adapter config, tokenizer files) becomes the job's adapter."""
+def save(job: JobSetup, trainer: Trainer, summary: dict[str, Any]) -> ZipInfo | None:
+    """Saves the trained adapter (every rank takes part, rank 0 writes) and, on the main process,
+    makes it the job's adapter; returns its zip (None on other ranks)."""
+    staged = job.files.adapter_staging_dir
+    if job.main:
+        shutil.rmtree(staged, ignore_errors=True)
+    trainer.save_model(str(staged))
+    if not job.main:
+        return None
+    return _publish_adapter(staged, job, summary)
+
+
+def _publish_adapter(staged: Path, job: JobSetup, summary: dict[str, Any]) -> ZipInfo:
+    """`staged` (adapter weights, adapter config, tokenizer files) becomes the job's adapter,
+    with its model card, and is zipped."""
+    files = job.files
     shutil.rmtree(files.adapter_dir, ignore_errors=True)
-    saved.rename(files.adapter_dir)
-    write_model_card(files.adapter_dir, spec.model_dump(mode="json"), job_id, summary)
+    staged.rename(files.adapter_dir)
+    write_model_card(files.model_card, job.spec.model_dump(mode="json"), job.id, summary)
     return zip_directory(files.adapter_dir, files.adapter_zip)
