@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
 from app.ids import CHECKPOINT_NAME
 from app.lifecycle import JobAction, allowed_actions
 from app.models import JobStatus
+from app.spec import stored_spec
 
 T = TypeVar("T")
 
@@ -55,7 +56,7 @@ class JobRead(_FromRow):
     id: str
     owner: str
     status: JobStatus
-    spec: dict[str, Any]
+    spec: dict[str, Any] = Field(description="The job spec, every field written out.")
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -70,6 +71,13 @@ class JobRead(_FromRow):
     trained_tokens: int | None = Field(description="Tokens trained on so far, padding not counted.")
     adapter_sha256: str | None
     adapter_size_bytes: int | None
+
+    @field_validator("spec")
+    @classmethod
+    def _through_job_spec(cls, stored: dict[str, Any]) -> dict[str, Any]:
+        """The stored spec as JobSpec reads it: a field an older row lacks shows the value the
+        job trains with (app/spec.py's default), not nothing."""
+        return stored_spec(stored).model_dump(mode="json")
 
     # mypy can't type a decorator over @property; pydantic's docs give this ignore for computed_field
     @computed_field(  # type: ignore[prop-decorator]

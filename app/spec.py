@@ -1,13 +1,16 @@
 """The job spec: every field optional, `{}` is the seed recipe (Phi-2 QLoRA on English oasst1).
 
-Shared by the API (validation) and the worker (training); it imports nothing heavy.
+Shared by the API (validation) and the worker (training); it imports nothing heavy. A job's
+spec is stored (jobs.spec) as JobSpec dumps it and read back through `stored_spec`, so every
+default lives here, once.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -16,6 +19,7 @@ from pydantic import (
     Field,
     HttpUrl,
     StringConstraints,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -67,9 +71,26 @@ def resolve_model_or_dataset(value: str) -> str:
 # Longest hub id or local path a spec may name.
 MAX_NAME_CHARS = 1024
 
+# Validation context of a stored spec being read back (`stored_spec`).
+STORED = "stored"
+
+
+def _unless_stored(check: Callable[[str], str]) -> Callable[[str, ValidationInfo], str]:
+    """`check` for a spec being submitted; a stored spec's names pass as they are: they were
+    checked and made absolute when its job was created (a file gone since is the worker's to
+    report when it opens it; a listing or a notification never fails over it)."""
+
+    def validate(value: str, info: ValidationInfo) -> str:
+        return value if isinstance(info.context, dict) and info.context.get(STORED) else check(value)
+
+    return validate
+
+
 # A field naming a model or dataset: validated and made absolute when local.
 ModelOrDataset = Annotated[
-    str, StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(resolve_model_or_dataset)
+    str,
+    StringConstraints(max_length=MAX_NAME_CHARS),
+    AfterValidator(_unless_stored(resolve_model_or_dataset)),
 ]
 
 # The seed recipe's base model and sequence lengths: the defaults of a job spec and of an upload's
@@ -87,7 +108,7 @@ def resolve_dataset_source(value: str) -> str:
 
 
 DatasetSource = Annotated[
-    str, StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(resolve_dataset_source)
+    str, StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(_unless_stored(resolve_dataset_source))
 ]
 # A dataset split: `train`, `validation[:10%]`, …
 Split = Annotated[str, StringConstraints(pattern=r"^[\w.\-\[\]:%]+$", max_length=128)]
@@ -229,6 +250,13 @@ MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
 
+# A job's spec is stored with every field written out (`model_dump(mode="json")`) and read back
+# only through `stored_spec`.
+#
+# Rule: changing a default, or adding a field whose default means something other than what jobs
+# stored before it did, needs an Alembic data migration that writes the old meaning into every
+# stored spec lacking the field (as app/migrations/versions/0007_stored_spec_defaults.py does for
+# `training.packing`); without it an old job, resumed, silently trains under the new default.
 class JobSpec(_Strict):
     name: str | None = Field(
         None,
@@ -273,3 +301,11 @@ class JobSpec(_Strict):
                     f"({t.gradient_accumulation_steps}) when packing is off"
                 )
         return self
+
+
+def stored_spec(spec: Mapping[str, Any]) -> JobSpec:
+    """A job's stored spec (the `jobs.spec` column) as a JobSpec: the one way specs are read
+    back, so a field an old row lacks takes its default from here (and the data migrations
+    write the old meaning where a default changed: see JobSpec). Local paths are not checked
+    again (`_unless_stored`)."""
+    return JobSpec.model_validate(spec, context={STORED: True})

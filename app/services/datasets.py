@@ -22,7 +22,7 @@ from app.queue import TASK_ANALYZE_DATASET, samples_queue, send
 from app.schemas import DatasetRead, Page
 from app.services.pagination import newest_first
 from app.settings import get_settings
-from app.spec import JobSpec
+from app.spec import JobSpec, stored_spec
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def delete_dataset(dataset_id: str, owner: str) -> None:
                 Job.owner == owner, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED))
             )
         )
-        users = [job.id for job in active if dataset_id in _dataset_references(job.spec)]
+        users = [job.id for job in active if dataset_id in _dataset_references(stored_spec(job.spec))]
         if users:
             raise DatasetInUse(f"dataset {dataset_id} is used by {', '.join(users)}; cancel them first")
         folder = Path(row.path).parent
@@ -144,9 +144,8 @@ def delete_dataset(dataset_id: str, owner: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _dataset_references(spec: dict[str, Any]) -> set[str]:
-    dataset = spec.get("dataset") or {}
-    return {ref for ref in (dataset.get("source"), dataset.get("validation_source")) if ref is not None}
+def _dataset_references(spec: JobSpec) -> set[str]:
+    return {ref for ref in (spec.dataset.source, spec.dataset.validation_source) if ref is not None}
 
 
 def set_token_stats(dataset_id: str, tokens: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from app.models import DeliveryStatus, Job, Notification, utcnow
 from app.services import outbound
 from app.services.events import add_event
 from app.settings import get_settings
+from app.spec import stored_spec
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ def signed_headers(message_id: str, body: bytes, secret: str, now: datetime) -> 
 def queue_notification(session: Session, job_id: str, status: str, message: str) -> None:
     """Called with every final status change; adds an outbox row if the job asked for one."""
     job = session.get(Job, job_id, populate_existing=True)  # the values just written
-    url = job.spec.get("notify_url") if job is not None else None
-    if job is None or not url:
+    if job is None or (notify_url := stored_spec(job.spec).notify_url) is None:
         return
+    url = str(notify_url)
     payload = {
         "event": "job.finished",
         "job_id": job_id,

@@ -13,7 +13,7 @@ from typing import Any
 from app.models import DatasetStatus, JobStatus
 from app.schemas import CheckpointRead, DatasetRead, EventRead, JobRead, MetricRead
 from app.services.timeline import Entry
-from app.spec import JobSpec
+from app.spec import JobSpec, stored_spec
 
 from .requests import RECIPE_LEARNING_RATE
 
@@ -62,36 +62,26 @@ def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
-def hyperparameters(spec: dict[str, Any]) -> dict[str, Any]:
-    training = spec["training"]
+def hyperparameters(spec: JobSpec) -> dict[str, Any]:
+    training = spec.training
     return {
-        "n_epochs": _number(training["epochs"]),
-        "batch_size": training["batch_size"] * training["gradient_accumulation_steps"],
-        "learning_rate_multiplier": training["learning_rate"] / RECIPE_LEARNING_RATE,
+        "n_epochs": _number(training.epochs),
+        "batch_size": training.batch_size * training.gradient_accumulation_steps,
+        "learning_rate_multiplier": training.learning_rate / RECIPE_LEARNING_RATE,
     }
 
 
-def model_name(job: JobRead) -> str:
+def model_name(spec: JobSpec) -> str:
     """The base model as a user named it: a hub id, or a local folder's name."""
-    base = job.spec.get("base_model", RECIPE["base_model"])
+    base = spec.base_model
     return PurePath(base).name if base.startswith("/") else base
 
 
 def fine_tuned_model(job: JobRead, step: int | None = None) -> str:
     """OpenAI's `ft:<model>:<owner>:<suffix>:<job>` naming, `:ckpt-step-N` for a checkpoint."""
-    name = f"ft:{model_name(job)}:{job.owner}:{job.spec.get('name') or ''}:{job.id}"
+    spec = stored_spec(job.spec)
+    name = f"ft:{model_name(spec)}:{job.owner}:{spec.name or ''}:{job.id}"
     return name if step is None else f"{name}:ckpt-step-{step}"
-
-
-RECIPE = JobSpec().model_dump(mode="json")
-
-
-def full_spec(job: JobRead) -> dict[str, Any]:
-    """The job's stored spec over the recipe's values (rows of older versions may lack fields)."""
-    return {
-        key: {**default, **job.spec.get(key, {})} if isinstance(default, dict) else job.spec.get(key, default)
-        for key, default in RECIPE.items()
-    }
 
 
 # A job's result file: its metric rows as CSV, once it has stopped (OpenAI's `result_files`).
@@ -123,7 +113,7 @@ def results_file_object(job: JobRead, size: int) -> dict[str, Any]:
 
 
 def job_object(job: JobRead, estimated_finish: datetime | None = None) -> dict[str, Any]:
-    spec = full_spec(job)
+    spec = stored_spec(job.spec)
     hyper = hyperparameters(spec)
     succeeded = job.status == JobStatus.SUCCEEDED
     error = None
@@ -133,22 +123,22 @@ def job_object(job: JobRead, estimated_finish: datetime | None = None) -> dict[s
         "id": job.id,
         "object": "fine_tuning.job",
         "created_at": unix(job.created_at),
-        "model": model_name(job),
+        "model": model_name(spec),
         "fine_tuned_model": fine_tuned_model(job) if succeeded else None,
         "finished_at": unix(job.finished_at),
         "status": job.status,
         "error": error,
         "hyperparameters": hyper,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
-        "training_file": spec["dataset"]["source"],
-        "validation_file": spec["dataset"].get("validation_source"),
+        "training_file": spec.dataset.source,
+        "validation_file": spec.dataset.validation_source,
         "result_files": [results_file_id(job.id)] if job.status.stopped else [],
         "trained_tokens": job.trained_tokens,
-        "seed": spec["training"]["seed"],
+        "seed": spec.training.seed,
         "estimated_finish": unix(estimated_finish),
-        "metadata": spec.get("metadata"),
+        "metadata": spec.metadata,
         "organization_id": job.owner,
-        "user_provided_suffix": spec.get("name"),
+        "user_provided_suffix": spec.name,
         "integrations": [],
         "adapter_url": f"/jobs/{job.id}/adapter" if succeeded else None,
     }
