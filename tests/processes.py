@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import REPO, bearer
+from tests.helpers import wait_until
 
 
 def free_port() -> int:
@@ -65,15 +65,13 @@ def service_process(argv: list[str], env: dict[str, str], log_path: Path) -> Ite
 
 
 def wait_healthy(base_url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         try:
-            if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
-                return
+            return httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200
         except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{base_url} did not become healthy")
+            return False
+
+    wait_until(healthy, timeout, what=f"{base_url}/healthz to answer 200")
 
 
 @contextmanager
@@ -107,22 +105,35 @@ def read_job(client: httpx.Client, job_id: str) -> dict | None:
     return response.json() if response.status_code == 200 else None
 
 
+def job_state(client: httpx.Client, job_id: str) -> str:
+    """Where the job is now, for a failure message."""
+    job = read_job(client, job_id)
+    return f"it is {job['status']} at step {job['current_step']}" if job else "the API does not answer"
+
+
 def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    job = None
-    while time.monotonic() < deadline:
+    def reached() -> dict | None:
         job = read_job(client, job_id)
-        if job and job["status"] in statuses:
-            return job
-        time.sleep(0.25)
-    raise TimeoutError(f"job {job_id} still {job and job['status']} after {timeout} s")
+        return job if job and job["status"] in statuses else None
+
+    return wait_until(
+        reached,
+        timeout,
+        what=f"job {job_id} to be {' or '.join(sorted(statuses))}",
+        every=0.25,
+        state=lambda: job_state(client, job_id),
+    )
 
 
 def wait_for_step(client: httpx.Client, job_id: str, step: int, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached() -> dict | None:
         job = read_job(client, job_id)
-        if job and job["current_step"] >= step:
-            return job
-        time.sleep(0.1)
-    raise TimeoutError(f"job {job_id} did not reach step {step}")
+        return job if job and job["current_step"] >= step else None
+
+    return wait_until(
+        reached,
+        timeout,
+        what=f"job {job_id} to reach step {step}",
+        every=0.1,
+        state=lambda: job_state(client, job_id),
+    )

@@ -7,23 +7,14 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from tests.helpers import wait_until
 from tests.processes import free_port
-
-
-def _wait(check, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise TimeoutError("server did not come up")
 
 
 @dataclass
@@ -55,13 +46,16 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
         )
-        _wait(
+        wait_until(
             lambda: (
                 subprocess.run(
                     ["redis-cli", "-p", str(self.port), "ping"], capture_output=True
                 ).stdout.strip()
                 == b"PONG"
-            )
+            ),
+            30,
+            what=f"redis-server on port {self.port} to answer PING",
+            every=0.1,
         )
 
     def stop(self) -> None:

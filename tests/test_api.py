@@ -15,6 +15,7 @@ import pytest
 from app.models import JobStatus, utcnow
 from app.services import runs
 from tests.conftest import TEST_OWNER
+from tests.helpers import metric_stream
 from worker.training.artifacts import zip_directory
 
 
@@ -280,14 +281,9 @@ def test_log_stream_sends_rows_from_last_event_id_and_ends_with_the_job(client):
     runs.finish_job(claim, "failed", "boom", error="boom")
     job_id = claim.job_id
 
-    with client.stream(
-        "GET", f"/jobs/{job_id}/logs", headers={"Accept": "text/event-stream", "Last-Event-ID": "2"}
-    ) as response:
-        body = "".join(response.iter_text())
-
-    events = [block for block in body.split("\r\n\r\n") if block.strip() and not block.startswith(":")]
-    assert [e.splitlines()[0] for e in events[:-1]] == ["id: 3", "id: 4"]
-    assert events[-1].startswith("event: end") and '"failed"' in events[-1]
+    *rows, end = metric_stream(client, job_id, last_event_id="2")
+    assert [(e.event, e.id, e.json()["step"]) for e in rows] == [("metric", "3", 3), ("metric", "4", 4)]
+    assert end.event == "end" and end.json()["status"] == "failed"
 
 
 def test_an_evaluation_that_arrives_after_its_steps_row_reaches_live_streams(client):
@@ -322,12 +318,11 @@ def test_an_evaluation_that_arrives_after_its_steps_row_reaches_live_streams(cli
         ("end", None, None),
     ]
     # a client resuming after step 2 gets step 2's evaluation again, then what follows
-    with client.stream(
-        "GET", f"/jobs/{claim.job_id}/logs", headers={"Accept": "text/event-stream", "Last-Event-ID": "2"}
-    ) as response:
-        body = "".join(response.iter_text())
-    events = [block for block in body.split("\r\n\r\n") if block.strip() and not block.startswith(":")]
-    assert [e.splitlines()[0] for e in events] == ["event: eval", "id: 3", "event: end"]
+    # (the eval event comes first with no `id:` line: its id is "", no earlier id to keep)
+    events = metric_stream(client, claim.job_id, last_event_id="2")
+    assert [(e.event, e.id) for e in events] == [("eval", ""), ("metric", "3"), ("end", "3")]
+    assert (events[0].json()["step"], events[0].json()["eval_loss"]) == (2, 1.5)
+    assert events[1].json()["step"] == 3
 
 
 def test_metric_rows_are_unique_per_step_and_merge(client):

@@ -38,6 +38,7 @@ from tests.conftest import (
     fresh_postgres_database,
     unique_queue,
 )
+from tests.helpers import wait_until
 from tests.processes import free_port, service_process, wait_for, wait_for_step
 from tests.servers import WebhookReceiver
 
@@ -166,13 +167,15 @@ def compose_env(data_dir: Path, database_url: str, broker_url: str, port: int) -
 def run_healthcheck(service: dict, env: dict[str, str], timeout: float = 90) -> None:
     test = service["healthcheck"]["test"]
     assert test[0] == "CMD"
-    deadline = time.monotonic() + timeout
-    while True:
-        result = subprocess.run(test[1:], env={**os.environ, **env}, capture_output=True, text=True, cwd=REPO)
-        if result.returncode == 0:
-            return
-        assert time.monotonic() < deadline, f"{test} kept failing: {result.stdout}{result.stderr}"
-        time.sleep(1)
+
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run(test[1:], env={**os.environ, **env}, capture_output=True, text=True, cwd=REPO)
+
+    def failure() -> str:
+        result = check()
+        return f"it exits {result.returncode}: {result.stdout}{result.stderr}"
+
+    wait_until(lambda: check().returncode == 0, timeout, what=f"{test} to pass", every=1, state=failure)
 
 
 @contextmanager
@@ -254,11 +257,14 @@ def finished_job(deployment: Deployment, receiver: WebhookReceiver, tmp_path_fac
     # while it trains, /metrics shows the operator its throughput
     operator = {"Authorization": f"Bearer {METRICS_TOKEN}"}
     with httpx.Client(base_url=deployment.url, headers=operator, timeout=30) as client:
-        deadline = time.monotonic() + 180
-        while f'finetune_job_steps_per_second{{job_id="{job_id}"' not in client.get("/metrics").text:
-            assert time.monotonic() < deadline and follow.poll() is None, "no throughput in /metrics"
-            time.sleep(0.5)
-        metrics = client.get("/metrics").text
+        gauge = f'finetune_job_steps_per_second{{job_id="{job_id}"'
+
+        def throughput() -> str | None:
+            assert follow.poll() is None, "`logs --follow` ended before /metrics showed the throughput"
+            text = client.get("/metrics").text
+            return text if gauge in text else None
+
+        metrics = wait_until(throughput, 180, what=f"the job's throughput in /metrics ({gauge})", every=0.5)
     output, _ = follow.communicate(timeout=300)
     return {"id": job_id, "follow_rc": follow.returncode, "follow_output": output, "metrics": metrics}
 
@@ -322,10 +328,12 @@ def test_download_checks_the_sha256(deployment, finished_job, tmp_path):
 
 
 def test_the_job_end_is_notified_signed_and_retried(deployment, finished_job, receiver, monkeypatch):
-    deadline = time.monotonic() + 60
-    while len(receiver.requests) < 2:
-        assert time.monotonic() < deadline, receiver.requests
-        time.sleep(0.2)
+    wait_until(
+        lambda: len(receiver.requests) >= 2,
+        60,
+        what="the job-end notification and its retry",
+        state=lambda: f"received {receiver.requests}",
+    )
     for headers, body in receiver.requests:
         payload = Webhook(NOTIFY_SECRET).verify(body, headers)  # a Standard Webhooks receiver's check
         assert (payload["job_id"], payload["status"], payload["event"]) == (
@@ -482,32 +490,24 @@ def browser(tmp_path) -> Iterator:
     driver.quit()
 
 
-def wait_until(condition, timeout: float = 60, interval: float = 0.2, message: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, message or "condition not met"
-        time.sleep(interval)
-
-
 def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, finished_job, browser):
     from selenium.webdriver.common.by import By
 
     browser.get(f"{deployment.url}/ui/")
-    wait_until(lambda: browser.find_element(By.ID, "key-view").is_displayed(), message="no key prompt")
+    wait_until(lambda: browser.find_element(By.ID, "key-view").is_displayed(), what="the key prompt")
     browser.find_element(By.ID, "key-input").send_keys(deployment.key)
     browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
     row = wait_until(
         lambda: browser.find_elements(By.CSS_SELECTOR, f'tr[data-job="{finished_job["id"]}"]'),
-        message="the job is not in the table",
+        what="the job's row in the table",
     )[0]
     assert "succeeded" in row.text
 
     # a finished run: its whole curve, point for point as stored
     row.find_element(By.TAG_NAME, "a").click()
-    wait_until(lambda: browser.execute_script("return window.dashboard.ready"), message="job page not ready")
+    wait_until(
+        lambda: browser.execute_script("return window.dashboard.ready"), what="the job page to be ready"
+    )
     with deployment.client() as client:
         rows = client.get(f"/jobs/{finished_job['id']}/logs").json()["items"]
     drawn = browser.execute_script("return window.dashboard.charts.loss.data")
@@ -522,7 +522,7 @@ def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, fi
     sample = wait_until(
         lambda: browser.execute_script("return window.dashboard.lastSample"),
         timeout=120,
-        message="no answer in the samples box",
+        what="an answer in the samples box",
     )
     assert sample["status"] == "succeeded" and sample["checkpoint"] is None, sample
     assert browser.find_element(By.ID, "sample-output").text == (sample["completion"] or "(an empty answer)")
@@ -537,13 +537,19 @@ def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, fi
         spec["training"].update(max_steps=16, save_steps=2, save_total_limit=10)
         live = client.post("/jobs", json=spec).json()["id"]
         browser.get(f"{deployment.url}/ui/#/jobs/{live}")
-        wait_until(lambda: browser.execute_script("return window.dashboard.ready"))
+        wait_until(
+            lambda: browser.execute_script("return window.dashboard.ready"),
+            what="the live job's page to be ready",
+        )
         wait_until(
             lambda: browser.execute_script("return window.dashboard.rows.length") >= 3,
             timeout=120,
-            message="no live points",
+            what="3 live points",
         )
-        wait_until(lambda: client.get(f"/jobs/{live}/checkpoints").json()["items"], timeout=60)
+        wait_until(
+            lambda: client.get(f"/jobs/{live}/checkpoints").json()["items"],
+            what="the live job's first checkpoint",
+        )
         asked = time.monotonic()
         browser.find_element(By.ID, "cancel-button").click()
         cancelled = wait_for(client, live, {"cancelled", "failed", "succeeded"}, timeout=60)
@@ -555,11 +561,15 @@ def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, fi
             f"FIGURE cancel: training stopped {cancel_seconds:.1f} s after the click, at step "
             f"{cancelled['current_step']}; no metric row after it"
         )
-        wait_until(lambda: browser.find_element(By.ID, "job-status").text == "cancelled", timeout=30)
+        wait_until(
+            lambda: browser.find_element(By.ID, "job-status").text == "cancelled",
+            timeout=30,
+            what="the page to show the job cancelled",
+        )
         steps = list(range(1, cancelled["current_step"] + 1))
         wait_until(
             lambda: browser.execute_script("return window.dashboard.charts.loss.data[0]") == steps,
-            message="the chart does not end at the step the job stopped at",
+            what="the chart to end at the step the job stopped at",
         )
         latest = client.get(f"/jobs/{live}/checkpoints").json()["items"][-1]
 
@@ -580,7 +590,7 @@ def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, fi
                 browser.execute_script("return window.dashboard.charts.loss.data[0]") == list(range(1, 17))
             ),
             timeout=60,
-            message="the chart did not follow the resumed run to its end",
+            what="the chart to follow the resumed run to its end",
         )
 
 
@@ -596,9 +606,6 @@ def test_health_answers_for_a_worker_on_the_embedded_broker(service_env, tmp_pat
 
     assert service_env["FINETUNE_BROKER_URL"].startswith("sqla+sqlite")
     with finetune_process("worker", service_env, tmp_path):
-        deadline = time.monotonic() + 60
-        while health("worker") != 0:
-            assert time.monotonic() < deadline, "the worker never reported healthy"
-            time.sleep(1)
+        wait_until(lambda: health("worker") == 0, 60, what="`finetune health worker` to say healthy", every=1)
         assert health("sampler") == 1  # none runs
     assert health("worker") == 1  # stopped: its heartbeat is gone

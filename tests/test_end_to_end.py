@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 import time
 import zipfile
@@ -16,6 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import demo_spec, sqlite_only
+from tests.helpers import metric_stream
 from tests.processes import running_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
@@ -24,24 +24,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
 def stream_metrics(client: httpx.Client, job_id: str) -> tuple[list[dict], dict]:
     """Read the live SSE stream until the job ends: (metric rows, with the evaluation results
     that arrived after their step's row merged in, end event)."""
-    rows, end, event = [], None, None
-    with client.stream(
-        "GET", f"/jobs/{job_id}/logs", headers={"Accept": "text/event-stream"}, timeout=300
-    ) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                data = json.loads(line.removeprefix("data: "))
-                if event == "end":
-                    end = data
-                    break
-                if event == "eval":  # a row already sent, now with its eval_loss
-                    rows = [data if row["step"] == data["step"] else row for row in rows]
-                else:
-                    rows.append(data)
-    return rows, end
+    rows: list[dict] = []
+    *sent, end = metric_stream(client, job_id)
+    assert end.event == "end", end
+    for event in sent:
+        data = event.json()
+        if event.event == "eval":  # a row already sent, now with its eval_loss
+            rows = [data if row["step"] == data["step"] else row for row in rows]
+        else:
+            rows.append(data)
+    return rows, end.json()
 
 
 def submit(client: httpx.Client, spec: dict) -> dict:

@@ -15,9 +15,11 @@ import pytest
 
 from app.storage import JobFiles
 from tests.conftest import demo_spec, needs_redis, reset_caches, sqlite_only
+from tests.helpers import wait_until
 from tests.processes import (
     finetune_process,
     free_port,
+    job_state,
     running_service,
     wait_for,
     wait_for_step,
@@ -54,16 +56,6 @@ def metric_times(client, job_id: str) -> list[float]:
 @pytest.fixture
 def fast_leases(redis_env) -> dict[str, str]:
     return {**redis_env, "FINETUNE_LEASE_S": "3", "FINETUNE_SWEEP_INTERVAL_S": "1"}
-
-
-def wait_until(predicate, timeout: float = 300, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not met")
 
 
 @needs_redis
@@ -136,7 +128,13 @@ def test_kill_9_during_a_checkpoint_save_resumes_from_the_previous_complete_one(
             files = JobFiles(tmp_path / "data" / "jobs" / job["id"])
             # transformers writes checkpoint-10 in place; it becomes complete only once zipped
             # and recorded. Kill the moment its folder appears.
-            wait_until(lambda: files.checkpoint_dir("checkpoint-10").exists(), every=0.001)
+            wait_until(
+                lambda: files.checkpoint_dir("checkpoint-10").exists(),
+                300,
+                what="checkpoint-10's folder to appear",
+                every=0.001,
+                state=lambda: job_state(client, job["id"]),
+            )
             os.killpg(first.pid, signal.SIGKILL)
         left = sorted(p.name for p in files.output_dir.iterdir()) + sorted(
             p.name for p in (files.root / "checkpoints").iterdir()

@@ -1,13 +1,12 @@
 """A small HTTP client for the service's REST API: what the `finetune` client commands use.
 
 It knows the routes and the error shape (`{"error": code, "detail": ...}`), reads the live
-metric stream (server-sent events, reconnecting with `Last-Event-ID`), and downloads files
-with a checksum check. It imports nothing heavy."""
+metric stream (server-sent events, parsed by httpx-sse; a dropped stream is reopened after the
+last step seen), and downloads files with a checksum check. It imports nothing heavy."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import SSEError, connect_sse
 
 from app.models import SampleStatus
 
@@ -46,6 +46,8 @@ def _describe(response: httpx.Response) -> RequestFailed:
 class StreamEvent:
     event: str
     data: dict[str, Any]
+    # The stream's last event id: the step of the last `metric` row sent on this connection (an
+    # event without an `id:` line keeps it, as the SSE spec says); None before the first.
     id: str | None
 
 
@@ -171,32 +173,19 @@ class ServiceClient:
                 time.sleep(1)
 
     def _stream(self, job_id: str, last_id: str) -> Iterator[StreamEvent]:
-        headers = {"Accept": "text/event-stream"}
-        params = {"after_step": last_id}
-        with self.http.stream(
-            "GET", f"/jobs/{job_id}/logs", headers=headers, params=params, timeout=None
-        ) as response:
+        """One connection's events, parsed by httpx-sse."""
+        path = f"/jobs/{job_id}/logs"
+        with connect_sse(self.http, "GET", path, params={"after_step": last_id}, timeout=None) as source:
+            response = source.response
             if response.status_code >= 400:
                 response.read()
                 raise _describe(response)
-            data: list[str] = []
-            event, event_id = "message", None
-            for line in response.iter_lines():
-                if not line:  # a blank line ends one event
-                    if data:
-                        yield StreamEvent(event, json.loads("\n".join(data)), event_id)
-                    event, data, event_id = "message", [], None
-                elif line.startswith(":"):
-                    continue  # a ping
-                else:
-                    name, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if name == "event":
-                        event = value
-                    elif name == "data":
-                        data.append(value)
-                    elif name == "id":
-                        event_id = value
+            try:
+                for event in source.iter_sse():
+                    if event.data:  # not a ping (httpx-sse yields one after an id, with no data)
+                        yield StreamEvent(event.event, event.json(), event.id or None)
+            except SSEError as exc:  # an answer that is no event stream (a proxy's page): no retry
+                raise RequestFailed(f"GET {path}: {exc}", response.status_code) from exc
 
     # --- files ----------------------------------------------------------------------------
     def download(
