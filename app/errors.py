@@ -126,6 +126,29 @@ class SampleNotFound(ServiceError):
     code = "sample_not_found"
 
 
+class ModelNotFound(ServiceError):
+    """No such model, or not yours: `GET /v1/models` lists the fine-tuned models and checkpoints
+    you can call."""
+
+    status_code = 404
+    code = "model_not_found"
+
+
+class SampleFailed(ServiceError):
+    """The sampler could not answer (its adapter is gone, the model raised); `detail` says why."""
+
+    status_code = 502
+    code = "sample_failed"
+
+
+class SampleTimedOut(ServiceError):
+    """The sampler did not answer within FINETUNE_COMPLETION_TIMEOUT_S (busy, or not running)."""
+
+    status_code = 504
+    code = "sample_timed_out"
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
+
+
 class IdempotencyKeyReused(ServiceError):
     """This Idempotency-Key was sent before with a different request."""
 

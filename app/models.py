@@ -239,7 +239,9 @@ class SampleStatus:
 
 
 class Sample(Base):
-    """A prompt answered by a job's base model plus its adapter (or one of its checkpoints)."""
+    """A prompt answered by a job's base model plus its adapter (or one of its checkpoints):
+    `POST /jobs/{id}/generate` and the OpenAI-style `/v1/chat/completions` and `/v1/completions`.
+    While it runs, `completion` holds the text so far (a stream reads it as it grows)."""
 
     __tablename__ = "samples"
 
@@ -247,11 +249,22 @@ class Sample(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     # null: the final adapter
     checkpoint: Mapped[str | None] = mapped_column(String(64))
+    # The last thing the user said, or a raw prompt's text (shown in listings)
     prompt: Mapped[str] = mapped_column(Text)
+    # The conversation to answer ({"role", "content"} items), rendered as the job was trained;
+    # null: `prompt` is continued as it is (/v1/completions)
+    messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
     max_new_tokens: Mapped[int]
     temperature: Mapped[float] = mapped_column(Float)
+    top_p: Mapped[float] = mapped_column(Float, default=1.0)
+    stop: Mapped[list[str] | None] = mapped_column(JSON)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(16), default=SampleStatus.QUEUED)
     completion: Mapped[str | None] = mapped_column(Text)
+    # "stop" (the model ended its reply, or a stop string) or "length" (max_new_tokens reached)
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
+    prompt_tokens: Mapped[int | None]
+    completion_tokens: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]

@@ -151,6 +151,8 @@ class SampleRequest(BaseModel):
     )
     max_new_tokens: int = Field(128, ge=1, le=2048)
     temperature: float = Field(0.0, ge=0, le=2, description="0 answers greedily.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Sample from the smallest set of tokens this likely.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="The same seed, the same answer.")
     wait_s: float | None = Field(
         None, ge=0, le=300, description="How long to wait for the answer before a 202 (default 60 s)."
     )
@@ -161,10 +163,19 @@ class SampleRead(_FromRow):
     job_id: str
     checkpoint: str | None = Field(description="null: the final adapter.")
     prompt: str
+    messages: list[dict[str, str]] | None = Field(
+        description="The conversation answered; null: `prompt` continued as it is."
+    )
     max_new_tokens: int
     temperature: float
+    top_p: float
+    stop: list[str] | None
+    seed: int | None
     status: str = Field(description="queued, running, succeeded or failed.")
-    completion: str | None
+    completion: str | None = Field(description="The answer; while running, the text so far.")
+    finish_reason: str | None = Field(description="stop (the model ended, or a stop string) or length.")
+    prompt_tokens: int | None
+    completion_tokens: int | None
     error: str | None
     created_at: datetime
     finished_at: datetime | None

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # and frees it after each answer on a GPU (which a training may need: a 16 GB T4 holds one
     # Phi-2 training, not a second copy of the base beside it); "true" / "false" force either.
     sampler_keep_model: Literal["auto", "true", "false"] = "auto"
+    # How many adapters of one base the sampler keeps loaded on it (the least recently used one
+    # is dropped beyond that): answering for another job of the same base switches adapters.
+    sampler_adapters: int = Field(4, ge=1, le=64)
     # Where the sampler answers: "auto" on the GPU when the model fits beside what runs there
     # (a training on the same card), else on the CPU, slower but never out of memory; "cuda" /
     # "cpu" force either (worker/placement.py).
@@ -82,6 +85,9 @@ class Settings(BaseSettings):
     gpu_memory_gib: float | None = Field(default=None, gt=0)
     # How long POST /jobs/{id}/generate waits for the sampler before answering 202.
     sample_wait_s: float = 60.0
+    # How long /v1/chat/completions and /v1/completions wait for the sampler before a 504 (the
+    # openai client waits 600 s by default).
+    completion_timeout_s: float = Field(300.0, gt=0)
     # How often the worker flushes metric rows and looks for a cancel request.
     flush_interval_s: float = 1.0
     # How often an SSE stream polls the database for new metric rows.

@@ -13,7 +13,7 @@ from app.db import session_scope
 from app.models import ApiKey, Checkpoint, Job, JobStatus, Sample, utcnow
 from app.services.keys import create_key, revoke_key
 from app.storage import job_files
-from tests.conftest import REPO, bearer, demo_spec
+from tests.conftest import REPO, bearer, demo_spec, reset_caches
 from tests.test_datasets import CHAT, jsonl, queued_messages, upload
 
 PUBLIC = {"/healthz"}
@@ -49,8 +49,14 @@ def operations(client) -> list[tuple[str, str]]:
     return [(method.upper(), path) for path, ops in paths.items() for method in ops if path not in PUBLIC]
 
 
-# Bodies for operations that need one (a route whose body is required must be listed here).
-BODIES = {("POST", "/jobs"): {}, ("POST", "/jobs/{job_id}/generate"): {"prompt": "Hello", "wait_s": 0}}
+# Bodies for operations that need one (a route whose body is required must be listed here); a
+# completion names the model in `values`, and streams (it ends when the sampler doesn't answer).
+BODIES = {
+    ("POST", "/jobs"): {},
+    ("POST", "/jobs/{job_id}/generate"): {"prompt": "Hello", "wait_s": 0},
+    ("POST", "/v1/chat/completions"): {"messages": [{"role": "user", "content": "Hi"}], "stream": True},
+    ("POST", "/v1/completions"): {"prompt": "Hi", "stream": True},
+}
 
 
 def a_sample(job_id: str) -> str:
@@ -63,10 +69,15 @@ def a_sample(job_id: str) -> str:
 
 def call(client, operation: tuple[str, str], values: dict[str, str], headers: dict[str, str]):
     method, template = operation
-    return client.request(method, template.format(**values), headers=headers, json=BODIES.get(operation))
+    body = BODIES.get(operation)
+    if operation[1] in ("/v1/chat/completions", "/v1/completions"):
+        body = {**body, "model": values["model"]}
+    return client.request(method, template.format(**values), headers=headers, json=body)
 
 
-def test_every_route_needs_a_key_and_hides_other_owners_things(client, service_env):
+def test_every_route_needs_a_key_and_hides_other_owners_things(client, service_env, monkeypatch):
+    monkeypatch.setenv("FINETUNE_COMPLETION_TIMEOUT_S", "0.3")  # no sampler runs here
+    reset_caches()
     alice = dict(client.headers)
     bob = bearer("bob")
     dataset = upload(client, "chat.jsonl", jsonl(CHAT)).json()
@@ -77,6 +88,7 @@ def test_every_route_needs_a_key_and_hides_other_owners_things(client, service_e
         "dataset_id": dataset["id"],
         "file_id": upload(client, "chat.jsonl", jsonl(CHAT)).json()["id"],  # deleted by its own route
         "sample_id": a_sample(job_id),
+        "model": client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["fine_tuned_model"],
     }
     revoked = bearer("alice")
     assert revoke_key(revoked["Authorization"].split()[1].split(".")[0])

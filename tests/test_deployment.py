@@ -366,6 +366,9 @@ def test_the_job_end_is_notified_signed_and_retried(deployment, finished_job, re
 
 
 def test_generate_answers_with_the_jobs_adapter(deployment, finished_job):
+    from openai import OpenAI
+
+    from app.models import Sample
     from app.spec import JobSpec
     from worker.sampling import generate
     from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
@@ -383,8 +386,19 @@ def test_generate_answers_with_the_jobs_adapter(deployment, finished_job):
         load_quantized_model(spec, compute_dtype(spec.quantization)),
         deployment.data_dir / "jobs" / finished_job["id"] / "adapter",
     )
-    expected = generate(model.eval(), load_tokenizer(spec.base_model), prompt, 12, 0.0)
-    assert answered.stdout.strip() == expected.strip()
+    asked = Sample(prompt=prompt, messages=[{"role": "user", "content": prompt}], max_new_tokens=12)
+    asked.temperature, asked.top_p = 0.0, 1.0
+    expected = generate(model.eval(), load_tokenizer(spec.base_model), asked).text
+    assert answered.stdout.strip() == expected
+
+    # the official client alone, from the job to a chat answer by the sampler process (issue 16)
+    ai = OpenAI(base_url=f"{deployment.url}/v1", api_key=deployment.key, max_retries=0)
+    model_id = ai.fine_tuning.jobs.retrieve(finished_job["id"]).fine_tuned_model
+    assert model_id is not None and model_id in [m.id for m in ai.models.list()]
+    chat = ai.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0
+    )
+    assert chat.choices[0].message.content == expected
 
     from_checkpoint = deployment.cli("generate", finished_job["id"], prompt, "--checkpoint", "checkpoint-24")
     assert from_checkpoint.returncode == 0, from_checkpoint.stderr

@@ -26,6 +26,7 @@ IDS = {
     "file_id": "ds_" + "0" * 24,
     "sample_id": "smp_" + "0" * 24,
     "fine_tuning_job_id": "job_" + "0" * 24,
+    "model": "ft:microsoft/phi-2:alice::job_" + "0" * 24,
 }
 
 

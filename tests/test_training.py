@@ -220,5 +220,5 @@ def test_the_sampler_frees_its_model_after_an_answer_unless_told_to_keep_it(serv
         sampling.answer(sample.id)
 
         assert samples.get_sample(job.id, sample.id, LOCAL_OWNER).status == "succeeded"
-        assert sampling._model.cache_info().currsize == loaded_after, keep
+        assert (sampling.models.model is not None) == loaded_after, keep
     sampling.release_model()

@@ -1,23 +1,32 @@
-"""Answers samples (POST /jobs/{id}/generate) in `finetune sampler`: the job's base model, in
-4-bit as it was trained, plus the adapter or checkpoint the sample names; on the GPU when it has
-room beside a training (worker/placement.py), else on the CPU. On a CPU the last model loaded
-stays in memory, so prompts to the same adapter answer at once; on a GPU it is freed after each
-answer (FINETUNE_SAMPLER_KEEP_MODEL)."""
+"""Answers samples in `finetune sampler`: `POST /jobs/{id}/generate`, `/v1/chat/completions` and
+`/v1/completions`. The job's base model, in 4-bit as it was trained, carries the adapters of the
+jobs and checkpoints it answers for: a second adapter of the same base is loaded beside the
+first and switched to, not a second base (`FINETUNE_SAMPLER_ADAPTERS` are kept), unless one of
+them trained biases (peft writes those into the base: it is loaded afresh instead). On the GPU when
+it has room beside a training (worker/placement.py), else on the CPU. On a CPU the model stays
+loaded between answers; on a GPU it is freed after each (FINETUNE_SAMPLER_KEEP_MODEL). While it
+generates, the text so far is written to the sample's row, which a streaming request reads."""
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import logging
-from functools import lru_cache
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
+from transformers.generation.streamers import BaseStreamer
 
-from app.conversations import HUMAN, Turn
+from app.conversations import ASSISTANT, HUMAN, ROLE_NAMES, Turn
 from app.db import session_scope
-from app.models import Job
-from app.services.samples import finish_sample, start_sample
+from app.models import Job, Sample
+from app.services.samples import finish_sample, start_sample, write_partial
 from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import job_files
@@ -27,21 +36,83 @@ from worker.training.model import compute_dtype, load_quantized_model, load_toke
 
 log = logging.getLogger(__name__)
 
-
-def prompt_text(prompt: str) -> str:
-    """The prompt as the recipe formats a conversation, ending where the Assistant speaks."""
-    human = "".join(text for text, _ in format_segments([Turn(HUMAN, prompt)], eos=""))
-    return human + "\nAssistant: "
+# How often a growing answer is written to its row for a stream to read.
+PARTIAL_WRITE_S = 0.25
 
 
-@lru_cache(maxsize=1)
-def _model(spec_json: str, adapter_dir: str, device: str):
-    spec = JobSpec.model_validate_json(spec_json)
-    tokenizer = load_tokenizer(spec.base_model)
-    base = load_quantized_model(spec, sampling_dtype(spec, device), device)
-    model = PeftModel.from_pretrained(base, adapter_dir)
-    model.eval()
-    return model, tokenizer
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def prompt_text(messages: list[dict[str, str]], eos: str) -> str:
+    """A conversation as the recipe formats it for training (`Human: …` / `Assistant: …`, each
+    earlier reply ending in EOS), ending where the Assistant speaks next."""
+    turns = [Turn(ROLE_NAMES.get(m["role"], HUMAN), m["content"]) for m in messages]
+    history = "".join(text for text, _ in format_segments(turns, eos=eos))
+    return history + f"\n{ASSISTANT}: "
+
+
+class Models:
+    """The loaded base model (one at a time) and, on it, the adapters used last."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.adapters: OrderedDict[str, str] = OrderedDict()  # name -> directory, oldest first
+
+    def get(self, spec: JobSpec, adapter_dir: Path, device: str) -> tuple[Any, Any]:
+        """The base `spec` names with the adapter in `adapter_dir` active, loading what isn't
+        loaded yet."""
+        key = (spec.base_model, spec.quantization.model_dump_json(), device)
+        if key != self.key:
+            self.release()
+            self.tokenizer = load_tokenizer(spec.base_model)
+            self.model = load_quantized_model(spec, sampling_dtype(spec, device), device)
+            self.key = key
+        name = "a" + hashlib.sha256(str(adapter_dir).encode()).hexdigest()[:16]
+        if name not in self.adapters and self.adapters and not self._may_share(adapter_dir):
+            self.release()  # the base's biases were the other adapter's: load it afresh
+            return self.get(spec, adapter_dir, device)
+        if name in self.adapters:
+            self.adapters.move_to_end(name)
+        else:
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name)
+            else:
+                self.model.load_adapter(str(adapter_dir), adapter_name=name)
+            self.adapters[name] = str(adapter_dir)
+            while len(self.adapters) > get_settings().sampler_adapters:
+                oldest, _ = self.adapters.popitem(last=False)
+                self.model.delete_adapter(oldest)
+        self.model.set_adapter(name)
+        self.model.eval()
+        return self.model, self.tokenizer
+
+    def _may_share(self, adapter_dir: Path) -> bool:
+        """Whether this adapter can sit on the base beside those loaded: not when any of them
+        trained bias vectors, which are the base's own (peft loads them into it)."""
+        dirs = [adapter_dir, *map(Path, self.adapters.values())]
+        return all(_bias(d) == "none" for d in dirs)
+
+    def release(self) -> None:
+        """Give the model's memory back (the GPU's to a training beside this process)."""
+        self.key, self.model, self.tokenizer = None, None, None
+        self.adapters.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+models = Models()
+
+
+def _bias(adapter_dir: Path) -> str:
+    return json.loads((adapter_dir / "adapter_config.json").read_text()).get("bias", "none")
 
 
 def sampling_dtype(spec: JobSpec, device: str) -> torch.dtype:
@@ -55,7 +126,7 @@ def answer(sample_id: str) -> None:
         log.info("sample %s is not queued; skipped", sample_id)
         return
     try:
-        completion = _complete(sample)
+        result = _complete(sample)
     except Exception as exc:
         log.exception("sample %s failed", sample_id)
         finish_sample(sample_id, error=f"{type(exc).__name__}: {exc}")
@@ -65,10 +136,16 @@ def answer(sample_id: str) -> None:
         # its GPU memory goes back to the card (a reference left would keep it reserved).
         if not keep_model():
             release_model()
-    finish_sample(sample_id, completion=completion)
+    finish_sample(
+        sample_id,
+        completion=result.text,
+        finish_reason=result.finish_reason,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+    )
 
 
-def _complete(sample) -> str:
+def _complete(sample: Sample) -> Answer:
     with session_scope() as session:
         job = session.get(Job, sample.job_id)
         if job is None:  # deleted since the sample was queued
@@ -79,11 +156,18 @@ def _complete(sample) -> str:
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{sample.checkpoint or 'the adapter'} is no longer on disk")
     device = _device_for(spec, sample)
-    model, tokenizer = _model(spec.model_dump_json(), str(adapter_dir), device)
-    return generate(model, tokenizer, sample.prompt, sample.max_new_tokens, sample.temperature)
+    model, tokenizer = models.get(spec, Path(adapter_dir), device)
+    last_write = [time.monotonic()]
+
+    def on_text(text: str) -> None:
+        if time.monotonic() - last_write[0] >= PARTIAL_WRITE_S:
+            write_partial(sample.id, text)
+            last_write[0] = time.monotonic()
+
+    return generate(model, tokenizer, sample, on_text)
 
 
-def _device_for(spec: JobSpec, sample) -> str:
+def _device_for(spec: JobSpec, sample: Sample) -> str:
     """The GPU if the answer fits there beside what runs on it (a training), else the CPU; the
     room counts a model this process keeps as its own. Sized for the longest prompt a job takes."""
     tokens = spec.training.max_seq_length + sample.max_new_tokens
@@ -96,20 +180,78 @@ def keep_model() -> bool:
 
 
 def release_model() -> None:
-    """Give the model's memory back (the GPU's to a training beside this process)."""
-    _model.cache_clear()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    models.release()
+
+
+class _TextSoFar(BaseStreamer):
+    """Hands the decoded answer so far to `on_text` after each generated token."""
+
+    def __init__(self, tokenizer, on_text) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.prompt_seen = False
+        self.ids: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        self.on_text(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def end(self) -> None:
+        pass
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float) -> str:
-    inputs = tokenizer(prompt_text(prompt), return_tensors="pt").to(model.device)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+def generate(model, tokenizer, sample: Sample, on_text=lambda text: None) -> Answer:
+    """Answer the sample: its conversation rendered as the job was trained (or its raw prompt),
+    sampled with its temperature, top_p and seed, ended by EOS, a stop string or its token
+    budget. A chat answer also ends where the model starts the Human's next turn."""
+    chat = sample.messages is not None
+    if sample.messages is not None:
+        prompt = prompt_text(sample.messages, tokenizer.eos_token or "")
+        stops = [f"\n{HUMAN}:", *(sample.stop or [])]
+    else:
+        prompt, stops = sample.prompt, list(sample.stop or [])
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    options: dict[str, Any] = {"do_sample": False}
+    if sample.temperature > 0:
+        options = {"do_sample": True, "temperature": sample.temperature, "top_p": sample.top_p}
+        if sample.seed is not None:
+            torch.manual_seed(sample.seed)
+    if stops:
+        options.update(stop_strings=stops, tokenizer=tokenizer)
     output = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+        **inputs,
+        max_new_tokens=sample.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=_TextSoFar(tokenizer, lambda text: on_text(_settled(text, stops, chat))),
+        **options,
     )
-    text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    # The model may go on to write the Human's next turn: the answer ends before it.
-    return text.split(f"\n{HUMAN}:")[0].strip()
+    new_ids = output[0, inputs["input_ids"].shape[1] :]
+    text, stopped = _cut(tokenizer.decode(new_ids, skip_special_tokens=True), stops)
+    ended = stopped or (len(new_ids) > 0 and int(new_ids[-1]) == tokenizer.eos_token_id)
+    return Answer(
+        text=text.strip() if chat else text,
+        finish_reason="stop" if ended or len(new_ids) < sample.max_new_tokens else "length",
+        prompt_tokens=int(inputs["input_ids"].shape[1]),
+        completion_tokens=len(new_ids),
+    )
+
+
+def _settled(text: str, stops: list[str], chat: bool) -> str:
+    """Of the answer so far, the part no later token can change: before a stop string, and
+    without a tail that may yet become one, an unfinished character, or (in a chat answer, which
+    is stripped at the end) trailing whitespace. So every partial answer starts the final one."""
+    text, stopped = _cut(text, stops)
+    if not stopped:
+        text = text.rstrip("\ufffd")
+        held = [n for stop in stops for n in range(len(stop) - 1, 0, -1) if text.endswith(stop[:n])]
+        text = text[: len(text) - max(held, default=0)]
+    return text.strip() if chat else text
+
+
+def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text before the first stop string in it, and whether there was one."""
+    ends = [text.find(stop) for stop in stops if stop in text]
+    return (text[: min(ends)], True) if ends else (text, False)

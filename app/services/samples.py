@@ -1,19 +1,50 @@
 """Samples: a prompt answered by a job's base model plus its adapter or a checkpoint. The
-API stores the request and sends its id to `finetune sampler`, which writes the answer."""
+API stores the request and sends its id to `finetune sampler`, which writes the answer (and,
+while it generates, the text so far). `POST /jobs/{id}/generate` and the OpenAI-style
+completions (app/api/openai/inference.py) are both made here."""
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from dataclasses import dataclass
+
+from sqlalchemy import or_, select, update
 
 from app.db import changed_rows, session_scope
 from app.errors import BrokerUnavailable, CheckpointNotFound, JobStateConflict, SampleNotFound
-from app.models import Checkpoint, Sample, SampleStatus, utcnow
+from app.models import Checkpoint, Job, Sample, SampleStatus, utcnow
 from app.queue import enqueue_sample
-from app.schemas import SampleRead, SampleRequest
+from app.schemas import CheckpointRead, JobRead, SampleRead, SampleRequest
 from app.services.jobs import owned_job
 
 
-def create_sample(job_id: str, owner: str, request: SampleRequest) -> SampleRead:
+@dataclass(frozen=True)
+class Prompt:
+    """What to answer: a conversation (`{"role", "content"}` items), rendered as the job was
+    trained, or a raw text continued as it is; and how to sample the answer."""
+
+    messages: list[dict[str, str]] | None
+    text: str | None = None
+    checkpoint: str | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] | None = None
+    seed: int | None = None
+
+    @classmethod
+    def from_request(cls, request: SampleRequest) -> Prompt:
+        return cls(
+            messages=[{"role": "user", "content": request.prompt}],
+            checkpoint=request.checkpoint,
+            max_new_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+        )
+
+
+def create_sample(job_id: str, owner: str, request: SampleRequest | Prompt) -> SampleRead:
+    prompt = Prompt.from_request(request) if isinstance(request, SampleRequest) else request
     with session_scope() as session:
         job = owned_job(session, job_id, owner)
         checkpoints = list(
@@ -21,21 +52,26 @@ def create_sample(job_id: str, owner: str, request: SampleRequest) -> SampleRead
                 select(Checkpoint.name).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
             )
         )
-        if request.checkpoint is not None and request.checkpoint not in checkpoints:
-            raise CheckpointNotFound(f"job {job_id} has no checkpoint {request.checkpoint!r}")
-        checkpoint = request.checkpoint
+        if prompt.checkpoint is not None and prompt.checkpoint not in checkpoints:
+            raise CheckpointNotFound(f"job {job_id} has no checkpoint {prompt.checkpoint!r}")
+        checkpoint = prompt.checkpoint
         if checkpoint is None and not job.adapter_path:
             if not checkpoints:
                 raise JobStateConflict(
                     f"job is {job.status} and has no adapter or checkpoint yet; nothing to sample from"
                 )
             checkpoint = checkpoints[-1]
+        last_said = prompt.messages[-1]["content"] if prompt.messages else prompt.text or ""
         sample = Sample(
             job_id=job_id,
             checkpoint=checkpoint,
-            prompt=request.prompt,
-            max_new_tokens=request.max_new_tokens,
-            temperature=request.temperature,
+            prompt=last_said,
+            messages=prompt.messages,
+            max_new_tokens=prompt.max_new_tokens,
+            temperature=prompt.temperature,
+            top_p=prompt.top_p,
+            stop=prompt.stop,
+            seed=prompt.seed,
         )
         session.add(sample)
         session.flush()
@@ -73,11 +109,58 @@ def start_sample(sample_id: str) -> Sample | None:
         return sample
 
 
-def finish_sample(sample_id: str, *, completion: str | None = None, error: str | None = None) -> None:
+def write_partial(sample_id: str, completion: str) -> None:
+    """The answer so far, while the sampler generates it (a stream sends what is new)."""
+    with session_scope() as session:
+        session.execute(
+            update(Sample)
+            .where(Sample.id == sample_id, Sample.status == SampleStatus.RUNNING)
+            .values(completion=completion)
+        )
+
+
+def finish_sample(
+    sample_id: str,
+    *,
+    completion: str | None = None,
+    error: str | None = None,
+    finish_reason: str | None = None,
+    prompt_tokens: int | None = None,
+    completion_tokens: int | None = None,
+) -> None:
     status = SampleStatus.FAILED if error is not None else SampleStatus.SUCCEEDED
     with session_scope() as session:
         session.execute(
             update(Sample)
             .where(Sample.id == sample_id)
-            .values(status=status, completion=completion, error=error, finished_at=utcnow())
+            .values(
+                status=status,
+                completion=completion,
+                error=error,
+                finish_reason=finish_reason,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                finished_at=utcnow(),
+            )
         )
+
+
+def callable_jobs(owner: str) -> list[tuple[JobRead, list[CheckpointRead]]]:
+    """The owner's jobs there is something to answer with (an adapter, or a kept checkpoint),
+    newest first, with their checkpoints by step."""
+    with session_scope() as session:
+        with_checkpoints = select(Checkpoint.job_id).distinct()
+        found = session.scalars(
+            select(Job)
+            .where(Job.owner == owner, or_(Job.adapter_path.is_not(None), Job.id.in_(with_checkpoints)))
+            .order_by(Job.created_at.desc())
+        )
+        result = []
+        for job in found:
+            checkpoints = session.scalars(
+                select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step)
+            )
+            result.append(
+                (JobRead.model_validate(job), [CheckpointRead.model_validate(c) for c in checkpoints])
+            )
+        return result

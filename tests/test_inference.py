@@ -1,0 +1,161 @@
+"""Calling what a job trained (issue 16): `/v1/models`, `/v1/chat/completions` and
+`/v1/completions` with the official `openai` client, answered by the sampler's real code on the
+tiny model in 4-bit. The sampler runs in a thread of the test process instead of its own
+process (its queue is the one part left out); the e2e deployment test calls it for real."""
+
+from __future__ import annotations
+
+import threading
+
+import openai
+import pytest
+
+from app.db import session_scope
+from app.models import Sample
+from app.services import jobs
+from tests.conftest import TEST_OWNER, bearer, sqlite_only
+from tests.test_openai_api import openai_client
+from tests.test_training import quick_spec
+from worker.tasks import execute_job
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_model"), sqlite_only]
+
+
+@pytest.fixture
+def sampler(monkeypatch):
+    """Samples are answered at once by worker.sampling.answer, in a thread, as `finetune
+    sampler` answers what its queue delivers."""
+    from app.services import samples
+    from worker import sampling
+
+    threads = []
+
+    def answer_now(sample_id: str) -> None:
+        thread = threading.Thread(target=sampling.answer, args=(sample_id,))
+        thread.start()
+        threads.append(thread)
+
+    monkeypatch.setattr(samples, "enqueue_sample", answer_now)
+    monkeypatch.setenv("FINETUNE_SAMPLER_KEEP_MODEL", "true")
+    yield sampling
+    for thread in threads:
+        thread.join()
+    sampling.release_model()
+
+
+@pytest.fixture
+def trained(client):
+    """A job of TEST_OWNER's that succeeded, with checkpoints at steps 2 and 4."""
+    job = jobs.create_job(quick_spec(max_steps=4), TEST_OWNER)
+    execute_job(job.id)
+    done = client.get(f"/v1/fine_tuning/jobs/{job.id}").json()
+    assert done["status"] == "succeeded", done
+    return done
+
+
+def test_a_fine_tuned_model_is_listed_and_answers_as_the_native_generate_does(client, sampler, trained):
+    ai = openai_client(client, http_client=client, max_retries=0)
+    model = trained["fine_tuned_model"]
+    assert [m.id for m in ai.models.list()] == [model, f"{model}:ckpt-step-4", f"{model}:ckpt-step-2"]
+    assert ai.models.retrieve(model).owned_by == TEST_OWNER
+
+    options = {"temperature": 0.9, "seed": 7}
+    native = client.post(
+        f"/jobs/{trained['id']}/generate", json={"prompt": "Hi", "max_new_tokens": 8, **options}
+    ).json()
+    chat = ai.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, **options
+    )
+    assert native["status"] == "succeeded" and native["completion"]
+    assert chat.choices[0].message.content == native["completion"]
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.object == "chat.completion"
+    usage = chat.usage
+    assert usage is not None and usage.prompt_tokens > 0 and 0 < usage.completion_tokens <= 8
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    # streamed: the same answer in pieces, its finish reason, then the usage asked for
+    chunks = list(
+        ai.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            **options,
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == usage
+
+
+@pytest.mark.parametrize(("bias", "base_loads"), [("none", 1), ("all", 4)])
+def test_adapters_of_one_base_share_it_and_switching_keeps_answers(
+    client, sampler, monkeypatch, bias, base_loads
+):
+    """Adapters without trained biases sit side by side on one loaded base; one with biases
+    (the demo's) has a base of its own, loaded afresh at each switch."""
+    job = jobs.create_job(quick_spec(lora={"bias": bias}, max_steps=2, save_steps=1), TEST_OWNER)
+    execute_job(job.id)
+    trained = client.get(f"/v1/fine_tuning/jobs/{job.id}").json()
+    loads = []
+    load = sampler.load_quantized_model
+    monkeypatch.setattr(sampler, "load_quantized_model", lambda *a, **k: loads.append(1) or load(*a, **k))
+    ai = openai_client(client, http_client=client, max_retries=0)
+    final, step_1 = trained["fine_tuned_model"], trained["fine_tuned_model"] + ":ckpt-step-1"
+
+    def complete(model: str) -> str:
+        answer = ai.completions.create(
+            model=model, prompt="Human: Hello\nAssistant:", max_tokens=6, temperature=0
+        )
+        assert answer.object == "text_completion" and answer.usage is not None
+        return answer.choices[0].text
+
+    first = complete(final)
+    other = complete(step_1)
+    assert complete(final) == first and complete(step_1) == other
+    assert len(loads) == base_loads and len(sampler.models.adapters) == (2 if bias == "none" else 1)
+
+
+def test_a_stop_string_ends_the_answer_before_it(client, sampler, trained):
+    ai = openai_client(client, http_client=client, max_retries=0)
+    model = trained["fine_tuned_model"]
+    whole = ai.completions.create(model=model, prompt="Human: Hi\nAssistant:", max_tokens=12, temperature=0)
+    text = whole.choices[0].text
+    cut_at = next((text[i : i + 2] for i in range(1, len(text) - 1) if text[i : i + 2].strip()), None)
+    assert cut_at is not None, text
+    stopped = ai.completions.create(
+        model=model, prompt="Human: Hi\nAssistant:", max_tokens=12, temperature=0, stop=[cut_at]
+    )
+    assert stopped.choices[0].text == text[: text.index(cut_at)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_models_are_the_owners_own_and_unknown_options_are_refused(client, sampler, trained):
+    model = trained["fine_tuned_model"]
+    stranger = openai_client(client, http_client=client, max_retries=0)
+    stranger.api_key = bearer("stranger")["Authorization"].removeprefix("Bearer ")
+    assert list(stranger.models.list()) == []
+    for call in (
+        lambda: stranger.models.retrieve(model),
+        lambda: stranger.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}]),
+    ):
+        with pytest.raises(openai.NotFoundError) as missing:
+            call()
+        assert missing.value.body["code"] == "model_not_found"
+
+    ai = openai_client(client, http_client=client, max_retries=0)
+    for wrong in (
+        model.replace(f":{TEST_OWNER}:", ":stranger:"),
+        f"{model}:ckpt-step-3",
+        "ft:phi:x::job_nope",
+    ):
+        with pytest.raises(openai.NotFoundError):
+            ai.chat.completions.create(model=wrong, messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError) as refused:
+        ai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], logprobs=True)
+    assert refused.value.body["param"] == "logprobs"
+    with session_scope() as session:
+        assert session.query(Sample).count() == 0  # nothing refused reached the sampler
