@@ -14,11 +14,12 @@ from app.db import session_scope
 from app.models import Sample
 from app.services import jobs
 from tests.conftest import TEST_OWNER, bearer, sqlite_only
+from tests.test_auth import finished_job
 from tests.test_openai_api import openai_client
 from tests.test_training import quick_spec
 from worker.tasks import execute_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_model"), sqlite_only]
+pytestmark = [pytest.mark.usefixtures("demo_model"), sqlite_only]
 
 
 @pytest.fixture
@@ -53,6 +54,7 @@ def trained(client):
     return done
 
 
+@pytest.mark.slow
 def test_a_fine_tuned_model_is_listed_and_answers_as_the_native_generate_does(client, sampler, trained):
     ai = openai_client(client, http_client=client, max_retries=0)
     model = trained["fine_tuned_model"]
@@ -90,7 +92,19 @@ def test_a_fine_tuned_model_is_listed_and_answers_as_the_native_generate_does(cl
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == chat.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage == usage
 
+    # a raw completion, cut before a stop string
+    whole = ai.completions.create(model=model, prompt="Human: Hi\nAssistant:", max_tokens=12, temperature=0)
+    text = whole.choices[0].text
+    cut_at = next((text[i : i + 2] for i in range(1, len(text) - 1) if text[i : i + 2].strip()), None)
+    assert cut_at is not None, text
+    stopped = ai.completions.create(
+        model=model, prompt="Human: Hi\nAssistant:", max_tokens=12, temperature=0, stop=[cut_at]
+    )
+    assert stopped.choices[0].text == text[: text.index(cut_at)]
+    assert stopped.choices[0].finish_reason == "stop"
 
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("bias", "base_loads"), [("none", 1), ("all", 4)])
 def test_adapters_of_one_base_share_it_and_switching_keeps_answers(
     client, sampler, monkeypatch, bias, base_loads
@@ -119,22 +133,9 @@ def test_adapters_of_one_base_share_it_and_switching_keeps_answers(
     assert len(loads) == base_loads and len(sampler.models.adapters) == (2 if bias == "none" else 1)
 
 
-def test_a_stop_string_ends_the_answer_before_it(client, sampler, trained):
-    ai = openai_client(client, http_client=client, max_retries=0)
-    model = trained["fine_tuned_model"]
-    whole = ai.completions.create(model=model, prompt="Human: Hi\nAssistant:", max_tokens=12, temperature=0)
-    text = whole.choices[0].text
-    cut_at = next((text[i : i + 2] for i in range(1, len(text) - 1) if text[i : i + 2].strip()), None)
-    assert cut_at is not None, text
-    stopped = ai.completions.create(
-        model=model, prompt="Human: Hi\nAssistant:", max_tokens=12, temperature=0, stop=[cut_at]
-    )
-    assert stopped.choices[0].text == text[: text.index(cut_at)]
-    assert stopped.choices[0].finish_reason == "stop"
-
-
-def test_models_are_the_owners_own_and_unknown_options_are_refused(client, sampler, trained):
-    model = trained["fine_tuned_model"]
+@pytest.mark.usefixtures("sampler")
+def test_models_are_the_owners_own_and_unknown_options_are_refused(client):
+    model = client.get(f"/v1/fine_tuning/jobs/{finished_job(TEST_OWNER)}").json()["fine_tuned_model"]
     stranger = openai_client(client, http_client=client, max_retries=0)
     stranger.api_key = bearer("stranger")["Authorization"].removeprefix("Bearer ")
     assert list(stranger.models.list()) == []
