@@ -126,6 +126,13 @@ class SampleNotFound(ServiceError):
     code = "sample_not_found"
 
 
+class ExportNotFound(ServiceError):
+    """No such export for this job."""
+
+    status_code = 404
+    code = "export_not_found"
+
+
 class ModelNotFound(ServiceError):
     """No such model, or not yours: `GET /v1/models` lists the fine-tuned models and checkpoints
     you can call."""

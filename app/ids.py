@@ -14,11 +14,13 @@ STEP = r"[0-9]{1,12}"
 JOB_ID_PATTERN = rf"job_{_RANDOM}"
 DATASET_ID_PATTERN = rf"ds_{_RANDOM}"
 SAMPLE_ID_PATTERN = rf"smp_{_RANDOM}"
+EXPORT_ID_PATTERN = rf"exp_{_RANDOM}"
 CHECKPOINT_NAME_PATTERN = rf"checkpoint-{STEP}"
 
 JOB_ID = re.compile(f"^{JOB_ID_PATTERN}$")
 DATASET_ID = re.compile(f"^{DATASET_ID_PATTERN}$")
 SAMPLE_ID = re.compile(f"^{SAMPLE_ID_PATTERN}$")
+EXPORT_ID = re.compile(f"^{EXPORT_ID_PATTERN}$")
 CHECKPOINT_NAME = re.compile(f"^{CHECKPOINT_NAME_PATTERN}$")
 
 
@@ -36,6 +38,10 @@ def new_dataset_id() -> str:
 
 def new_sample_id() -> str:
     return _new("smp_")
+
+
+def new_export_id() -> str:
+    return _new("exp_")
 
 
 def checkpoint_name(step: int) -> str:

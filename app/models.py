@@ -24,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from app.ids import new_dataset_id, new_job_id, new_sample_id
+from app.ids import new_dataset_id, new_export_id, new_job_id, new_sample_id
 
 
 def utcnow() -> datetime:
@@ -265,6 +265,35 @@ class Sample(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     prompt_tokens: Mapped[int | None]
     completion_tokens: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class ExportFormat(StrEnum):
+    # the base dequantized from 4-bit with the adapter merged: safetensors, config, tokenizer
+    MERGED = "merged"
+    # the merged model as one GGUF file (llama.cpp, Ollama, LM Studio)
+    GGUF = "gguf"
+
+
+class Export(Base):
+    """A job's adapter (or a checkpoint's) made into a model that loads without the service:
+    made by `finetune sampler`'s process, downloaded with its SHA-256."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_export_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # null: the final adapter
+    checkpoint: Mapped[str | None] = mapped_column(String(64))
+    format: Mapped[str] = mapped_column(String(16))
+    # queued, running, succeeded or failed (SampleStatus's values)
+    status: Mapped[str] = mapped_column(String(16), default=SampleStatus.QUEUED)
+    path: Mapped[str | None] = mapped_column(Text)
+    filename: Mapped[str | None] = mapped_column(String(255))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]

@@ -13,6 +13,7 @@ from app.settings import get_settings
 TASK_RUN_JOB = "finetune.run_job"
 TASK_ANALYZE_DATASET = "finetune.analyze_dataset"
 TASK_GENERATE_SAMPLE = "finetune.generate_sample"
+TASK_EXPORT = "finetune.export"
 
 
 def job_queue() -> str:
@@ -90,3 +91,8 @@ def enqueue_job(job_id: str) -> None:
 
 def enqueue_sample(sample_id: str) -> None:
     send(TASK_GENERATE_SAMPLE, sample_id, queue=samples_queue())
+
+
+def enqueue_export(export_id: str) -> None:
+    """Exports go to the sampler's queue: work that isn't training, and mustn't wait behind it."""
+    send(TASK_EXPORT, export_id, queue=samples_queue())

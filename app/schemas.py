@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validat
 
 from app.ids import CHECKPOINT_NAME
 from app.lifecycle import JobAction, allowed_actions
-from app.models import JobStatus
+from app.models import ExportFormat, JobStatus
 from app.spec import stored_spec
 
 T = TypeVar("T")
@@ -115,6 +115,33 @@ class CheckpointRead(_FromRow):
     size_bytes: int
     sha256: str
     created_at: datetime
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: ExportFormat = Field(
+        description="merged: the base dequantized from 4-bit with the adapter merged in "
+        "(safetensors, config, tokenizer; loads with transformers alone); gguf: that model as "
+        "one GGUF file (llama.cpp, Ollama)."
+    )
+    checkpoint: str | None = Field(
+        None, pattern=CHECKPOINT_NAME.pattern, max_length=32, description="Default: the final adapter."
+    )
+
+
+class ExportRead(_FromRow):
+    id: str
+    job_id: str
+    checkpoint: str | None
+    format: str
+    status: str = Field(description="queued, running, succeeded or failed.")
+    filename: str | None = Field(description="What the download is saved as.")
+    size_bytes: int | None
+    sha256: str | None = Field(description="Of the file GET …/download serves.")
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
 
 
 class DatasetRead(_FromRow):

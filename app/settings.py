@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     gpu_memory_gib: float | None = Field(default=None, gt=0)
     # How long POST /jobs/{id}/generate waits for the sampler before answering 202.
     sample_wait_s: float = 60.0
+    # The address clients reach the API at, when a proxy stands in front of it
+    # (`https://ft.example.com`, or with a path prefix): links in responses start with it.
+    # Unset: the address each request was sent to.
+    public_url: str | None = Field(None, pattern=r"^https?://[^\s]+$", max_length=512)
     # How long /v1/chat/completions and /v1/completions wait for the sampler before a 504 (the
     # openai client waits 600 s by default).
     completion_timeout_s: float = Field(300.0, gt=0)

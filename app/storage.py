@@ -6,6 +6,7 @@
         adapter/                   the trained adapter (and its README.md, the model card)
         adapter.new/               the adapter while the trainer writes it
         adapter.zip
+        exports/exp_….zip|.gguf    merged models made from the adapter or a checkpoint
         run/                       a data-parallel job's exchange with its torchrun ranks
 
 Everything that reads or writes these (the API, the sweeper, the sampler, the training recipe,
@@ -96,6 +97,14 @@ class JobFiles:
     @property
     def adapter_zip(self) -> Path:
         return self.root / "adapter.zip"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / "exports"
+
+    def export_file(self, export_id: str, suffix: str) -> Path:
+        """An export's one file: a `.zip` of a model folder, or a `.gguf`."""
+        return self.exports_dir / f"{export_id}{suffix}"
 
     @property
     def run(self) -> RunFiles:

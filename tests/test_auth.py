@@ -3,6 +3,7 @@ owner's jobs, datasets and files; another owner's ids are 404, exactly like ids 
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from app.db import session_scope
-from app.models import ApiKey, Checkpoint, Job, JobStatus, Sample, utcnow
+from app.models import ApiKey, Checkpoint, Export, Job, JobStatus, Sample, utcnow
 from app.services.keys import create_key, revoke_key
 from app.storage import job_files
 from tests.conftest import REPO, bearer, demo_spec, reset_caches
@@ -56,7 +57,25 @@ BODIES = {
     ("POST", "/jobs/{job_id}/generate"): {"prompt": "Hello", "wait_s": 0},
     ("POST", "/v1/chat/completions"): {"messages": [{"role": "user", "content": "Hi"}], "stream": True},
     ("POST", "/v1/completions"): {"prompt": "Hi", "stream": True},
+    ("POST", "/jobs/{job_id}/exports"): {"format": "merged"},
 }
+
+
+def an_export(job_id: str) -> str:
+    """A finished export of the job's adapter, its file on disk."""
+    with session_scope() as session:
+        export = Export(job_id=job_id, format="merged", status="succeeded", filename="merged.zip")
+        session.add(export)
+        session.flush()
+        path = job_files(job_id).export_file(export.id, ".zip")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"PK\x05\x06" + bytes(18))
+        export.path, export.size_bytes, export.sha256 = (
+            str(path),
+            22,
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+        )
+        return export.id
 
 
 def a_sample(job_id: str) -> str:
@@ -88,6 +107,7 @@ def test_every_route_needs_a_key_and_hides_other_owners_things(client, service_e
         "dataset_id": dataset["id"],
         "file_id": upload(client, "chat.jsonl", jsonl(CHAT)).json()["id"],  # deleted by its own route
         "sample_id": a_sample(job_id),
+        "export_id": an_export(job_id),
         "model": client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["fine_tuned_model"],
     }
     revoked = bearer("alice")

@@ -103,7 +103,9 @@ def test_a_dot_env_for_compose_does_not_steer_local_runs(tmp_path, monkeypatch):
     """Issue 18: the same .env in a checkout broke `make run` (`failed to resolve host 'postgres'`)."""
     from app.settings import Settings
 
-    (tmp_path / ".env").write_text((REPO / ".env.example").read_text() + "FINETUNE_BROKER_URL=redis://redis:6379/0\n")
+    (tmp_path / ".env").write_text(
+        (REPO / ".env.example").read_text() + "FINETUNE_BROKER_URL=redis://redis:6379/0\n"
+    )
     monkeypatch.chdir(tmp_path)
     for name in ("FINETUNE_BROKER_URL", "FINETUNE_DATABASE_URL", "FINETUNE_DATA_DIR"):
         monkeypatch.delenv(name, raising=False)
@@ -365,7 +367,7 @@ def test_the_job_end_is_notified_signed_and_retried(deployment, finished_job, re
     assert "attempt 1: HTTP 500; next try" in attempts[0] and "attempt 2: HTTP 200; delivered" in attempts[1]
 
 
-def test_generate_answers_with_the_jobs_adapter(deployment, finished_job):
+def test_generate_answers_with_the_jobs_adapter(deployment, finished_job, tmp_path):
     from openai import OpenAI
 
     from app.models import Sample
@@ -399,6 +401,15 @@ def test_generate_answers_with_the_jobs_adapter(deployment, finished_job):
         model=model_id, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0
     )
     assert chat.choices[0].message.content == expected
+
+    # a merged model, made by the sampler process and checked on download
+    merged = tmp_path / "merged.zip"
+    exported = deployment.cli("export", finished_job["id"], "--format", "merged", "-o", str(merged))
+    assert exported.returncode == 0 and "(verified)" in exported.stdout, exported.stderr
+    with zipfile.ZipFile(merged) as archive:
+        assert {"merged/config.json", "merged/model.safetensors", "merged/tokenizer.json"} <= set(
+            archive.namelist()
+        )
 
     from_checkpoint = deployment.cli("generate", finished_job["id"], prompt, "--checkpoint", "checkpoint-24")
     assert from_checkpoint.returncode == 0, from_checkpoint.stderr
@@ -540,6 +551,15 @@ def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, fi
     )
     assert sample["status"] == "succeeded" and sample["checkpoint"] is None, sample
     assert browser.find_element(By.ID, "sample-output").text == (sample["completion"] or "(an empty answer)")
+    # the export button: the sampler process merges the adapter, and the list offers the download
+    browser.find_element(By.ID, "export-button").click()
+    wait_until(
+        lambda: any(
+            b.text.startswith("Download (") for b in browser.find_elements(By.CSS_SELECTOR, "#exports button")
+        ),
+        timeout=120,
+        what="a merged export to download",
+    )
     # the README's picture, refreshed only when asked for (tests write nothing tracked)
     screenshot = os.environ.get("FINETUNE_TEST_SCREENSHOT")
     browser.save_screenshot(screenshot or str(deployment.data_dir.parent / "dashboard.png"))

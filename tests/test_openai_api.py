@@ -363,3 +363,30 @@ def test_the_official_client_trains_pauses_resumes_and_cancels_jobs(redis_env, t
         assert [j.id for j in listed.data] == [cancelled.id, paused.id] and listed.has_more
         assert [j.status for j in ai.fine_tuning.jobs.list(after=paused.id).data] == ["succeeded"]
         assert ai.fine_tuning.jobs.retrieve(cancelled.id).status == "cancelled"
+
+
+def test_links_are_absolute_so_the_clients_v1_base_url_does_not_break_them(ai, client, monkeypatch):
+    """Issue 16: `/jobs/…` joined to the client's `…/v1` base was a 404; behind a proxy,
+    FINETUNE_PUBLIC_URL is the address clients know."""
+    from tests.conftest import TEST_OWNER, reset_caches
+    from tests.test_auth import finished_job
+
+    job_id = finished_job(TEST_OWNER)
+    checkpoint = ai.fine_tuning.jobs.checkpoints.list(job_id).data[0]
+    adapter_url = ai.fine_tuning.jobs.retrieve(job_id).model_extra["adapter_url"]
+    assert (
+        checkpoint.model_extra["download_url"]
+        == f"http://testserver/jobs/{job_id}/checkpoints/checkpoint-10/download"
+    )
+    assert adapter_url == f"http://testserver/jobs/{job_id}/adapter"
+    assert (
+        client.get(adapter_url).status_code
+        == client.get(checkpoint.model_extra["download_url"]).status_code
+        == 200
+    )
+
+    monkeypatch.setenv("FINETUNE_PUBLIC_URL", "https://ft.example.com/api/")
+    reset_caches()
+    assert ai.fine_tuning.jobs.retrieve(job_id).model_extra["adapter_url"] == (
+        f"https://ft.example.com/api/jobs/{job_id}/adapter"
+    )

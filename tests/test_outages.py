@@ -25,6 +25,7 @@ IDS = {
     "dataset_id": "ds_" + "0" * 24,
     "file_id": "ds_" + "0" * 24,
     "sample_id": "smp_" + "0" * 24,
+    "export_id": "exp_" + "0" * 24,
     "fine_tuning_job_id": "job_" + "0" * 24,
     "model": "ft:microsoft/phi-2:alice::job_" + "0" * 24,
 }

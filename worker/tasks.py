@@ -1,5 +1,5 @@
-"""The tasks: run a job, analyze an upload, answer a sample, each given only an id; the
-database rows record how they ended."""
+"""The tasks: run a job, analyze an upload, answer a sample, make an export, each given only an
+id; the database rows record how they ended."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from app.db import UNREACHABLE, retry_while_unreachable
 from app.ids import checkpoint_name
 from app.lifecycle import AT_NEXT_STEP_ENDS_IN
 from app.models import JobStatus
-from app.queue import TASK_ANALYZE_DATASET, TASK_GENERATE_SAMPLE, TASK_RUN_JOB
+from app.queue import TASK_ANALYZE_DATASET, TASK_EXPORT, TASK_GENERATE_SAMPLE, TASK_RUN_JOB
 from app.services import jobs, runs
 from app.services.runs import CANCEL, PAUSE, SHUTDOWN, LeaseLost
 from app.settings import get_settings
@@ -67,6 +67,13 @@ def generate_sample(sample_id: str) -> None:
     from worker.sampling import answer
 
     answer(sample_id)
+
+
+@celery.task(name=TASK_EXPORT)
+def make_export(export_id: str) -> None:
+    from worker.exports import export
+
+    export(export_id)
 
 
 def finished_message(summary: dict) -> str:

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Authenticate
 from app.api.errors import install_error_handlers
+from app.api.exports import router as exports_router
 from app.api.limits import BodySizeLimit, JsonDepthLimit
 from app.api.openai.inference import router as openai_inference_router
 from app.api.openai.routes import router as openai_router
@@ -57,6 +58,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     app.include_router(ops_router)
     app.include_router(router)
+    app.include_router(exports_router)
     app.include_router(openai_router)
     app.include_router(openai_inference_router)
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")

@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.table import Column, Table
 
 from app.client.http import DEFAULT_URL, RequestFailed, ServiceClient
-from app.models import STOPPED_STATUSES
+from app.models import STOPPED_STATUSES, ExportFormat
 
 console = Console()
 errors = Console(stderr=True)
@@ -310,22 +310,54 @@ def download(
             checkpoint = wanted[-1]
             name = checkpoint["name"]
             path, expected = f"/jobs/{job_id}/checkpoints/{name}/download", checkpoint["sha256"]
-        destination = output or Path(f"{job_id}-{name}.zip")
-        with Progress(
-            TextColumn(f"[bold]{destination.name}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            console=errors,
-        ) as progress:
-            task = progress.add_task("download", total=None)
-            sha256 = client.download(
-                path,
-                destination,
-                expected,
-                lambda done, total: progress.update(task, completed=done, total=total),
-            )
+        _download(client, path, output or Path(f"{job_id}-{name}.zip"), expected)
+
+
+def _download(client: ServiceClient, path: str, destination: Path, expected_sha256: str | None) -> None:
+    """Download with a progress bar; the file is kept only if its SHA-256 is the service's."""
+    with Progress(
+        TextColumn(f"[bold]{destination.name}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=errors,
+    ) as progress:
+        task = progress.add_task("download", total=None)
+        sha256 = client.download(
+            path,
+            destination,
+            expected_sha256,
+            lambda done, total: progress.update(task, completed=done, total=total),
+        )
     console.print(f"{destination}  sha256 {sha256} (verified)", highlight=False)
+
+
+def export(
+    job_id: JobId,
+    format: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="merged: a model folder (zip) transformers loads without peft; gguf: one GGUF file.",
+        ),
+    ] = ExportFormat.MERGED,
+    checkpoint: Annotated[str | None, typer.Option(help="Default: the final adapter.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Default: the export's name, here.")
+    ] = None,
+    timeout: Timeout = 3600,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Merge the job's adapter (or a checkpoint's) into its base and download the result,
+    checking its SHA-256. A worker makes it; this waits up to --timeout."""
+    with service(url, api_key) as client:
+        errors.print(f"exporting {job_id} ({format.value}); a worker merges it …", highlight=False)
+        made = client.export(job_id, format.value, checkpoint, timeout_s=timeout)
+        if made["status"] != "succeeded":
+            raise _fail(f"export {made['id']} is {made['status']}: {made.get('error') or 'not done yet'}")
+        download_path = f"/jobs/{job_id}/exports/{made['id']}/download"
+        _download(client, download_path, output or Path(made["filename"]), made["sha256"])
 
 
 def upload(
@@ -377,7 +409,7 @@ def generate(
     console.out(sample["completion"], highlight=False)
 
 
-COMMANDS = (submit, jobs, status, logs, cancel, pause, resume, download, upload, generate)
+COMMANDS = (submit, jobs, status, logs, cancel, pause, resume, download, export, upload, generate)
 
 
 def register(cli: typer.Typer) -> None:

@@ -126,6 +126,20 @@ class ServiceClient:
             every_s=0.5,
         )
 
+    def export(
+        self, job_id: str, format: str, checkpoint: str | None = None, timeout_s: float = 3600
+    ) -> dict[str, Any]:
+        """Ask for an export and wait until the worker has made it (or failed)."""
+        body = {"format": format, **({"checkpoint": checkpoint} if checkpoint else {})}
+        export = self.post(f"/jobs/{job_id}/exports", body)
+        return self.wait(
+            lambda: self.get(f"/jobs/{job_id}/exports/{export['id']}"),
+            lambda e: e["status"] in SampleStatus.FINAL,
+            timeout_s,
+            first=export,
+            every_s=1.0,
+        )
+
     def wait_for_job(self, job_id: str, statuses: tuple[str, ...], timeout_s: float) -> dict[str, Any]:
         """The job, once its status is one of `statuses`."""
         return self.wait(lambda: self.job(job_id), lambda job: job["status"] in statuses, timeout_s)

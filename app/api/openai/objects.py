@@ -112,7 +112,7 @@ def results_file_object(job: JobRead, size: int) -> dict[str, Any]:
     }
 
 
-def job_object(job: JobRead, estimated_finish: datetime | None = None) -> dict[str, Any]:
+def job_object(job: JobRead, base_url: str, estimated_finish: datetime | None = None) -> dict[str, Any]:
     spec = stored_spec(job.spec)
     hyper = hyperparameters(spec)
     succeeded = job.status == JobStatus.SUCCEEDED
@@ -140,7 +140,7 @@ def job_object(job: JobRead, estimated_finish: datetime | None = None) -> dict[s
         "organization_id": job.owner,
         "user_provided_suffix": spec.name,
         "integrations": [],
-        "adapter_url": f"/jobs/{job.id}/adapter" if succeeded else None,
+        "adapter_url": f"{base_url}/jobs/{job.id}/adapter" if succeeded else None,
     }
 
 
@@ -200,7 +200,9 @@ def parse_checkpoint_step(checkpoint: str) -> int:
     return int(checkpoint.rpartition("-")[2])
 
 
-def checkpoint_object(job: JobRead, checkpoint: CheckpointRead, metric: MetricRead | None) -> dict[str, Any]:
+def checkpoint_object(
+    job: JobRead, checkpoint: CheckpointRead, metric: MetricRead | None, base_url: str
+) -> dict[str, Any]:
     metrics: dict[str, float | None] = {"step": checkpoint.step}
     if metric is not None:
         metrics.update(train_loss=metric.loss, valid_loss=metric.eval_loss)
@@ -212,7 +214,7 @@ def checkpoint_object(job: JobRead, checkpoint: CheckpointRead, metric: MetricRe
         "fine_tuning_job_id": job.id,
         "step_number": checkpoint.step,
         "metrics": metrics,
-        "download_url": f"/jobs/{job.id}/checkpoints/{checkpoint.name}/download",
+        "download_url": f"{base_url}/jobs/{job.id}/checkpoints/{checkpoint.name}/download",
         "bytes": checkpoint.size_bytes,
         "sha256": checkpoint.sha256,
     }

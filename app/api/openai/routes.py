@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Owner
 from app.api.logs import format_csv
+from app.api.urls import BaseUrl
 from app.errors import InvalidFields
 from app.ids import DATASET_ID_PATTERN, JOB_ID_PATTERN, STEP
 from app.models import Dataset, Job
@@ -133,13 +134,14 @@ def delete_file(file_id: str, owner: Owner) -> Object:
 
 
 # --- fine-tuning jobs: the service's jobs -----------------------------------------------------
-def _job(job: JobRead) -> Object:
-    return job_object(job, jobs.estimated_finish(job))
+def _job(job: JobRead, base: str) -> Object:
+    return job_object(job, base, jobs.estimated_finish(job))
 
 
 @router.post("/fine_tuning/jobs")
 def create_job(
     owner: Owner,
+    base: BaseUrl,
     request: CreateJobRequest,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     x_stainless_retry_count: Annotated[str | None, Header()] = None,
@@ -153,42 +155,44 @@ def create_job(
         job = jobs.create_job(spec, owner, idempotency_key=idempotency_key, retry=retry)
     except InvalidFields as exc:  # e.g. an upload that is invalid: named as this request named it
         raise exc.renamed(OPENAI_NAMES) from None
-    return _job(job)
+    return _job(job, base)
 
 
 @router.get("/fine_tuning/jobs")
-def list_jobs(request: Request, owner: Owner, after: JobAfter = None, limit: Limit = 20) -> Object:
+def list_jobs(
+    request: Request, owner: Owner, base: BaseUrl, after: JobAfter = None, limit: Limit = 20
+) -> Object:
     """Newest first; `metadata[KEY]=VALUE` (as the client sends `metadata={...}`) keeps only the
     jobs with those labels, `metadata=null` those without any."""
     query = request.query_params
     labels = {m.group(1): v for name, v in query.multi_items() if (m := METADATA_PARAM.fullmatch(name))}
     cursor = cursor_of(Job, after, Job.owner == owner) if after else None
     listed = jobs.list_jobs(owner, None, limit, cursor, labels, unlabelled=query.get("metadata") == "null")
-    return page([_job(job) for job in listed.items], listed.next is not None)
+    return page([_job(job, base) for job in listed.items], listed.next is not None)
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
-def retrieve_job(job_id: str, owner: Owner) -> Object:
-    return _job(jobs.get_job(job_id, owner))
+def retrieve_job(job_id: str, owner: Owner, base: BaseUrl) -> Object:
+    return _job(jobs.get_job(job_id, owner), base)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
-def cancel_job(job_id: str, owner: Owner) -> Object:
+def cancel_job(job_id: str, owner: Owner, base: BaseUrl) -> Object:
     """A queued or paused job is cancelled at once, a running one at its next step."""
-    return _job(jobs.cancel_job(job_id, owner))
+    return _job(jobs.cancel_job(job_id, owner), base)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/pause")
-def pause_job(job_id: str, owner: Owner) -> Object:
+def pause_job(job_id: str, owner: Owner, base: BaseUrl) -> Object:
     """A running job saves a checkpoint at its next step and stops (`paused`). 400 unless the
     job is queued or running."""
-    return _job(jobs.pause_job(job_id, owner))
+    return _job(jobs.pause_job(job_id, owner), base)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/resume")
-def resume_job(job_id: str, owner: Owner) -> Object:
+def resume_job(job_id: str, owner: Owner, base: BaseUrl) -> Object:
     """Queue a paused (or failed, or cancelled) job to continue from its latest checkpoint."""
-    return _job(jobs.resume_job(job_id, owner, None))
+    return _job(jobs.resume_job(job_id, owner, None), base)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
@@ -202,7 +206,9 @@ async def list_events(job_id: str, owner: Owner, after: EventAfter = None, limit
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
-def list_checkpoints(job_id: str, owner: Owner, after: CheckpointAfter = None, limit: Limit = 10) -> Object:
+def list_checkpoints(
+    job_id: str, owner: Owner, base: BaseUrl, after: CheckpointAfter = None, limit: Limit = 10
+) -> Object:
     """Checkpoints newest first, each with its metrics and a `download_url` (the zip that
     `GET /jobs/{id}/checkpoints/{name}/download` serves)."""
     before_step = parse_checkpoint_step(after) if after is not None else None
@@ -214,4 +220,4 @@ def list_checkpoints(job_id: str, owner: Owner, after: CheckpointAfter = None, l
     ]
     shown = listed[:limit]
     metrics = jobs.metrics_at(job_id, owner, [c.step for c in shown])
-    return page([checkpoint_object(job, c, metrics.get(c.step)) for c in shown], len(listed) > limit)
+    return page([checkpoint_object(job, c, metrics.get(c.step), base) for c in shown], len(listed) > limit)

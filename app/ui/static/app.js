@@ -223,10 +223,11 @@ function parseEvent(block) {
 }
 
 async function refreshJob(jobId) {
-  const [job, checkpoints, events] = await Promise.all([
+  const [job, checkpoints, events, exports] = await Promise.all([
     getJSON(`/jobs/${jobId}`),
     getJSON(`/jobs/${jobId}/checkpoints`),
     getJSON(`/jobs/${jobId}/events?limit=1000`),
+    getJSON(`/jobs/${jobId}/exports`),
   ]);
   dashboard.job = job;
   $("#job-id").textContent = job.id;
@@ -266,6 +267,22 @@ async function refreshJob(jobId) {
     select.value = checkpoints.items.some((c) => c.name === chosen) ? chosen : "";
   }
   $("#adapter-button").hidden = !job.adapter_sha256;
+  $("#export-button").hidden = job.status !== "succeeded";
+  // Exports a worker makes: the merged model, downloadable once it is made.
+  $("#exports").replaceChildren(
+    ...exports.items.map((x) =>
+      element(
+        "li",
+        {},
+        `${x.format} of ${x.checkpoint || "the final adapter"}: ${x.status}`,
+        x.status === "succeeded"
+          ? element("button", { onclick: () => download(`/jobs/${job.id}/exports/${x.id}/download`, x.filename) }, `Download (${fmtBytes(x.size_bytes)})`)
+          : x.error
+            ? element("span", { class: "error" }, ` ${x.error}`)
+            : "",
+      ),
+    ),
+  );
 
   $("#events").replaceChildren(
     ...events.items
@@ -326,6 +343,12 @@ $("#pause-button").addEventListener("click", () => jobAction("pause").catch(hand
 $("#resume-button").addEventListener("click", () => jobAction("resume").catch(handleError));
 $("#adapter-button").addEventListener("click", () =>
   download(`/jobs/${dashboard.job.id}/adapter`, `${dashboard.job.id}-adapter.zip`).catch(handleError),
+);
+
+$("#export-button").addEventListener("click", () =>
+  postJSON(`/jobs/${dashboard.job.id}/exports`, { format: "merged" })
+    .then(() => refreshJob(dashboard.job.id))
+    .catch(handleError),
 );
 
 $("#sample-form").addEventListener("submit", async (event) => {

@@ -1,0 +1,131 @@
+"""Exports: a job's adapter (or a checkpoint's) merged into its base, as a model folder or a GGUF
+file, made by `finetune sampler`'s process (worker/exports.py) and downloaded with its SHA-256.
+The API stores the request and sends its id; the worker writes the file and the outcome."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select, update
+
+from app.db import changed_rows, session_scope
+from app.errors import (
+    ArtifactNotReady,
+    BrokerUnavailable,
+    CheckpointNotFound,
+    ExportNotFound,
+    JobStateConflict,
+)
+from app.ids import EXPORT_ID
+from app.models import Checkpoint, Export, JobStatus, SampleStatus, utcnow
+from app.queue import enqueue_export
+from app.schemas import ExportRead, ExportRequest
+from app.services.jobs import owned_job
+from app.storage import job_files
+
+
+def create_export(job_id: str, owner: str, request: ExportRequest) -> ExportRead:
+    """Queue an export of the final adapter (a job that succeeded) or of a kept checkpoint."""
+    with session_scope() as session:
+        job = owned_job(session, job_id, owner)
+        if request.checkpoint is not None:
+            kept = session.scalar(
+                select(Checkpoint.name).where(
+                    Checkpoint.job_id == job_id, Checkpoint.name == request.checkpoint
+                )
+            )
+            if kept is None:
+                raise CheckpointNotFound(f"job {job_id} has no checkpoint {request.checkpoint!r}")
+        elif job.status != JobStatus.SUCCEEDED or not job.adapter_path:
+            raise JobStateConflict(
+                f"job is {job.status}: its adapter is exported once it succeeds; "
+                "name a `checkpoint` to export one of those"
+            )
+        export = Export(job_id=job_id, checkpoint=request.checkpoint, format=request.format)
+        session.add(export)
+        session.flush()
+        read = ExportRead.model_validate(export)
+    try:
+        enqueue_export(read.id)
+    except BrokerUnavailable as exc:
+        finish_export(read.id, error=str(exc))
+        raise
+    return read
+
+
+def list_exports(job_id: str, owner: str) -> list[ExportRead]:
+    with session_scope() as session:
+        owned_job(session, job_id, owner)
+        rows = session.scalars(select(Export).where(Export.job_id == job_id).order_by(Export.created_at))
+        return [ExportRead.model_validate(row) for row in rows]
+
+
+def _owned_export(session, job_id: str, export_id: str, owner: str) -> Export:
+    owned_job(session, job_id, owner)
+    export = session.get(Export, export_id) if EXPORT_ID.match(export_id) else None
+    if export is None or export.job_id != job_id:
+        raise ExportNotFound(f"job {job_id} has no export {export_id!r}")
+    return export
+
+
+def get_export(job_id: str, export_id: str, owner: str) -> ExportRead:
+    with session_scope() as session:
+        return ExportRead.model_validate(_owned_export(session, job_id, export_id, owner))
+
+
+def export_file(job_id: str, export_id: str, owner: str) -> tuple[Path, ExportRead]:
+    """The finished export's file (inside the job's folder) and its row."""
+    with session_scope() as session:
+        export = _owned_export(session, job_id, export_id, owner)
+        read = ExportRead.model_validate(export)
+        path = job_files(job_id).confine(export.path) if export.path else None
+    if read.status != SampleStatus.SUCCEEDED or path is None:
+        raise ArtifactNotReady(
+            f"export {export_id} is {read.status}" + (f": {read.error}" if read.error else "")
+        )
+    return path, read
+
+
+# --- what the worker does ---------------------------------------------------------------------
+
+
+def start_export(export_id: str) -> Export | None:
+    """The worker takes a queued export (None if it is gone or already taken)."""
+    with session_scope() as session:
+        taken = changed_rows(
+            session,
+            update(Export)
+            .where(Export.id == export_id, Export.status == SampleStatus.QUEUED)
+            .values(status=SampleStatus.RUNNING),
+        )
+        if not taken:
+            return None
+        export = session.get(Export, export_id)
+        session.expunge(export)
+        return export
+
+
+def finish_export(
+    export_id: str,
+    *,
+    path: Path | None = None,
+    filename: str | None = None,
+    size_bytes: int | None = None,
+    sha256: str | None = None,
+    error: str | None = None,
+) -> None:
+    status = SampleStatus.FAILED if error is not None else SampleStatus.SUCCEEDED
+    with session_scope() as session:
+        session.execute(
+            update(Export)
+            .where(Export.id == export_id)
+            .values(
+                status=status,
+                path=str(path) if path else None,
+                filename=filename,
+                size_bytes=size_bytes,
+                sha256=sha256,
+                error=error,
+                finished_at=utcnow(),
+            )
+        )

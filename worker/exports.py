@@ -1,0 +1,94 @@
+"""Makes exports (`POST /jobs/{id}/exports`) in `finetune sampler`'s process, on the CPU (a
+training keeps the GPU): the base is loaded in 4-bit as it was trained, dequantized to the job's
+compute dtype, the adapter merged into it; the result is a plain transformers model folder
+(zipped), or that model written as one GGUF file (worker/gguf.py)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer
+
+from app.db import session_scope
+from app.models import Export, ExportFormat, Job
+from app.services.exports import finish_export, start_export
+from app.spec import JobSpec
+from app.storage import being_written, job_files
+from worker.training.artifacts import sha256_of, zip_directory
+from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def export(export_id: str) -> None:
+    taken = start_export(export_id)
+    if taken is None:
+        log.info("export %s is not queued; skipped", export_id)
+        return
+    try:
+        path = _make(taken)
+    except Exception as exc:
+        log.exception("export %s failed", export_id)
+        finish_export(export_id, error=f"{type(exc).__name__}: {exc}")
+        return
+    name = f"{taken.job_id}-{taken.checkpoint or 'final'}-{taken.format}{path.suffix}"
+    finish_export(export_id, path=path, filename=name, size_bytes=path.stat().st_size, sha256=sha256_of(path))
+
+
+def _make(export: Export) -> Path:
+    with session_scope() as session:
+        job = session.get(Job, export.job_id)
+        if job is None:
+            raise LookupError(f"job {export.job_id} no longer exists")
+        spec = JobSpec.model_validate(job.spec)
+    files = job_files(export.job_id)
+    adapter_dir = files.checkpoint_dir(export.checkpoint) if export.checkpoint else files.adapter_dir
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{export.checkpoint or 'the adapter'} is no longer on disk")
+    files.exports_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=files.exports_dir, prefix=".work-") as work:
+        merged = Path(work) / "merged"
+        write_merged(spec, adapter_dir, merged)
+        if export.format == ExportFormat.GGUF:
+            from worker.gguf import write_gguf
+
+            target = files.export_file(export.id, ".gguf")
+            write_gguf(merged, being_written(target))
+        else:
+            target = files.export_file(export.id, ".zip")
+            zip_directory(merged, being_written(target))
+        being_written(target).replace(target)
+    return target
+
+
+def merged_model(spec: JobSpec, adapter_dir: Path) -> torch.nn.Module:
+    """The base dequantized from the 4-bit weights the adapter was trained against (not the
+    original 16-bit ones, which differ by the quantization error), in the job's compute dtype,
+    with the adapter merged in: a plain transformers model."""
+    base = load_quantized_model(spec, compute_dtype(spec.quantization), "cpu")
+    base = base.dequantize()
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def write_merged(spec: JobSpec, adapter_dir: Path, target: Path) -> None:
+    """The merged model as a folder `AutoModelForCausalLM.from_pretrained` loads without peft:
+    safetensors, config, generation config and the tokenizer the job trained with."""
+    model = merged_model(spec, adapter_dir)
+    # from_pretrained would read the 4-bit settings back and quantize again
+    model.config.quantization_config = None
+    if hasattr(model.config, "_pre_quantization_dtype"):
+        del model.config._pre_quantization_dtype
+    model.save_pretrained(target, safe_serialization=True)
+    if (adapter_dir / "tokenizer_config.json").is_file():  # saved with the adapter
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    else:
+        tokenizer = load_tokenizer(spec.base_model)
+    tokenizer.save_pretrained(target)
+    card = adapter_dir / "README.md"
+    if card.is_file():
+        shutil.copy(card, target / "README.md")
