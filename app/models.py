@@ -251,6 +251,8 @@ class Sample(Base):
     checkpoint: Mapped[str | None] = mapped_column(String(64))
     # The last thing the user said, or a raw prompt's text (shown in listings)
     prompt: Mapped[str] = mapped_column(Text)
+    # False: the job's base model alone answers (a base listed by /v1/models), no adapter
+    adapter: Mapped[bool] = mapped_column(Boolean, default=True)
     # The conversation to answer ({"role", "content"} items), rendered as the job was trained;
     # null: `prompt` is continued as it is (/v1/completions)
     messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)

@@ -190,6 +190,7 @@ class SampleRead(_FromRow):
     job_id: str
     checkpoint: str | None = Field(description="null: the final adapter.")
     prompt: str
+    adapter: bool = Field(description="false: the job's base model alone answered.")
     messages: list[dict[str, str]] | None = Field(
         description="The conversation answered; null: `prompt` continued as it is."
     )

@@ -9,6 +9,7 @@ import threading
 
 import openai
 import pytest
+import torch
 
 from app.db import session_scope
 from app.models import Sample
@@ -58,7 +59,8 @@ def trained(client):
 def test_a_fine_tuned_model_is_listed_and_answers_as_the_native_generate_does(client, sampler, trained):
     ai = openai_client(client, http_client=client, max_retries=0)
     model = trained["fine_tuned_model"]
-    assert [m.id for m in ai.models.list()] == [model, f"{model}:ckpt-step-4", f"{model}:ckpt-step-2"]
+    listed = [m.id for m in ai.models.list()]
+    assert listed == [model, f"{model}:ckpt-step-4", f"{model}:ckpt-step-2", trained["model"]]
     assert ai.models.retrieve(model).owned_by == TEST_OWNER
 
     options = {"temperature": 0.9, "seed": 7}
@@ -105,12 +107,13 @@ def test_a_fine_tuned_model_is_listed_and_answers_as_the_native_generate_does(cl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("bias", "base_loads"), [("none", 1), ("all", 4)])
+@pytest.mark.parametrize(("bias", "switching_loads", "base_loads"), [("none", 1, 0), ("all", 4, 1)])
 def test_adapters_of_one_base_share_it_and_switching_keeps_answers(
-    client, sampler, monkeypatch, bias, base_loads
+    client, sampler, monkeypatch, bias, switching_loads, base_loads
 ):
-    """Adapters without trained biases sit side by side on one loaded base; one with biases
-    (the demo's) has a base of its own, loaded afresh at each switch."""
+    """Adapters without trained biases sit side by side on one loaded base, and the base alone
+    answers with them switched off; one with biases (the demo's) has a base of its own, loaded
+    afresh at each switch."""
     job = jobs.create_job(quick_spec(lora={"bias": bias}, max_steps=2, save_steps=1), TEST_OWNER)
     execute_job(job.id)
     trained = client.get(f"/v1/fine_tuning/jobs/{job.id}").json()
@@ -130,7 +133,16 @@ def test_adapters_of_one_base_share_it_and_switching_keeps_answers(
     first = complete(final)
     other = complete(step_1)
     assert complete(final) == first and complete(step_1) == other
-    assert len(loads) == base_loads and len(sampler.models.adapters) == (2 if bias == "none" else 1)
+    assert len(loads) == switching_loads and len(sampler.models.adapters) == (2 if bias == "none" else 1)
+
+    # the base model the job trained on, called by its name: no adapter in the answer
+    from worker.training.model import load_tokenizer
+
+    spec = quick_spec(lora={"bias": bias})
+    asked = Sample(prompt="Human: Hello\nAssistant:", max_new_tokens=6, temperature=0.0, top_p=1.0)
+    alone = sampler.generate(load(spec, torch.float32, "cpu"), load_tokenizer(spec.base_model), asked)
+    assert complete(trained["model"]) == alone.text
+    assert len(loads) == switching_loads + base_loads
 
 
 @pytest.mark.usefixtures("sampler")

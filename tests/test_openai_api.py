@@ -21,7 +21,7 @@ from openai import OpenAI
 from app.models import utcnow
 from app.services import runs
 from tests.conftest import DEMO_MODEL, sqlite_only
-from tests.processes import running_service, wait_for_step
+from tests.processes import finetune_process, running_service, wait_for_step
 
 # Small chat records (OpenAI's fine-tuning format) the tiny model learns from quickly.
 CHATS = [
@@ -277,7 +277,7 @@ def wait_status(ai: OpenAI, job_id: str, statuses: set[str], timeout: float = 24
 @pytest.mark.e2e
 @pytest.mark.usefixtures("demo_model")
 def test_the_official_client_trains_pauses_resumes_and_cancels_jobs(redis_env, tmp_path):
-    with running_service(redis_env, tmp_path) as client:
+    with running_service(redis_env, tmp_path) as client, finetune_process("sampler", redis_env, tmp_path):
         ai = openai_client(client)
         training_file = ai.files.create(file=("adder.jsonl", chat_jsonl()), purpose="fine-tune")
         create = {"model": str(DEMO_MODEL), "training_file": training_file.id, "suffix": "adder"}
@@ -334,6 +334,16 @@ def test_the_official_client_trains_pauses_resumes_and_cancels_jobs(redis_env, t
             )
         with pytest.raises(openai.BadRequestError):
             ai.fine_tuning.jobs.pause(trained.id)  # it has ended
+
+        # from files.create to calling what it trained, with the client alone (issue 16)
+        reply = ai.chat.completions.create(
+            model=done.fine_tuned_model,
+            messages=[{"role": "user", "content": "What is 2 plus 3?"}],
+            max_tokens=8,
+            temperature=0,
+        )
+        assert reply.choices[0].message.role == "assistant" and reply.usage is not None
+        assert reply.usage.completion_tokens > 0 and reply.choices[0].finish_reason in ("stop", "length")
 
         # the second pauses mid-run with a checkpoint, then resumes from it to the end
         wait_for_step(client, paused.id, 1)

@@ -15,6 +15,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,15 +67,21 @@ class Models:
         self.tokenizer: Any = None
         self.adapters: OrderedDict[str, str] = OrderedDict()  # name -> directory, oldest first
 
-    def get(self, spec: JobSpec, adapter_dir: Path, device: str) -> tuple[Any, Any]:
-        """The base `spec` names with the adapter in `adapter_dir` active, loading what isn't
-        loaded yet."""
+    def get(self, spec: JobSpec, adapter_dir: Path | None, device: str) -> tuple[Any, Any, ContextManager]:
+        """The base `spec` names with the adapter in `adapter_dir` active (None: the base alone),
+        loading what isn't loaded yet, and the context to generate in."""
         key = (spec.base_model, spec.quantization.model_dump_json(), device)
         if key != self.key:
             self.release()
             self.tokenizer = load_tokenizer(spec.base_model)
             self.model = load_quantized_model(spec, sampling_dtype(spec, device), device)
             self.key = key
+        if adapter_dir is None:
+            if any(_bias(Path(d)) != "none" for d in self.adapters.values()):
+                self.release()  # a loaded adapter's biases are in the base now
+                return self.get(spec, None, device)
+            base_alone = self.model.disable_adapter() if isinstance(self.model, PeftModel) else nullcontext()
+            return self.model, self.tokenizer, base_alone
         name = "a" + hashlib.sha256(str(adapter_dir).encode()).hexdigest()[:16]
         if name not in self.adapters and self.adapters and not self._may_share(adapter_dir):
             self.release()  # the base's biases were the other adapter's: load it afresh
@@ -91,7 +99,7 @@ class Models:
                 self.model.delete_adapter(oldest)
         self.model.set_adapter(name)
         self.model.eval()
-        return self.model, self.tokenizer
+        return self.model, self.tokenizer, nullcontext()
 
     def _may_share(self, adapter_dir: Path) -> bool:
         """Whether this adapter can sit on the base beside those loaded: not when any of them
@@ -152,11 +160,13 @@ def _complete(sample: Sample) -> Answer:
             raise LookupError(f"job {sample.job_id} no longer exists")
         spec = JobSpec.model_validate(job.spec)
     files = job_files(sample.job_id)
-    adapter_dir = files.checkpoint_dir(sample.checkpoint) if sample.checkpoint else files.adapter_dir
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{sample.checkpoint or 'the adapter'} is no longer on disk")
+    adapter_dir: Path | None = None
+    if sample.adapter:
+        adapter_dir = files.checkpoint_dir(sample.checkpoint) if sample.checkpoint else files.adapter_dir
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{sample.checkpoint or 'the adapter'} is no longer on disk")
     device = _device_for(spec, sample)
-    model, tokenizer = models.get(spec, Path(adapter_dir), device)
+    model, tokenizer, context = models.get(spec, adapter_dir, device)
     last_write = [time.monotonic()]
 
     def on_text(text: str) -> None:
@@ -164,7 +174,8 @@ def _complete(sample: Sample) -> Answer:
             write_partial(sample.id, text)
             last_write[0] = time.monotonic()
 
-    return generate(model, tokenizer, sample, on_text)
+    with context:
+        return generate(model, tokenizer, sample, on_text)
 
 
 def _device_for(spec: JobSpec, sample: Sample) -> str:

@@ -30,6 +30,7 @@ class Prompt:
     top_p: float = 1.0
     stop: list[str] | None = None
     seed: int | None = None
+    adapter: bool = True  # False: the job's base model alone answers
 
     @classmethod
     def from_request(cls, request: SampleRequest) -> Prompt:
@@ -55,7 +56,7 @@ def create_sample(job_id: str, owner: str, request: SampleRequest | Prompt) -> S
         if prompt.checkpoint is not None and prompt.checkpoint not in checkpoints:
             raise CheckpointNotFound(f"job {job_id} has no checkpoint {prompt.checkpoint!r}")
         checkpoint = prompt.checkpoint
-        if checkpoint is None and not job.adapter_path:
+        if checkpoint is None and prompt.adapter and not job.adapter_path:
             if not checkpoints:
                 raise JobStateConflict(
                     f"job is {job.status} and has no adapter or checkpoint yet; nothing to sample from"
@@ -66,6 +67,7 @@ def create_sample(job_id: str, owner: str, request: SampleRequest | Prompt) -> S
             job_id=job_id,
             checkpoint=checkpoint,
             prompt=last_said,
+            adapter=prompt.adapter,
             messages=prompt.messages,
             max_new_tokens=prompt.max_new_tokens,
             temperature=prompt.temperature,

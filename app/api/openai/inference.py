@@ -2,12 +2,14 @@
 samples as `POST /jobs/{id}/generate`: the model a job trained is called with the official
 client, `client.chat.completions.create(model=job.fine_tuned_model, messages=[...])`.
 
-A model id is a job's `fine_tuned_model` (`ft:<base>:<owner>:<suffix>:<job id>`), or one of its
-checkpoints' (`…:ckpt-step-N`). Another owner's model is a 404, as everywhere."""
+A model id is a job's `fine_tuned_model` (`ft:<base>:<owner>:<suffix>:<job id>`), one of its
+checkpoints' (`…:ckpt-step-N`), or the base model one of the owner's jobs trained on (its `model`,
+answered without an adapter). Another owner's model is a 404, as everywhere."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -22,13 +24,14 @@ from app.api.auth import Owner
 from app.errors import JobNotFound, ModelNotFound, SampleFailed, SampleTimedOut
 from app.ids import JOB_ID, checkpoint_name
 from app.models import JobStatus, SampleStatus
-from app.schemas import SampleRead
+from app.schemas import JobRead, SampleRead
 from app.services import jobs, samples
 from app.services.samples import Prompt
 from app.settings import get_settings
+from app.spec import stored_spec
 
 from .errors import ERROR_RESPONSES
-from .objects import fine_tuned_model, unix
+from .objects import fine_tuned_model, model_name, unix
 
 SAMPLER_RESPONSES: dict[int | str, dict[str, Any]] = {
     502: {"description": "The sampler could not answer; the message says why."},
@@ -41,6 +44,8 @@ POLL_S = 0.1
 # Without max_tokens (or max_completion_tokens), an answer ends after this many tokens.
 DEFAULT_MAX_TOKENS = 256
 CHECKPOINT_SUFFIX = ":ckpt-step-"
+# /v1/models lists the base models of the owner's newest this many jobs.
+BASES_LOOKED_AT = 1000
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -124,9 +129,20 @@ def model_object(model_id: str, created: Any, owner: str) -> Object:
     return {"id": model_id, "object": "model", "created": unix(created), "owned_by": owner}
 
 
+def base_models(owner: str) -> dict[str, JobRead]:
+    """The base models of the owner's jobs, by the name a job's `model` shows (a hub id, or a
+    local folder's name), each with the newest job that named it: the sampler loads the base
+    as that job trained on it (4-bit, its quantization settings). Only bases the owner named
+    themselves: another owner's local model is not reachable this way."""
+    found: dict[str, JobRead] = {}
+    for job in jobs.list_jobs(owner, None, BASES_LOOKED_AT, None).items:
+        found.setdefault(model_name(stored_spec(job.spec)), job)
+    return found
+
+
 def callable_models(owner: str) -> list[Object]:
     """The owner's fine-tuned models (jobs that succeeded) and their kept checkpoints, newest
-    job first."""
+    job first, then the base models of their jobs."""
     found = []
     for job, checkpoints in samples.callable_jobs(owner):
         if job.status == JobStatus.SUCCEEDED:
@@ -134,12 +150,27 @@ def callable_models(owner: str) -> list[Object]:
         found += [
             model_object(fine_tuned_model(job, c.step), c.created_at, owner) for c in reversed(checkpoints)
         ]
+    found += [model_object(name, job.created_at, owner) for name, job in base_models(owner).items()]
     return found
 
 
-def resolve(model_id: str, owner: str) -> tuple[str, str | None]:
-    """The job and checkpoint (None: the final adapter) a model id names, if the owner may call
-    it; else ModelNotFound."""
+@dataclasses.dataclass(frozen=True)
+class ModelTarget:
+    """What answers for a model id: a job's final adapter, one of its checkpoints, or (adapter
+    False) the base model the job trained on."""
+
+    job_id: str
+    checkpoint: str | None = None
+    adapter: bool = True
+
+
+def resolve(model_id: str, owner: str) -> ModelTarget:
+    """What a model id names, if the owner may call it; else ModelNotFound."""
+    if not model_id.startswith("ft:"):
+        job = base_models(owner).get(model_id)
+        if job is None:
+            raise ModelNotFound(f"no model {model_id!r}; GET /v1/models lists yours")
+        return ModelTarget(job.id, adapter=False)
     name, step = model_id, None
     if CHECKPOINT_SUFFIX in model_id:
         name, _, digits = model_id.rpartition(CHECKPOINT_SUFFIX)
@@ -159,11 +190,11 @@ def resolve(model_id: str, owner: str) -> tuple[str, str | None]:
                 f"job {job.id} is {job.status}: its model exists once it succeeds; "
                 f"a checkpoint can be called as {fine_tuned_model(job, 0)[:-1]}N"
             )
-        return job.id, None
+        return ModelTarget(job.id)
     name = checkpoint_name(step)
     if name not in {c.name for c in jobs.list_checkpoints(job.id, owner)}:
         raise ModelNotFound(f"job {job.id} has no checkpoint at step {step} (kept: GET /v1/models)")
-    return job.id, name
+    return ModelTarget(job.id, name)
 
 
 @router.get("/models")
@@ -184,9 +215,9 @@ def retrieve_model(owner: Owner, model: Annotated[str, Path(max_length=512)]) ->
 
 
 async def _sample(request: _Sampling, owner: str, prompt: Prompt) -> SampleRead:
-    job_id, checkpoint = await run_in_threadpool(resolve, request.model, owner)
-    prompt = Prompt(**{**prompt.__dict__, "checkpoint": checkpoint})
-    return await run_in_threadpool(samples.create_sample, job_id, owner, prompt)
+    model = await run_in_threadpool(resolve, request.model, owner)
+    prompt = dataclasses.replace(prompt, checkpoint=model.checkpoint, adapter=model.adapter)
+    return await run_in_threadpool(samples.create_sample, model.job_id, owner, prompt)
 
 
 async def _updates(sample: SampleRead, owner: str) -> AsyncIterator[SampleRead]:

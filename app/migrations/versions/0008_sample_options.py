@@ -1,4 +1,4 @@
-"""samples carry a conversation, sampling options and token counts (OpenAI-style completions)
+"""samples carry a conversation, sampling options, token counts, and may ask the base alone
 
 Revision ID: 0008
 Revises: 0007
@@ -21,6 +21,7 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table("samples", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("adapter", sa.Boolean(), nullable=False, server_default=sa.true()))
         batch_op.add_column(sa.Column("messages", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("top_p", sa.Float(), nullable=False, server_default="1.0"))
         batch_op.add_column(sa.Column("stop", sa.JSON(), nullable=True))
@@ -40,6 +41,7 @@ def upgrade() -> None:
         )
     with op.batch_alter_table("samples", schema=None) as batch_op:
         batch_op.alter_column("top_p", server_default=None)  # the existing rows are filled
+        batch_op.alter_column("adapter", server_default=None)
 
 
 def downgrade() -> None:
@@ -52,5 +54,6 @@ def downgrade() -> None:
             "stop",
             "top_p",
             "messages",
+            "adapter",
         ):
             batch_op.drop_column(column)
