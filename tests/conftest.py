@@ -208,3 +208,15 @@ def redis_env(service_env) -> Iterator[dict[str, str]]:
         pytest.skip("needs Redis: FINETUNE_TEST_REDIS_URL not set")
     yield {**service_env, "FINETUNE_BROKER_URL": REDIS_URL, "FINETUNE_FLUSH_INTERVAL_S": "0.5"}
     drop_queues(REDIS_URL, service_env["FINETUNE_QUEUE"])
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device."""
+    gpu_tests = [item for item in items if "gpu" in item.keywords]
+    if not gpu_tests:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)"))
