@@ -170,19 +170,32 @@ class LoraSpec(_Strict):
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[ModuleName] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "dense"], min_length=1, max_length=64
+    target_modules: (
+        Literal["auto", "all-linear"] | Annotated[list[ModuleName], Field(min_length=1, max_length=64)]
+    ) = Field(
+        "auto",
+        description="Which linear layers get LoRA. `auto`: the seed recipe's for Phi (q_proj, k_proj, "
+        "v_proj, dense), the attention projections (q_proj, k_proj, v_proj, o_proj) for Llama, Mistral, "
+        "Qwen2, Gemma and the like; `all-linear`: every linear layer but the output head; or names. "
+        "Names that match no layer of the base are refused before training, listing those that exist.",
     )
     bias: Literal["none", "all", "lora_only"] = Field(
         "none", description="Which bias vectors train beside the LoRA weights (peft's `bias`)."
     )
 
-    @field_validator("target_modules")
+    @field_validator("target_modules", mode="before")
     @classmethod
-    def _module_names(cls, value: list[str]) -> list[str]:
+    def _module_names(cls, value: Any) -> Any:
+        """One error naming the field (not one per shape the union allows)."""
+        if isinstance(value, str):
+            if value not in ("auto", "all-linear"):
+                raise ValueError(f"{value[:64]!r} is not 'auto', 'all-linear' or a list of module names")
+            return value
+        if not isinstance(value, list) or not 1 <= len(value) <= 64:
+            raise ValueError("'auto', 'all-linear', or a list of 1 to 64 module names")
         for name in value:
-            if not re.fullmatch(r"[A-Za-z_][\w.]*", name):
-                raise ValueError(f"{name!r} is not a module name")
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][\w.]{0,127}", name):
+                raise ValueError(f"{str(name)[:64]!r} is not a module name")
         return value
 
 

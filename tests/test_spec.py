@@ -17,7 +17,7 @@ def test_empty_spec_is_the_seed_recipe():
     assert (q.bits, q.quant_type, q.double_quant, q.compute_dtype) == (4, "nf4", True, "float16")
     lora = spec.lora
     assert (lora.r, lora.alpha, lora.dropout) == (16, 32, 0.05)
-    assert lora.target_modules == ["q_proj", "k_proj", "v_proj", "dense"]
+    assert lora.target_modules == "auto"  # on Phi: q_proj, k_proj, v_proj, dense (test_architectures.py)
     t = spec.training
     assert (t.batch_size, t.gradient_accumulation_steps) == (4, 4)
     assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio) == (2e-4, "cosine", 0.03)

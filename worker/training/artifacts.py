@@ -49,6 +49,11 @@ def write_model_card(card: Path, spec: dict[str, Any], job_id: str, summary: dic
     """The adapter's README.md (`JobFiles.model_card`): what it was trained from, how, and how
     it ended."""
     dataset = spec["dataset"]
+    modules = spec["lora"]["target_modules"]  # "auto" and "all-linear" as peft resolved them:
+    peft_config = card.parent / "adapter_config.json"
+    if peft_config.is_file():
+        resolved = json.loads(peft_config.read_text()).get("target_modules")
+        modules = sorted(resolved) if isinstance(resolved, list) else resolved or modules
     lines = [
         f"# LoRA adapter for {spec['base_model']}",
         "",
@@ -59,7 +64,7 @@ def write_model_card(card: Path, spec: dict[str, Any], job_id: str, summary: dic
         f"- Data: `{dataset['source']}` split `{dataset['split']}`, languages {dataset['languages']}, "
         f"loss on {dataset['train_on']} tokens",
         f"- LoRA: r={spec['lora']['r']}, alpha={spec['lora']['alpha']}, dropout={spec['lora']['dropout']}, "
-        f"modules {spec['lora']['target_modules']}",
+        f"modules {modules}",
     ]
     lines += [f"- {key.replace('_', ' ').capitalize()}: {value}" for key, value in summary.items()]
     lines += [

@@ -74,8 +74,64 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
 
 
+# `lora.target_modules: auto`, by the base's `model_type`: the seed recipe's modules for Phi; the
+# attention projections for the Llama family. Other architectures: peft's own default for them,
+# else every linear layer.
+AUTO_TARGET_MODULES: dict[str, list[str]] = {
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    **{
+        kind: ["q_proj", "k_proj", "v_proj", "o_proj"]
+        for kind in (
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+        )
+    },
+}
+
+
+def linear_layer_names(model: torch.nn.Module) -> set[str]:
+    """The names LoRA can target: each linear layer's own name (4-bit ones included), but the
+    output head."""
+    return {
+        name.rpartition(".")[2]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+    }
+
+
+def target_modules(spec: JobSpec, model: torch.nn.Module) -> list[str] | str:
+    """What `lora.target_modules` means for this base; ValueError naming the layers that exist
+    when a name matches none of them."""
+    wanted = spec.lora.target_modules
+    if wanted == "all-linear":
+        return wanted
+    kind = getattr(model.config, "model_type", "?")
+    if wanted == "auto":
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFTS
+
+        wanted = AUTO_TARGET_MODULES.get(kind) or PEFTS.get(kind) or "all-linear"
+        if wanted == "all-linear":
+            return wanted
+    names = {name for name, _ in model.named_modules()}
+    unmatched = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"lora.target_modules {unmatched} match no layer of this {kind} model; its linear layers "
+            f'are {sorted(linear_layer_names(model))} (or use "auto" or "all-linear")'
+        )
+    return list(wanted)
+
+
 def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
     base = load_quantized_model(spec, dtype)
+    modules = target_modules(spec, base)
     keep_4bit_layers_trainable(base)
     model = prepare_model_for_kbit_training(
         base,
@@ -86,7 +142,7 @@ def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]  # peft says int; a float scales as well
         lora_dropout=spec.lora.dropout,
-        target_modules=spec.lora.target_modules,
+        target_modules=modules,
         bias=spec.lora.bias,
         task_type="CAUSAL_LM",
     )
