@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, text
@@ -16,7 +16,6 @@ from tenacity import RetryCallState, retry, retry_if_exception_type, wait_expone
 
 from app.settings import get_settings
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 # The database did not answer (down, restarting, locked, no free connection): nothing was
 # changed, and the same request may succeed shortly.
 UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)
@@ -24,18 +23,17 @@ UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
-        )
-        event.listen(engine, "connect", _sqlite_pragmas)
+        busy_s = get_settings().sqlite_busy_timeout_s
+        engine = create_engine(url, connect_args={"timeout": busy_s, "check_same_thread": False})
+        event.listen(engine, "connect", partial(_sqlite_pragmas, busy_ms=int(busy_s * 1000)))
         return engine
     return create_engine(url, pool_pre_ping=True)
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def _sqlite_pragmas(dbapi_conn, _record, busy_ms: int) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 

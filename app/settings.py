@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # A worker renews its job's lease every lease_s / 3; the sweeper re-queues jobs whose lease
     # expired (worker killed, host gone) from their last complete checkpoint, up to max_attempts.
     lease_s: float = 60.0
+    # How long a SQLite write waits for another connection's lock; past it the database counts
+    # as unreachable and the write is retried (app.db.retry_while_unreachable).
+    sqlite_busy_timeout_s: float = Field(30.0, gt=0)
     sweep_interval_s: float = 10.0
     max_attempts: int = 3
     # A queued job's id is sent to the broker again when it has waited this long and the

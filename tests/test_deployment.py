@@ -36,6 +36,7 @@ from tests.conftest import (
     REPO,
     drop_queues,
     fresh_postgres_database,
+    sqlite_only,
     unique_queue,
 )
 from tests.helpers import wait_until
@@ -419,7 +420,7 @@ def test_generate_answers_with_the_jobs_adapter(deployment, finished_job, tmp_pa
 
 def test_pause_saves_a_checkpoint_and_resume_finishes_the_job(deployment):
     submitted = deployment.cli(
-        "submit", str(DEMO_JOB), "--set", "training.max_steps=30", "--set", "training.save_steps=100"
+        "submit", str(DEMO_JOB), "--set", "training.max_steps=20", "--set", "training.save_steps=100"
     )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
@@ -431,7 +432,7 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_job(deployment):
         stopped = client.get(f"/jobs/{job_id}").json()
         assert stopped["status"] == "paused", stopped["error"]
         [checkpoint] = client.get(f"/jobs/{job_id}/checkpoints").json()["items"]
-        assert checkpoint["step"] == stopped["current_step"] < 30
+        assert checkpoint["step"] == stopped["current_step"] < 20
 
         following = deployment.cli("logs", job_id, "--follow")  # the stream ends at the pause
         assert following.returncode == 1 and f"{job_id} paused" in following.stdout
@@ -440,7 +441,7 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_job(deployment):
         finished = deployment.cli("logs", job_id, "--follow")
         assert finished.returncode == 0, finished.stdout
         assert [row["step"] for row in client.get(f"/jobs/{job_id}/logs").json()["items"]] == list(
-            range(1, 31)
+            range(1, 21)
         )
 
 
@@ -628,6 +629,7 @@ def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, fi
         )
 
 
+@sqlite_only  # the embedded broker is what `make run` uses, with its SQLite database
 def test_health_answers_for_a_worker_on_the_embedded_broker(service_env, tmp_path):
     """Issue 18: `finetune health worker` never answered over the embedded SQLite broker (it
     can't carry Celery's broadcast ping), so a fresh machine's `make test` failed here."""

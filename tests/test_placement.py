@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from tests.conftest import DEMO_MODEL, reset_caches
+from tests.conftest import DEMO_MODEL, reset_caches, sqlite_only
 from worker import placement
 
 GIB = placement.GIB
@@ -78,6 +78,7 @@ def test_the_device_can_be_forced(a_gpu, monkeypatch, forced):
 
 
 @pytest.mark.slow
+@sqlite_only  # about the model's memory, not the database
 def test_the_sampler_releases_a_model_nothing_refers_to_any_more(service_env, monkeypatch):
     """Measured on the GPU machine: release_model() ran while answer() still held the model in a
     local, so torch.cuda.empty_cache() could not give its memory back (1.8–3.1 GiB stayed)."""

@@ -201,6 +201,7 @@ def test_a_model_or_dataset_the_hub_cant_give_fails_naming_it(service_env, field
     assert "hub could not be reached" in failed.error
 
 
+@sqlite_only  # about the model's memory, not the database
 def test_the_sampler_frees_its_model_after_an_answer_unless_told_to_keep_it(service_env, monkeypatch):
     """Issue 18: on one 16 GB T4 the sampler's copy of the base beside a training could run
     the GPU out of memory; on a GPU it now loads for an answer and frees after ("auto")."""
