@@ -1,9 +1,9 @@
-"""Conversations from the three shapes users bring, as lists of turns; each turn says whether
-its tokens carry loss. Pure Python (no torch, no tokenizer): cheap to test and to reuse.
+"""Conversations as lists of turns, each saying whether its tokens carry loss; here the oasst1
+shapes, whose records are threads (app/formats.py has the formats of one sample per record).
+Pure Python (no torch, no tokenizer): cheap to test and to reuse.
 
 - oasst1 message rows (`message_id`, `parent_id`, `role`, `text`, …), as `load_dataset` gives;
-- OpenAssistant's nested tree export (`{message_tree_id, prompt: {…, replies: [...]}}`);
-- chat records (`{"messages": [{"role": "user"|"assistant"|"system", "content": …}]}`).
+- OpenAssistant's nested tree export (`{message_tree_id, prompt: {…, replies: [...]}}`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 HUMAN, ASSISTANT, SYSTEM = "Human", "Assistant", "System"
+# A turn of plain text, rendered as it is (no speaker): text and prompt/completion records
+TEXT = ""
 ROLE_NAMES = {"prompter": HUMAN, "user": HUMAN, "assistant": ASSISTANT, "system": SYSTEM}
 
 
@@ -27,16 +29,6 @@ class Turn:
 class Conversations:
     samples: list[list[Turn]]
     dropped: Counter = field(default_factory=Counter)
-
-
-def detect_format(record: dict) -> str:
-    if "messages" in record:
-        return "chat"
-    if "prompt" in record and "message_tree_id" in record:
-        return "oasst_trees"
-    if "message_id" in record and "role" in record:
-        return "oasst_rows"
-    raise ValueError(f"unrecognised record with fields {sorted(record)[:8]}")
 
 
 def flatten_trees(trees: Iterable[dict]) -> Iterator[dict]:
@@ -143,36 +135,3 @@ def _best_paths(by_id: dict[str, dict], dropped: Counter) -> list[list[Turn]]:
 def _rank_order(row: dict) -> tuple[bool, int]:
     """Best first: rank 0, 1, …; unranked replies last."""
     return (row.get("rank") is None, row.get("rank") or 0)
-
-
-def conversations_from_chats(records: Iterable[dict]) -> Conversations:
-    """Chat records: one sample each, loss on every assistant message."""
-    samples, dropped = [], Counter[str]()
-    for record in records:
-        try:
-            turns = chat_turns(record)
-        except ValueError:
-            dropped["chats_invalid"] += 1
-            continue
-        samples.append(turns)
-    return Conversations(samples, dropped)
-
-
-def chat_turns(record: dict) -> list[Turn]:
-    """Validate one chat record; the ValueError says what is wrong with it."""
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list")
-    turns = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{index}] is not an object")
-        role, content = message.get("role"), message.get("content")
-        if role not in ("user", "assistant", "system"):
-            raise ValueError(f"messages[{index}].role must be user, assistant or system, not {role!r}")
-        if not isinstance(content, str) or not content.strip():
-            raise ValueError(f"messages[{index}].content must be non-empty text")
-        turns.append(Turn(ROLE_NAMES[role], content.strip(), train=role == "assistant"))
-    if not any(t.train for t in turns):
-        raise ValueError("no assistant message to learn from")
-    return turns

@@ -16,13 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from app.conversations import (
-    chat_turns,
-    conversations_from_rows,
-    detect_format,
-    drop_reason,
-    flatten_trees,
-)
+from app.conversations import conversations_from_rows, drop_reason, flatten_trees
+from app.formats import BY_NAME, detect_format
 
 MAX_PROBLEMS_LISTED = 100
 UPLOAD_SUFFIXES = (".jsonl", ".json")
@@ -50,9 +45,9 @@ def _row_problem(row: Any) -> str | None:
 def _record_problem(record: Any, fmt: str) -> str | None:
     if not isinstance(record, dict):
         return "not a JSON object"
-    if fmt == "chat":
+    if fmt in BY_NAME:
         try:
-            chat_turns(record)
+            BY_NAME[fmt].turns(record)
         except ValueError as exc:
             return str(exc)
         return None
@@ -132,7 +127,7 @@ class ThreadIndex:
         """(samples, kept replies missing an ancestor, trees)."""
         self._flush()
         self.db.execute("CREATE INDEX rows_parent ON rows (parent)")
-        (samples, missing), = self.db.execute(
+        ((samples, missing),) = self.db.execute(
             """
             WITH RECURSIVE whole(id) AS (
                 SELECT id FROM rows WHERE parent IS NULL AND kept
@@ -186,7 +181,7 @@ class Report:
         problem = _record_problem(record, self.fmt)
         if problem:
             self.problem(line, problem)
-        elif self.fmt == "chat":
+        elif self.fmt in BY_NAME:
             self.samples += 1
         elif self.fmt == "oasst_trees":
             rows = list(flatten_trees([record]))

@@ -135,8 +135,13 @@ class DatasetSpec(_Strict):
         max_length=64,
         description="Keep messages in these languages; null keeps all.",
     )
-    format: Literal["auto", "oasst_rows", "oasst_trees", "chat"] = Field(
-        "auto", description="oasst1 message rows, OpenAssistant tree export, or chat `messages` records."
+    format: Literal[
+        "auto", "oasst_rows", "oasst_trees", "chat", "sharegpt", "alpaca", "prompt_completion", "text"
+    ] = Field(
+        "auto",
+        description="Detected from the first record, or named: oasst1 message rows or tree export; "
+        "chat `messages` (OpenAI's, with content parts and `weight`); ShareGPT `conversations`; Alpaca "
+        "`instruction`/`input`/`output`; `prompt`/`completion` (text or messages); plain `text`.",
     )
     conversations: Literal["all_replies", "best_path"] = Field(
         "all_replies",

@@ -7,13 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from app.conversations import (
-    Turn,
-    chat_turns,
-    conversations_from_chats,
-    conversations_from_rows,
-    flatten_trees,
-)
+from app.conversations import Turn, conversations_from_rows, flatten_trees
+from app.formats import chat_turns
+from app.formats import conversations_from_records as conversations_of_format
 from app.spec import DatasetSpec
 from worker.training.data import (
     IGNORE_INDEX,
@@ -122,8 +118,8 @@ def test_chat_records_become_samples_and_bad_ones_say_why():
         chat_turns({"messages": [{"role": "bot", "content": "x"}]})
     with pytest.raises(ValueError, match="no assistant message"):
         chat_turns({"messages": [{"role": "user", "content": "x"}]})
-    conversations = conversations_from_chats([good, {"messages": []}, {"text": "x"}])
-    assert len(conversations.samples) == 1 and conversations.dropped["chats_invalid"] == 2
+    conversations = conversations_of_format([good, {"messages": []}, {"text": "x"}], "chat")
+    assert len(conversations.samples) == 1 and conversations.dropped["chat_records_invalid"] == 2
 
 
 def test_loss_covers_exactly_the_reply_and_its_eos(tokenizer):

@@ -8,14 +8,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.conversations import (
-    Conversations,
-    Turn,
-    conversations_from_chats,
-    conversations_from_rows,
-    detect_format,
-    flatten_trees,
-)
+from app.conversations import TEXT, Conversations, Turn, conversations_from_rows, flatten_trees
+from app.formats import BY_NAME, detect_format
+from app.formats import conversations_from_records as conversations_of_format
 from app.ids import DATASET_ID
 from app.services.dataset_files import dataset_file
 from app.spec import DatasetSpec, split_revision
@@ -58,8 +53,8 @@ def conversations_from_records(records: list[dict], spec: DatasetSpec) -> Conver
     if not records:
         return Conversations([])
     fmt = detect_format(records[0]) if spec.format == "auto" else spec.format
-    if fmt == "chat":
-        return conversations_from_chats(records)
+    if fmt in BY_NAME:
+        return conversations_of_format(records, fmt)
     rows: Iterable[dict] = flatten_trees(records) if fmt == "oasst_trees" else records
     return conversations_from_rows(
         rows, spec.languages, include_synthetic=spec.include_synthetic, mode=spec.conversations
@@ -67,11 +62,14 @@ def conversations_from_records(records: list[dict], spec: DatasetSpec) -> Conver
 
 
 def format_segments(turns: list[Turn], eos: str) -> list[tuple[str, bool]]:
-    """`Human: …` / `Assistant: …` text as (segment, carries_loss) pieces; EOS ends each reply."""
+    """`Human: …` / `Assistant: …` text as (segment, carries_loss) pieces; EOS ends each reply.
+    Plain text turns (TEXT) are rendered as they are, one after the other, EOS after a trained one."""
     segments: list[tuple[str, bool]] = []
     for index, turn in enumerate(turns):
         lead = "" if index == 0 else "\n"
-        if turn.speaker == "Assistant":
+        if turn.speaker == TEXT:
+            segments.append((turn.text + (eos if turn.train else ""), turn.train))
+        elif turn.speaker == "Assistant":
             segments.append((f"{lead}Assistant: ", False))
             segments.append((turn.text + eos, turn.train))
         else:
