@@ -7,6 +7,8 @@ default lives here, once.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -103,8 +105,47 @@ MIN_SEQ_LENGTH, MAX_SEQ_LENGTH = 16, 131072
 # that it exists and is valid.
 
 
+# What a local dataset may be: one of these files, or a folder `datasets` loads (one written by
+# `save_to_disk`, or one holding data files of these kinds).
+DATASET_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+DATASET_FOLDER_FILE_SUFFIXES = (*DATASET_FILE_SUFFIXES, ".csv", ".arrow")
+SAVED_TO_DISK_MARKERS = ("dataset_dict.json", "state.json")
+LOCAL_DATASET_KINDS = (
+    "a .jsonl, .json or .parquet file, or a folder written by `save_to_disk` or holding "
+    ".jsonl, .json, .parquet, .csv or .arrow files"
+)
+
+
+def saved_to_disk(folder: Path) -> bool:
+    return any((folder / marker).is_file() for marker in SAVED_TO_DISK_MARKERS)
+
+
+def local_dataset_problem(path: Path) -> str | None:
+    """Why a local path (allowed, existing) can't be a dataset, or None."""
+    if path.is_file():
+        if path.suffix not in DATASET_FILE_SUFFIXES:
+            return (
+                f"{path.name} is not a dataset this service reads; a local dataset is {LOCAL_DATASET_KINDS}"
+            )
+        if not os.access(path, os.R_OK):
+            return f"{path.name} can't be read by the service"
+        return None
+    if saved_to_disk(path):
+        return None
+    files = (f for f in itertools.islice(path.rglob("*"), 10_000) if f.suffix in DATASET_FOLDER_FILE_SUFFIXES)
+    if next(files, None) is None:
+        return f"folder {path.name} holds no dataset; a local dataset is {LOCAL_DATASET_KINDS}"
+    return None
+
+
 def resolve_dataset_source(value: str) -> str:
-    return value.strip() if DATASET_ID.match(value.strip()) else resolve_model_or_dataset(value)
+    if DATASET_ID.match(value.strip()):
+        return value.strip()
+    resolved = resolve_model_or_dataset(value)
+    problem = local_dataset_problem(Path(resolved)) if Path(resolved).is_absolute() else None
+    if problem:
+        raise ValueError(problem)
+    return resolved
 
 
 DatasetSource = Annotated[

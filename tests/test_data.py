@@ -210,3 +210,25 @@ def test_local_parquet_files_and_dataset_folders_load(tmp_path_allowed, tokenize
     expected = len(conversations_from_rows(rows, ["en"]).samples)
     assert len(from_parquet) == len(from_folder) == expected
     assert folder_eval is not None and 0 < len(folder_eval) < expected
+
+
+def test_a_folder_written_by_save_to_disk_loads_with_its_splits(tmp_path_allowed, tokenizer, rows):
+    """Issue 15: `load_dataset` can't read what `save_to_disk` wrote; the job failed in the worker."""
+    import datasets
+
+    from worker.training.data import build_eval_data, build_training_data
+
+    keep = ("message_id", "parent_id", "text", "role", "lang", "deleted", "review_result")
+    flat = [{k: v for k, v in r.items() if k in keep} for r in rows]
+    saved = tmp_path_allowed / "saved"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(flat), "validation": datasets.Dataset.from_list(flat[:200])}
+    ).save_to_disk(str(saved))
+    single = tmp_path_allowed / "single"
+    datasets.Dataset.from_list(flat).save_to_disk(str(single))
+
+    expected = len(conversations_from_rows(rows, ["en"]).samples)
+    assert len(build_training_data(_oasst_spec(str(saved)), tokenizer, 512)) == expected
+    assert len(build_training_data(_oasst_spec(str(single)), tokenizer, 512)) == expected
+    evaluated = build_eval_data(_oasst_spec(str(saved)), tokenizer, 512)
+    assert evaluated is not None and 0 < len(evaluated) < expected

@@ -77,3 +77,26 @@ def test_full_row_packing_is_a_mode_of_packing():
     assert spec.training.packing_mode == "full_rows" and JobSpec().training.packing_mode == "per_step"
     with pytest.raises(ValidationError, match="needs training.packing: true"):
         JobSpec.model_validate({"training": {"packing_mode": "full_rows", "packing": False}})
+
+
+def test_a_local_dataset_is_checked_at_submission(tmp_path_allowed):
+    """Issue 15: a path the worker can't read as a dataset got a 201 and failed in the worker."""
+    (tmp_path_allowed / "notes.txt").write_text("hello")
+    (tmp_path_allowed / "empty").mkdir()
+    (tmp_path_allowed / "saved").mkdir()
+    (tmp_path_allowed / "saved" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    (tmp_path_allowed / "files" / "train").mkdir(parents=True)
+    (tmp_path_allowed / "files" / "train" / "part-0.parquet").write_bytes(b"PAR1")
+
+    for name, why in (
+        ("notes.txt", "notes.txt is not a dataset"),
+        ("empty", "folder empty holds no dataset"),
+    ):
+        with pytest.raises(ValidationError) as refused:
+            JobSpec.model_validate({"dataset": {"source": str(tmp_path_allowed / name)}})
+        [error] = refused.value.errors()
+        assert error["loc"] == ("dataset", "source") and why in error["msg"]
+        assert "save_to_disk" in error["msg"]  # and what is accepted
+    for name in ("saved", "files"):
+        spec = JobSpec.model_validate({"dataset": {"source": str(tmp_path_allowed / name)}})
+        assert spec.dataset.source == str(tmp_path_allowed / name)

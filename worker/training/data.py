@@ -13,7 +13,7 @@ from app.formats import BY_NAME, detect_format
 from app.formats import conversations_from_records as conversations_of_format
 from app.ids import DATASET_ID
 from app.services.dataset_files import dataset_file
-from app.spec import DatasetSpec, split_revision
+from app.spec import DatasetSpec, saved_to_disk, split_revision
 from worker.training.hub import fetching
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,13 @@ def load_records(source: str, split: str) -> list[dict]:
         return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
     if path.is_file():
         raise ValueError(f"dataset file {path.name}: expected .jsonl, .json or .parquet")
+    if path.is_dir() and saved_to_disk(path):
+        saved = datasets.load_from_disk(str(path))
+        if isinstance(saved, datasets.DatasetDict):
+            if split not in saved:
+                raise ValueError(f"unknown split {split!r}: the folder has {', '.join(saved)}")
+            saved = saved[split]
+        return list(saved)
     if path.is_dir():
         return list(datasets.load_dataset(str(path), split=split))
     name, revision = split_revision(source)
