@@ -3,6 +3,7 @@ paged AdamW, run through the same `execute_job` the Celery task calls."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import zipfile
@@ -71,6 +72,12 @@ def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env):
         "adapter/tokenizer.json",
     } <= names
     assert "examples/tiny-phi2" in card and "Final train loss" in card and '"max_steps": 6' in card
+    # the adapter names its base as users know it, and the card says how to load it exactly
+    with zipfile.ZipFile(jobs.adapter_zip(job.id, LOCAL_OWNER)) as archive:
+        peft_config = json.loads(archive.read("adapter/adapter_config.json"))
+    assert peft_config["base_model_name_or_path"] == "tiny-phi2"
+    assert card.startswith("# LoRA adapter for tiny-phi2")
+    assert 'bnb_4bit_quant_type="nf4"' in card and 'from_pretrained("tiny-phi2", quantization_config' in card
     assert "Final eval loss" in card
 
 

@@ -45,21 +45,39 @@ def zip_directory(source: Path, target: Path) -> ZipInfo:
     return ZipInfo(target, target.stat().st_size, sha256_of(target))
 
 
+def base_model_name(base_model: str) -> str:
+    """How an adapter names its base: the hub id, or a local folder's name (not the server's path)."""
+    return Path(base_model).name if Path(base_model).is_absolute() else base_model
+
+
+def name_the_base(adapter_dir: Path, base_model: str) -> None:
+    """peft writes the base's path as the trainer loaded it; on the server that is a path of its
+    own, which means nothing elsewhere: the adapter names its base as `base_model_name` does."""
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_model_name(base_model)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def write_model_card(card: Path, spec: dict[str, Any], job_id: str, summary: dict[str, Any]) -> None:
     """The adapter's README.md (`JobFiles.model_card`): what it was trained from, how, and how
     it ended."""
-    dataset = spec["dataset"]
+    dataset, quantization = spec["dataset"], spec["quantization"]
+    base = base_model_name(spec["base_model"])
+    dtype = quantization["compute_dtype"]
+    if dtype == "auto":
+        dtype = "bfloat16  # float16 on a GPU without bfloat16 (a T4)"
     modules = spec["lora"]["target_modules"]  # "auto" and "all-linear" as peft resolved them:
     peft_config = card.parent / "adapter_config.json"
     if peft_config.is_file():
         resolved = json.loads(peft_config.read_text()).get("target_modules")
         modules = sorted(resolved) if isinstance(resolved, list) else resolved or modules
     lines = [
-        f"# LoRA adapter for {spec['base_model']}",
+        f"# LoRA adapter for {base}",
         "",
         f"Trained by the fine-tune service, job `{job_id}`.",
         "",
-        f"- Base model: `{spec['base_model']}` (4-bit {spec['quantization']['quant_type']}, "
+        f"- Base model: `{base}` (4-bit {spec['quantization']['quant_type']}, "
         f"double quant {spec['quantization']['double_quant']})",
         f"- Data: `{dataset['source']}` split `{dataset['split']}`, languages {dataset['languages']}, "
         f"loss on {dataset['train_on']} tokens",
@@ -71,10 +89,25 @@ def write_model_card(card: Path, spec: dict[str, Any], job_id: str, summary: dic
         "",
         "## Use",
         "",
+        "Exactly as the service trained and samples it: the base in 4-bit, then this adapter.",
+        "",
         "```python",
-        "from peft import AutoPeftModelForCausalLM",
-        'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")',
+        "import torch",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig",
+        "",
+        "quantization = BitsAndBytesConfig(",
+        f'    load_in_4bit=True, bnb_4bit_quant_type="{quantization["quant_type"]}",',
+        f"    bnb_4bit_use_double_quant={quantization['double_quant']}, "
+        f"bnb_4bit_compute_dtype=torch.{dtype},",
+        ")",
+        f'base = AutoModelForCausalLM.from_pretrained("{base}", quantization_config=quantization)',
+        'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
         "```",
+        "",
+        "A base loaded in full precision instead gives slightly different output (the adapter",
+        "learned against the 4-bit weights); the service's `merged` export merges it into those.",
         "",
         "Prompts are formatted as `Human: …` then `Assistant: ` on a new line.",
         "",

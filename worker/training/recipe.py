@@ -29,7 +29,7 @@ from app.settings import Settings
 from app.spec import JobSpec
 from app.storage import JobFiles, job_files
 from worker.doctor import unsupported_gpus
-from worker.training.artifacts import ZipInfo, write_model_card, zip_directory
+from worker.training.artifacts import ZipInfo, name_the_base, write_model_card, zip_directory
 from worker.training.callbacks import FollowerCallback, JobProgressCallback
 from worker.training.data import IGNORE_INDEX, TrainingData, build_eval_data, build_training_data
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
@@ -286,5 +286,6 @@ def _publish_adapter(staged: Path, job: JobSetup, summary: dict[str, Any]) -> Zi
     files = job.files
     shutil.rmtree(files.adapter_dir, ignore_errors=True)
     staged.rename(files.adapter_dir)
+    name_the_base(files.adapter_dir, job.spec.base_model)
     write_model_card(files.model_card, job.spec.model_dump(mode="json"), job.id, summary)
     return zip_directory(files.adapter_dir, files.adapter_zip)
