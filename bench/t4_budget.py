@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,14 +141,15 @@ def child_train(args) -> dict:
 def long_prompt(tokenizer, target_tokens: int) -> tuple[str, int]:
     """oasst1 text, as much as the API takes (8,000 characters), topped up with numbers (two
     characters a token) until the formatted prompt is ~target_tokens long."""
-    from worker.sampling import prompt_text
+    from app.conversations import HUMAN, Turn
+    from worker.training.data import prompt_ids
 
     limit = PROMPT_LIMIT
     rows = [json.loads(line) for line in DATA.read_text().splitlines()[:400]]
     words = " ".join(r.get("text", "") for r in rows).split()
 
     def count(text: str) -> int:
-        return len(tokenizer(prompt_text(text))["input_ids"])
+        return len(prompt_ids([Turn(HUMAN, text)], tokenizer))
 
     prompt = ""
     for word in words:
@@ -167,7 +168,7 @@ def child_sample(args) -> dict:
     notes = like_a_t4(training=False) if args.as_t4 else []
     import torch
 
-    from app.models import LOCAL_OWNER, JobStatus
+    from app.models import LOCAL_OWNER
     from app.schemas import SampleRequest
     from app.services import jobs
     from app.services.samples import create_sample, get_sample
@@ -444,7 +445,7 @@ def parent(args) -> None:
 
     migrate.upgrade()
     report: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench/t4_budget.py", *sys.argv[1:]]),
         "cap_gib_per_process": args.cap_gib,
     }

@@ -81,3 +81,33 @@ def test_a_pretrained_llama_trains_its_attention_projections_in_4bit(service_env
     assert sorted(config["target_modules"]) == sorted(ATTENTION)
     evals = [r.eval_loss for r in jobs.list_metrics(job.id, LOCAL_OWNER, None, 100).items if r.eval_loss]
     assert len(evals) == 2 and evals[-1] < evals[0], evals
+
+
+@pytest.mark.parametrize("model", ["stories260K", "tiny-phi2"])
+def test_a_sampled_prompt_is_the_trained_samples_beginning_token_for_token(model):
+    """Issue 15: with a SentencePiece tokenizer (Llama's), training tokenized segment by segment
+    without BOS and the sampler the whole text with BOS: every Llama-family adapter was sampled
+    on another prompt shape than it learned. Now both go through the same function."""
+    from transformers import AutoTokenizer
+
+    from app.conversations import Turn
+    from worker.sampling import conversation
+    from worker.training.data import prompt_ids, tokenize_conversation
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "examples" / model)
+    messages = [
+        {"role": "system", "content": "You tell short stories."},
+        {"role": "user", "content": "Tell me about a cat."},
+        {"role": "assistant", "content": "Once upon a time, there was a cat."},
+        {"role": "user", "content": "And then?"},
+    ]
+    turns = [*conversation(messages), Turn("Assistant", "It slept in the sun.", True)]
+    trained, _ = tokenize_conversation(turns, tokenizer, 512, "assistant")
+    sampled = prompt_ids(conversation(messages), tokenizer)
+
+    assert trained.input_ids[: len(sampled)] == sampled
+    reply = [t for t, label in zip(trained.input_ids, trained.labels, strict=True) if label != -100]
+    assert trained.input_ids[len(sampled) :] == reply  # what follows the prompt is the reply
+    assert tokenizer.decode(reply, skip_special_tokens=True).strip() == "It slept in the sun."
+    if model == "stories260K":
+        assert sampled[0] == trained.input_ids[0] == tokenizer.bos_token_id  # Llama starts with BOS

@@ -25,15 +25,16 @@ import torch
 from peft import PeftModel
 from transformers.generation.streamers import BaseStreamer
 
-from app.conversations import ASSISTANT, HUMAN, ROLE_NAMES, Turn
+from app.conversations import HUMAN, Turn
 from app.db import session_scope
+from app.formats import CHAT_ROLES
 from app.models import Job, Sample
 from app.services.samples import finish_sample, start_sample, write_partial
 from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import job_files
 from worker.placement import answer_device
-from worker.training.data import format_segments
+from worker.training.data import prompt_ids
 from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,8 @@ class Answer:
     completion_tokens: int
 
 
-def prompt_text(messages: list[dict[str, str]], eos: str) -> str:
-    """A conversation as the recipe formats it for training (`Human: …` / `Assistant: …`, each
-    earlier reply ending in EOS), ending where the Assistant speaks next."""
-    turns = [Turn(ROLE_NAMES.get(m["role"], HUMAN), m["content"]) for m in messages]
-    history = "".join(text for text, _ in format_segments(turns, eos=eos))
-    return history + f"\n{ASSISTANT}: "
+def conversation(messages: list[dict[str, str]]) -> list[Turn]:
+    return [Turn(CHAT_ROLES.get(m["role"], HUMAN), m["content"]) for m in messages]
 
 
 class Models:
@@ -219,12 +216,13 @@ def generate(model, tokenizer, sample: Sample, on_text=lambda text: None) -> Ans
     sampled with its temperature, top_p and seed, ended by EOS, a stop string or its token
     budget. A chat answer also ends where the model starts the Human's next turn."""
     chat = sample.messages is not None
-    if sample.messages is not None:
-        prompt = prompt_text(sample.messages, tokenizer.eos_token or "")
+    if sample.messages is not None:  # tokenized exactly as the job's training tokenized it
+        ids = torch.tensor([prompt_ids(conversation(sample.messages), tokenizer)], device=model.device)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         stops = [f"\n{HUMAN}:", *(sample.stop or [])]
     else:
-        prompt, stops = sample.prompt, list(sample.stop or [])
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+        inputs = tokenizer(sample.prompt, return_tensors="pt").to(model.device)
+        stops = list(sample.stop or [])
     options: dict[str, Any] = {"do_sample": False}
     if sample.temperature > 0:
         options = {"do_sample": True, "temperature": sample.temperature, "top_p": sample.top_p}

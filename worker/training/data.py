@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.conversations import TEXT, Conversations, Turn, conversations_from_rows, flatten_trees
+from app.conversations import ASSISTANT, TEXT, Conversations, Turn, conversations_from_rows, flatten_trees
 from app.formats import BY_NAME, detect_format
 from app.formats import conversations_from_records as conversations_of_format
 from app.ids import DATASET_ID
@@ -90,19 +90,46 @@ class TokenizedSample:
     labels: list[int]
 
 
+# Where the Assistant speaks next: what a sampled prompt ends with.
+ASSISTANT_SPEAKS = f"\n{ASSISTANT}: "
+
+
+def start_ids(tokenizer) -> list[int]:
+    """The token a sequence starts with: BOS where the tokenizer adds one (Llama, Mistral),
+    nothing where it doesn't (Phi, GPT-2)."""
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
+def _segment_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(turns: list[Turn], tokenizer) -> list[int]:
+    """A conversation to be answered, tokenized exactly as training tokenized it up to the
+    reply (`tokenize_conversation`: the same start, the same segments one by one), ending where
+    the Assistant speaks. The sampler asks the model with these ids."""
+    ids = start_ids(tokenizer)
+    for text, _ in format_segments(turns, tokenizer.eos_token or ""):
+        ids += _segment_ids(tokenizer, text)
+    return ids + _segment_ids(tokenizer, ASSISTANT_SPEAKS)
+
+
 def tokenize_conversation(
     turns: list[Turn], tokenizer, max_length: int, train_on: str
 ) -> tuple[TokenizedSample, bool]:
-    """Tokenize one sample. Returns (sample, truncated).
+    """Tokenize one sample, a segment at a time (so that the reply's tokens never merge with
+    the prompt's, and a sampled prompt, `prompt_ids`, is this sample's beginning). Returns
+    (sample, truncated).
 
     Overlong samples lose context from the left; the last trained reply is kept (its head,
     when the reply alone is longer than max_length).
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
+    input_ids: list[int] = start_ids(tokenizer)
+    labels: list[int] = [IGNORE_INDEX] * len(input_ids)
     last_reply_start = 0
     for text, carries_loss in format_segments(turns, tokenizer.eos_token):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = _segment_ids(tokenizer, text)
         if carries_loss:
             last_reply_start = len(input_ids)
         input_ids.extend(ids)
