@@ -20,7 +20,9 @@ from app.conversations import conversations_from_rows, drop_reason, flatten_tree
 from app.formats import BY_NAME, detect_format
 
 MAX_PROBLEMS_LISTED = 100
-UPLOAD_SUFFIXES = (".jsonl", ".json")
+UPLOAD_SUFFIXES = (".jsonl", ".json", ".parquet")
+# A Parquet upload is read this many rows at a time (its memory stays bounded by a batch).
+PARQUET_BATCH_ROWS = 1024
 OASST_ROLES = ("prompter", "assistant")
 # One record per line may be this long; a file that is one JSON array this large at most
 # (larger ones: JSON Lines, which is read a line at a time).
@@ -78,7 +80,11 @@ def _parse(line: bytes) -> tuple[Any, str | None]:
 
 def numbered_records(path: Path) -> Iterator[tuple[int | None, Any, str | None]]:
     """(line number, parsed value, None) for each non-blank line of a JSON Lines file (or each
-    element of a file holding one JSON array), or (line, None, why) for one that did not parse."""
+    element of a file holding one JSON array, or each row of a Parquet file), or (line, None,
+    why) for one that did not parse."""
+    if path.suffix == ".parquet":
+        yield from _parquet_rows(path)
+        return
     with path.open("rb") as file:
         head = file.read(64).lstrip()
         file.seek(0)
@@ -99,6 +105,22 @@ def numbered_records(path: Path) -> Iterator[tuple[int | None, Any, str | None]]
             if line.strip():
                 record, problem = _parse(line.rstrip(b"\r\n"))
                 yield number, record, problem
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int | None, Any, str | None]]:
+    """A Parquet file's rows as records, a batch at a time (row numbers from 1)."""
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.ParquetFile(path)
+        number = 0
+        for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                number += 1
+                yield number, record, None
+    except (pyarrow.ArrowException, OSError) as exc:
+        yield None, None, f"not a readable Parquet file: {exc}"
 
 
 class ThreadIndex:

@@ -249,3 +249,32 @@ def test_deeply_nested_json_bodies_are_a_422_naming_the_body(client, route):
     assert response.status_code == (422 if route == "/jobs" else 400), response.text
     assert "nested deeper than 32 levels" in response.text
     assert client.get("/jobs").json()["items"] == []
+
+
+def test_parquet_uploads_are_validated_a_batch_at_a_time(client, monkeypatch):
+    """Issue 15: Parquet couldn't be uploaded. Rows are read a batch at a time (2 here)."""
+    import io
+
+    import pyarrow
+    import pyarrow.parquet
+
+    from app import dataset_report
+
+    monkeypatch.setattr(dataset_report, "PARQUET_BATCH_ROWS", 2)
+    bad = {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    rows = [CHAT[0], CHAT[0], bad, CHAT[0], CHAT[0]]
+    buffer = io.BytesIO()
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), buffer)
+
+    response = upload(client, "chat.parquet", buffer.getvalue())
+
+    assert response.status_code == 201, response.text
+    report = response.json()["report"]
+    assert (report["format"], report["records"], report["samples"]) == ("chat", 5, 4)
+    assert [p["line"] for p in report["problems"]] == [3] and "messages[0].role" in report["problems"][0][
+        "error"
+    ]
+
+    broken = upload(client, "broken.parquet", b"PAR1 not really")
+    assert broken.status_code == 201 and broken.json()["status"] == "invalid"
+    assert "not a readable Parquet file" in broken.json()["report"]["problems"][0]["error"]

@@ -221,7 +221,9 @@ def get_sample(job_id: str, sample_id: str, owner: Owner) -> SampleRead:
 @router.post("/datasets", status_code=201, response_model=DatasetRead, tags=["datasets"])
 def upload_dataset(
     owner: Owner,
-    file: Annotated[UploadFile, File(description="oasst1 rows, tree export or chat records (.jsonl/.json)")],
+    file: Annotated[
+        UploadFile, File(description="Records of a format `dataset.format` names (.jsonl, .json or .parquet)")
+    ],
     tokenizer: Annotated[
         ModelOrDataset, Form(description="Tokenizer for the length statistics.")
     ] = DEFAULT_BASE_MODEL,
