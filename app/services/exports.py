@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
-from app.db import changed_rows, session_scope
+from app.db import session_scope
 from app.errors import (
     ArtifactNotReady,
     BrokerUnavailable,
@@ -17,9 +17,10 @@ from app.errors import (
     JobStateConflict,
 )
 from app.ids import EXPORT_ID
-from app.models import Checkpoint, Export, JobStatus, SampleStatus, utcnow
+from app.models import Checkpoint, Export, JobStatus, SampleStatus
 from app.queue import enqueue_export
 from app.schemas import ExportRead, ExportRequest
+from app.services import queued_work
 from app.services.jobs import owned_job
 from app.storage import job_files
 
@@ -91,18 +92,7 @@ def export_file(job_id: str, export_id: str, owner: str) -> tuple[Path, ExportRe
 
 def start_export(export_id: str) -> Export | None:
     """The worker takes a queued export (None if it is gone or already taken)."""
-    with session_scope() as session:
-        taken = changed_rows(
-            session,
-            update(Export)
-            .where(Export.id == export_id, Export.status == SampleStatus.QUEUED)
-            .values(status=SampleStatus.RUNNING),
-        )
-        if not taken:
-            return None
-        export = session.get(Export, export_id)
-        session.expunge(export)
-        return export
+    return queued_work.take(Export, export_id)
 
 
 def finish_export(
@@ -114,18 +104,12 @@ def finish_export(
     sha256: str | None = None,
     error: str | None = None,
 ) -> None:
-    status = SampleStatus.FAILED if error is not None else SampleStatus.SUCCEEDED
-    with session_scope() as session:
-        session.execute(
-            update(Export)
-            .where(Export.id == export_id)
-            .values(
-                status=status,
-                path=str(path) if path else None,
-                filename=filename,
-                size_bytes=size_bytes,
-                sha256=sha256,
-                error=error,
-                finished_at=utcnow(),
-            )
-        )
+    queued_work.finish(
+        Export,
+        export_id,
+        error=error,
+        path=str(path) if path else None,
+        filename=filename,
+        size_bytes=size_bytes,
+        sha256=sha256,
+    )

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import or_, select, update
 
-from app.db import changed_rows, session_scope
+from app.db import session_scope
 from app.errors import BrokerUnavailable, CheckpointNotFound, JobStateConflict, SampleNotFound
-from app.models import Checkpoint, Job, Sample, SampleStatus, utcnow
+from app.models import Checkpoint, Job, Sample, SampleStatus
 from app.queue import enqueue_sample
 from app.schemas import CheckpointRead, JobRead, SampleRead, SampleRequest
+from app.services import queued_work
 from app.services.jobs import owned_job
 
 
@@ -97,18 +98,7 @@ def get_sample(job_id: str, sample_id: str, owner: str) -> SampleRead:
 
 def start_sample(sample_id: str) -> Sample | None:
     """The sampler takes a queued sample (None if it is gone or already taken)."""
-    with session_scope() as session:
-        taken = changed_rows(
-            session,
-            update(Sample)
-            .where(Sample.id == sample_id, Sample.status == SampleStatus.QUEUED)
-            .values(status=SampleStatus.RUNNING),
-        )
-        if not taken:
-            return None
-        sample = session.get(Sample, sample_id)
-        session.expunge(sample)
-        return sample
+    return queued_work.take(Sample, sample_id)
 
 
 def write_partial(sample_id: str, completion: str) -> None:
@@ -130,21 +120,15 @@ def finish_sample(
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
 ) -> None:
-    status = SampleStatus.FAILED if error is not None else SampleStatus.SUCCEEDED
-    with session_scope() as session:
-        session.execute(
-            update(Sample)
-            .where(Sample.id == sample_id)
-            .values(
-                status=status,
-                completion=completion,
-                error=error,
-                finish_reason=finish_reason,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                finished_at=utcnow(),
-            )
-        )
+    queued_work.finish(
+        Sample,
+        sample_id,
+        error=error,
+        completion=completion,
+        finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )
 
 
 def callable_jobs(owner: str) -> list[tuple[JobRead, list[CheckpointRead]]]:
