@@ -15,6 +15,7 @@ from app.api.main import create_app
 from app.db import session_scope
 from app.models import Checkpoint, Dataset, Event, Export, Job, Metric, Notification, Sample
 from app.services.keys import create_key
+from tests.conftest import sqlite_only
 
 SETTINGS = settings(
     max_examples=30,
@@ -63,6 +64,7 @@ def test_every_operation_answers_within_its_documented_contract(api_schema, auth
 
 
 @pytest.mark.slow
+@sqlite_only  # the stateless phase covers both databases; this one is about sequences
 def test_stateful_sequences_along_inferred_links(api_schema, auth):
     base = api_schema.as_state_machine()
     calls = 0
