@@ -11,17 +11,16 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.errors import (
     ArtifactNotReady,
-    BrokerUnavailable,
     CheckpointNotFound,
     ExportNotFound,
     JobStateConflict,
 )
 from app.ids import EXPORT_ID
-from app.models import Checkpoint, Export, JobStatus, SampleStatus
+from app.models import Export, JobStatus, SampleStatus
 from app.queue import enqueue_export
 from app.schemas import ExportRead, ExportRequest
 from app.services import queued_work
-from app.services.jobs import owned_job
+from app.services.jobs import checkpoint_names, owned_job
 from app.storage import job_files
 
 
@@ -30,12 +29,7 @@ def create_export(job_id: str, owner: str, request: ExportRequest) -> ExportRead
     with session_scope() as session:
         job = owned_job(session, job_id, owner)
         if request.checkpoint is not None:
-            kept = session.scalar(
-                select(Checkpoint.name).where(
-                    Checkpoint.job_id == job_id, Checkpoint.name == request.checkpoint
-                )
-            )
-            if kept is None:
+            if request.checkpoint not in checkpoint_names(session, job_id):
                 raise CheckpointNotFound(f"job {job_id} has no checkpoint {request.checkpoint!r}")
         elif job.status != JobStatus.SUCCEEDED or not job.adapter_path:
             raise JobStateConflict(
@@ -46,11 +40,7 @@ def create_export(job_id: str, owner: str, request: ExportRequest) -> ExportRead
         session.add(export)
         session.flush()
         read = ExportRead.model_validate(export)
-    try:
-        enqueue_export(read.id)
-    except BrokerUnavailable as exc:
-        finish_export(read.id, error=str(exc))
-        raise
+    queued_work.send(Export, read.id, enqueue_export)
     return read
 
 

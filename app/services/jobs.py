@@ -294,6 +294,13 @@ def metrics_at(job_id: str, owner: str, steps: list[int]) -> dict[int, MetricRea
         return {row.step: MetricRead.model_validate(row) for row in rows}
 
 
+def checkpoint_names(session: Session, job_id: str) -> list[str]:
+    """The job's kept checkpoints, by step."""
+    return list(
+        session.scalars(select(Checkpoint.name).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
+    )
+
+
 def list_checkpoints(job_id: str, owner: str) -> list[CheckpointRead]:
     with session_scope() as session:
         owned_job(session, job_id, owner)

@@ -1,17 +1,29 @@
-"""Rows a worker takes one at a time, samples and exports: queued → running → succeeded or
-failed (`SampleStatus`'s values). Taking is a conditional update, so two deliveries of one id
-never both work on it."""
+"""Rows a worker takes one at a time, samples and exports: sent, then queued → running →
+succeeded or failed (`SampleStatus`'s values). Taking is a conditional update, so two deliveries
+of one id never both work on it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import update
 
 from app.db import changed_rows, session_scope
+from app.errors import BrokerUnavailable
 from app.models import Export, Sample, SampleStatus, utcnow
 
 Row = TypeVar("Row", Sample, Export)
+
+
+def send(table: type[Row], row_id: str, enqueue: Callable[[str], None]) -> None:
+    """Send a committed queued row's id to its worker; if the broker doesn't answer, the row
+    fails with the reason (nothing waits for an id that was never sent) and the error is raised."""
+    try:
+        enqueue(row_id)
+    except BrokerUnavailable as exc:
+        finish(table, row_id, error=str(exc))
+        raise
 
 
 def take(table: type[Row], row_id: str) -> Row | None:

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from sqlalchemy import or_, select, update
 
 from app.db import session_scope
-from app.errors import BrokerUnavailable, CheckpointNotFound, JobStateConflict, SampleNotFound
+from app.errors import CheckpointNotFound, JobStateConflict, SampleNotFound
 from app.models import Checkpoint, Job, Sample, SampleStatus
 from app.queue import enqueue_sample
 from app.schemas import CheckpointRead, JobRead, SampleRead, SampleRequest
 from app.services import queued_work
-from app.services.jobs import owned_job
+from app.services.jobs import checkpoint_names, owned_job
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,7 @@ def create_sample(job_id: str, owner: str, request: SampleRequest | Prompt) -> S
     prompt = Prompt.from_request(request) if isinstance(request, SampleRequest) else request
     with session_scope() as session:
         job = owned_job(session, job_id, owner)
-        checkpoints = list(
-            session.scalars(
-                select(Checkpoint.name).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
-            )
-        )
+        checkpoints = checkpoint_names(session, job_id)
         if prompt.checkpoint is not None and prompt.checkpoint not in checkpoints:
             raise CheckpointNotFound(f"job {job_id} has no checkpoint {prompt.checkpoint!r}")
         checkpoint = prompt.checkpoint
@@ -79,11 +75,7 @@ def create_sample(job_id: str, owner: str, request: SampleRequest | Prompt) -> S
         session.add(sample)
         session.flush()
         read = SampleRead.model_validate(sample)
-    try:
-        enqueue_sample(read.id)
-    except BrokerUnavailable as exc:
-        finish_sample(read.id, error=str(exc))
-        raise
+    queued_work.send(Sample, read.id, enqueue_sample)
     return read
 
 

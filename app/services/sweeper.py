@@ -9,6 +9,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from app.db import session_scope
+from app.lifecycle import AT_NEXT_STEP_ENDS_IN, JobAction
 from app.models import Job, JobStatus, utcnow
 from app.queue import enqueue_job, waiting_messages
 from app.services.jobs import dispatch
@@ -44,7 +45,7 @@ def sweep() -> list[str]:
         reason = f"worker {owner} stopped renewing its lease"
         with session_scope() as session:
             if cancel or pause:  # the user's request stands: stop here rather than run again
-                status = JobStatus.CANCELLED if cancel else JobStatus.PAUSED
+                status = AT_NEXT_STEP_ENDS_IN[JobAction.CANCEL if cancel else JobAction.PAUSE]
                 message = f"{status}: {reason} before it stopped"
                 move_job(session, job_id, RUNNING, status, message, where=still_expired)
                 continue
