@@ -14,11 +14,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer
 
-from app.db import session_scope
-from app.models import Export, ExportFormat, Job
+from app.models import Export, ExportFormat
 from app.services.exports import finish_export, start_export
 from app.spec import JobSpec
 from app.storage import being_written, job_files
+from worker.adapters import adapter_folder, job_spec
 from worker.training.artifacts import sha256_of, zip_directory
 from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
 
@@ -41,15 +41,9 @@ def export(export_id: str) -> None:
 
 
 def _make(export: Export) -> Path:
-    with session_scope() as session:
-        job = session.get(Job, export.job_id)
-        if job is None:
-            raise LookupError(f"job {export.job_id} no longer exists")
-        spec = JobSpec.model_validate(job.spec)
+    spec = job_spec(export.job_id)
+    adapter_dir = adapter_folder(export.job_id, export.checkpoint)
     files = job_files(export.job_id)
-    adapter_dir = files.checkpoint_dir(export.checkpoint) if export.checkpoint else files.adapter_dir
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{export.checkpoint or 'the adapter'} is no longer on disk")
     files.exports_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=files.exports_dir, prefix=".work-") as work:
         merged = Path(work) / "merged"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -26,13 +25,12 @@ from peft import PeftModel
 from transformers.generation.streamers import BaseStreamer
 
 from app.conversations import HUMAN, Turn
-from app.db import session_scope
 from app.formats import CHAT_ROLES
-from app.models import Job, Sample
+from app.models import Sample
 from app.services.samples import finish_sample, start_sample, write_partial
 from app.settings import get_settings
 from app.spec import JobSpec
-from app.storage import job_files
+from worker.adapters import adapter_folder, job_spec, trained_biases
 from worker.placement import answer_device
 from worker.training.data import prompt_ids
 from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
@@ -62,7 +60,8 @@ class Models:
         self.key: tuple | None = None
         self.model: Any = None
         self.tokenizer: Any = None
-        self.adapters: OrderedDict[str, str] = OrderedDict()  # name -> directory, oldest first
+        # the adapters on the base, oldest first: name -> whether it trained biases
+        self.adapters: OrderedDict[str, bool] = OrderedDict()
 
     def get(self, spec: JobSpec, adapter_dir: Path | None, device: str) -> tuple[Any, Any, ContextManager]:
         """The base `spec` names with the adapter in `adapter_dir` active (None: the base alone),
@@ -74,35 +73,31 @@ class Models:
             self.model = load_quantized_model(spec, sampling_dtype(spec, device), device)
             self.key = key
         if adapter_dir is None:
-            if any(_bias(Path(d)) != "none" for d in self.adapters.values()):
+            if any(self.adapters.values()):
                 self.release()  # a loaded adapter's biases are in the base now
                 return self.get(spec, None, device)
             base_alone = self.model.disable_adapter() if isinstance(self.model, PeftModel) else nullcontext()
             return self.model, self.tokenizer, base_alone
         name = "a" + hashlib.sha256(str(adapter_dir).encode()).hexdigest()[:16]
-        if name not in self.adapters and self.adapters and not self._may_share(adapter_dir):
-            self.release()  # the base's biases were the other adapter's: load it afresh
-            return self.get(spec, adapter_dir, device)
         if name in self.adapters:
             self.adapters.move_to_end(name)
         else:
+            biased = trained_biases(adapter_dir)
+            if self.adapters and (biased or any(self.adapters.values())):
+                # an adapter with biases writes them into the base: it can't share one
+                self.release()
+                return self.get(spec, adapter_dir, device)
             if not isinstance(self.model, PeftModel):
                 self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name)
             else:
                 self.model.load_adapter(str(adapter_dir), adapter_name=name)
-            self.adapters[name] = str(adapter_dir)
+            self.adapters[name] = biased
             while len(self.adapters) > get_settings().sampler_adapters:
                 oldest, _ = self.adapters.popitem(last=False)
                 self.model.delete_adapter(oldest)
         self.model.set_adapter(name)
         self.model.eval()
         return self.model, self.tokenizer, nullcontext()
-
-    def _may_share(self, adapter_dir: Path) -> bool:
-        """Whether this adapter can sit on the base beside those loaded: not when any of them
-        trained bias vectors, which are the base's own (peft loads them into it)."""
-        dirs = [adapter_dir, *map(Path, self.adapters.values())]
-        return all(_bias(d) == "none" for d in dirs)
 
     def release(self) -> None:
         """Give the model's memory back (the GPU's to a training beside this process)."""
@@ -114,10 +109,6 @@ class Models:
 
 
 models = Models()
-
-
-def _bias(adapter_dir: Path) -> str:
-    return json.loads((adapter_dir / "adapter_config.json").read_text()).get("bias", "none")
 
 
 def sampling_dtype(spec: JobSpec, device: str) -> torch.dtype:
@@ -151,17 +142,8 @@ def answer(sample_id: str) -> None:
 
 
 def _complete(sample: Sample) -> Answer:
-    with session_scope() as session:
-        job = session.get(Job, sample.job_id)
-        if job is None:  # deleted since the sample was queued
-            raise LookupError(f"job {sample.job_id} no longer exists")
-        spec = JobSpec.model_validate(job.spec)
-    files = job_files(sample.job_id)
-    adapter_dir: Path | None = None
-    if sample.adapter:
-        adapter_dir = files.checkpoint_dir(sample.checkpoint) if sample.checkpoint else files.adapter_dir
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{sample.checkpoint or 'the adapter'} is no longer on disk")
+    spec = job_spec(sample.job_id)
+    adapter_dir = adapter_folder(sample.job_id, sample.checkpoint) if sample.adapter else None
     device = _device_for(spec, sample)
     model, tokenizer, context = models.get(spec, adapter_dir, device)
     last_write = [time.monotonic()]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Body, File, Form, Header, Query, Request, UploadFile
@@ -12,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.api import waiting
 from app.api.auth import Owner
 from app.api.logs import format_csv, format_text_line, metric_events
 from app.errors import InvalidCursor, InvalidFields
@@ -204,10 +203,7 @@ async def generate(job_id: str, owner: Owner, request: SampleRequest, response: 
     the sampler; a 202 means it is still working."""
     sample = await run_in_threadpool(samples.create_sample, job_id, owner, request)
     wait_s = request.wait_s if request.wait_s is not None else get_settings().sample_wait_s
-    deadline = time.monotonic() + wait_s
-    while sample.status not in SampleStatus.FINAL and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-        sample = await run_in_threadpool(samples.get_sample, job_id, sample.id, owner)
+    sample = await waiting.latest(sample, owner, wait_s)
     if sample.status not in SampleStatus.FINAL:
         response.status_code = 202
     return sample

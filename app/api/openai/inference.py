@@ -8,10 +8,8 @@ answered without an adapter). Another owner's model is a 404, as everywhere."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -21,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Owner
+from app.api.waiting import sample_updates
 from app.errors import JobNotFound, ModelNotFound, SampleFailed, SampleTimedOut
 from app.ids import JOB_ID, checkpoint_name
 from app.models import JobStatus, SampleStatus
@@ -39,8 +38,6 @@ SAMPLER_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 Object = dict[str, Any]
-# How often a waiting request reads its sample's row.
-POLL_S = 0.1
 # Without max_tokens (or max_completion_tokens), an answer ends after this many tokens.
 DEFAULT_MAX_TOKENS = 256
 CHECKPOINT_SUFFIX = ":ckpt-step-"
@@ -223,24 +220,20 @@ async def _sample(request: _Sampling, owner: str, prompt: Prompt) -> SampleRead:
 async def _updates(sample: SampleRead, owner: str) -> AsyncIterator[SampleRead]:
     """The sample's row each time it may have changed, until it is answered (or failed);
     SampleTimedOut after FINETUNE_COMPLETION_TIMEOUT_S."""
-    deadline = time.monotonic() + get_settings().completion_timeout_s
-    while True:
-        yield sample
-        if sample.status in SampleStatus.FINAL:
-            return
-        if time.monotonic() > deadline:
-            raise SampleTimedOut(f"no answer within {get_settings().completion_timeout_s:g} s; try again")
-        await asyncio.sleep(POLL_S)
-        sample = await run_in_threadpool(samples.get_sample, sample.job_id, sample.id, owner)
+    timeout_s = get_settings().completion_timeout_s
+    async for update in sample_updates(sample, owner, timeout_s):
+        sample = update
+        yield update
+    if sample.status not in SampleStatus.FINAL:
+        raise SampleTimedOut(f"no answer within {timeout_s:g} s; try again")
 
 
 async def _answered(sample: SampleRead, owner: str) -> SampleRead:
-    async for latest in _updates(sample, owner):
-        if latest.status == SampleStatus.FAILED:
-            raise SampleFailed(f"the sampler could not answer: {latest.error}")
-        if latest.status == SampleStatus.SUCCEEDED:
-            return latest
-    raise AssertionError("_updates ends with a final status or raises")
+    async for update in _updates(sample, owner):
+        sample = update
+    if sample.status == SampleStatus.FAILED:
+        raise SampleFailed(f"the sampler could not answer: {sample.error}")
+    return sample
 
 
 def _usage(sample: SampleRead) -> Object:
