@@ -118,13 +118,7 @@ class ServiceClient:
         body: dict[str, Any] = {"prompt": prompt, "wait_s": 0}
         body.update({key: value for key, value in options.items() if value is not None})
         sample = self.post(f"/jobs/{job_id}/generate", body)
-        return self.wait(
-            lambda: self.get(f"/jobs/{job_id}/samples/{sample['id']}"),
-            lambda s: s["status"] in SampleStatus.FINAL,
-            timeout_s,
-            first=sample,
-            every_s=0.5,
-        )
+        return self._until_done(sample, f"/jobs/{job_id}/samples", timeout_s, every_s=0.5)
 
     def export(
         self, job_id: str, format: str, checkpoint: str | None = None, timeout_s: float = 3600
@@ -132,12 +126,19 @@ class ServiceClient:
         """Ask for an export and wait until the worker has made it (or failed)."""
         body = {"format": format, **({"checkpoint": checkpoint} if checkpoint else {})}
         export = self.post(f"/jobs/{job_id}/exports", body)
+        return self._until_done(export, f"/jobs/{job_id}/exports", timeout_s, every_s=1.0)
+
+    def _until_done(
+        self, item: dict[str, Any], collection: str, timeout_s: float, every_s: float
+    ) -> dict[str, Any]:
+        """A sample or an export a worker makes, read again from `collection` until it has
+        succeeded or failed."""
         return self.wait(
-            lambda: self.get(f"/jobs/{job_id}/exports/{export['id']}"),
-            lambda e: e["status"] in SampleStatus.FINAL,
+            lambda: self.get(f"{collection}/{item['id']}"),
+            lambda latest: latest["status"] in SampleStatus.FINAL,
             timeout_s,
-            first=export,
-            every_s=1.0,
+            first=item,
+            every_s=every_s,
         )
 
     def wait_for_job(self, job_id: str, statuses: tuple[str, ...], timeout_s: float) -> dict[str, Any]:
