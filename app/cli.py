@@ -10,10 +10,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from app.client.commands import ApiKey, Url, preflight_report
 from app.client.commands import register as register_client_commands
+from app.client.http import DEFAULT_URL
 from app.settings import get_settings
 
 cli = typer.Typer(help="Self-hosted QLoRA fine-tuning service.", no_args_is_help=True, add_completion=False)
@@ -137,9 +140,23 @@ def health(
 
 
 @cli.command(rich_help_panel="Server")
-def doctor() -> None:
+def doctor(
+    spec_file: Annotated[
+        Path | None,
+        typer.Argument(help="A job spec (YAML or JSON): its memory estimate against the service's GPUs."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override one field, e.g. training.batch_size=8.")
+    ] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """What this machine can train on: torch's CUDA architectures against the GPUs it sees, and
-    bitsandbytes. Exit code 1 if a GPU is not supported."""
+    bitsandbytes. Exit code 1 if a GPU is not supported. With a SPEC (or --set): the running
+    service's memory estimate for that job against its workers' GPUs instead; exit code 1 if
+    POST /jobs would refuse it."""
+    if spec_file is not None or set_:
+        raise typer.Exit(0 if preflight_report(spec_file, set_ or [], url, api_key) else 1)
     from worker.doctor import report
 
     lines, ok = report()

@@ -299,3 +299,19 @@ class Export(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+
+
+class Worker(Base):
+    """A running Celery worker as it registered itself (`worker.heartbeat`): which queue it takes
+    and the GPUs it sees, renewed while it runs. The pre-flight check (`app.services.preflight`)
+    measures a job spec against the GPUs of the workers seen lately."""
+
+    __tablename__ = "workers"
+
+    # Celery's node name: celery@host, sampler@host
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(255), index=True)
+    # [{"name", "memory_bytes" (what the service may use), "bf16", "capability"}]; [] on a CPU
+    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

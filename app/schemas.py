@@ -207,3 +207,31 @@ class SampleRead(_FromRow):
     error: str | None
     created_at: datetime
     finished_at: datetime | None
+
+
+class GpuRead(BaseModel):
+    worker: int = Field(description="Which registered worker (numbered from 1) has this GPU.")
+    name: str
+    memory_gib: float = Field(description="What the service may use of it.")
+    bf16: bool
+    holds_job: bool | None = Field(description="Holds the spec's estimate (null: not estimated).")
+
+
+class FieldProblem(BaseModel):
+    field: str
+    message: str
+
+
+class PreflightRead(BaseModel):
+    """Whether a spec fits the registered workers' GPUs; POST /jobs refuses it exactly when
+    `problems` is not empty."""
+
+    fits: bool | None = Field(description="null: not checked (no worker registered, or no estimate).")
+    needs_gib: float | None = Field(description="GPU memory the job needs: the peak, fragmentation, CUDA.")
+    peak_allocated_gib: float | None = Field(description="What PyTorch's allocator holds at the peak.")
+    micro_batch: str | None = Field(description="The largest micro-batch, e.g. '4 × 2048 tokens'.")
+    parts_gib: dict[str, float] | None = Field(description="The peak allocation, by what it holds.")
+    workers: int = Field(description="Live workers that take jobs.")
+    gpus: list[GpuRead]
+    problems: list[FieldProblem]
+    notes: list[str]

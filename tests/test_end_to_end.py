@@ -14,9 +14,12 @@ from statistics import mean
 import httpx
 import pytest
 
+from app.queue import job_queue
+from app.services.workers import live_workers
 from tests.conftest import demo_spec, sqlite_only
 from tests.helpers import metric_stream
 from tests.processes import running_service
+from worker.gpus import visible_gpus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
 
@@ -93,3 +96,6 @@ def test_finetune_dev_runs_the_demo_with_no_redis(service_env, tmp_path):
         job = submit(client, demo_spec(max_steps=30, save_steps=10, eval_samples=16))
         check_demo_run(client, job)
         print(f"demo job took {time.monotonic() - started:.1f} s through finetune dev")
+        # the worker registered itself with the GPUs it sees, for the API's pre-flight check
+        [worker] = live_workers(job_queue())
+        assert worker.name.startswith("celery@") and worker.gpus == visible_gpus()

@@ -1,16 +1,26 @@
 """A worker's sign of life that works over every broker: while its consumer runs, a Celery
 worker touches `<data dir>/heartbeats/<node name>` every HEARTBEAT_S from the consumer's own
 timer, and `finetune health worker|sampler` reads the file's age. (Celery's broadcast ping
-needs a broker with fan-out; the embedded SQLite one has none.)"""
+needs a broker with fan-out; the embedded SQLite one has none.)
+
+The same step registers the worker in the database (`app.services.workers`: its queue and
+GPUs, renewed every RENEW_S), which the API's pre-flight check reads. A database that doesn't
+answer costs a log line, never the worker."""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from celery import bootsteps
 
+from app.services import workers
 from app.settings import get_settings
+from worker.gpus import visible_gpus
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5.0
 # A node whose file is older than this is not answering.
@@ -33,6 +43,17 @@ def _touch(path: Path) -> None:
     path.touch()
 
 
+def _in_registry(action: Callable[..., None], *args) -> None:
+    try:
+        action(*args)
+    except Exception as exc:  # the database is down or locked: the next renewal tries again
+        log.warning("worker registry: %s failed: %s", action.__name__, str(exc).splitlines()[0])
+
+
+def _queue(consumer) -> str:
+    return ",".join(sorted(consumer.app.amqp.queues.consume_from)) or get_settings().queue
+
+
 class Heartbeat(bootsteps.StartStopStep):
     """The consumer step that keeps this node's heartbeat file fresh."""
 
@@ -40,15 +61,21 @@ class Heartbeat(bootsteps.StartStopStep):
 
     def __init__(self, parent, **kwargs):
         super().__init__(parent, **kwargs)
-        self.timer_entry = None
+        self.timer_entries: list = []
 
     def start(self, consumer) -> None:
         path = heartbeat_file(consumer.hostname)
         _touch(path)
-        self.timer_entry = consumer.timer.call_repeatedly(HEARTBEAT_S, _touch, (path,), priority=10)
+        registration = (workers.register, consumer.hostname, _queue(consumer), visible_gpus())
+        _in_registry(*registration)
+        self.timer_entries = [
+            consumer.timer.call_repeatedly(HEARTBEAT_S, _touch, (path,), priority=10),
+            consumer.timer.call_repeatedly(workers.RENEW_S, _in_registry, registration, priority=10),
+        ]
 
     def stop(self, consumer) -> None:
-        if self.timer_entry is not None:
-            self.timer_entry.cancel()
-            self.timer_entry = None
+        for entry in self.timer_entries:
+            entry.cancel()
+        self.timer_entries = []
         heartbeat_file(consumer.hostname).unlink(missing_ok=True)
+        _in_registry(workers.unregister, consumer.hostname)

@@ -14,6 +14,7 @@ import logging
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from app.memory_estimate import NF4_BYTES_PER_WEIGHT
 from app.settings import get_settings
 from app.spec import split_revision
 from worker.training.hub import fetching
@@ -24,9 +25,6 @@ GIB = 1024**3
 # One forward's activations beside the weights and the cache, plus the allocator's slack:
 # measured for Phi-2 on a 2,000-token prompt, the sampler peaked 0.6 GiB above weights + cache.
 HEADROOM_BYTES = int(0.75 * GIB)
-# NF4 stores half a byte per weight plus one absmax per 64 weights (a byte with double
-# quantization, and a float per 256 blocks on top).
-NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 def model_config(base_model: str):

@@ -23,11 +23,12 @@ from app.schemas import (
     JobRead,
     MetricRead,
     Page,
+    PreflightRead,
     ResumeRequest,
     SampleRead,
     SampleRequest,
 )
-from app.services import datasets, jobs, monitoring, samples
+from app.services import datasets, jobs, monitoring, preflight, samples
 from app.settings import get_settings
 from app.spec import (
     DEFAULT_BASE_MODEL,
@@ -89,6 +90,14 @@ def create_job(
     if spec is None:  # an empty body is more likely a mistake than a request for a long GPU run
         raise InvalidFields(("body", "send a job spec: `{}` asks for the default recipe (Phi-2, oasst1)"))
     return jobs.create_job(spec, owner, idempotency_key=idempotency_key)
+
+
+@router.post("/preflight", response_model=PreflightRead, tags=["jobs"])
+def preflight_job(owner: Owner, spec: Annotated[JobSpec | None, Body()] = None) -> PreflightRead:
+    """What `POST /jobs` would say of this spec's memory: its estimate against the registered
+    workers' GPUs, and the problems it would be refused for. Queues nothing; no body: the
+    default recipe."""
+    return preflight.read(preflight.check(spec or JobSpec()))
 
 
 @router.get("/jobs", response_model=Page[JobRead], tags=["jobs"])

@@ -111,6 +111,36 @@ def submit(
             _report_end(client.wait_for_job(job["id"], STOPPED_STATUSES, timeout))
 
 
+def preflight_report(spec_file: Path | None, overrides: list[str], url: str, api_key: str | None) -> bool:
+    """`finetune doctor SPEC`: the service's memory estimate for a spec against its registered
+    GPUs, as POST /jobs would judge it; False when it would be refused."""
+    spec = load_spec(spec_file, overrides)
+    with service(url, api_key) as client:
+        result = client.preflight(spec)
+    if result["needs_gib"] is not None:
+        console.print(
+            f"[bold]needs ~{result['needs_gib']} GiB[/bold] of GPU memory at its largest micro-batch "
+            f"({result['micro_batch']}); PyTorch's peak allocation ~{result['peak_allocated_gib']} GiB:"
+        )
+        table = Table("holds", Column("GiB", justify="right"), box=None)
+        for part, size in result["parts_gib"].items():
+            table.add_row(part, f"{size:.2f}")
+        console.print(table)
+    gpus = Table("worker", "GPU", Column("GiB", justify="right"), "bf16", "holds it", box=None)
+    for gpu in result["gpus"]:
+        holds = {True: "yes", False: "[red]no[/red]", None: "?"}[gpu["holds_job"]]
+        bf16 = "yes" if gpu["bf16"] else "no"
+        gpus.add_row(str(gpu["worker"]), gpu["name"], f"{gpu['memory_gib']:.1f}", bf16, holds)
+    console.print(f"{result['workers']} worker(s) registered", highlight=False)
+    if result["gpus"]:
+        console.print(gpus)
+    for note in result["notes"]:
+        console.print(note, highlight=False)
+    for problem in result["problems"]:
+        errors.print(f"[red]{problem['field']}:[/red] {problem['message']}", highlight=False)
+    return not result["problems"]
+
+
 def jobs(
     status: Annotated[str | None, typer.Option(help="Only jobs in this status.")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,

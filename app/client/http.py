@@ -85,6 +85,9 @@ class ServiceClient:
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self.post("/jobs", spec)
 
+    def preflight(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.post("/preflight", spec)
+
     def jobs(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         return self.get("/jobs", status=status, limit=limit)["items"]
 

@@ -30,6 +30,7 @@ from app.lifecycle import OWNER_ACTIONS, JobAction, refusal, statuses_allowing
 from app.models import Checkpoint, Event, Job, JobStatus, Metric, utcnow
 from app.queue import enqueue_job
 from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
+from app.services import preflight
 from app.services.admission import check_admissible
 from app.services.datasets import dataset_reference_problems
 from app.services.events import add_event, add_state_event
@@ -60,6 +61,7 @@ def create_job(
     if earlier is not None:
         return earlier
     check_admissible(spec, owner)
+    preflight_notes = preflight.admit(spec)
     try:
         with session_scope() as session:
             _check_queue_room(session, owner)
@@ -74,6 +76,8 @@ def create_job(
             session.add(job)
             session.flush()
             add_state_event(session, job.id, JobStatus.QUEUED, "job created")
+            for note in preflight_notes:
+                add_event(session, job.id, note)
             read = JobRead.model_validate(job)
     except IntegrityError:
         # the same key in a concurrent request that committed first

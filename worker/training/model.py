@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from app.architectures import auto_target_modules
 from app.settings import get_settings
 from app.spec import JobSpec, QuantizationSpec, split_revision
 from worker.training.hub import fetching
@@ -74,28 +75,6 @@ def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
 
 
-# `lora.target_modules: auto`, by the base's `model_type`: the seed recipe's modules for Phi; the
-# attention projections for the Llama family. Other architectures: peft's own default for them,
-# else every linear layer.
-AUTO_TARGET_MODULES: dict[str, list[str]] = {
-    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
-    **{
-        kind: ["q_proj", "k_proj", "v_proj", "o_proj"]
-        for kind in (
-            "llama",
-            "mistral",
-            "mixtral",
-            "qwen2",
-            "qwen2_moe",
-            "qwen3",
-            "gemma",
-            "gemma2",
-            "gemma3_text",
-        )
-    },
-}
-
-
 def linear_layer_names(model: torch.nn.Module) -> set[str]:
     """The names LoRA can target: each linear layer's own name (4-bit ones included), but the
     output head."""
@@ -116,7 +95,7 @@ def target_modules(spec: JobSpec, model: torch.nn.Module) -> list[str] | str:
     if wanted == "auto":
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFTS
 
-        wanted = AUTO_TARGET_MODULES.get(kind) or PEFTS.get(kind) or "all-linear"
+        wanted = auto_target_modules(kind) or PEFTS.get(kind) or "all-linear"
         if wanted == "all-linear":
             return wanted
     names = {name for name, _ in model.named_modules()}
