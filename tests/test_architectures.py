@@ -69,7 +69,9 @@ def test_all_linear_and_names_that_match_no_layer():
 def test_a_pretrained_llama_trains_its_attention_projections_in_4bit(service_env):
     from worker.tasks import execute_job
 
-    llama = demo_spec(eval_samples=16, max_steps=8, save_steps=4, max_seq_length=128)
+    # a pretrained model's learning rate: the demo's 0.03 (made for the random tiny Phi) throws
+    # stories260K's eval loss from ~3.5 to ~5, after which it wanders
+    llama = demo_spec(eval_samples=16, max_steps=8, save_steps=4, max_seq_length=128, learning_rate=3e-3)
     llama["base_model"] = str(REPO / "examples" / "stories260K")
     job = jobs.create_job(JobSpec.model_validate(llama), LOCAL_OWNER)
 
@@ -111,3 +113,19 @@ def test_a_sampled_prompt_is_the_trained_samples_beginning_token_for_token(model
     assert tokenizer.decode(reply, skip_special_tokens=True).strip() == "It slept in the sun."
     if model == "stories260K":
         assert sampled[0] == trained.input_ids[0] == tokenizer.bos_token_id  # Llama starts with BOS
+    # no stray prefix-space tokens: both decode to exactly the text (SentencePiece once added a
+    # `▁` before each newline and each reply)
+    text = "System: You tell short stories.\nHuman: Tell me about a cat.\nAssistant: Once upon a time, "
+    text += "there was a cat." + tokenizer.eos_token + "\nHuman: And then?\nAssistant: "
+    after_bos = 1 if model == "stories260K" else 0
+    prompt = text if model == "tiny-phi2" else text.removesuffix(" ")  # Llama's reply starts `▁It`
+    assert tokenizer.decode(sampled[after_bos:]) == prompt
+    assert (
+        tokenizer.decode(trained.input_ids[after_bos:]) == text + "It slept in the sun." + tokenizer.eos_token
+    )
+    if model == "stories260K":
+        # the tokens a whole-text tokenization gives (up to EOS, after which SentencePiece's
+        # legacy mode adds a `▁` of its own)
+        first_turns = prompt[: prompt.index(tokenizer.eos_token) + len(tokenizer.eos_token)]
+        whole = tokenizer(first_turns, add_special_tokens=False)["input_ids"]
+        assert sampled[1 : 1 + len(whole)] == whole

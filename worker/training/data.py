@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from app.conversations import ASSISTANT, TEXT, Conversations, Turn, conversations_from_rows, flatten_trees
@@ -68,17 +69,21 @@ def conversations_from_records(records: list[dict], spec: DatasetSpec) -> Conver
     )
 
 
-def format_segments(turns: list[Turn], eos: str) -> list[tuple[str, bool]]:
+def format_segments(turns: list[Turn], eos: str, space_leads_reply: bool = False) -> list[tuple[str, bool]]:
     """`Human: …` / `Assistant: …` text as (segment, carries_loss) pieces; EOS ends each reply.
-    Plain text turns (TEXT) are rendered as they are, one after the other, EOS after a trained one."""
+    Plain text turns (TEXT) are rendered as they are, one after the other, EOS after a trained one.
+    `space_leads_reply`: the space after `Assistant:` starts the reply's segment (SentencePiece
+    tokenizers make it part of the reply's first token, `▁Once`, as a whole-text tokenization
+    does); otherwise it ends the prompt's (Phi's recipe: `Ġ` then `Once`)."""
     segments: list[tuple[str, bool]] = []
+    before, after = ("", " ") if space_leads_reply else (" ", "")
     for index, turn in enumerate(turns):
         lead = "" if index == 0 else "\n"
         if turn.speaker == TEXT:
             segments.append((turn.text + (eos if turn.train else ""), turn.train))
         elif turn.speaker == "Assistant":
-            segments.append((f"{lead}Assistant: ", False))
-            segments.append((turn.text + eos, turn.train))
+            segments.append((f"{lead}Assistant:{before}", False))
+            segments.append((after + turn.text + eos, turn.train))
         else:
             segments.append((f"{lead}{turn.speaker}: {turn.text}", False))
     return segments
@@ -90,8 +95,9 @@ class TokenizedSample:
     labels: list[int]
 
 
-# Where the Assistant speaks next: what a sampled prompt ends with.
-ASSISTANT_SPEAKS = f"\n{ASSISTANT}: "
+# Where the Assistant speaks next: what a sampled prompt ends with (the space after it goes with
+# the reply where `format_segments` puts it there).
+ASSISTANT_SPEAKS = f"\n{ASSISTANT}:"
 
 
 def start_ids(tokenizer) -> list[int]:
@@ -101,8 +107,32 @@ def start_ids(tokenizer) -> list[int]:
     return [bos] if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else []
 
 
-def _segment_ids(tokenizer, text: str) -> list[int]:
+# What a segment that continues a sequence is tokenized behind (then cut off), so that a
+# SentencePiece tokenizer (Llama, Mistral) adds no prefix space of its own to it.
+ANCHOR = "\n"
+
+
+def _segment_ids(tokenizer, text: str, continues: bool) -> list[int]:
+    """`text`'s tokens. SentencePiece tokenizers start every encoding with a space (`▁`): right
+    for a sequence's first segment (the whole text would start so too), a stray token anywhere
+    else. A segment that `continues` a sequence is tokenized behind ANCHOR instead, whose own
+    tokens are then cut off; where they don't come out unchanged (a tokenizer that merges the
+    anchor with what follows, like GPT-2's `\n\n`), plain encoding is right anyway."""
+    anchor = _prefix_space_anchor(tokenizer) if continues else None
+    if anchor:
+        ids = tokenizer(ANCHOR + text, add_special_tokens=False)["input_ids"]
+        if tuple(ids[: len(anchor)]) == anchor:
+            return ids[len(anchor) :]
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@lru_cache(maxsize=8)
+def _prefix_space_anchor(tokenizer) -> tuple[int, ...] | None:
+    """ANCHOR's ids for a tokenizer that starts every encoding with `▁`; None for the others."""
+    first = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"][:1])
+    if first and first[0].startswith("▁"):
+        return tuple(tokenizer(ANCHOR, add_special_tokens=False)["input_ids"])
+    return None
 
 
 def prompt_ids(turns: list[Turn], tokenizer) -> list[int]:
@@ -110,9 +140,11 @@ def prompt_ids(turns: list[Turn], tokenizer) -> list[int]:
     reply (`tokenize_conversation`: the same start, the same segments one by one), ending where
     the Assistant speaks. The sampler asks the model with these ids."""
     ids = start_ids(tokenizer)
-    for text, _ in format_segments(turns, tokenizer.eos_token or ""):
-        ids += _segment_ids(tokenizer, text)
-    return ids + _segment_ids(tokenizer, ASSISTANT_SPEAKS)
+    sentencepiece = _prefix_space_anchor(tokenizer) is not None
+    for index, (text, _) in enumerate(format_segments(turns, tokenizer.eos_token or "", sentencepiece)):
+        ids += _segment_ids(tokenizer, text, continues=index > 0)
+    speaks = ASSISTANT_SPEAKS if sentencepiece else ASSISTANT_SPEAKS + " "
+    return ids + _segment_ids(tokenizer, speaks, continues=True)
 
 
 def tokenize_conversation(
@@ -128,8 +160,9 @@ def tokenize_conversation(
     input_ids: list[int] = start_ids(tokenizer)
     labels: list[int] = [IGNORE_INDEX] * len(input_ids)
     last_reply_start = 0
-    for text, carries_loss in format_segments(turns, tokenizer.eos_token):
-        ids = _segment_ids(tokenizer, text)
+    sentencepiece = _prefix_space_anchor(tokenizer) is not None
+    for index, (text, carries_loss) in enumerate(format_segments(turns, tokenizer.eos_token, sentencepiece)):
+        ids = _segment_ids(tokenizer, text, continues=index > 0)
         if carries_loss:
             last_reply_start = len(input_ids)
         input_ids.extend(ids)
