@@ -189,6 +189,12 @@ class DatasetSpec(_Strict):
         description="One sample per assistant reply with its ancestors, or the best-ranked path per tree.",
     )
     include_synthetic: bool = True
+    template: Literal["human_assistant", "chat_template"] = Field(
+        "human_assistant",
+        description="How conversations are written out: the seed recipe's `Human: …` / `Assistant: …` "
+        "lines, or the base tokenizer's own chat template (`apply_chat_template`; Llama-3, Qwen2, "
+        "Mistral-Instruct and other instruct bases have one). Samples are prompted the same way.",
+    )
     train_on: Literal["assistant", "all"] = Field(
         "assistant", description="Which tokens carry loss: assistant replies only, or every token."
     )

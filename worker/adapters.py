@@ -8,7 +8,7 @@ from pathlib import Path
 
 from app.db import session_scope
 from app.models import Job
-from app.spec import JobSpec
+from app.spec import JobSpec, stored_spec
 from app.storage import job_files
 
 
@@ -18,7 +18,7 @@ def job_spec(job_id: str) -> JobSpec:
         job = session.get(Job, job_id)
         if job is None:
             raise LookupError(f"job {job_id} no longer exists")
-        return JobSpec.model_validate(job.spec)
+        return stored_spec(job.spec)
 
 
 def adapter_folder(job_id: str, checkpoint: str | None) -> Path:

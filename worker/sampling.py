@@ -154,7 +154,7 @@ def _complete(sample: Sample) -> Answer:
             last_write[0] = time.monotonic()
 
     with context:
-        return generate(model, tokenizer, sample, on_text)
+        return generate(model, tokenizer, sample, on_text, template=spec.dataset.template)
 
 
 def _device_for(spec: JobSpec, sample: Sample) -> str:
@@ -193,15 +193,21 @@ class _TextSoFar(BaseStreamer):
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, sample: Sample, on_text=lambda text: None) -> Answer:
+def generate(
+    model, tokenizer, sample: Sample, on_text=lambda text: None, template: str = "human_assistant"
+) -> Answer:
     """Answer the sample: its conversation rendered as the job was trained (or its raw prompt),
     sampled with its temperature, top_p and seed, ended by EOS, a stop string or its token
     budget. A chat answer also ends where the model starts the Human's next turn."""
     chat = sample.messages is not None
     if sample.messages is not None:  # tokenized exactly as the job's training tokenized it
-        ids = torch.tensor([prompt_ids(conversation(sample.messages), tokenizer)], device=model.device)
+        ids = torch.tensor(
+            [prompt_ids(conversation(sample.messages), tokenizer, template)], device=model.device
+        )
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        stops = [f"\n{HUMAN}:", *(sample.stop or [])]
+        # a chat template's reply ends with its end-of-turn token (EOS, or generation_config's)
+        human_speaks = [f"\n{HUMAN}:"] if template == "human_assistant" else []
+        stops = [*human_speaks, *(sample.stop or [])]
     else:
         inputs = tokenizer(sample.prompt, return_tensors="pt").to(model.device)
         stops = list(sample.stop or [])

@@ -31,6 +31,28 @@ def _remote_code_problems(spec: JobSpec) -> list[tuple[str, str]]:
     return []
 
 
+def _template_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """A local base asked to render with its chat template must have one (a hub base's is
+    checked by the worker, which fetches its tokenizer)."""
+    folder = Path(spec.base_model)
+    if spec.dataset.template != "chat_template" or not folder.is_absolute():
+        return []
+    if any((folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+        return []
+    try:
+        if json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"):
+            return []
+    except (OSError, ValueError, AttributeError):
+        pass
+    return [
+        (
+            "dataset.template",
+            "the base's tokenizer has no chat template (none in tokenizer_config.json, chat_template.jinja "
+            "or chat_template.json); use 'human_assistant'",
+        )
+    ]
+
+
 def _notification_problems(spec: JobSpec) -> list[tuple[str, str]]:
     if spec.notify_url is None:
         return []
@@ -42,7 +64,7 @@ def _notification_problems(spec: JobSpec) -> list[tuple[str, str]]:
 
 def check_admissible(spec: JobSpec, owner: str) -> None:
     problems = (
-        dataset_reference_problems(spec, owner) + _notification_problems(spec)
+        dataset_reference_problems(spec, owner) + _notification_problems(spec) + _template_problems(spec)
     )
     if not problems:
         problems = _remote_code_problems(spec)

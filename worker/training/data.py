@@ -15,6 +15,7 @@ from app.formats import conversations_from_records as conversations_of_format
 from app.ids import DATASET_ID
 from app.services.dataset_files import dataset_file
 from app.spec import DatasetSpec, saved_to_disk, split_revision
+from worker.training.chat_template import chat_template_segments
 from worker.training.hub import fetching
 
 log = logging.getLogger(__name__)
@@ -135,20 +136,33 @@ def _prefix_space_anchor(tokenizer) -> tuple[int, ...] | None:
     return None
 
 
-def prompt_ids(turns: list[Turn], tokenizer) -> list[int]:
+def render(
+    turns: list[Turn], tokenizer, template: str, reply_follows: bool
+) -> tuple[list[int], list[tuple[str, bool]]]:
+    """A conversation as the ids it starts with and its text segments (segment, carries_loss),
+    in the job's prompt template: the seed's `Human:` / `Assistant:` lines, or the tokenizer's
+    chat template. `reply_follows`: end with the Assistant about to speak (a sampled prompt)."""
+    if template == "chat_template":
+        return [], chat_template_segments(turns, tokenizer, generation_prompt=reply_follows)
+    sentencepiece = _prefix_space_anchor(tokenizer) is not None
+    segments = format_segments(turns, tokenizer.eos_token or "", sentencepiece)
+    if reply_follows:
+        segments.append((ASSISTANT_SPEAKS if sentencepiece else ASSISTANT_SPEAKS + " ", False))
+    return start_ids(tokenizer), segments
+
+
+def prompt_ids(turns: list[Turn], tokenizer, template: str = "human_assistant") -> list[int]:
     """A conversation to be answered, tokenized exactly as training tokenized it up to the
     reply (`tokenize_conversation`: the same start, the same segments one by one), ending where
     the Assistant speaks. The sampler asks the model with these ids."""
-    ids = start_ids(tokenizer)
-    sentencepiece = _prefix_space_anchor(tokenizer) is not None
-    for index, (text, _) in enumerate(format_segments(turns, tokenizer.eos_token or "", sentencepiece)):
+    ids, segments = render(turns, tokenizer, template, reply_follows=True)
+    for index, (text, _) in enumerate(segments):
         ids += _segment_ids(tokenizer, text, continues=index > 0)
-    speaks = ASSISTANT_SPEAKS if sentencepiece else ASSISTANT_SPEAKS + " "
-    return ids + _segment_ids(tokenizer, speaks, continues=True)
+    return ids
 
 
 def tokenize_conversation(
-    turns: list[Turn], tokenizer, max_length: int, train_on: str
+    turns: list[Turn], tokenizer, max_length: int, train_on: str, template: str = "human_assistant"
 ) -> tuple[TokenizedSample, bool]:
     """Tokenize one sample, a segment at a time (so that the reply's tokens never merge with
     the prompt's, and a sampled prompt, `prompt_ids`, is this sample's beginning). Returns
@@ -157,11 +171,10 @@ def tokenize_conversation(
     Overlong samples lose context from the left; the last trained reply is kept (its head,
     when the reply alone is longer than max_length).
     """
-    input_ids: list[int] = start_ids(tokenizer)
+    input_ids, segments = render(turns, tokenizer, template, reply_follows=False)
     labels: list[int] = [IGNORE_INDEX] * len(input_ids)
     last_reply_start = 0
-    sentencepiece = _prefix_space_anchor(tokenizer) is not None
-    for index, (text, carries_loss) in enumerate(format_segments(turns, tokenizer.eos_token, sentencepiece)):
+    for index, (text, carries_loss) in enumerate(segments):
         ids = _segment_ids(tokenizer, text, continues=index > 0)
         if carries_loss:
             last_reply_start = len(input_ids)
@@ -224,7 +237,9 @@ def _tokenized(
     chosen = conversations.samples[:limit] if limit else conversations.samples
     samples, truncated = [], 0
     for turns in chosen:
-        sample, was_truncated = tokenize_conversation(turns, tokenizer, max_length, spec.train_on)
+        sample, was_truncated = tokenize_conversation(
+            turns, tokenizer, max_length, spec.train_on, spec.template
+        )
         samples.append(sample)
         truncated += was_truncated
     if not samples:
