@@ -89,9 +89,10 @@ def _run_celery_worker(queue: str, node: str, *pool: str) -> None:
     cwd = get_settings().worker_cwd  # settings (and their relative paths) are read before the move
     cwd.mkdir(parents=True, exist_ok=True)
     os.chdir(cwd)
-    celery.worker_main(
-        ["worker", f"--loglevel={get_settings().log_level}", *pool, "-Q", queue, "-n", f"{node}@%h"]
-    )
+    # No mingle or gossip: the database owns job state, so a worker has nothing to sync with its
+    # peers at start (mingle alone waits a second for them) or to hear from them while it runs.
+    options = ["--without-mingle", "--without-gossip", "-Q", queue, "-n", f"{node}@%h"]
+    celery.worker_main(["worker", f"--loglevel={get_settings().log_level}", *pool, *options])
 
 
 @cli.command(rich_help_panel="Server")

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from app.conversations import Turn
-from tests.conftest import REPO, local_models
+from tests.conftest import REPO, local_models, sqlite_only
 
 STORIES = REPO / "examples" / "stories260K"
 CHATML = (
@@ -105,6 +105,7 @@ def test_templates_that_cant_be_used_are_refused_with_the_reason(tokenizer):
         tokenize_conversation(turns(), plain, 4096, "assistant", "chat_template")
 
 
+@sqlite_only
 def test_a_local_base_without_a_chat_template_is_refused_at_submission(client, service_env):
     folder = local_models(service_env) / "stories"
     shutil.copytree(STORIES, folder)

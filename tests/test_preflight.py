@@ -3,7 +3,8 @@ its base's config.json and refuses (422) what no registered GPU can hold, before
 
 The GPUs here are rows a worker would write (there is no GPU on CI): a worker process's own
 registration is checked in tests/test_end_to_end.py, and the nvidia-smi reading with a stand-in
-nvidia-smi below. The estimate is checked against peaks measured on a GPU in
+nvidia-smi below. The checks run on SQLite (the registry's queries run on both databases in
+test_only_live_workers_of_the_job_queue_count). The estimate is checked against peaks measured on a GPU in
 test_the_estimate_is_within_15_percent_of_the_peaks_measured_on_a_gpu."""
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from app.architectures import shape
 from app.memory_estimate import GIB, estimate
 from app.queue import job_queue
 from app.spec import STORED, JobSpec
-from tests.conftest import REPO, local_models
+from tests.conftest import REPO, local_models, sqlite_only
 
 PHI2_CONFIG = REPO / "bench" / "phi-2-config.json"
 MEASURED = REPO / "bench" / "results" / "memory-peaks-h200.json"
@@ -50,6 +51,7 @@ def messages(client, job_id: str) -> list[str]:
     return [e["message"] for e in client.get(f"/jobs/{job_id}/events").json()["items"]]
 
 
+@sqlite_only
 def test_with_no_worker_registered_a_job_queues_with_a_warning(client, service_env):
     job = client.post("/jobs", json={"base_model": phi2_base(service_env)})
     assert job.status_code == 201
@@ -60,6 +62,7 @@ def test_with_no_worker_registered_a_job_queues_with_a_warning(client, service_e
     ]
 
 
+@sqlite_only
 def test_a_spec_no_registered_gpu_holds_is_refused_with_what_to_change(client, service_env):
     register("celery@t4-box", T4)
     base = phi2_base(service_env)
@@ -87,6 +90,7 @@ def test_a_spec_no_registered_gpu_holds_is_refused_with_what_to_change(client, s
     assert note.startswith("pre-flight: needs ~12.7 GiB") and note.endswith("fits Tesla T4 (15.0 GiB)")
 
 
+@sqlite_only
 def test_gradient_checkpointing_off_is_refused_on_a_t4_and_fits_a_bigger_card(client, service_env):
     spec = {"base_model": phi2_base(service_env), "training": {"gradient_checkpointing": False}}
     register("celery@t4-box", T4)
@@ -98,6 +102,7 @@ def test_gradient_checkpointing_off_is_refused_on_a_t4_and_fits_a_bigger_card(cl
     assert client.post("/jobs", json=spec).status_code == 201
 
 
+@sqlite_only
 def test_bfloat16_and_gpu_counts_are_checked_against_what_workers_have(client, service_env):
     base = phi2_base(service_env)
     register("celery@t4-box", T4)
@@ -148,6 +153,7 @@ def test_only_live_workers_of_the_job_queue_count(client, service_env):
     ]
 
 
+@sqlite_only
 def test_a_cpu_only_fleet_and_an_unreadable_config_queue_with_notes(client, service_env):
     register("celery@laptop")  # no GPU: trains on the CPU
     odd = local_models(service_env) / "odd"
@@ -162,6 +168,7 @@ def test_a_cpu_only_fleet_and_an_unreadable_config_queue_with_notes(client, serv
     )
 
 
+@sqlite_only
 def test_doctor_prints_the_services_estimate_for_a_spec(client, service_env, monkeypatch, tmp_path):
     """`finetune doctor SPEC` through the real API (in-process) and the real client."""
     from app.cli import cli
