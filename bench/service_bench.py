@@ -19,8 +19,9 @@ usage: python3 bench/service_bench.py MODEL_DIR --dtype bfloat16|float16 [--leng
 
 Variant keys: name, steps (timed), warmup, profile_steps, accumulation (gradient_accumulation
 _steps), batch_size, attention ("cudnn": sdpa's default order; "auto": the worker's choice),
-compile (decoder layers compiled), checkpointing (true/false; "auto": the worker's choice),
-optim, full_rows, row_multiple.
+compile (decoder layers compiled), plain_4bit (their 4-bit matmuls as torch ops compiled into
+them, worker.training.nf4), checkpointing (true/false; "auto": the worker's choice), optim,
+full_rows, row_multiple.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         restore_decoder_layers,
         use_sdpa_attention,
     )
+    from worker.training.nf4 import use_bitsandbytes_matmul
 
     v = {**AS_ON_MAIN, "steps": 12, "warmup": 2, "profile_steps": 2, "accumulation": 4, "batch_size": 4}
     v.update(variant)
@@ -160,6 +162,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     t = spec.training
 
     restore_decoder_layers(model)
+    use_bitsandbytes_matmul(model)
     micro_tokens = t.batch_size * t.max_seq_length
     if v["checkpointing"] == "auto":
         plan = plan_speed(model.config, micro_tokens, True, compile_layers=bool(v["compile"]))
@@ -171,6 +174,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     plan.attention = choose_attention() if v["attention"] == "auto" else "sdpa default order"
     plan.row_multiple = int(v["row_multiple"])
     plan.mask = v.get("mask", "sdpa")
+    plan.plain_4bit = bool(v.get("plain_4bit"))
     if plan.mask == "flex":
         plan.attention = "FlexAttention, document block mask"
         plan.row_multiple = max(plan.row_multiple, FLEX_BLOCK)
@@ -267,6 +271,7 @@ def _check(model, data, dtype, compiled: bool) -> dict:
     FlexAttention with the document block mask, eager and in compiled layers."""
     import torch
 
+    from worker.training.nf4 import use_bitsandbytes_matmul, use_plain_4bit_matmul
     from worker.training.packing import PackedData, block_causal_mask, collate_packed, plan_steps
     from worker.training.speed import (
         compile_decoder_layers,
@@ -310,14 +315,23 @@ def _check(model, data, dtype, compiled: bool) -> dict:
     again = run(block_causal_mask(sequence_ids, dtype))
     out.update(compare("dense_again", again, reference))  # run-to-run noise of the reference
     out.update(compare("dense_cudnn", cudnn, reference))  # another exact kernel: bf16 noise
+    use_plain_4bit_matmul(model)  # the 4-bit matmuls as torch ops, eager: bitsandbytes' arithmetic
+    out.update(compare("plain_4bit_eager", run(block_causal_mask(sequence_ids, dtype)), reference))
+    use_bitsandbytes_matmul(model)
     use_flex_attention(model)
     try:
         out.update(compare("flex_eager", run(document_block_mask(sequence_ids)), reference))
         if compiled:
             compile_decoder_layers(model, checkpointing=True)
             out.update(compare("flex_compiled", run(document_block_mask(sequence_ids)), reference))
+            restore_decoder_layers(model)
+            torch._dynamo.reset()
+            use_plain_4bit_matmul(model)  # what the worker's plan runs on Ampere and newer
+            compile_decoder_layers(model, checkpointing=True)
+            out.update(compare("flex_compiled_plain_4bit", run(document_block_mask(sequence_ids)), reference))
     finally:
         restore_decoder_layers(model)
+        use_bitsandbytes_matmul(model)
         use_sdpa_attention(model)
         model.train()
     out["reference_loss"] = reference[0]

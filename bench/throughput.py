@@ -57,6 +57,15 @@ SERVICE_WARM = [
         "checkpointing": False,
     },
 ]
+# Issue 14, round three: the 4-bit matmuls compiled into the layers (worker.training.nf4), against
+# the round-two default they replace; fused AdamW in all (what the worker runs on a GPU).
+FUSED = {**FLEX, "optim": "adamw_torch_fused"}
+SERVICE_PLAIN_4BIT = [
+    {"name": "round-two default (bitsandbytes matmul), fused AdamW", **FUSED, "warmup": 8},
+    {"name": "+ 4-bit matmuls compiled into the layers", **FUSED, "plain_4bit": True, "warmup": 8},
+    {"name": "+ 4-bit compiled, no recompute (H200 default)", **FUSED, "plain_4bit": True, "checkpointing": False},
+    {"name": "full rows, 4-bit compiled, no recompute", **FUSED, **FULL, "plain_4bit": True, "checkpointing": False},
+]
 SERVICE_FP16 = [
     {"name": "as on main", **MAIN},
     {"name": "new default", **FLEX, "warmup": 8},
@@ -81,6 +90,8 @@ GROUPS = {
     "service bf16": _service("bfloat16", SERVICE, "--check", "full"),
     "service bf16, warm": _service("bfloat16", SERVICE_WARM, "--check", "eager"),
     "service fp16": _service("float16", SERVICE_FP16),
+    "service bf16, plain 4-bit": _service("bfloat16", SERVICE_PLAIN_4BIT, "--check", "full"),
+    "service fp16, plain 4-bit": _service("float16", SERVICE_PLAIN_4BIT[:3]),
     "service bf16, 2 GPUs": ["torchrun:2", *_service("bfloat16", SERVICE_2GPU)],
 }
 # What one plain `python3 bench/throughput.py --out FILE` runs (~9.5 min on an H200): the peers

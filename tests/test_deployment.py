@@ -419,9 +419,8 @@ def test_generate_answers_with_the_jobs_adapter(deployment, finished_job, tmp_pa
 
 
 def test_pause_saves_a_checkpoint_and_resume_finishes_the_job(deployment):
-    submitted = deployment.cli(
-        "submit", str(DEMO_JOB), "--set", "training.max_steps=20", "--set", "training.save_steps=100"
-    )
+    settings = ("training.max_steps=12", "training.save_steps=100", "dataset.max_eval_samples=4")
+    submitted = deployment.cli("submit", str(DEMO_JOB), *(f"--set={value}" for value in settings))
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     with deployment.client() as client:
@@ -432,7 +431,7 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_job(deployment):
         stopped = client.get(f"/jobs/{job_id}").json()
         assert stopped["status"] == "paused", stopped["error"]
         [checkpoint] = client.get(f"/jobs/{job_id}/checkpoints").json()["items"]
-        assert checkpoint["step"] == stopped["current_step"] < 20
+        assert checkpoint["step"] == stopped["current_step"] < 12
 
         following = deployment.cli("logs", job_id, "--follow")  # the stream ends at the pause
         assert following.returncode == 1 and f"{job_id} paused" in following.stdout
@@ -441,7 +440,7 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_the_job(deployment):
         finished = deployment.cli("logs", job_id, "--follow")
         assert finished.returncode == 0, finished.stdout
         assert [row["step"] for row in client.get(f"/jobs/{job_id}/logs").json()["items"]] == list(
-            range(1, 21)
+            range(1, 13)
         )
 
 

@@ -14,6 +14,7 @@ import torch
 from app.spec import JobSpec
 from tests.conftest import demo_spec
 from worker.training.data import IGNORE_INDEX
+from worker.training.nf4 import dequantize_4bit, use_bitsandbytes_matmul, use_plain_4bit_matmul
 from worker.training.packing import PackedData, block_causal_mask, collate_packed, plan_full_rows, plan_steps
 from worker.training.speed import (
     compile_decoder_layers,
@@ -60,6 +61,23 @@ def test_the_plan_is_the_eager_recipe_without_cuda():
     assert (plan.compile_layers, plan.checkpointing, plan.row_multiple) == (False, True, 1)
 
 
+@pytest.mark.parametrize(
+    ("shape", "double_quant"), [((160, 64), True), ((96, 40), True), ((300, 70), False), ((512, 1024), True)]
+)
+def test_the_plain_4bit_dequantization_is_bitsandbytes_own_bit_for_bit(shape, double_quant):
+    """worker.training.nf4 (what compiled layers multiply with) against bitsandbytes' own
+    dequantization, with double quantization and with blocks cut short by the weight's size."""
+    import bitsandbytes.functional as bnb_functional
+
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=64, quant_type="nf4", compress_statistics=double_quant
+    )
+    expected = bnb_functional.dequantize_4bit(packed, state)
+    assert torch.equal(dequantize_4bit(packed, state, torch.float32), expected)
+    assert torch.equal(dequantize_4bit(packed, state, torch.bfloat16), expected.to(torch.bfloat16))
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("demo_model")
 @pytest.mark.parametrize("checkpointing", [True, False])
@@ -90,6 +108,8 @@ def test_compiled_decoder_layers_keep_the_loss_and_gradients(checkpointing):
 
     eager_loss, eager_grads = step()
     torch._dynamo.reset()
+    # as the GPU plan does: the 4-bit matmuls as torch ops, compiled into the layers
+    assert use_plain_4bit_matmul(model) == 2 * 6  # q, k, v, dense, fc1, fc2 in each layer
     layers = compile_decoder_layers(model, checkpointing=checkpointing, backend="aot_eager")
     try:
         assert layers == len(decoder_layers(model)) == 2
@@ -97,6 +117,7 @@ def test_compiled_decoder_layers_keep_the_loss_and_gradients(checkpointing):
         compiled_loss, compiled_grads = step()
     finally:
         restore_decoder_layers(model)
+        use_bitsandbytes_matmul(model)
         torch._dynamo.reset()
     assert abs(compiled_loss - eager_loss) < 1e-5
     for name, grad in eager_grads.items():

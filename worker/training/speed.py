@@ -12,7 +12,9 @@ optimizer update); what it changes is how many kernels a step launches and which
   (this module checkpoints each compiled layer itself, non-reentrant), so inductor never sees
   the recomputation (whole-model compile with checkpointing inside fails on torch 2.11: peft
   issue 3020). Row widths are rounded up (`row_multiple`) and the sequence dimension is
-  compiled dynamic, so new lengths do not recompile.
+  compiled dynamic, so new lengths do not recompile. Their 4-bit layers dequantize and multiply
+  with plain torch ops (`worker.training.nf4`, bitsandbytes' own arithmetic) that compile into
+  the layer, instead of calling bitsandbytes' custom-op wrapper (~270 µs of host time a call).
 - document-masked FlexAttention on Ampere and newer: the packed rows' attention is
   block-diagonal (each sample sees only itself), ~90 % of a 2048-token row's score matrix is
   masked for oasst-sized samples, and the memory-efficient kernel computes all of it against a
@@ -45,6 +47,8 @@ from typing import Any
 
 import torch
 
+from worker.training.nf4 import use_plain_4bit_matmul
+
 log = logging.getLogger(__name__)
 
 # Rows of a packed micro-batch are padded to a multiple of this on the GPU: fewer distinct
@@ -69,11 +73,16 @@ class SpeedPlan:
     row_multiple: int = 1
     # paged_adamw_32bit (and adamw_torch) run as torch's fused AdamW (see `optimizer_name`)
     fused_adamw: bool = False
+    # the 4-bit layers' dequantize + matmul as torch ops, traced into the compiled layers
+    # (worker.training.nf4) instead of bitsandbytes' custom-op wrapper
+    plain_4bit: bool = False
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         parts = [f"attention: {self.attention}"]
         parts.append("decoder layers compiled" if self.compile_layers else "eager")
+        if self.plain_4bit:
+            parts.append("4-bit matmuls compiled into them")
         parts.append("gradient checkpointing " + ("on" if self.checkpointing else "off"))
         if self.row_multiple > 1:
             parts.append(f"rows padded to a multiple of {self.row_multiple}")
@@ -113,6 +122,7 @@ def plan_speed(
     drop_checkpointing: bool | None = None,
     flex: bool | None = None,
     packed: bool = True,
+    plain_4bit: bool = True,
 ) -> SpeedPlan:
     """Decide, for this GPU and this job, what `apply_speed_plan` will do.
 
@@ -126,6 +136,7 @@ def plan_speed(
     if compile_layers is None:  # measured on Hopper; a T4 (7.5) stays eager until measured there
         compile_layers = torch.cuda.get_device_capability()[0] >= 8
     plan.compile_layers = compile_layers
+    plan.plain_4bit = compile_layers and plain_4bit
     if compile_layers:  # fewer distinct shapes for the compiled layers; an eager GPU-bound T4 pads nothing
         plan.row_multiple = ROW_MULTIPLE
     if flex is None:  # the padded (unpacked) path keeps its 2D mask and sdpa
@@ -330,6 +341,8 @@ def _checkpointed(compiled_forward, checkpointing: bool):
 
 
 def apply_speed_plan(model: torch.nn.Module, plan: SpeedPlan) -> None:
+    if plan.plain_4bit:
+        use_plain_4bit_matmul(model)
     if plan.mask == "flex":
         use_flex_attention(model)
     if plan.compile_layers:
