@@ -72,11 +72,14 @@ SERVICE_FP16 = [
     {"name": "new default, no recompute (H200 default)", **FLEX, "checkpointing": False},
     {"name": "full rows, new default, no recompute (H200 default)", **FLEX, **FULL, "checkpointing": False},
 ]
+# Two GPUs (round three): the variants measured against SERVICE_PLAIN_4BIT's one-GPU rows. Full
+# rows warm up 6 steps: the 4th step of a compiled run compiles one more graph (~20 s, once).
 SERVICE_2GPU = [
-    {"name": "as on main", **MAIN},
-    {"name": "new default", **FLEX, "warmup": 8},
-    {"name": "full rows, new default", **FLEX, **FULL},
-    {"name": "full rows, new default, no recompute", **FLEX, **FULL, "checkpointing": False},
+    {"name": "full rows, 4-bit compiled, no recompute", **FUSED, **FULL, "plain_4bit": True,
+     "checkpointing": False, "warmup": 6},
+    {"name": "default, 4-bit compiled, no recompute", **FUSED, "plain_4bit": True, "checkpointing": False,
+     "warmup": 6},
+    {"name": "default, 4-bit compiled", **FUSED, "plain_4bit": True},
 ]
 
 
