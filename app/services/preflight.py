@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -92,9 +93,12 @@ def base_shape(base_model: str) -> tuple[ModelShape | None, str]:
         if config is None:
             return None, f"{base_model}'s config.json is neither in the Hugging Face cache nor reachable"
         return shape(config), ""
-    except (OSError, ValueError, UnreadableConfig) as exc:
-        reason = exc if isinstance(exc, UnreadableConfig) else "config.json can't be read as JSON"
-        return None, f"the base's {reason}"
+    except UnreadableConfig as exc:
+        return None, f"the base's {exc}"
+    except OSError:
+        return None, "the base's config.json can't be read"
+    except ValueError:
+        return None, "the base's config.json is not a JSON object"
 
 
 def registered_gpus() -> tuple[int, list[Gpu]]:
@@ -111,11 +115,8 @@ def registered_gpus() -> tuple[int, list[Gpu]]:
 def _holds(spec: JobSpec, gpus: list[Gpu], need: int) -> bool:
     """One worker has `resources.gpus` GPUs that each hold `need` bytes (data-parallel: each GPU
     holds the whole model and its own micro-batches)."""
-    by_worker: dict[str, int] = {}
-    for gpu in gpus:
-        if gpu.memory_bytes >= need:
-            by_worker[gpu.worker] = by_worker.get(gpu.worker, 0) + 1
-    return any(count >= spec.resources.gpus for count in by_worker.values())
+    holding = Counter(gpu.worker for gpu in gpus if gpu.memory_bytes >= need)
+    return max(holding.values(), default=0) >= spec.resources.gpus
 
 
 def _with_training(spec: JobSpec, **changes: Any) -> JobSpec:
@@ -178,7 +179,7 @@ def check(spec: JobSpec) -> Preflight:
                     + "); use 'auto' or 'float16'",
                 )
             )
-    most = max(sum(1 for g in gpus if g.worker == w) for w in {g.worker for g in gpus}) if gpus else 0
+    most = max(Counter(gpu.worker for gpu in gpus).values(), default=0)
     if gpus and spec.resources.gpus > most:
         result.problems.append(
             (
@@ -189,11 +190,10 @@ def check(spec: JobSpec) -> Preflight:
     if memory is None:
         result.notes.append(f"pre-flight: memory not estimated: {unread}")
     elif gpus and not result.problems:
+        largest = max(gpus, key=lambda gpu: gpu.memory_bytes)
         if _holds(spec, gpus, memory.needs_bytes):
-            holder = max(gpus, key=lambda gpu: gpu.memory_bytes)
-            result.notes.append(f"pre-flight: needs {memory.describe()}; fits {holder.describe()}")
+            result.notes.append(f"pre-flight: needs {memory.describe()}; fits {largest.describe()}")
         else:
-            largest = max(gpus, key=lambda gpu: gpu.memory_bytes)
             options = suggestions(spec, model, gpus) if model is not None else []
             remedy = (
                 "Fits with any one of: " + "; ".join(options) if options else "No training change fits it"
