@@ -14,7 +14,7 @@ from app.models import LOCAL_OWNER
 from app.services import jobs
 from app.spec import JobSpec
 from app.storage import job_files
-from tests.conftest import REPO, demo_spec
+from tests.conftest import REPO, demo_spec, sqlite_only
 from worker.training.model import linear_layer_names, target_modules
 
 TINY = {
@@ -66,6 +66,7 @@ def test_all_linear_and_names_that_match_no_layer():
 
 
 @pytest.mark.slow
+@sqlite_only  # its subject is the model and the 4-bit path, not the database (CI's time is finite)
 def test_a_pretrained_llama_trains_its_attention_projections_in_4bit(service_env):
     from worker.tasks import execute_job
 

@@ -40,7 +40,13 @@ def short_spec(**training) -> dict:
     return demo_spec(max_seq_length=128, eval_samples=8, **training)
 
 
-LOCK_HELD_S = 12
+# How long each outage lasts. Any outage shows the recovery; each only needs to outlast what it
+# must defeat (the SQLite lock: the busy timeout, so that writes fail and are retried, not just
+# delayed). Longer ones only make CI wait.
+REDIS_DOWN_S = 1
+POSTGRES_DOWN_S = 2
+SQLITE_BUSY_TIMEOUT_S = 2
+LOCK_HELD_S = 5
 
 
 def events(client, job_id: str) -> list[dict]:
@@ -157,7 +163,9 @@ def test_a_task_outliving_the_visibility_timeout_is_never_trained_twice(redis_en
             finetune_process("worker", env, tmp_path, name="worker-1"),
             finetune_process("worker", env, tmp_path, name="worker-2"),
         ):
-            job = submit(client, demo_spec(max_steps=15, save_steps=100))
+            # short samples: the redelivery comes within seconds of the delivery, while the
+            # child is still importing torch; longer steps would only make the run longer
+            job = submit(client, short_spec(max_steps=15, save_steps=100))
             done = wait_for(client, job["id"], FINAL)
         history = events(client, job["id"])
         trained = steps(client, job["id"])
@@ -189,7 +197,7 @@ def test_a_redis_restart_loses_no_job_and_runs_none_twice(service_env, tmp_path)
             submitted = [submit(client, short_spec(max_steps=8, save_steps=100)) for _ in range(2)]
             wait_for_step(client, submitted[0]["id"], 5)
             redis.stop()  # no persistence: the queued id is gone with it
-            time.sleep(3)
+            time.sleep(REDIS_DOWN_S)
             redis.start()
             restarted = time.monotonic()
             done = [wait_for(client, job["id"], FINAL) for job in submitted]
@@ -198,9 +206,9 @@ def test_a_redis_restart_loses_no_job_and_runs_none_twice(service_env, tmp_path)
                 assert (job["status"], job["attempts"]) == ("succeeded", 1), events(client, job["id"])
                 assert steps(client, job["id"]) == list(range(1, 9))
     print(
-        f"FIGURE Redis killed for 3 s (no persistence) while 1 job ran and 1 waited: the running job "
-        f"finished, the lost id was sent again by the sweeper; 2/2 succeeded, each 1 attempt, each "
-        f"step once ({recovered:.0f} s from the restart until all were done)"
+        f"FIGURE Redis killed for {REDIS_DOWN_S} s (no persistence) while 1 job ran and 1 waited: "
+        f"the running job finished, the lost id was sent again by the sweeper; 2/2 succeeded, "
+        f"each 1 attempt, each step once ({recovered:.0f} s from the restart until all were done)"
     )
 
 
@@ -218,7 +226,7 @@ def test_a_postgres_restart_during_training_loses_no_metric_row(redis_env, tmp_p
             wait_for_step(client, job["id"], 11)  # just past a checkpoint: the next is 9 steps away
             postgres.stop()
             stopped = time.time()
-            time.sleep(5)
+            time.sleep(POSTGRES_DOWN_S)
             postgres.start()
             done = wait_for(client, job["id"], FINAL)
             times = metric_times(client, job["id"])
@@ -226,20 +234,22 @@ def test_a_postgres_restart_during_training_loses_no_metric_row(redis_env, tmp_p
             assert steps(client, job["id"]) == list(range(1, 21))
         # How many steps trained while it was down depends on the machine's speed: a figure, not
         # an assertion (the outcome asserted is above: every row, one attempt).
-        during = sum(stopped <= t <= stopped + 5 for t in times)
+        during = sum(stopped <= t <= stopped + POSTGRES_DOWN_S for t in times)
         print(
-            f"FIGURE Postgres stopped for 5 s from step 11 of 20 and started again: training went on "
-            f"({during} steps logged while it was down, written afterwards), 0 metric rows lost, 1 attempt"
+            f"FIGURE Postgres stopped for {POSTGRES_DOWN_S} s from step 11 of 20 and started again: "
+            f"training went on ({during} steps logged while it was down, written afterwards), "
+            "0 metric rows lost, 1 attempt"
         )
 
 
 @needs_redis
 def test_a_sqlite_write_lock_held_past_the_busy_timeout_stalls_and_loses_nothing(redis_env, tmp_path):
-    """The lock outlasts every write's busy timeout (5 s here, 30 s by default), so the writes
+    """The lock outlasts every write's busy timeout (2 s here, 30 s by default), so the writes
     fail as unreachable and are retried, not merely delayed."""
-    env = {**redis_env, "FINETUNE_SQLITE_BUSY_TIMEOUT_S": "5"}
+    env = {**redis_env, "FINETUNE_SQLITE_BUSY_TIMEOUT_S": str(SQLITE_BUSY_TIMEOUT_S)}
     with running_service(env, tmp_path) as client:
-        job = submit(client, short_spec(max_steps=50, save_steps=1000))
+        # 25 steps left when the lock is taken: training goes on through the whole lock
+        job = submit(client, short_spec(max_steps=30, save_steps=1000))
         wait_for_step(client, job["id"], 5)
         database = redis_env["FINETUNE_DATABASE_URL"].removeprefix("sqlite:///")
         lock = sqlite3.connect(database, isolation_level=None)
@@ -251,13 +261,13 @@ def test_a_sqlite_write_lock_held_past_the_busy_timeout_stalls_and_loses_nothing
         done = wait_for(client, job["id"], FINAL)
         times = metric_times(client, job["id"])
         assert (done["status"], done["attempts"]) == ("succeeded", 1), events(client, job["id"])
-        assert steps(client, job["id"]) == list(range(1, 51))
+        assert steps(client, job["id"]) == list(range(1, 31))
 
     # steps trained while the lock was held: a figure that depends on the machine's speed
     during = sum(locked_at <= t <= locked_at + LOCK_HELD_S for t in times)
     print(
-        f"FIGURE SQLite write lock held {LOCK_HELD_S} s (busy timeout 5 s) during training: {during} steps "
-        "trained while it was held "
+        f"FIGURE SQLite write lock held {LOCK_HELD_S} s (busy timeout {SQLITE_BUSY_TIMEOUT_S} s) during "
+        f"training: {during} steps trained while it was held "
         "(rows written after it), 0 metric rows lost, 1 attempt"
     )
 
