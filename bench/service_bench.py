@@ -20,7 +20,8 @@ usage: python3 bench/service_bench.py MODEL_DIR --dtype bfloat16|float16 [--leng
 Variant keys: name, steps (timed), warmup, profile_steps, accumulation (gradient_accumulation
 _steps), batch_size, attention ("cudnn": sdpa's default order; "auto": the worker's choice),
 compile (decoder layers compiled), plain_4bit (their 4-bit matmuls as torch ops compiled into
-them, worker.training.nf4), checkpointing (true/false; "auto": the worker's choice), optim,
+them, worker.training.nf4), graphs (micro-batches as CUDA graphs, worker.training.step_graphs),
+checkpointing (true/false; "auto": the worker's choice), optim,
 full_rows, row_multiple.
 """
 
@@ -140,6 +141,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     from transformers import TrainerCallback
 
     cuda = torch.cuda.is_available()
+    from worker.training.nf4 import use_bitsandbytes_matmul
     from worker.training.packing import collate_packed
     from worker.training.recipe import PackedTrainer, _packed, training_arguments
     from worker.training.speed import (
@@ -151,7 +153,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         restore_decoder_layers,
         use_sdpa_attention,
     )
-    from worker.training.nf4 import use_bitsandbytes_matmul
+    from worker.training.step_graphs import StepGraphs, use_torch_dropout
 
     v = {**AS_ON_MAIN, "steps": 12, "warmup": 2, "profile_steps": 2, "accumulation": 4, "batch_size": 4}
     v.update(variant)
@@ -163,6 +165,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
 
     restore_decoder_layers(model)
     use_bitsandbytes_matmul(model)
+    use_torch_dropout(model)
     micro_tokens = t.batch_size * t.max_seq_length
     if v["checkpointing"] == "auto":
         plan = plan_speed(model.config, micro_tokens, True, compile_layers=bool(v["compile"]))
@@ -175,6 +178,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     plan.row_multiple = int(v["row_multiple"])
     plan.mask = v.get("mask", "sdpa")
     plan.plain_4bit = bool(v.get("plain_4bit"))
+    plan.graphs = bool(v.get("graphs")) and plan.compile_layers and world == 1
     if plan.mask == "flex":
         plan.attention = "FlexAttention, document block mask"
         plan.row_multiple = max(plan.row_multiple, FLEX_BLOCK)
@@ -199,6 +203,8 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
             if cuda:
                 torch.cuda.synchronize()
             marks.append((time.time(), counter["real"], counter["computed"]))
+            if graphs is not None and state.global_step in (warm, warm + timed):
+                graph_marks.append(graphs.stats())
             if state.global_step == warm + timed and profiled:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if cuda:
@@ -221,6 +227,9 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     )
     trainer.mask_dtype = dtype if cuda else torch.float32
     trainer.mask_kind = plan.mask
+    graphs = StepGraphs() if plan.graphs else None
+    trainer.step_graphs = graphs
+    graph_marks: list[dict] = []
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -256,7 +265,15 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         "steps_per_epoch": len(data) / samples_per_step,
         "peak_gib": peak,
         "reserved_gib": reserved,
+        "median_step_s": sorted(
+            b[0] - a[0] for a, b in zip(marks[warm - 1 :], marks[warm : warm + timed], strict=False)
+        )[timed // 2],
     }
+    if graphs is not None:  # micro-batches and replays over the timed steps, and in all
+        result["graphs"] = graphs.describe()
+        if len(graph_marks) == 2:
+            result["timed_replayed"] = graph_marks[1]["replayed"] - graph_marks[0]["replayed"]
+            result["timed_micro_batches"] = graph_marks[1]["micro_batches"] - graph_marks[0]["micro_batches"]
     if "profiler" in prof:
         tables = args.profile or bool(v.get("tables"))
         result.update(_profile_figures(prof["profiler"], profiled, pr, result["sec_per_step"], tables))

@@ -63,8 +63,19 @@ FUSED = {**FLEX, "optim": "adamw_torch_fused"}
 SERVICE_PLAIN_4BIT = [
     {"name": "round-two default (bitsandbytes matmul), fused AdamW", **FUSED, "warmup": 8},
     {"name": "+ 4-bit matmuls compiled into the layers", **FUSED, "plain_4bit": True, "warmup": 8},
-    {"name": "+ 4-bit compiled, no recompute (H200 default)", **FUSED, "plain_4bit": True, "checkpointing": False},
-    {"name": "full rows, 4-bit compiled, no recompute", **FUSED, **FULL, "plain_4bit": True, "checkpointing": False},
+    {
+        "name": "+ 4-bit compiled, no recompute (H200 default)",
+        **FUSED,
+        "plain_4bit": True,
+        "checkpointing": False,
+    },
+    {
+        "name": "full rows, 4-bit compiled, no recompute",
+        **FUSED,
+        **FULL,
+        "plain_4bit": True,
+        "checkpointing": False,
+    },
 ]
 SERVICE_FP16 = [
     {"name": "as on main", **MAIN},
@@ -75,11 +86,36 @@ SERVICE_FP16 = [
 # Two GPUs (round three): the variants measured against SERVICE_PLAIN_4BIT's one-GPU rows. Full
 # rows warm up 6 steps: the 4th step of a compiled run compiles one more graph (~20 s, once).
 SERVICE_2GPU = [
-    {"name": "full rows, 4-bit compiled, no recompute", **FUSED, **FULL, "plain_4bit": True,
-     "checkpointing": False, "warmup": 6},
-    {"name": "default, 4-bit compiled, no recompute", **FUSED, "plain_4bit": True, "checkpointing": False,
-     "warmup": 6},
+    {
+        "name": "full rows, 4-bit compiled, no recompute",
+        **FUSED,
+        **FULL,
+        "plain_4bit": True,
+        "checkpointing": False,
+        "warmup": 6,
+    },
+    {
+        "name": "default, 4-bit compiled, no recompute",
+        **FUSED,
+        "plain_4bit": True,
+        "checkpointing": False,
+        "warmup": 6,
+    },
     {"name": "default, 4-bit compiled", **FUSED, "plain_4bit": True},
+]
+
+# Issue 14, round four: each micro-batch shape's forward + backward as a CUDA graph
+# (worker.training.step_graphs), against round three's default. A job meets a few dozen shapes;
+# each runs eagerly the first time it comes and is captured the second, so the graph variants
+# warm up through 60 steps and report how many of their timed micro-batches were replays.
+PLAIN = {**FUSED, "plain_4bit": True}
+GRAPHS = {**PLAIN, "graphs": True, "warmup": 60, "steps": 20}
+SERVICE_GRAPHS = [
+    {"name": "CUDA graphs, recompute", **GRAPHS},
+    {"name": "CUDA graphs, no recompute (H200 default)", **GRAPHS, "checkpointing": False},
+    {"name": "round-three default (4-bit compiled), recompute", **PLAIN},
+    {"name": "round-three default, no recompute", **PLAIN, "checkpointing": False},
+    {"name": "full rows, CUDA graphs, no recompute", **GRAPHS, **FULL, "warmup": 3, "checkpointing": False},
 ]
 
 
@@ -96,6 +132,8 @@ GROUPS = {
     "service bf16, plain 4-bit": _service("bfloat16", SERVICE_PLAIN_4BIT, "--check", "full"),
     "service fp16, plain 4-bit": _service("float16", SERVICE_PLAIN_4BIT[:3]),
     "service bf16, 2 GPUs": ["torchrun:2", *_service("bfloat16", SERVICE_2GPU)],
+    "service bf16, graphs": _service("bfloat16", SERVICE_GRAPHS),
+    "service fp16, graphs": _service("float16", SERVICE_GRAPHS[:3]),
 }
 # What one plain `python3 bench/throughput.py --out FILE` runs (~9.5 min on an H200): the peers
 # and every bf16 service variant. fp16 and two GPUs: `--only "service fp16"`, `--only "service

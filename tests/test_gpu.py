@@ -19,19 +19,23 @@ def losses(job_id: str) -> list[float]:
 
 
 def test_the_fast_path_trains_the_loss_the_eager_recipe_trains(service_env, monkeypatch):
-    """Per-layer compile, FlexAttention with the document block mask and fused AdamW (worker/
-    training/speed.py) against FINETUNE_FAST_PATH=0: the same steps within 2 % (kernels differ:
-    fused, reordered float32 sums; dropout draws differ between the compiled and eager layers)."""
-    spec = quick_spec(max_steps=4, save_steps=100, lora={"dropout": 0.0})
-    runs = {}
+    """Per-layer compile, FlexAttention with the document block mask, fused AdamW and micro-
+    batches replayed as CUDA graphs after the first two (worker/training/speed.py,
+    step_graphs.py) against FINETUNE_FAST_PATH=0: the same steps within 2 % (kernels differ:
+    fused, reordered float32 sums), dropout off (its draws differ between the paths)."""
+    spec = quick_spec(max_steps=8, save_steps=100, lora={"dropout": 0.0})
+    runs, jobs_by_path = {}, {}
     for fast in ("1", "0"):
         monkeypatch.setenv("FINETUNE_FAST_PATH", fast)
         job = jobs.create_job(spec, LOCAL_OWNER)
         execute_job(job.id)
         assert jobs.get_job(job.id, LOCAL_OWNER).status == "succeeded"
-        runs[fast] = losses(job.id)
-    assert len(runs["1"]) == len(runs["0"]) == 4
+        runs[fast], jobs_by_path[fast] = losses(job.id), job.id
+    assert len(runs["1"]) == len(runs["0"]) == 8
     assert runs["1"] == pytest.approx(runs["0"], rel=0.02)
+    events = jobs.list_events(jobs_by_path["1"], LOCAL_OWNER, None, 200).items
+    graphs = [e for e in events if e.message.startswith("CUDA graphs:")]
+    assert graphs and graphs[-1].data["replayed"] > 0, [e.message for e in events]
 
 
 def test_the_sampler_answers_on_this_gpu_when_the_model_fits(service_env):

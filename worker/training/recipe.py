@@ -35,6 +35,7 @@ from worker.training.data import IGNORE_INDEX, TrainingData, build_eval_data, bu
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
 from worker.training.packing import collate_packed
 from worker.training.speed import SpeedPlan, apply_speed_plan, plan_speed
+from worker.training.step_graphs import StepGraphs
 
 # Also imported from here by bench/ and tests (their home before the trainer stage moved out).
 from worker.training.trainer import (
@@ -164,7 +165,11 @@ def load_model(job: JobSetup) -> JobModel:
     model = load_quantized_lora_model(spec, dtype)
     t = spec.training
     speed = plan_speed(
-        model.config, t.batch_size * t.max_seq_length, t.gradient_checkpointing, packed=t.packing
+        model.config,
+        t.batch_size * t.max_seq_length,
+        t.gradient_checkpointing,
+        packed=t.packing,
+        processes=world_size(),
     )
     apply_speed_plan(model, speed)
     if torch.cuda.is_available():
@@ -235,6 +240,8 @@ def _packed_trainer(
     )
     trainer.mask_dtype = model.dtype if torch.cuda.is_available() else torch.float32
     trainer.mask_kind = model.speed.mask
+    if model.speed.graphs:
+        trainer.step_graphs = StepGraphs()
     return trainer
 
 
@@ -252,6 +259,9 @@ def train(job: JobSetup, trainer: Trainer, progress: Progress) -> dict[str, Any]
         result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     finally:
         progress.close()
+    graphs = getattr(trainer, "step_graphs", None)
+    if graphs is not None and job.main:
+        job.say(graphs.describe(), **graphs.stats())
     history = trainer.state.log_history
     return {
         "steps": trainer.state.global_step,

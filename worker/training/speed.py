@@ -26,10 +26,16 @@ optimizer update); what it changes is how many kernels a step launches and which
   times a step for the default LoRA), which drains the GPU's queue each step; the LoRA states
   (~84 MB for Phi-2) gain nothing from paging. A checkpoint saved with the paged optimizer's
   state resumes into the fused one (`accept_bnb_adam_state`).
+- the whole micro-batch as a CUDA graph (`worker.training.step_graphs`), where the layers are
+  compiled and one GPU trains: forward, loss and backward (with its recomputation) recorded once
+  per micro-batch shape and replayed with one launch, so the step stops waiting on the host's
+  ~100 compiled-layer calls. Its dropout draws from a counter-based hash, so that checkpointed
+  layers recompute the same masks inside a graph.
 - recomputation dropped on big cards: when a generous estimate of a full micro-batch's
-  activations without checkpointing is under 3/4 of the GPU's free memory, the worker trains
-  without it (and says so in the job's events): for Phi-2 an 80 GB card or larger drops it, a
-  40 GB card and a T4 keep it.
+  activations without checkpointing (twice that with CUDA graphs: their pool and the eager
+  first runs each hold one) is under 3/4 of the GPU's free memory, the worker trains without it
+  (and says so in the job's events): for Phi-2 an H200 drops it, an 80 GB card drops it without
+  graphs only, a 40 GB card and a T4 keep it.
 
 Everything is opt-out with `FINETUNE_FAST_PATH=0` in the worker's environment, and nothing
 here runs without CUDA (the CPU path, and so the test suite, is the plain eager one unless
@@ -48,6 +54,7 @@ from typing import Any
 import torch
 
 from worker.training.nf4 import use_plain_4bit_matmul
+from worker.training.step_graphs import mark_layer_dropouts, reset_dropout_calls, use_counter_dropout
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,9 @@ class SpeedPlan:
     # the 4-bit layers' dequantize + matmul as torch ops, traced into the compiled layers
     # (worker.training.nf4) instead of bitsandbytes' custom-op wrapper
     plain_4bit: bool = False
+    # each micro-batch shape's forward + backward captured once as a CUDA graph and replayed
+    # (worker.training.step_graphs), dropout by counter-based hash
+    graphs: bool = False
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -83,6 +93,8 @@ class SpeedPlan:
         parts.append("decoder layers compiled" if self.compile_layers else "eager")
         if self.plain_4bit:
             parts.append("4-bit matmuls compiled into them")
+        if self.graphs:
+            parts.append("micro-batches replayed as CUDA graphs (dropout by counter-based hash)")
         parts.append("gradient checkpointing " + ("on" if self.checkpointing else "off"))
         if self.row_multiple > 1:
             parts.append(f"rows padded to a multiple of {self.row_multiple}")
@@ -123,6 +135,8 @@ def plan_speed(
     flex: bool | None = None,
     packed: bool = True,
     plain_4bit: bool = True,
+    graphs: bool | None = None,
+    processes: int = 1,
 ) -> SpeedPlan:
     """Decide, for this GPU and this job, what `apply_speed_plan` will do.
 
@@ -144,9 +158,14 @@ def plan_speed(
     if flex:
         plan.mask, plan.attention = "flex", "FlexAttention, document block mask"
         plan.row_multiple = FLEX_BLOCK
+    if graphs is None:  # packed rows come in a few shapes; data-parallel ranks keep DDP's hooks
+        graphs = compile_layers and packed and processes == 1 and not _attention_dropout(config)
+    plan.graphs = graphs
     if checkpointing:
         free, _total = torch.cuda.mem_get_info()
         need = activation_bytes_without_checkpointing(config, micro_batch_tokens)
+        if plan.graphs:  # the graphs' pool and the eager first runs each hold a micro-batch's
+            need *= 2  # activations (45 GiB reserved against 22 eager on an H200, Phi-2)
         roomy = need < 0.75 * free
         if drop_checkpointing is None:
             drop = roomy
@@ -162,6 +181,12 @@ def plan_speed(
 
 
 FLEX_BLOCK = 128  # FlexAttention's block size: rows padded to a multiple of it
+
+
+def _attention_dropout(config: Any) -> bool:
+    """Dropout inside the attention kernel draws from torch's generator, which the graphs'
+    recomputation can't replay (worker.training.step_graphs)."""
+    return any(float(getattr(config, name, 0.0) or 0.0) > 0 for name in ("attention_dropout", "attn_pdrop"))
 
 
 def flex_attention_available() -> bool:
@@ -287,10 +312,15 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def compile_decoder_layers(
-    model: torch.nn.Module, checkpointing: bool, backend: str = "inductor", dynamic: bool | None = True
+    model: torch.nn.Module,
+    checkpointing: bool,
+    backend: str = "inductor",
+    dynamic: bool | None = True,
+    preserve_rng_state: bool = True,
 ) -> int:
     """Compile every decoder layer's own forward once (one compiled function shared by all
-    layers: parameters are inputs), and checkpoint each compiled layer from the outside.
+    layers: parameters are inputs), and checkpoint each compiled layer from the outside
+    (`preserve_rng_state=False` where dropout does not draw from torch's generator: CUDA graphs).
 
     transformers' own checkpointing (in `__call__` in 5.17, around `forward` in 5.24) is
     switched off on the model so it never wraps compiled code; the caller must also pass
@@ -316,7 +346,8 @@ def compile_decoder_layers(
         cls = type(layer)
         if cls not in compiled:
             compiled[cls] = torch.compile(inspect.unwrap(cls.forward), backend=backend, dynamic=dynamic)
-        layer.forward = MethodType(_checkpointed(compiled[cls], checkpointing), layer)
+        mark_layer_dropouts(layer)
+        layer.forward = MethodType(_checkpointed(compiled[cls], checkpointing, preserve_rng_state), layer)
     return len(layers)
 
 
@@ -325,17 +356,24 @@ def restore_decoder_layers(model: torch.nn.Module) -> None:
     variants one after another on one loaded model."""
     for layer in decoder_layers(model):
         layer.__dict__.pop("forward", None)
+        layer.__dict__.pop("counter_dropouts", None)
 
 
-def _checkpointed(compiled_forward, checkpointing: bool):
+def _checkpointed(compiled_forward, checkpointing: bool, preserve_rng_state: bool):
     from torch.utils.checkpoint import checkpoint
+
+    def run(self, *args, **kwargs):  # the forward, and its recomputation, drop the same elements
+        reset_dropout_calls(self)
+        return compiled_forward(self, *args, **kwargs)
 
     def forward(self, *args, **kwargs):
         kwargs.pop("past_key_values", None)
         kwargs.pop("use_cache", None)
         if checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(compiled_forward, self, *args, use_reentrant=False, **kwargs)
-        return compiled_forward(self, *args, **kwargs)
+            return checkpoint(
+                run, self, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **kwargs
+            )
+        return run(self, *args, **kwargs)
 
     return forward
 
@@ -345,8 +383,10 @@ def apply_speed_plan(model: torch.nn.Module, plan: SpeedPlan) -> None:
         use_plain_4bit_matmul(model)
     if plan.mask == "flex":
         use_flex_attention(model)
+    if plan.graphs:
+        use_counter_dropout(model)
     if plan.compile_layers:
-        compile_decoder_layers(model, plan.checkpointing)
+        compile_decoder_layers(model, plan.checkpointing, preserve_rng_state=not plan.graphs)
     elif not plan.checkpointing:
         base = _base_model(model)
         if getattr(base, "is_gradient_checkpointing", False):

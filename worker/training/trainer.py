@@ -20,6 +20,7 @@ from worker.training.speed import (
     document_block_mask,
     optimizer_name,
 )
+from worker.training.step_graphs import StepGraphs
 
 FULL_ROWS = "full_rows"
 
@@ -126,10 +127,23 @@ class ServiceTrainer(Trainer):
 
 class PackedTrainer(ServiceTrainer):
     """Trains on packed steps: turns the collator's per-token sample numbers into a
-    sample-diagonal causal mask on the model's device."""
+    sample-diagonal causal mask on the model's device; on a GPU whose speed plan says so, runs
+    each micro-batch as a CUDA graph (worker.training.step_graphs)."""
 
     mask_dtype: torch.dtype = torch.float32
     mask_kind: str = "sdpa"  # "flex": a FlexAttention BlockMask (worker.training.speed)
+    step_graphs: StepGraphs | None = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        dropout = getattr(model, "counter_dropout", None)
+        if dropout is not None:
+            dropout.next_micro_batch()
+        if self.step_graphs is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        run = super().training_step
+        return self.step_graphs.step(
+            model, inputs, num_items_in_batch, lambda batch, items: run(model, batch, items)
+        )
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         inputs = dict(inputs)
