@@ -110,7 +110,10 @@ def test_compiled_decoder_layers_keep_the_loss_and_gradients(checkpointing):
     torch._dynamo.reset()
     # as the GPU plan does: the 4-bit matmuls as torch ops, compiled into the layers
     assert use_plain_4bit_matmul(model) == 2 * 6  # q, k, v, dense, fc1, fc2 in each layer
-    layers = compile_decoder_layers(model, checkpointing=checkpointing, backend="aot_eager")
+    # the GPU's dynamic-shape compile with checkpointing; static shapes (faster) without
+    layers = compile_decoder_layers(
+        model, checkpointing=checkpointing, backend="aot_eager", dynamic=checkpointing
+    )
     try:
         assert layers == len(decoder_layers(model)) == 2
         assert not model.get_base_model().is_gradient_checkpointing  # checkpointed from outside
