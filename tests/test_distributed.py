@@ -30,7 +30,9 @@ def two_process_spec(**training):
 
 
 def test_two_processes_train_a_job_and_stop_together_on_a_cancel_and_resume(service_env):
-    job = jobs.create_job(two_process_spec(epochs=3, save_steps=1), LOCAL_OWNER)
+    # a checkpoint every step, so the cancel always finds one to resume from; validation (which
+    # defaults to every save) every 4th step: 3 evaluations, not 12
+    job = jobs.create_job(two_process_spec(epochs=3, save_steps=1, eval_steps=4), LOCAL_OWNER)
     worker = threading.Thread(target=execute_job, args=(job.id,))
     worker.start()
     deadline = time.monotonic() + 300

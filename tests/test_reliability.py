@@ -313,7 +313,8 @@ def test_ctrl_c_on_finetune_dev_hands_the_running_job_back_without_spending_an_a
     with finetune_process("dev", env, tmp_path, name="dev-1") as dev:
         wait_healthy(f"http://127.0.0.1:{port}")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            job = submit(client, short_spec(max_steps=20, save_steps=1000))
+            # 12 steps: Ctrl-C lands at step 3, the restart trains what is left after the checkpoint
+            job = submit(client, short_spec(max_steps=12, save_steps=1000))
             wait_for_step(client, job["id"], 3)
         os.killpg(dev.pid, signal.SIGINT)  # Ctrl-C: SIGINT to the terminal's whole foreground group
         assert dev.wait(timeout=300) is not None
@@ -325,4 +326,4 @@ def test_ctrl_c_on_finetune_dev_hands_the_running_job_back_without_spending_an_a
     with running_service(env, tmp_path, dev=True) as client:
         done = wait_for(client, job["id"], FINAL)
         assert (done["status"], done["attempts"]) == ("succeeded", 1), events(client, job["id"])
-        assert steps(client, job["id"]) == list(range(1, 21))
+        assert steps(client, job["id"]) == list(range(1, 13))

@@ -217,7 +217,7 @@ def test_the_sampler_frees_its_model_after_an_answer_unless_told_to_keep_it(serv
     from tests.conftest import reset_caches
     from worker import sampling
 
-    job = jobs.create_job(quick_spec(), LOCAL_OWNER)
+    job = jobs.create_job(quick_spec(max_steps=2), LOCAL_OWNER)  # any adapter will do
     execute_job(job.id)
     sampling.release_model()
     for keep, loaded_after in (("false", 0), ("true", 1)):
