@@ -166,6 +166,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# how conversations are written out (DatasetSpec.template); the default is the seed recipe's
+Template = Literal["human_assistant", "chat_template"]
+DEFAULT_TEMPLATE: Template = "human_assistant"
+
+
 class DatasetSpec(_Strict):
     source: DatasetSource = Field(
         "OpenAssistant/oasst1", description="Hub id, local file or folder, or an uploaded dataset's id."
@@ -189,8 +194,8 @@ class DatasetSpec(_Strict):
         description="One sample per assistant reply with its ancestors, or the best-ranked path per tree.",
     )
     include_synthetic: bool = True
-    template: Literal["human_assistant", "chat_template"] = Field(
-        "human_assistant",
+    template: Template = Field(
+        DEFAULT_TEMPLATE,
         description="How conversations are written out: the seed recipe's `Human: …` / `Assistant: …` "
         "lines, or the base tokenizer's own chat template (`apply_chat_template`; Llama-3, Qwen2, "
         "Mistral-Instruct and other instruct bases have one). Samples are prompted the same way.",

@@ -29,7 +29,7 @@ from app.formats import CHAT_ROLES
 from app.models import Sample
 from app.services.samples import finish_sample, start_sample, write_partial
 from app.settings import get_settings
-from app.spec import JobSpec
+from app.spec import DEFAULT_TEMPLATE, JobSpec
 from worker.adapters import adapter_folder, job_spec, trained_biases
 from worker.placement import answer_device
 from worker.training.data import prompt_ids
@@ -194,7 +194,7 @@ class _TextSoFar(BaseStreamer):
 
 @torch.inference_mode()
 def generate(
-    model, tokenizer, sample: Sample, on_text=lambda text: None, template: str = "human_assistant"
+    model, tokenizer, sample: Sample, on_text=lambda text: None, template: str = DEFAULT_TEMPLATE
 ) -> Answer:
     """Answer the sample: its conversation rendered as the job was trained (or its raw prompt),
     sampled with its temperature, top_p and seed, ended by EOS, a stop string or its token

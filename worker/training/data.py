@@ -14,7 +14,7 @@ from app.formats import BY_NAME, detect_format
 from app.formats import conversations_from_records as conversations_of_format
 from app.ids import DATASET_ID
 from app.services.dataset_files import dataset_file
-from app.spec import DatasetSpec, saved_to_disk, split_revision
+from app.spec import DEFAULT_TEMPLATE, DatasetSpec, saved_to_disk, split_revision
 from worker.training.chat_template import chat_template_segments
 from worker.training.hub import fetching
 
@@ -151,7 +151,7 @@ def render(
     return start_ids(tokenizer), segments
 
 
-def prompt_ids(turns: list[Turn], tokenizer, template: str = "human_assistant") -> list[int]:
+def prompt_ids(turns: list[Turn], tokenizer, template: str = DEFAULT_TEMPLATE) -> list[int]:
     """A conversation to be answered, tokenized exactly as training tokenized it up to the
     reply (`tokenize_conversation`: the same start, the same segments one by one), ending where
     the Assistant speaks. The sampler asks the model with these ids."""
@@ -162,7 +162,7 @@ def prompt_ids(turns: list[Turn], tokenizer, template: str = "human_assistant") 
 
 
 def tokenize_conversation(
-    turns: list[Turn], tokenizer, max_length: int, train_on: str, template: str = "human_assistant"
+    turns: list[Turn], tokenizer, max_length: int, train_on: str, template: str = DEFAULT_TEMPLATE
 ) -> tuple[TokenizedSample, bool]:
     """Tokenize one sample, a segment at a time (so that the reply's tokens never merge with
     the prompt's, and a sampled prompt, `prompt_ids`, is this sample's beginning). Returns
