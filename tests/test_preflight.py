@@ -288,3 +288,40 @@ def test_the_estimate_is_within_15_percent_of_the_peaks_measured_on_a_gpu():
         assert predicted == pytest.approx(peak, rel=0.15), run["run"]
         compared += 1
     assert compared >= 8
+
+
+def test_a_hub_base_missing_while_the_hub_is_down_is_asked_for_again_later(tmp_path, monkeypatch):
+    """The hub can't be reached here: its two functions are stood in for. A miss is not asked
+    for again on every submission (each asking can wait seconds), but is after a while; a
+    config found is kept."""
+    import huggingface_hub
+
+    from app.services import preflight
+
+    monkeypatch.setattr(preflight, "_hub_configs", {})
+    monkeypatch.setattr(preflight, "_hub_misses", {})
+    config = tmp_path / "config.json"
+    config.write_text((REPO / "bench" / "phi-2-config.json").read_text())
+    asked: list[str] = []
+    hub_up = False
+
+    def download(name, filename, revision=None, etag_timeout=None):
+        asked.append(name)
+        if not hub_up:
+            raise OSError("hub unreachable")
+        return str(config)
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    now = [1000.0]
+    monkeypatch.setattr(preflight.time, "monotonic", lambda: now[0])
+
+    assert preflight.base_shape("microsoft/phi-2")[0] is None
+    assert preflight.base_shape("microsoft/phi-2")[0] is None
+    assert asked == ["microsoft/phi-2"]  # the second submission did not wait on the hub
+    hub_up = True
+    now[0] += preflight.HUB_MISS_RETRY_S
+    found, _ = preflight.base_shape("microsoft/phi-2")
+    assert found is not None and found.layers == 32
+    assert preflight.base_shape("microsoft/phi-2")[0] == found
+    assert asked == ["microsoft/phi-2"] * 2  # found once, then kept

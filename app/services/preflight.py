@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +65,38 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-@lru_cache(maxsize=64)
+# hub configs found (a revision's config doesn't change) and when each missing one was last
+# asked for; both bounded (the oldest entry goes)
+_hub_configs: dict[tuple[str, str | None], dict[str, Any]] = {}
+_hub_misses: dict[tuple[str, str | None], float] = {}
+HUB_CACHE_SIZE = 256
+HUB_MISS_RETRY_S = 300.0  # a base missing while the hub was unreachable is asked for again
+
+
 def _hub_config(name: str, revision: str | None) -> dict[str, Any] | None:
     """A hub model's config.json: from the Hugging Face cache, else fetched (not with
-    HF_HUB_OFFLINE); None when neither has it. Cached per process: a revision's config doesn't
-    change, and a missing one is asked for again only after a restart."""
+    HF_HUB_OFFLINE); None when neither has it. A config found is kept for the process's life; a
+    missing one is asked for again after HUB_MISS_RETRY_S, not on every submission (each asking
+    can wait HUB_TIMEOUT_S)."""
+    key = (name, revision)
+    if key in _hub_configs:
+        return _hub_configs[key]
+    missed_at = _hub_misses.get(key)
+    if missed_at is not None and time.monotonic() - missed_at < HUB_MISS_RETRY_S:
+        return None
+    config = _fetch_hub_config(name, revision)
+    _hub_misses.pop(key, None)
+    _remember(_hub_configs if config is not None else _hub_misses, key, config or time.monotonic())
+    return config
+
+
+def _remember(cache: dict, key: tuple[str, str | None], value: Any) -> None:
+    if len(cache) >= HUB_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
+def _fetch_hub_config(name: str, revision: str | None) -> dict[str, Any] | None:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     cached = try_to_load_from_cache(name, "config.json", revision=revision)
