@@ -4,6 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU build is enough for the demo and the tests; on a GPU box pick the CUDA build you need.
 TORCH_SPEC ?= torch==2.13.0
+# The suite in one process per core, each test file in one process (its module fixtures start
+# services once); every test has its own database, queue names, data dir and ports, and the
+# outage tests stop private servers. PARALLEL= runs it in one process.
+PARALLEL ?= --numprocesses=auto --maxprocesses=4 --dist=loadfile
 
 .PHONY: install run test test-fast typecheck lint clean constraints
 
@@ -27,7 +31,7 @@ run: install examples/tiny-phi2/model.safetensors
 test: install examples/tiny-phi2/model.safetensors
 	$(BIN)/ruff check app worker tests
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PARALLEL)
 
 ## typecheck: mypy with the pydantic plugin (`make test` runs it too)
 typecheck: install
