@@ -244,11 +244,8 @@ def finished_job(deployment: Deployment, receiver: WebhookReceiver, tmp_path_fac
         "training.max_steps=24",
         "--set",
         "training.save_steps=8",
-        # samples of up to 128 tokens, 8 to validate on: the demo's path at a third of its cost
         "--set",
-        "training.max_seq_length=128",
-        "--set",
-        "dataset.max_eval_samples=8",
+        "dataset.max_eval_samples=16",
         "--set",
         f"notify_url={receiver.url}",
     )
