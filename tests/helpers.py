@@ -51,3 +51,14 @@ def metric_stream(
     with connect_sse(client, "GET", path, headers=headers, timeout=timeout) as source:
         assert source.response.status_code == 200, source.response.read()
         return [event for event in source.iter_sse() if event.data]
+
+
+def assert_same_step(got: tuple[float, dict], expected: tuple[float, dict]) -> None:
+    """Two training steps' (loss, {name: gradient}) agree: loss to 1e-5, each gradient to
+    1e-5 absolute / 1e-4 relative (compiled layers against eager ones)."""
+    import torch
+
+    (loss, grads), (expected_loss, expected_grads) = got, expected
+    assert abs(loss - expected_loss) < 1e-5
+    for name, grad in expected_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), name
