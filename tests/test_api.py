@@ -325,6 +325,52 @@ def test_an_evaluation_that_arrives_after_its_steps_row_reaches_live_streams(cli
     assert events[1].json()["step"] == 3
 
 
+def test_logs_follow_shows_an_evaluation_merged_before_the_stream_read_its_row(client, capsys):
+    """CI once: a job so fast that its last step's row and that step's evaluation reached the
+    database in one write (the worker's final flush) made `logs --follow` print `eval 8` and
+    `eval 16` but no `eval 24`: the stream sent an `eval` event only for an evaluation that
+    arrived after it had sent the step's row."""
+    import asyncio
+
+    from app.api.logs import metric_events
+    from app.client import commands
+    from app.client.http import ServiceClient
+
+    claim = _running_job_with_metrics(client, 1)
+    step_2 = {"step": 2, "loss": 2.0, "time": utcnow()}
+
+    async def watch() -> list[tuple[str, int, float | None]]:
+        seen = []
+        async for event in metric_events(claim.job_id, TEST_OWNER, -1):
+            if event["event"] == "end":
+                return seen
+            row = json.loads(event["data"])
+            seen.append((event["event"], row["step"], row["eval_loss"]))
+            if len(seen) == 1:  # step 1 sent; the last step's row and evaluation in one write
+                runs.report_progress(claim, 2, [step_2, {"step": 2, "eval_loss": 1.5, "time": utcnow()}])
+                runs.finish_job(claim, "succeeded", "finished")
+        raise AssertionError("the stream ended without an end event")
+
+    assert asyncio.run(watch()) == [("metric", 1, None), ("metric", 2, 1.5), ("eval", 2, 1.5)]
+
+    # the same from the command line, following the finished job from its start
+    service = ServiceClient("http://testserver")
+    service.http.close()
+    service.http = client  # the app in-process (closed by its fixture)
+    commands._follow(service, claim.job_id)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        ["step", "1"],
+        ["step", "2"],
+        ["eval", "2"],
+        [claim.job_id, "succeeded"],
+    ]
+    assert "eval 1.5000" in lines[2]
+    # a client resuming after step 2 gets its evaluation again (it may have missed it)
+    events = metric_stream(client, claim.job_id, last_event_id="2")
+    assert [(e.event, e.json().get("step")) for e in events] == [("eval", 2), ("end", None)]
+
+
 def test_metric_rows_are_unique_per_step_and_merge(client):
     claim = _running_job_with_metrics(client, 2)
     job_id = claim.job_id

@@ -54,9 +54,10 @@ def format_csv(rows: Iterable[MetricRead], headers: dict[str, str] | None = None
 
 
 async def metric_events(job_id: str, owner: str, after_step: int) -> AsyncIterator[dict]:
-    """Rows as they are written (`metric`, `id:` is the step), and an `eval` event (the step's
-    row again, now with its eval_loss, no `id:`) when an evaluation result arrives for a step
-    already sent; ends with an `end` event once the job has stopped (finished or paused)."""
+    """Rows as they are written (`metric`, `id:` is the step), and for every evaluated step an
+    `eval` event (the step's row with its eval_loss, no `id:`): right after the step's `metric`
+    event when the evaluation was already merged into the row, or once it arrives for a step
+    already sent. Ends with an `end` event once the job has stopped (finished or paused)."""
     poll = get_settings().stream_poll_s
     # A client resuming after step N may have missed the evaluation of step N (it is written
     # after the step's row, and before any later row).
@@ -70,9 +71,13 @@ async def metric_events(job_id: str, owner: str, after_step: int) -> AsyncIterat
             yield {"event": "eval", "data": row.model_dump_json()}
         for row in rows:
             after_step = row.step
+            yield {"id": str(row.step), "event": "metric", "data": row.model_dump_json()}
+            # Whether the evaluation was merged into the row before this read or arrives after
+            # it is a race (a fast job writes a step's row and its evaluation in one flush):
+            # either way the client gets the same `eval` event.
             if row.eval_loss is not None:
                 evals_after = row.step
-            yield {"id": str(row.step), "event": "metric", "data": row.model_dump_json()}
+                yield {"event": "eval", "data": row.model_dump_json()}
         if status.stopped:
             job = await run_in_threadpool(jobs.get_job, job_id, owner)
             yield {"event": "end", "data": json.dumps({"status": job.status, "error": job.error})}
