@@ -22,7 +22,14 @@ _steps), batch_size, attention ("cudnn": sdpa's default order; "auto": the worke
 compile (decoder layers compiled), plain_4bit (their 4-bit matmuls as torch ops compiled into
 them, worker.training.nf4), graphs (micro-batches as CUDA graphs, worker.training.step_graphs),
 checkpointing (true/false; "auto": the worker's choice), optim,
-full_rows, row_multiple.
+full_rows, row_multiple, fused_loss (the loss fused with lm_head, worker.training.fused_loss),
+host_syncs (true: the Trainer's per-micro-batch waits as before round five: its nan/inf loss
+filter, its token count read back from the GPU, blocking input copies).
+
+The clock waits for the GPU only at the timed window's ends (and the profiled one's), as a job
+does between its logged steps: per-step times (`step_s`) are the host's.
+Each variant also counts the host's waits for the GPU over its timed steps
+(`torch.cuda.set_sync_debug_mode`): `syncs_per_step`.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,8 +149,9 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     from transformers import TrainerCallback
 
     cuda = torch.cuda.is_available()
+    from worker.training.fused_loss import use_model_loss
     from worker.training.nf4 import use_bitsandbytes_matmul
-    from worker.training.packing import collate_packed
+    from worker.training.packing import INPUT_TOKENS, collate_step
     from worker.training.recipe import PackedTrainer, _packed, training_arguments
     from worker.training.speed import (
         FLEX_BLOCK,
@@ -165,6 +174,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
 
     restore_decoder_layers(model)
     use_bitsandbytes_matmul(model)
+    use_model_loss(model)
     use_torch_dropout(model)
     micro_tokens = t.batch_size * t.max_seq_length
     if v["checkpointing"] == "auto":
@@ -179,6 +189,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     plan.mask = v.get("mask", "sdpa")
     plan.plain_4bit = bool(v.get("plain_4bit"))
     plan.graphs = bool(v.get("graphs")) and plan.compile_layers and world == 1
+    plan.fused_loss = bool(v.get("fused_loss"))
     if plan.mask == "flex":
         plan.attention = "FlexAttention, document block mask"
         plan.row_multiple = max(plan.row_multiple, FLEX_BLOCK)
@@ -188,8 +199,8 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     counter = {"real": 0, "computed": 0}
 
     def collate(batch):
-        out = collate_packed(batch, pad_token_id=50256, row_multiple=plan.row_multiple)
-        counter["real"] += int((out["sequence_ids"] > 0).sum())
+        out = collate_step(batch, pad_token_id=50256, row_multiple=plan.row_multiple)
+        counter["real"] += out[INPUT_TOKENS]
         counter["computed"] += out["input_ids"].numel()
         return out
 
@@ -198,13 +209,24 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     marks: list[tuple[float, int, int]] = []
     prof: dict = {}
 
+    syncs: list = []
+
     class Clock(TrainerCallback):
         def on_step_end(self, a, state, control, **kwargs):
-            if cuda:
+            if cuda and state.global_step in (warm, warm + timed, total):
                 torch.cuda.synchronize()
             marks.append((time.time(), counter["real"], counter["computed"]))
             if graphs is not None and state.global_step in (warm, warm + timed):
                 graph_marks.append(graphs.stats())
+            if cuda and state.global_step == warm:  # count the host's waits for the GPU
+                syncs.append(warnings.catch_warnings(record=True))
+                syncs.append(syncs[0].__enter__())
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            if cuda and state.global_step == warm + timed and syncs:
+                torch.cuda.set_sync_debug_mode("default")
+                syncs[0].__exit__(None, None, None)
+                syncs[:] = [sum("synchroniz" in str(w.message) for w in syncs[1])]
             if state.global_step == warm + timed and profiled:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if cuda:
@@ -218,6 +240,11 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     training_args = training_arguments(spec, out_dir, dtype, evaluate=False, speed=plan, full_rows=full_rows)
     if v.get("optim"):
         training_args.optim = v["optim"]
+    if v.get("host_syncs"):  # the Trainer's waits for the GPU, as before round five
+        training_args.logging_nan_inf_filter = True
+        training_args.include_num_input_tokens_seen = "non_padding"
+        training_args.dataloader_pin_memory = False
+        training_args.accelerator_config.non_blocking = False
     trainer = PackedTrainer(
         model=model,
         args=training_args,
@@ -265,10 +292,9 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         "steps_per_epoch": len(data) / samples_per_step,
         "peak_gib": peak,
         "reserved_gib": reserved,
-        "median_step_s": sorted(
-            b[0] - a[0] for a, b in zip(marks[warm - 1 :], marks[warm : warm + timed], strict=False)
-        )[timed // 2],
     }
+    if syncs:
+        result["syncs_per_step"] = syncs[0] / timed
     if graphs is not None:  # micro-batches and replays over the timed steps, and in all
         result["graphs"] = graphs.describe()
         if len(graph_marks) == 2:

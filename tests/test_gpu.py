@@ -19,9 +19,9 @@ def losses(job_id: str) -> list[float]:
 
 
 def test_the_fast_path_trains_the_loss_the_eager_recipe_trains(service_env, monkeypatch):
-    """Per-layer compile, FlexAttention with the document block mask, fused AdamW and micro-
-    batches replayed as CUDA graphs after the first two (worker/training/speed.py,
-    step_graphs.py) against FINETUNE_FAST_PATH=0: the same steps within 2 % (kernels differ:
+    """Per-layer compile, FlexAttention with the document block mask, fused AdamW, the loss
+    fused with lm_head and micro-batches replayed as CUDA graphs after the first two
+    (worker/training/speed.py, step_graphs.py, fused_loss.py) against FINETUNE_FAST_PATH=0: the same steps within 2 % (kernels differ:
     fused, reordered float32 sums), dropout off (its draws differ between the paths)."""
     spec = quick_spec(max_steps=8, save_steps=100, lora={"dropout": 0.0})
     runs, jobs_by_path = {}, {}
@@ -34,6 +34,8 @@ def test_the_fast_path_trains_the_loss_the_eager_recipe_trains(service_env, monk
     assert len(runs["1"]) == len(runs["0"]) == 8
     assert runs["1"] == pytest.approx(runs["0"], rel=0.02)
     events = jobs.list_events(jobs_by_path["1"], LOCAL_OWNER, None, 200).items
+    plan = next(e for e in events if e.message.startswith("training step:"))
+    assert plan.data["speed"]["fused_loss"], plan.message
     graphs = [e for e in events if e.message.startswith("CUDA graphs:")]
     assert graphs and graphs[-1].data["replayed"] > 0, [e.message for e in events]
 

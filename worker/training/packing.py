@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -167,6 +168,21 @@ def collate_packed(
         key: torch.tensor([row + [pads[key]] * (width - len(row)) for row in rows], dtype=torch.long)
         for key, rows in step.items()
     }
+
+
+# A trainer batch's count of real (non-padding) tokens: an int the host knows without reading
+# anything back from the GPU (the Trainer's own count waits for the GPU every micro-batch).
+INPUT_TOKENS = "input_tokens"
+
+
+def collate_step(
+    items: list[dict[str, list[list[int]]]], pad_token_id: int, row_multiple: int = 1
+) -> dict[str, Any]:
+    """What the packed Trainer's data loader yields: `collate_packed`'s tensors and the step's
+    `INPUT_TOKENS` (worker.training.trainer.PackedTrainer counts them)."""
+    [step] = items
+    tokens = sum(len(row) for row in step["input_ids"])
+    return {**collate_packed(items, pad_token_id, row_multiple), INPUT_TOKENS: tokens}
 
 
 def block_causal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

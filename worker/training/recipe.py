@@ -33,7 +33,7 @@ from worker.training.artifacts import ZipInfo, name_the_base, write_model_card, 
 from worker.training.callbacks import FollowerCallback, JobProgressCallback
 from worker.training.data import IGNORE_INDEX, TrainingData, build_eval_data, build_training_data
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
-from worker.training.packing import collate_packed
+from worker.training.packing import collate_step
 from worker.training.speed import SpeedPlan, apply_speed_plan, plan_speed
 from worker.training.step_graphs import StepGraphs
 
@@ -233,7 +233,7 @@ def _packed_trainer(
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=partial(
-            collate_packed, pad_token_id=data.tokenizer.pad_token_id, row_multiple=model.speed.row_multiple
+            collate_step, pad_token_id=data.tokenizer.pad_token_id, row_multiple=model.speed.row_multiple
         ),
         processing_class=data.tokenizer,
         callbacks=[progress],

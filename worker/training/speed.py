@@ -31,6 +31,9 @@ optimizer update); what it changes is how many kernels a step launches and which
   per micro-batch shape and replayed with one launch, so the step stops waiting on the host's
   ~100 compiled-layer calls. Its dropout draws from a counter-based hash, so that checkpointed
   layers recompute the same masks inside a graph.
+- the loss fused with `lm_head` (`worker.training.fused_loss`): a chunk of tokens at a time, so
+  the vocabulary-wide float32 logits (three copies of ~0.2 GiB per 1,000 tokens for Phi-2) never
+  exist; same loss and gradients.
 - recomputation dropped on big cards: when a generous estimate of a full micro-batch's
   activations without checkpointing (twice that with CUDA graphs: their pool and the eager
   first runs each hold one) is under 3/4 of the GPU's free memory, the worker trains without it
@@ -53,6 +56,7 @@ from typing import Any
 
 import torch
 
+from worker.training.fused_loss import fused_loss_refusal, use_fused_loss
 from worker.training.nf4 import use_plain_4bit_matmul
 from worker.training.step_graphs import mark_layer_dropouts, reset_dropout_calls, use_counter_dropout
 
@@ -86,6 +90,8 @@ class SpeedPlan:
     # each micro-batch shape's forward + backward captured once as a CUDA graph and replayed
     # (worker.training.step_graphs), dropout by counter-based hash
     graphs: bool = False
+    # the loss computed with lm_head a chunk of tokens at a time (worker.training.fused_loss)
+    fused_loss: bool = False
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -95,6 +101,8 @@ class SpeedPlan:
             parts.append("4-bit matmuls compiled into them")
         if self.graphs:
             parts.append("micro-batches replayed as CUDA graphs (dropout by counter-based hash)")
+        if self.fused_loss:
+            parts.append("loss fused with lm_head (no full logits)")
         parts.append("gradient checkpointing " + ("on" if self.checkpointing else "off"))
         if self.row_multiple > 1:
             parts.append(f"rows padded to a multiple of {self.row_multiple}")
@@ -147,6 +155,7 @@ def plan_speed(
         return plan
     plan.attention = choose_attention()
     plan.fused_adamw = True
+    plan.fused_loss = True
     if compile_layers is None:  # measured on Hopper; a T4 (7.5) stays eager until measured there
         compile_layers = torch.cuda.get_device_capability()[0] >= 8
     plan.compile_layers = compile_layers
@@ -379,6 +388,13 @@ def _checkpointed(compiled_forward, checkpointing: bool, preserve_rng_state: boo
 
 
 def apply_speed_plan(model: torch.nn.Module, plan: SpeedPlan) -> None:
+    if plan.fused_loss:
+        refusal = fused_loss_refusal(model)
+        if refusal is None:
+            use_fused_loss(model)
+        else:
+            plan.fused_loss = False
+            plan.notes.append(f"loss not fused ({refusal})")
     if plan.plain_4bit:
         use_plain_4bit_matmul(model)
     if plan.mask == "flex":

@@ -13,7 +13,13 @@ from transformers import Trainer, TrainingArguments
 
 from app.spec import JobSpec
 from worker.training.data import TrainingData
-from worker.training.packing import PackedData, block_causal_mask, plan_full_rows, plan_steps
+from worker.training.packing import (
+    INPUT_TOKENS,
+    PackedData,
+    block_causal_mask,
+    plan_full_rows,
+    plan_steps,
+)
 from worker.training.speed import (
     SpeedPlan,
     accept_bnb_adam_state,
@@ -95,7 +101,16 @@ def training_arguments(
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        include_num_input_tokens_seen="non_padding",
+        # Packed on one process, PackedTrainer counts the tokens on the host; the Trainer's own
+        # count reads each micro-batch's back from the GPU, waiting for it (see PackedTrainer).
+        include_num_input_tokens_seen="no" if t.packing and world_size() == 1 else "non_padding",
+        # The logged loss is the steps' plain mean: the Trainer's nan/inf filter would wait for
+        # every micro-batch's loss on the host (a nan shows as nan, which is what happened).
+        logging_nan_inf_filter=False,
+        # Pinned batches copied without waiting: the host prepares the next micro-batch while
+        # the GPU still runs this one.
+        dataloader_pin_memory=on_gpu,
+        accelerator_config={"non_blocking": on_gpu},
         seed=t.seed,
         data_seed=t.seed,
         report_to="none",
@@ -128,13 +143,22 @@ class ServiceTrainer(Trainer):
 class PackedTrainer(ServiceTrainer):
     """Trains on packed steps: turns the collator's per-token sample numbers into a
     sample-diagonal causal mask on the model's device; on a GPU whose speed plan says so, runs
-    each micro-batch as a CUDA graph (worker.training.step_graphs)."""
+    each micro-batch as a CUDA graph (worker.training.step_graphs).
+
+    Nothing in a step waits for the GPU, so the host queues the next micro-batch while the GPU
+    runs this one: the tokens seen are counted from the collator's `INPUT_TOKENS` (an int) where
+    `training_arguments` turned the Trainer's own count off, and the arguments drop the nan/inf
+    loss filter and blocking input copies. The loss is read back only when it is logged."""
 
     mask_dtype: torch.dtype = torch.float32
     mask_kind: str = "sdpa"  # "flex": a FlexAttention BlockMask (worker.training.speed)
     step_graphs: StepGraphs | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        inputs = dict(inputs)
+        tokens = inputs.pop(INPUT_TOKENS, None)
+        if tokens is not None and self.args.include_num_input_tokens_seen == "no":
+            self.state.num_input_tokens_seen += tokens
         dropout = getattr(model, "counter_dropout", None)
         if dropout is not None:
             dropout.next_micro_batch()
@@ -147,6 +171,7 @@ class PackedTrainer(ServiceTrainer):
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         inputs = dict(inputs)
+        inputs.pop(INPUT_TOKENS, None)  # evaluation's batches
         sequence_ids = inputs.pop("sequence_ids")
         if self.mask_kind == "flex":
             inputs["attention_mask"] = document_block_mask(sequence_ids)
