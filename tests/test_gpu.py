@@ -21,8 +21,9 @@ def losses(job_id: str) -> list[float]:
 def test_the_fast_path_trains_the_loss_the_eager_recipe_trains(service_env, monkeypatch):
     """Per-layer compile, FlexAttention with the document block mask, fused AdamW, the loss
     fused with lm_head and micro-batches replayed as CUDA graphs after the first two
-    (worker/training/speed.py, step_graphs.py, fused_loss.py) against FINETUNE_FAST_PATH=0: the same steps within 2 % (kernels differ:
-    fused, reordered float32 sums), dropout off (its draws differ between the paths)."""
+    (worker/training/speed.py, step_graphs.py, fused_loss.py) against FINETUNE_FAST_PATH=0:
+    the same steps within 2 % (kernels differ: fused, reordered float32 sums), dropout off (its
+    draws differ between the paths)."""
     spec = quick_spec(max_steps=8, save_steps=100, lora={"dropout": 0.0})
     runs, jobs_by_path = {}, {}
     for fast in ("1", "0"):
