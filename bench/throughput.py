@@ -155,7 +155,7 @@ GROUPS = {
     "service bf16, graphs": _service("bfloat16", SERVICE_GRAPHS),
     "service fp16, graphs": _service("float16", SERVICE_GRAPHS[:3]),
     "service bf16, round five": _service("bfloat16", SERVICE_ROUND_FIVE),
-    "service fp16, round five": _service("float16", SERVICE_ROUND_FIVE[2:4]),
+    "service fp16, round five": _service("float16", SERVICE_ROUND_FIVE[2:3]),
 }
 # What one plain `python3 bench/throughput.py --out FILE` runs (~9.5 min on an H200): the peers
 # and every bf16 service variant. fp16 and two GPUs: `--only "service fp16"`, `--only "service
