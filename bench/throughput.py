@@ -157,10 +157,11 @@ GROUPS = {
     "service bf16, round five": _service("bfloat16", SERVICE_ROUND_FIVE),
     "service fp16, round five": _service("float16", SERVICE_ROUND_FIVE[2:3]),
 }
-# What one plain `python3 bench/throughput.py --out FILE` runs (~9.5 min on an H200): the peers
-# and every bf16 service variant. fp16 and two GPUs: `--only "service fp16"`, `--only "service
-# bf16, 2 GPUs"` (a machine with two GPUs).
-DEFAULT_GROUPS = ["seed", "trl", "service bf16"]
+# What one plain `python3 bench/throughput.py --out FILE` runs: the peers and the service's
+# current default against round four's (~9 min on an H100, estimated: four of the round-five
+# variants and the fp16 one took 5.7 min there, the peers ~3 min in earlier rounds). Earlier
+# rounds: `--only GROUP`; two GPUs: `--only "service bf16, 2 GPUs"` (a machine with two GPUs).
+DEFAULT_GROUPS = ["seed", "trl", "service bf16, round five", "service fp16, round five"]
 LABELS = {"seed": "seed recipe, fp16, pad to 2048", "trl": "TRL SFTTrainer packing=bfd, bf16"}
 
 

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from worker.training.data import IGNORE_INDEX
+
 # float32 logits per chunk: ~256 MiB (1,280 tokens of Phi-2's vocabulary)
 CHUNK_BYTES = 256 * 2**20
 # model types whose causal-LM forward feeds lm_head's output straight to loss_function (no
