@@ -33,9 +33,12 @@ from worker.training.data import IGNORE_INDEX
 
 # float32 logits per chunk: ~256 MiB (1,280 tokens of Phi-2's vocabulary)
 CHUNK_BYTES = 256 * 2**20
-# model types whose causal-LM forward feeds lm_head's output straight to loss_function (no
-# logit soft-capping or scaling in between)
-FUSABLE_MODEL_TYPES = frozenset({"phi", "phi3", "llama", "mistral", "qwen2", "qwen3"})
+# model types whose causal-LM forward feeds lm_head's output straight to loss_function, with no
+# soft-capping or scaling in between (read in transformers 5.24's modeling files; Gemma 2 and 3
+# soft-cap their logits)
+FUSABLE_MODEL_TYPES = frozenset(
+    {"phi", "phi3", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma"}
+)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
