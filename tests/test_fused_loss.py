@@ -144,3 +144,16 @@ def test_a_trainer_batch_counts_its_real_tokens_on_the_host():
     assert batch[INPUT_TOKENS] == 5 and isinstance(batch[INPUT_TOKENS], int)
     assert batch["input_ids"].shape == (2, 64)
     assert int((batch["sequence_ids"] > 0).sum()) == 5
+
+
+def test_the_speed_plan_keeps_the_models_own_loss_where_it_cant_fuse_it():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from worker.training.speed import SpeedPlan, apply_speed_plan
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50, n_positions=16))
+    model.requires_grad_(False)
+    plan = SpeedPlan(fused_loss=True)
+    apply_speed_plan(model, plan)
+    assert not plan.fused_loss and "loss not fused (model type 'gpt2'" in plan.describe()
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == 50
