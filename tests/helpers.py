@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from httpx_sse import ServerSentEvent, connect_sse
@@ -62,3 +62,27 @@ def assert_same_step(got: tuple[float, dict], expected: tuple[float, dict]) -> N
     assert abs(loss - expected_loss) < 1e-5
     for name, grad in expected_grads.items():
         assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+def demo_lora_model(samples: int = 6) -> tuple[Any, Any, list]:
+    """The real tiny Phi through the real 4-bit LoRA path (the demo spec, 256-token samples):
+    (model, tokenizer, its first `samples` training samples). Needs the `demo_model` fixture."""
+    from app.spec import JobSpec
+    from tests.conftest import demo_spec
+    from worker.training.data import build_training_data
+    from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
+
+    spec = JobSpec.model_validate(demo_spec(max_seq_length=256))
+    tokenizer = load_tokenizer(spec.base_model)
+    chosen = build_training_data(spec.dataset, tokenizer, 256).samples[:samples]
+    return load_quantized_lora_model(spec, compute_dtype(spec.quantization)), tokenizer, chosen
+
+
+def packed_step(samples: list, pad_token_id: int, row_multiple: int) -> dict[str, Any]:
+    """`samples` packed as one step (at most 2 rows, each up to their total length), collated
+    (sequence ids kept)."""
+    from worker.training.packing import PackedData, collate_packed, plan_steps
+
+    lengths = [len(s.input_ids) for s in samples]
+    packed = PackedData(samples, plan_steps(lengths, len(samples), 2, sum(lengths), seed=0))
+    return collate_packed([packed[0]], pad_token_id, row_multiple=row_multiple)

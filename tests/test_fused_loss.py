@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from app.spec import JobSpec
-from tests.conftest import demo_spec
-from tests.helpers import assert_same_step
+from tests.helpers import assert_same_step, demo_lora_model, packed_step
 from worker.training.data import IGNORE_INDEX
 from worker.training.fused_loss import (
     fused_loss_refusal,
@@ -23,7 +21,6 @@ from worker.training.packing import (
     INPUT_TOKENS,
     PackedData,
     block_causal_mask,
-    collate_packed,
     collate_step,
     plan_steps,
 )
@@ -87,21 +84,13 @@ def test_a_trained_head_is_refused():
 @pytest.mark.slow
 @pytest.mark.usefixtures("demo_model")
 def test_the_fused_loss_keeps_a_packed_steps_loss_and_gradients_on_the_4bit_model():
-    from worker.training.data import build_training_data
-    from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
-
-    spec = JobSpec.model_validate(demo_spec(max_seq_length=256))
-    tokenizer = load_tokenizer(spec.base_model)
-    samples = build_training_data(spec.dataset, tokenizer, 256).samples[:6]
-    model = load_quantized_lora_model(spec, compute_dtype(spec.quantization))
+    model, tokenizer, samples = demo_lora_model()
     model.train()
     for module in model.modules():  # the same function in both runs: no dropout
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    lengths = [len(s.input_ids) for s in samples]
-    packed = PackedData(samples, plan_steps(lengths, 6, 2, sum(lengths), seed=0))
-    batch = collate_packed([packed[0]], tokenizer.pad_token_id, row_multiple=64)
+    batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=64)
     mask = block_causal_mask(batch.pop("sequence_ids"), torch.float32)
     items = torch.tensor(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
 

@@ -8,8 +8,7 @@ import random
 import pytest
 import torch
 
-from app.spec import JobSpec
-from tests.conftest import demo_spec
+from tests.helpers import demo_lora_model
 from worker.training.data import IGNORE_INDEX, TokenizedSample
 from worker.training.packing import PackedData, block_causal_mask, collate_packed, plan_steps
 
@@ -50,13 +49,7 @@ def test_rows_restart_positions_and_ignore_each_samples_first_label():
 @pytest.mark.slow
 @pytest.mark.usefixtures("demo_model")
 def test_a_packed_step_has_the_loss_and_gradients_of_its_samples_apart():
-    from worker.training.data import build_training_data
-    from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
-
-    spec = JobSpec.model_validate(demo_spec(max_seq_length=256))
-    tokenizer = load_tokenizer(spec.base_model)
-    samples = build_training_data(spec.dataset, tokenizer, 256).samples[:6]
-    model = load_quantized_lora_model(spec, compute_dtype(spec.quantization))
+    model, tokenizer, samples = demo_lora_model()
     model.eval()  # no dropout: the two runs must see the same function
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.spec import JobSpec
-from tests.conftest import demo_spec
-from tests.helpers import assert_same_step
+from tests.helpers import assert_same_step, demo_lora_model, packed_step
 from worker.training.nf4 import use_bitsandbytes_matmul, use_plain_4bit_matmul
-from worker.training.packing import PackedData, block_causal_mask, collate_packed, plan_steps
+from worker.training.packing import block_causal_mask
 from worker.training.speed import compile_decoder_layers, decoder_layers, restore_decoder_layers
 from worker.training.step_graphs import (
     counter_dropout,
@@ -67,13 +65,7 @@ def test_compiled_layers_checkpointed_without_the_generator_state_recompute_the_
     compiled, checkpointed with preserve_rng_state=False. The loss and the gradients of every
     trainable tensor (random, so that none is zero) equal the eager layers' without
     checkpointing on the same seed: the recomputation dropped what the forward dropped."""
-    from worker.training.data import build_training_data
-    from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
-
-    spec = JobSpec.model_validate(demo_spec(max_seq_length=256))
-    tokenizer = load_tokenizer(spec.base_model)
-    samples = build_training_data(spec.dataset, tokenizer, 256).samples[:6]
-    model = load_quantized_lora_model(spec, compute_dtype(spec.quantization))
+    model, tokenizer, samples = demo_lora_model()
     model.train()
     for layer in decoder_layers(model):  # Phi-2's resid_pdrop (the tiny model's is 0)
         layer.resid_dropout.p = 0.1
@@ -82,9 +74,7 @@ def test_compiled_layers_checkpointed_without_the_generator_state_recompute_the_
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
     for param in lora.values():  # LoRA B starts at 0: give A's gradients something to carry
         torch.nn.init.normal_(param, std=0.02)
-    lengths = [len(s.input_ids) for s in samples]
-    packed = PackedData(samples, plan_steps(lengths, 6, 2, sum(lengths), seed=0))
-    batch = collate_packed([packed[0]], tokenizer.pad_token_id, row_multiple=64)
+    batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=64)
     mask = block_causal_mask(batch.pop("sequence_ids"), torch.float32)
 
     def step() -> tuple[float, dict[str, torch.Tensor]]:

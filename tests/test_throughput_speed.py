@@ -13,7 +13,7 @@ import torch
 
 from app.spec import JobSpec
 from tests.conftest import demo_spec
-from tests.helpers import assert_same_step
+from tests.helpers import assert_same_step, demo_lora_model, packed_step
 from worker.training.data import IGNORE_INDEX
 from worker.training.nf4 import dequantize_4bit, use_bitsandbytes_matmul, use_plain_4bit_matmul
 from worker.training.packing import PackedData, block_causal_mask, collate_packed, plan_full_rows, plan_steps
@@ -83,21 +83,13 @@ def test_the_plain_4bit_dequantization_is_bitsandbytes_own_bit_for_bit(shape, do
 @pytest.mark.usefixtures("demo_model")
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_compiled_decoder_layers_keep_the_loss_and_gradients(checkpointing):
-    from worker.training.data import build_training_data
-    from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
-
-    spec = JobSpec.model_validate(demo_spec(max_seq_length=256))
-    tokenizer = load_tokenizer(spec.base_model)
-    samples = build_training_data(spec.dataset, tokenizer, 256).samples[:6]
-    model = load_quantized_lora_model(spec, compute_dtype(spec.quantization))
+    model, tokenizer, samples = demo_lora_model()
     model.train()
     for module in model.modules():  # the same function in both runs: no dropout
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    lengths = [len(s.input_ids) for s in samples]
-    packed = PackedData(samples, plan_steps(lengths, 6, 2, sum(lengths), seed=0))
-    batch = collate_packed([packed[0]], tokenizer.pad_token_id, row_multiple=64)
+    batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=64)
     mask = block_causal_mask(batch.pop("sequence_ids"), torch.float32)
 
     def step() -> tuple[float, dict[str, torch.Tensor]]:
@@ -132,18 +124,11 @@ def test_flex_attention_with_the_document_block_mask_gives_the_dense_masks_loss(
     """FlexAttention has no backward on a CPU: the loss here; bench/service_bench.py --check
     compares the LoRA gradients on the GPU."""
     pytest.importorskip("torch.nn.attention.flex_attention")
-    from worker.training.data import build_training_data
-    from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
     from worker.training.speed import document_block_mask, use_flex_attention, use_sdpa_attention
 
-    spec = JobSpec.model_validate(demo_spec(max_seq_length=256))
-    tokenizer = load_tokenizer(spec.base_model)
-    samples = build_training_data(spec.dataset, tokenizer, 256).samples[:6]
-    model = load_quantized_lora_model(spec, compute_dtype(spec.quantization))
+    model, tokenizer, samples = demo_lora_model()
     model.eval()
-    lengths = [len(s.input_ids) for s in samples]
-    packed = PackedData(samples, plan_steps(lengths, 6, 2, sum(lengths), seed=0))
-    batch = collate_packed([packed[0]], tokenizer.pad_token_id, row_multiple=128)
+    batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=128)
     sequence_ids = batch.pop("sequence_ids")
     assert batch["input_ids"].shape[1] % 128 == 0 and (sequence_ids == 0).any()  # padding too
 
