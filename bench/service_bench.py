@@ -43,6 +43,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -209,7 +210,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     marks: list[tuple[float, int, int]] = []
     prof: dict = {}
 
-    syncs: list = []
+    syncs = _SyncCounter()
 
     class Clock(TrainerCallback):
         def on_step_end(self, a, state, control, **kwargs):
@@ -218,15 +219,10 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
             marks.append((time.time(), counter["real"], counter["computed"]))
             if graphs is not None and state.global_step in (warm, warm + timed):
                 graph_marks.append(graphs.stats())
-            if cuda and state.global_step == warm:  # count the host's waits for the GPU
-                syncs.append(warnings.catch_warnings(record=True))
-                syncs.append(syncs[0].__enter__())
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-            if cuda and state.global_step == warm + timed and syncs:
-                torch.cuda.set_sync_debug_mode("default")
-                syncs[0].__exit__(None, None, None)
-                syncs[:] = [sum("synchroniz" in str(w.message) for w in syncs[1])]
+            if cuda and state.global_step == warm:
+                syncs.start()
+            if cuda and state.global_step == warm + timed:
+                syncs.stop()
             if state.global_step == warm + timed and profiled:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if cuda:
@@ -293,8 +289,8 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         "peak_gib": peak,
         "reserved_gib": reserved,
     }
-    if syncs:
-        result["syncs_per_step"] = syncs[0] / timed
+    if syncs.count is not None:
+        result["syncs_per_step"] = syncs.count / timed
     if graphs is not None:  # micro-batches and replays over the timed steps, and in all
         result["graphs"] = graphs.describe()
         if len(graph_marks) == 2:
@@ -306,6 +302,34 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     if rank != 0:
         return None
     return result
+
+
+class _SyncCounter:
+    """Counts the host's waits for the GPU between `start` and `stop` (torch warns on each one
+    under `set_sync_debug_mode("warn")`)."""
+
+    def __init__(self) -> None:
+        self.count: int | None = None
+        self._recording: Any = None
+        self._warnings: list = []
+
+    def start(self) -> None:
+        import torch
+
+        self._recording = warnings.catch_warnings(record=True)
+        self._warnings = self._recording.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        import torch
+
+        if self._recording is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._recording.__exit__(None, None, None)
+        self._recording = None
+        self.count = sum("synchroniz" in str(w.message) for w in self._warnings)
 
 
 def _check(model, data, dtype, compiled: bool) -> dict:
