@@ -140,6 +140,9 @@ class Metric(Base):
     learning_rate: Mapped[float | None] = mapped_column(Float)
     grad_norm: Mapped[float | None] = mapped_column(Float)
     tokens_per_second: Mapped[float | None] = mapped_column(Float)
+    # A method's own figures at this step, by name (DPO: "rewards/chosen", "rewards/accuracies",
+    # "eval_rewards/margins", …): new figures need no schema change.
+    figures: Mapped[dict[str, Any] | None]
     time: Mapped[datetime] = mapped_column(default=utcnow)
 
 

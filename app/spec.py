@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.ids import DATASET_ID
+from app.ids import CHECKPOINT_NAME_PATTERN, DATASET_ID, JOB_ID_PATTERN
 
 # org/name, optionally pinned: org/name@revision
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{1,128})?$")
@@ -166,6 +167,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# What a dataset's records may be (`auto`: detected from the first record). Which training method
+# each fits is app.preferences.METHODS_OF_FORMAT's.
+DatasetFormat = Literal[
+    "auto",
+    "oasst_rows",
+    "oasst_trees",
+    "chat",
+    "sharegpt",
+    "alpaca",
+    "prompt_completion",
+    "text",
+    "preference",
+    "openai_preference",
+]
+
 # how conversations are written out (DatasetSpec.template); the default is the seed recipe's
 Template = Literal["human_assistant", "chat_template"]
 DEFAULT_TEMPLATE: Template = "human_assistant"
@@ -181,13 +197,14 @@ class DatasetSpec(_Strict):
         max_length=64,
         description="Keep messages in these languages; null keeps all.",
     )
-    format: Literal[
-        "auto", "oasst_rows", "oasst_trees", "chat", "sharegpt", "alpaca", "prompt_completion", "text"
-    ] = Field(
+    format: DatasetFormat = Field(
         "auto",
         description="Detected from the first record, or named: oasst1 message rows or tree export; "
         "chat `messages` (OpenAI's, with content parts and `weight`); ShareGPT `conversations`; Alpaca "
-        "`instruction`/`input`/`output`; `prompt`/`completion` (text or messages); plain `text`.",
+        "`instruction`/`input`/`output`; `prompt`/`completion` (text or messages); plain `text`. "
+        "Preference pairs (method dpo): OpenAI's `input`/`preferred_output`/`non_preferred_output` "
+        "(`openai_preference`), TRL's `prompt`/`chosen`/`rejected` as text or messages (`preference`); "
+        "oasst1 rows and trees give pairs from their replies' ranks.",
     )
     conversations: Literal["all_replies", "best_path"] = Field(
         "all_replies",
@@ -314,6 +331,74 @@ class ResourcesSpec(_Strict):
     )
 
 
+SUPERVISED, DPO = "supervised", "dpo"
+DEFAULT_DPO_BETA = 0.1
+
+
+def _auto_beta(value: Any) -> Any:
+    """OpenAI's `"auto"` is the usual beta."""
+    return DEFAULT_DPO_BETA if value == "auto" else value
+
+
+class DpoHyperparameters(_Strict):
+    beta: Annotated[float, BeforeValidator(_auto_beta)] = Field(
+        DEFAULT_DPO_BETA,
+        gt=0,
+        le=100,
+        description="How far the model may move from the reference: small lets it move further "
+        "('auto': 0.1).",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO's own loss; ipo: IPO's squared loss (log-ratios averaged per completion "
+        "token, as TRL computes it); hinge: SLiC's hinge loss. Each as TRL 1.16's DPOTrainer computes it.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="sigmoid only: the share of pairs assumed mislabelled (conservative DPO); 0 is plain DPO.",
+    )
+    reference: Literal["auto", "base", "init"] = Field(
+        "auto",
+        description="What the policy is compared with: `base`, the base model (the adapter switched off: no "
+        "second copy of the model); `init`, the adapter this job continues from (`init_from`), kept frozen; "
+        "`auto`: `init` when the job continues from an adapter, else `base`.",
+    )
+
+
+class DpoSettings(_Strict):
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
+class MethodSpec(_Strict):
+    """How the job teaches: `supervised` (imitate the replies: the recipe) or `dpo` (Direct Preference
+    Optimization on chosen/rejected pairs). Shaped like OpenAI's fine-tuning `method`."""
+
+    type: Literal["supervised", "dpo"] = SUPERVISED
+    dpo: DpoSettings | None = Field(None, description="DPO's settings; filled with defaults for a dpo job.")
+
+    @model_validator(mode="after")
+    def _settings_of_the_method(self) -> MethodSpec:
+        if self.type == DPO and self.dpo is None:
+            self.dpo = DpoSettings()
+        if self.type != DPO and self.dpo is not None:
+            raise ValueError("method.dpo is for method.type 'dpo'")
+        return self
+
+
+class InitFrom(_Strict):
+    """An earlier job of yours whose adapter this job starts from (its final adapter, or a kept
+    checkpoint); the base model, quantization and LoRA shape come from that job."""
+
+    job: str = Field(pattern=f"^{JOB_ID_PATTERN}$", description="The earlier job's id.")
+    checkpoint: str | None = Field(
+        None,
+        pattern=f"^{CHECKPOINT_NAME_PATTERN}$",
+        description="One of its kept checkpoints; null: its final adapter (the job must have succeeded).",
+    )
+
+
 # Labels a user attaches to a job (OpenAI's `metadata`: up to 16 pairs, keys ≤ 64 characters,
 # values ≤ 512).
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -343,11 +428,35 @@ class JobSpec(_Strict):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    init_from: InitFrom | None = Field(
+        None, description="Start from an earlier job's adapter instead of a new one (OpenAI: `model: ft:…`)."
+    )
     notify_url: HttpUrl | None = Field(
         None,
         description="Gets a JSON POST signed the Standard Webhooks way (webhook-id, webhook-timestamp, "
         "webhook-signature) when the job ends; public addresses only (docs/deploy.md).",
     )
+
+    @model_validator(mode="after")
+    def _dpo_trains_packed(self) -> JobSpec:
+        if self.method.type == DPO:
+            if not self.training.packing or self.training.packing_mode != "per_step":
+                raise ValueError(
+                    "method 'dpo' trains packed, a step's pairs at a time: leave training.packing true and "
+                    "training.packing_mode 'per_step'"
+                )
+            dpo = self.method.dpo.hyperparameters if self.method.dpo else DpoHyperparameters()
+            if dpo.label_smoothing and dpo.loss_type != "sigmoid":
+                raise ValueError("method.dpo.hyperparameters.label_smoothing is for loss_type 'sigmoid'")
+            if dpo.reference == "init" and self.init_from is None:
+                raise ValueError("method.dpo.hyperparameters.reference 'init' needs init_from")
+        return self
+
+    @property
+    def dpo(self) -> DpoHyperparameters | None:
+        """The DPO settings of a dpo job; None for a supervised one."""
+        return self.method.dpo.hyperparameters if self.method.type == DPO and self.method.dpo else None
 
     @model_validator(mode="after")
     def _full_rows_need_packing(self) -> JobSpec:
