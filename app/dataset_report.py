@@ -18,6 +18,7 @@ from typing import Any
 
 from app.conversations import conversations_from_rows, drop_reason, flatten_trees
 from app.formats import BY_NAME, detect_format
+from app.preferences import PAIR_FORMATS, PAIR_OF_FORMAT, methods_of_format, ranked_pairs_from_rows
 
 MAX_PROBLEMS_LISTED = 100
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -47,9 +48,9 @@ def _row_problem(row: Any) -> str | None:
 def _record_problem(record: Any, fmt: str) -> str | None:
     if not isinstance(record, dict):
         return "not a JSON object"
-    if fmt in BY_NAME:
+    if fmt in BY_NAME or fmt in PAIR_OF_FORMAT:
         try:
-            BY_NAME[fmt].turns(record)
+            BY_NAME[fmt].turns(record) if fmt in BY_NAME else PAIR_OF_FORMAT[fmt](record)
         except ValueError as exc:
             return str(exc)
         return None
@@ -123,46 +124,83 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int | None, Any, str | None]]:
         yield None, None, f"not a readable Parquet file: {exc}"
 
 
+def first_record_format(path: Path) -> str | None:
+    """The format of a local dataset file's first record; None for a folder, or a file whose
+    first record is not one this service reads (training reports that)."""
+    if not path.is_file():
+        return None
+    for _line, record, problem in numbered_records(path):
+        if problem is not None or not isinstance(record, dict):
+            return None
+        try:
+            return detect_format(record)
+        except ValueError:
+            return None
+    return None
+
+
 class ThreadIndex:
     """oasst1 message rows, reduced to what threads need, in a SQLite file on disk: how many
-    assistant replies have every ancestor present and kept (a sample each)."""
+    assistant replies have every ancestor present and kept (a sample each), and how many prompts
+    with a whole thread have two or more ranked replies kept (a preference pair each,
+    app.preferences.ranked_pairs_from_rows)."""
 
     def __init__(self) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="finetune-threads-")
         self.db = sqlite3.connect(Path(self._folder.name) / "index.db")
         self.db.execute(
-            "CREATE TABLE rows (id TEXT PRIMARY KEY, parent TEXT, kept INT, assistant INT, tree TEXT)"
+            "CREATE TABLE rows (id TEXT PRIMARY KEY, parent TEXT, kept INT, assistant INT, tree TEXT, rank INT)"
         )
         self._batch: list[tuple] = []
 
     def add(self, row: dict, kept: bool) -> None:
         tree = row.get("message_tree_id") or (row["message_id"] if row.get("parent_id") is None else None)
-        self._batch.append((row["message_id"], row.get("parent_id"), kept, row["role"] == "assistant", tree))
+        rank = row.get("rank") if isinstance(row.get("rank"), int) else None
+        assistant = row["role"] == "assistant"
+        self._batch.append((row["message_id"], row.get("parent_id"), kept, assistant, tree, rank))
         if len(self._batch) >= 2_000:
             self._flush()
 
     def _flush(self) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?)", self._batch)
+        self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?, ?)", self._batch)
         self._batch = []
 
-    def counts(self) -> tuple[int, int, int]:
-        """(samples, kept replies missing an ancestor, trees)."""
+    def counts(self) -> tuple[int, int, int, int]:
+        """(samples, kept replies missing an ancestor, trees, pairs)."""
         self._flush()
         self.db.execute("CREATE INDEX rows_parent ON rows (parent)")
-        ((samples, missing),) = self.db.execute(
+        self.db.execute(
             """
+            CREATE TABLE whole AS
             WITH RECURSIVE whole(id) AS (
                 SELECT id FROM rows WHERE parent IS NULL AND kept
                 UNION ALL
                 SELECT rows.id FROM rows JOIN whole ON rows.parent = whole.id WHERE rows.kept
             )
+            SELECT id FROM whole
+            """
+        )
+        self.db.execute("CREATE INDEX whole_id ON whole (id)")
+        ((samples, missing),) = self.db.execute(
+            """
             SELECT count(whole.id), count(*) - count(whole.id)
             FROM rows LEFT JOIN whole ON rows.id = whole.id
             WHERE rows.kept AND rows.assistant
             """
         )
+        (pairs,) = self.db.execute(
+            """
+            SELECT count(*) FROM (
+                SELECT rows.parent FROM rows
+                JOIN whole ON rows.parent = whole.id
+                JOIN rows AS parent ON parent.id = rows.parent AND NOT parent.assistant
+                WHERE rows.kept AND rows.assistant AND rows.rank IS NOT NULL
+                GROUP BY rows.parent HAVING count(DISTINCT rows.rank) >= 2
+            )
+            """
+        ).fetchone()
         (trees,) = self.db.execute("SELECT count(DISTINCT tree) FROM rows").fetchone()
-        return samples, missing, trees
+        return samples, missing, trees, pairs
 
     def close(self) -> None:
         self.db.close()
@@ -176,6 +214,7 @@ class Report:
         self.fmt: str | None = None
         self.records = 0
         self.samples = 0
+        self.pairs = 0
         self.messages = 0
         self.trees = 0
         self.languages: Counter = Counter()
@@ -205,11 +244,14 @@ class Report:
             self.problem(line, problem)
         elif self.fmt in BY_NAME:
             self.samples += 1
+        elif self.fmt in PAIR_FORMATS:
+            self.pairs += 1
         elif self.fmt == "oasst_trees":
             rows = list(flatten_trees([record]))
             self._count_rows(rows)
             conversations = conversations_from_rows(rows, None)
             self.samples += len(conversations.samples)
+            self.pairs += len(ranked_pairs_from_rows(rows, None).pairs)
             self.dropped.update(conversations.dropped)
             self.trees += 1
         else:
@@ -231,20 +273,26 @@ class Report:
 
     def finish(self) -> dict[str, Any]:
         if self.threads is not None:
-            samples, missing, self.trees = self.threads.counts()
+            samples, missing, self.trees, pairs = self.threads.counts()
             self.samples += samples
+            self.pairs += pairs
             if missing:
                 self.dropped["replies_missing_ancestor"] += missing
             self.threads.close()
-        report: dict[str, Any] = {"format": self.fmt, "records": self.records}
-        if self.fmt != "chat":
+        methods = methods_of_format(self.fmt)
+        report: dict[str, Any] = {"format": self.fmt, "records": self.records, "methods": methods}
+        if self.fmt not in ("chat", *PAIR_FORMATS):
             report["messages"] = self.messages
             report["trees"] = self.trees
             report["languages"] = dict(self.languages.most_common())
-        report["samples"] = self.samples
+        if self.fmt not in PAIR_FORMATS:
+            report["samples"] = self.samples
+        if "dpo" in methods:  # preference pairs, for method dpo (oasst1: from its replies' ranks)
+            report["pairs"] = self.pairs
         report["dropped"] = dict(self.dropped)
-        if self.fmt and not self.problem_count and not self.samples:
-            self.problem(None, "no training sample can be built from this file")
+        if self.fmt and not self.problem_count and not self.samples and not self.pairs:
+            what = "preference pair" if self.fmt in PAIR_FORMATS else "training sample"
+            self.problem(None, f"no {what} can be built from this file")
         if not self.records and not self.problem_count:
             self.problem(None, "the file holds no records")
         self.problems.sort(key=lambda p: (p["line"] is None, p["line"] or 0))

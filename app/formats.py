@@ -201,10 +201,16 @@ def detect_format(record: dict) -> str:
         return "oasst_trees"
     if "message_id" in record and "role" in record:
         return "oasst_rows"
+    from app.preferences import PAIR_EXAMPLES, recognise_pair_format  # it reads this module
+
+    pairs = recognise_pair_format(record)
+    if pairs is not None:
+        return pairs
     for candidate in RECORD_FORMATS:
         if candidate.recognise(record):
             return candidate.name
     shapes = "; ".join(f"{f.name}: {f.example}" for f in RECORD_FORMATS)
+    shapes += "; " + "; ".join(f"{name} (method dpo): {example}" for name, example in PAIR_EXAMPLES.items())
     raise ValueError(
         f"unrecognised record with fields {sorted(record)[:8]}; accepted: {shapes}; and oasst1 "
         "message rows or tree exports"

@@ -423,15 +423,16 @@ class JobSpec(_Strict):
         None, max_length=16, description="Up to 16 key-value labels, kept with the job."
     )
     base_model: ModelOrDataset = DEFAULT_BASE_MODEL
+    # before `dataset`, whose validator reads it
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    init_from: InitFrom | None = Field(
+        None, description="Start from an earlier job's adapter instead of a new one (OpenAI: `model: ft:…`)."
+    )
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    method: MethodSpec = Field(default_factory=MethodSpec)
-    init_from: InitFrom | None = Field(
-        None, description="Start from an earlier job's adapter instead of a new one (OpenAI: `model: ft:…`)."
-    )
     notify_url: HttpUrl | None = Field(
         None,
         description="Gets a JSON POST signed the Standard Webhooks way (webhook-id, webhook-timestamp, "
@@ -452,6 +453,28 @@ class JobSpec(_Strict):
             if dpo.reference == "init" and self.init_from is None:
                 raise ValueError("method.dpo.hyperparameters.reference 'init' needs init_from")
         return self
+
+    @field_validator("dataset")
+    @classmethod
+    def _data_fits_the_method(cls, dataset: DatasetSpec, info: ValidationInfo) -> DatasetSpec:
+        """A named format, or a local file's first record, that can't feed this job's method is
+        refused with the method it fits (uploads: app.services.datasets; the worker checks the
+        rest)."""
+        method = info.data.get("method")
+        if method is None or (isinstance(info.context, dict) and info.context.get(STORED)):
+            return dataset
+        from app.dataset_report import first_record_format
+        from app.preferences import method_fit_problem
+
+        for name in ("source", "validation_source"):
+            value, fmt = getattr(dataset, name), dataset.format
+            if value is None or (fmt == "auto" and not Path(value).is_absolute()):
+                continue
+            detected = first_record_format(Path(value)) if fmt == "auto" else fmt
+            problem = method_fit_problem(detected, method.type)
+            if problem:
+                raise ValueError(f"{name}: {problem}")
+        return dataset
 
     @property
     def dpo(self) -> DpoHyperparameters | None:

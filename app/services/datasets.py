@@ -18,6 +18,7 @@ from app.db import session_scope
 from app.errors import BrokerUnavailable, DatasetInUse, DatasetNotFound, InvalidFields, UploadTooLarge
 from app.ids import DATASET_ID, new_dataset_id
 from app.models import Dataset, DatasetStatus, Job, JobStatus
+from app.preferences import method_fit_problem
 from app.queue import TASK_ANALYZE_DATASET, samples_queue, send
 from app.schemas import DatasetRead, Page
 from app.services.pagination import newest_first
@@ -174,4 +175,6 @@ def dataset_reference_problems(spec: JobSpec, owner: str) -> list[tuple[str, str
                 problems.append(
                     (field, f"dataset {value} is {row.status}: {count} problem(s), see GET /datasets/{value}")
                 )
+            elif (misfit := method_fit_problem(row.report.get("format"), spec.method.type)) is not None:
+                problems.append((field, misfit))
     return problems
