@@ -149,7 +149,8 @@ class ThreadIndex:
         self._folder = tempfile.TemporaryDirectory(prefix="finetune-threads-")
         self.db = sqlite3.connect(Path(self._folder.name) / "index.db")
         self.db.execute(
-            "CREATE TABLE rows (id TEXT PRIMARY KEY, parent TEXT, kept INT, assistant INT, tree TEXT, rank INT)"
+            "CREATE TABLE rows "
+            "(id TEXT PRIMARY KEY, parent TEXT, kept INT, assistant INT, tree TEXT, rank INT)"
         )
         self._batch: list[tuple] = []
 

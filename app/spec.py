@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BeforeValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     HttpUrl,
@@ -357,7 +357,7 @@ class DpoHyperparameters(_Strict):
         0.0,
         ge=0,
         lt=0.5,
-        description="sigmoid only: the share of pairs assumed mislabelled (conservative DPO); 0 is plain DPO.",
+        description="sigmoid only: the share of pairs assumed mislabelled (conservative DPO); 0: plain DPO.",
     )
     reference: Literal["auto", "base", "init"] = Field(
         "auto",
