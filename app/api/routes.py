@@ -29,6 +29,7 @@ from app.schemas import (
     SampleRequest,
 )
 from app.services import datasets, jobs, monitoring, preflight, samples
+from app.services.lineage import resolve_init_from
 from app.settings import get_settings
 from app.spec import (
     DEFAULT_BASE_MODEL,
@@ -97,7 +98,7 @@ def preflight_job(owner: Owner, spec: Annotated[JobSpec | None, Body()] = None) 
     """What `POST /jobs` would say of this spec's memory: its estimate against the registered
     workers' GPUs, and the problems it would be refused for. Queues nothing; no body: the
     default recipe."""
-    return preflight.read(preflight.check(spec or JobSpec()))
+    return preflight.read(preflight.check(resolve_init_from(spec or JobSpec(), owner)))
 
 
 @router.get("/jobs", response_model=Page[JobRead], tags=["jobs"])

@@ -34,6 +34,7 @@ from app.services import preflight
 from app.services.admission import check_admissible
 from app.services.datasets import dataset_reference_problems
 from app.services.events import add_event, add_state_event
+from app.services.lineage import resolve_init_from
 from app.services.pagination import newest_first
 from app.services.runs import requeue_from_checkpoint
 from app.services.transitions import move_job
@@ -54,7 +55,9 @@ def create_job(
 ) -> JobRead:
     """Store and queue a job. A request repeated with the same `idempotency_key`, or marked as a
     client's `retry` of one without a key, returns the job its first attempt made (unless that
-    one failed) instead of making a second."""
+    one failed) instead of making a second. A job that continues from an earlier one's adapter
+    (`init_from`) is stored with that job's base model, quantization and LoRA."""
+    spec = resolve_init_from(spec, owner)
     fields = spec.model_dump(mode="json")
     request_sha256 = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     earlier = _first_attempt(owner, idempotency_key, request_sha256, retry)
