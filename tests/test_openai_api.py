@@ -122,7 +122,7 @@ def test_each_error_is_the_class_the_client_raises_for_its_status(ai, client):
     bad = {
         "model": ({"model": "gpt-4o-mini"}, "model"),
         "epochs": ({"hyperparameters": {"n_epochs": -1}}, "hyperparameters.n_epochs"),
-        "method": ({"method": {"type": "dpo"}}, "method.type"),
+        "method": ({"method": {"type": "reinforcement"}}, "method.type"),
         "file": ({"training_file": "file-abc123"}, "training_file"),
         "lora": ({"extra_body": {"lora": {"r": 0}}}, "lora.r"),
         "reserved": ({"extra_body": {"base_model": "x/y"}}, "base_model"),
@@ -187,6 +187,98 @@ def test_create_maps_openais_fields_onto_the_spec_and_pages_with_after(ai, clien
     rest = ai.fine_tuning.jobs.list(limit=2, after=first.data[-1].id)
     assert [j.id for j in rest.data] == newest_first[2:] and not rest.has_more
     assert [j.id for j in ai.fine_tuning.jobs.list(limit=1)] == newest_first  # the client's auto-paging
+
+
+# OpenAI's preference pairs (method dpo)
+PAIRS = [
+    {
+        "input": {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}]},
+        "preferred_output": [{"role": "assistant", "content": f"{a + b}."}],
+        "non_preferred_output": [{"role": "assistant", "content": f"{a + b + 1}."}],
+    }
+    for a in range(4)
+    for b in range(4)
+]
+
+
+def test_a_dpo_method_maps_onto_the_spec_and_reads_back_as_openais(ai, client):
+    pairs = ai.files.create(file=("pairs.jsonl", chat_jsonl(PAIRS)), purpose="fine-tune")
+    assert pairs.status == "processed", pairs.status_details
+    dpo = {"beta": 0.2, "n_epochs": 2, "batch_size": 8, "loss_type": "ipo"}  # loss_type: the spec's own
+
+    job = ai.fine_tuning.jobs.create(
+        model=str(DEMO_MODEL), training_file=pairs.id, method={"type": "dpo", "dpo": {"hyperparameters": dpo}}
+    )
+
+    assert job.method.type == "dpo" and job.method.supervised is None
+    shown = job.method.dpo.hyperparameters
+    assert (shown.beta, shown.n_epochs, shown.batch_size, shown.learning_rate_multiplier) == (0.2, 2, 8, 1)
+    assert shown.model_extra["loss_type"] == "ipo"
+    spec = client.get(f"/jobs/{job.id}").json()["spec"]
+    assert spec["method"] == {
+        "type": "dpo",
+        "dpo": {
+            "hyperparameters": {"beta": 0.2, "loss_type": "ipo", "label_smoothing": 0.0, "reference": "auto"}
+        },
+    }
+    training = spec["training"]
+    assert (training["epochs"], training["batch_size"], training["gradient_accumulation_steps"]) == (2, 4, 2)
+
+    auto = ai.fine_tuning.jobs.create(
+        model=str(DEMO_MODEL), training_file=pairs.id, method={"type": "dpo", "dpo": {"hyperparameters": {}}}
+    )
+    assert auto.method.dpo.hyperparameters.beta == 0.1
+    refused = {
+        "method.supervised": {"type": "dpo", "supervised": {"hyperparameters": {"n_epochs": 1}}},
+        "method.dpo.hyperparameters.beta": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}},
+        "method.dpo.hyperparameters.loss_type": {
+            "type": "dpo",
+            "dpo": {"hyperparameters": {"loss_type": "kto"}},
+        },
+    }
+    for param, method in refused.items():
+        with pytest.raises(openai.BadRequestError) as bad:
+            ai.fine_tuning.jobs.create(model=str(DEMO_MODEL), training_file=pairs.id, method=method)
+        assert bad.value.param == param, bad.value.body
+
+
+def test_a_fine_tuned_model_as_model_continues_from_its_adapter(ai, client):
+    from app.api.openai.objects import fine_tuned_model
+    from app.services import jobs
+    from app.spec import JobSpec
+    from tests.conftest import TEST_OWNER
+    from tests.test_auth import finished_job
+
+    training_file = ai.files.create(file=("t.jsonl", chat_jsonl()), purpose="fine-tune").id
+    earlier = ai.fine_tuning.jobs.retrieve(finished_job(TEST_OWNER))
+    [checkpoint] = ai.fine_tuning.jobs.checkpoints.list(earlier.id).data
+
+    job = ai.fine_tuning.jobs.create(model=earlier.fine_tuned_model, training_file=training_file)
+    from_checkpoint = ai.fine_tuning.jobs.create(
+        model=checkpoint.fine_tuned_model_checkpoint, training_file=training_file
+    )
+
+    assert job.model == from_checkpoint.model == "microsoft/phi-2"  # the earlier job's base
+    spec = client.get(f"/jobs/{job.id}").json()["spec"]
+    assert spec["init_from"] == {"job": earlier.id, "checkpoint": None}
+    assert client.get(f"/jobs/{from_checkpoint.id}").json()["spec"]["init_from"] == {
+        "job": earlier.id,
+        "checkpoint": "checkpoint-10",
+    }
+
+    bobs = fine_tuned_model(jobs.get_job(finished_job("bob"), "bob"))
+    queued = fine_tuned_model(jobs.create_job(JobSpec(), TEST_OWNER))
+    unknown = earlier.fine_tuned_model.replace(earlier.id, "job_" + "0" * 24)
+    gone = checkpoint.fine_tuned_model_checkpoint.replace("ckpt-step-10", "ckpt-step-9")
+    for model in (bobs, queued, unknown, gone):
+        with pytest.raises(openai.BadRequestError) as refused:
+            ai.fine_tuning.jobs.create(model=model, training_file=training_file)
+        assert refused.value.param == "model", (model, refused.value.body)
+    with pytest.raises(openai.BadRequestError) as conflict:
+        ai.fine_tuning.jobs.create(
+            model=earlier.fine_tuned_model, training_file=training_file, extra_body={"lora": {"r": 4}}
+        )
+    assert conflict.value.param == "lora.r" and earlier.id in conflict.value.message
 
 
 def test_jobs_are_listed_by_their_metadata(ai, client):

@@ -71,6 +71,15 @@ def hyperparameters(spec: JobSpec) -> dict[str, Any]:
     }
 
 
+def method_object(spec: JobSpec, hyper: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `method`: the training hyperparameters under the method's own section, DPO's with
+    its beta and the spec's other DPO settings beside them."""
+    dpo = spec.dpo
+    if dpo is None:
+        return {"type": "supervised", "supervised": {"hyperparameters": hyper}}
+    return {"type": "dpo", "dpo": {"hyperparameters": {**hyper, **dpo.model_dump()}}}
+
+
 def model_name(spec: JobSpec) -> str:
     """The base model as a user named it: a hub id, or a local folder's name."""
     base = spec.base_model
@@ -129,7 +138,7 @@ def job_object(job: JobRead, base_url: str, estimated_finish: datetime | None = 
         "status": job.status,
         "error": error,
         "hyperparameters": hyper,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "method": method_object(spec, hyper),
         "training_file": spec.dataset.source,
         "validation_file": spec.dataset.validation_source,
         "result_files": [results_file_id(job.id)] if job.status.stopped else [],

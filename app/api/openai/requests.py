@@ -7,6 +7,10 @@ hyperparameters (each a number or "auto", which keeps the recipe's value):
 - `batch_size` (samples per optimizer step) → `training.batch_size` × `gradient_accumulation_steps`,
   keeping the recipe's micro-batch (4) where it divides the number;
 - `learning_rate_multiplier` → `training.learning_rate` = the recipe's 2e-4 × multiplier.
+`method` `supervised` or `dpo` → `method.type`; DPO's `beta` (and the spec's own DPO settings
+`loss_type`, `label_smoothing`, `reference`, beside it in `method.dpo.hyperparameters`) →
+`method.dpo.hyperparameters`. `model: ft:…` (a fine-tuned model or checkpoint of the caller's,
+as /v1/models names them) → `init_from`: the job continues from that adapter, on its base.
 Any of the spec's own sections (`lora`, `quantization`, `training`, `dataset`, `resources`,
 `notify_url`) may come as extra body fields, e.g. the client's `extra_body={"lora": {"r": 8}}`.
 """
@@ -31,6 +35,7 @@ LIMITS = {
     "n_epochs": (0, 1000, float),
     "batch_size": (0, 4096, int),
     "learning_rate_multiplier": (0, 100, float),
+    "beta": (0, 100, float),
 }
 
 
@@ -41,7 +46,7 @@ class Hyperparameters(BaseModel):
     batch_size: Auto | int = "auto"
     learning_rate_multiplier: Auto | float = "auto"
 
-    @field_validator(*LIMITS, mode="before")
+    @field_validator("*", mode="before")
     @classmethod
     def _auto_or_in_range(cls, value: Any, info: ValidationInfo) -> Any:
         # one plain message, rather than one per member of the union
@@ -55,13 +60,39 @@ class Hyperparameters(BaseModel):
         return value
 
 
+class DpoHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters; the spec's own DPO settings (`loss_type`, `label_smoothing`,
+    `reference`) may sit beside them and are checked by the spec."""
+
+    model_config = ConfigDict(extra="allow")
+
+    beta: Auto | float = "auto"
+
+    def spec_settings(self) -> dict[str, Any]:
+        """What goes to the spec's `method.dpo.hyperparameters`: beta and the spec's own settings."""
+        sent = self.model_dump(exclude_unset=True)
+        return {name: value for name, value in sent.items() if name not in Hyperparameters.model_fields}
+
+
 class Supervised(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+class Dpo(BaseModel):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
-    type: Literal["supervised"] = Field(description="Only supervised fine-tuning is offered.")
+    type: Literal["supervised", "dpo"] = Field(
+        description="Supervised fine-tuning, or DPO on preference pairs (reinforcement is not offered)."
+    )
     supervised: Supervised | None = None
+    dpo: Dpo | None = None
+
+    def hyperparameters(self) -> Hyperparameters | None:
+        """The hyperparameters under this method's own section."""
+        section = self.dpo if self.type == "dpo" else self.supervised
+        return section.hyperparameters if section else None
 
 
 class CreateJobRequest(BaseModel):
@@ -85,27 +116,45 @@ class CreateJobRequest(BaseModel):
     def merged_hyperparameters(self) -> Hyperparameters:
         """The method's hyperparameters over the top-level (deprecated) ones."""
         top = self.hyperparameters.model_dump(exclude_unset=True) if self.hyperparameters else {}
-        method = self.method.supervised if self.method and self.method.supervised else None
-        if method and method.hyperparameters:
-            top.update(method.hyperparameters.model_dump(exclude_unset=True))
+        method = self.method.hyperparameters() if self.method else None
+        if method:
+            top.update(method.model_dump(exclude_unset=True, include=set(Hyperparameters.model_fields)))
         return Hyperparameters(**top)
+
+    def method_spec(self) -> dict[str, Any]:
+        """The spec's `method` section; InvalidFields for the other method's section."""
+        method = self.method
+        if method is None:
+            return {}
+        other = "supervised" if method.type == "dpo" else "dpo"
+        if getattr(method, other) is not None:
+            raise InvalidFields((f"method.{other}", f"is for method.type {other!r}, not {method.type!r}"))
+        if method.type != "dpo":
+            return {"type": method.type}
+        hyper = method.dpo.hyperparameters if method.dpo else None
+        return {"type": "dpo", "dpo": {"hyperparameters": hyper.spec_settings() if hyper else {}}}
 
 
 # Spec fields a user of this API sets through OpenAI's names.
 OPENAI_NAMES = {
     "base_model": "model",
+    "init_from": "model",
+    "init_from.job": "model",
+    "init_from.checkpoint": "model",
     "name": "suffix",
     "dataset.source": "training_file",
     "dataset.validation_source": "validation_file",
 }
 
 
-def job_spec(request: CreateJobRequest) -> JobSpec:
-    """The job spec a request asks for; InvalidFields (param named as the user sent it) if not."""
+def job_spec(request: CreateJobRequest, init_from: dict[str, str | None] | None = None) -> JobSpec:
+    """The job spec a request asks for; InvalidFields (param named as the user sent it) if not.
+    `init_from`: what `model` names when it is a fine-tuned model (the route resolves it); the
+    base model then comes from that job."""
     extra = dict(request.model_extra or {})
     dataset = dict(extra.pop("dataset", None) or {})
     training = dict(extra.pop("training", None) or {})
-    taken: list[str] = [f for f in ("base_model", "name") if f in extra]
+    taken: list[str] = [f for f in ("base_model", "name", "init_from") if f in extra]
     taken += [f"dataset.{f}" for f in ("source", "validation_source") if f in dataset]
     if request.integrations:
         raise InvalidFields(("integrations", "integrations are not supported by this service"))
@@ -137,7 +186,8 @@ def job_spec(request: CreateJobRequest) -> JobSpec:
         params["training.seed"] = "seed"
     fields = {
         **extra,
-        "base_model": request.model,
+        **({"init_from": init_from} if init_from else {"base_model": request.model}),
+        "method": request.method_spec(),
         "dataset": dataset,
         "training": training,
         "name": request.suffix,

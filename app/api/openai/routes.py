@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.auth import Owner
 from app.api.logs import format_csv
 from app.api.urls import BaseUrl
-from app.errors import InvalidFields
+from app.errors import InvalidFields, ModelNotFound
 from app.ids import DATASET_ID_PATTERN, JOB_ID_PATTERN, STEP
 from app.models import Dataset, Job
 from app.schemas import JobRead
@@ -30,6 +30,7 @@ from app.spec import (
 )
 
 from .errors import ERROR_RESPONSES
+from .inference import resolve as resolve_model
 from .objects import (
     RESULT_HEADERS,
     checkpoint_object,
@@ -138,6 +139,18 @@ def _job(job: JobRead, base: str) -> Object:
     return job_object(job, base, jobs.estimated_finish(job))
 
 
+def _continued_from(model: str, owner: str) -> dict[str, str | None] | None:
+    """`model: ft:…`, a fine-tuned model or checkpoint of the owner's (read as /v1/models and the
+    completions read it), as the spec's `init_from`; None for a base model."""
+    if not model.startswith("ft:"):
+        return None
+    try:
+        target = resolve_model(model, owner)
+    except ModelNotFound as exc:
+        raise InvalidFields(("model", str(exc.detail))) from None
+    return {"job": target.job_id, "checkpoint": target.checkpoint}
+
+
 @router.post("/fine_tuning/jobs")
 def create_job(
     owner: Owner,
@@ -150,7 +163,7 @@ def create_job(
     `quantization`, `training`, …). A request the client retries (`x-stainless-retry-count`
     above 0, or the same `Idempotency-Key`) returns the job its first attempt made."""
     retry = (x_stainless_retry_count or "0") not in ("", "0")
-    spec = job_spec(request)
+    spec = job_spec(request, _continued_from(request.model, owner))
     try:
         job = jobs.create_job(spec, owner, idempotency_key=idempotency_key, retry=retry)
     except InvalidFields as exc:  # e.g. an upload that is invalid: named as this request named it
