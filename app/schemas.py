@@ -98,6 +98,9 @@ class MetricRead(_FromRow):
     learning_rate: float | None
     grad_norm: float | None
     tokens_per_second: float | None
+    # The method's own figures at this step, named as it names them (DPO: "rewards/margins",
+    # "eval_rewards/accuracies", …); None for a method that has none (supervised).
+    figures: dict[str, float] | None
     time: datetime
 
 

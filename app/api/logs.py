@@ -27,6 +27,8 @@ def format_text_line(row: MetricRead) -> str:
     ):
         if value is not None:
             fields.append(f"{name}={value:{fmt}}")
+    # then the method's own figures (DPO: rewards/accuracies=0.75 …), by name
+    fields.extend(f"{name}={value:.4g}" for name, value in sorted((row.figures or {}).items()))
     return f"{row.time.isoformat(timespec='seconds')} " + " ".join(fields)
 
 
@@ -42,22 +44,33 @@ CSV_COLUMNS = (
 )
 
 
-def format_csv(rows: Iterable[MetricRead], headers: dict[str, str] | None = None) -> str:
-    """Metric rows as CSV, a column per field (named as in `headers` where it names one)."""
+def format_csv(
+    rows: Iterable[MetricRead], headers: dict[str, str] | None = None, figures: list[str] | None = None
+) -> str:
+    """Metric rows as CSV, a column per field (named as in `headers` where it names one), then a
+    column per figure in `figures` (default: every figure name in `rows`, sorted), named as is."""
+    rows = list(rows)  # read twice when `figures` is not given
+    if figures is None:
+        figures = sorted({name for row in rows for name in row.figures or {}})
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([(headers or {}).get(column, column) for column in CSV_COLUMNS])
+    writer.writerow([(headers or {}).get(column, column) for column in CSV_COLUMNS] + figures)
     for row in rows:
         record = row.model_dump(mode="json")  # the time as ISO 8601 text
-        writer.writerow(["" if record[column] is None else record[column] for column in CSV_COLUMNS])
+        own = record["figures"] or {}
+        writer.writerow(
+            ["" if record[column] is None else record[column] for column in CSV_COLUMNS]
+            + [own.get(name, "") for name in figures]
+        )
     return out.getvalue()
 
 
 async def metric_events(job_id: str, owner: str, after_step: int) -> AsyncIterator[dict]:
     """Rows as they are written (`metric`, `id:` is the step), and for every evaluated step an
-    `eval` event (the step's row with its eval_loss, no `id:`): right after the step's `metric`
-    event when the evaluation was already merged into the row, or once it arrives for a step
-    already sent. Ends with an `end` event once the job has stopped (finished or paused)."""
+    `eval` event (the step's row with its eval_loss, and its figures with the eval set's among
+    them, no `id:`): right after the step's `metric` event when the evaluation was already
+    merged into the row, or once it arrives for a step already sent. Ends with an `end` event
+    once the job has stopped (finished or paused)."""
     poll = get_settings().stream_poll_s
     # A client resuming after step N may have missed the evaluation of step N (it is written
     # after the step's row, and before any later row).

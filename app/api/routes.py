@@ -28,7 +28,7 @@ from app.schemas import (
     SampleRead,
     SampleRequest,
 )
-from app.services import datasets, jobs, monitoring, preflight, samples
+from app.services import datasets, figures, jobs, monitoring, preflight, samples
 from app.services.lineage import resolve_init_from
 from app.settings import get_settings
 from app.spec import (
@@ -162,8 +162,9 @@ async def job_logs(
     if format == "text":
         text = "".join(format_text_line(row) + "\n" for row in page.items)
         return PlainTextResponse(text)
-    if format == "csv":
-        return PlainTextResponse(format_csv(page.items), media_type="text/csv")
+    if format == "csv":  # the same columns on every page: the figures of all the job's rows
+        names = await run_in_threadpool(figures.figure_names, job_id, owner)
+        return PlainTextResponse(format_csv(page.items, figures=names), media_type="text/csv")
     return page
 
 

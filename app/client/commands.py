@@ -227,6 +227,12 @@ def _metric_text(row: dict[str, Any]) -> str:
         parts.append(f"lr {row['learning_rate']:.2e}")
     if row.get("tokens_per_second"):
         parts.append(f"{row['tokens_per_second']:,.0f} tok/s")
+    # DPO's: how often the chosen reply wins and by how much; the eval set's once evaluated
+    figures = row.get("figures") or {}
+    for label, prefix in (("", ""), ("eval ", "eval_")):
+        accuracy, margin = figures.get(f"{prefix}rewards/accuracies"), figures.get(f"{prefix}rewards/margins")
+        if accuracy is not None and margin is not None:
+            parts.append(f"{label}acc {accuracy:.2f} margin {margin:.3g}")
     return "  ".join(parts)
 
 

@@ -9,6 +9,7 @@ metric rows are retried by the worker's ProgressWriter instead, without stalling
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy import JSON, ColumnElement, cast, delete, func, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from app.db import changed_rows, retry_while_unreachable, session_scope
@@ -128,16 +130,39 @@ def set_total_steps(claim: Claim, total_steps: int) -> None:
 
 
 def _upsert_metrics(session: Session, job_id: str, rows: list[dict[str, Any]]) -> None:
-    """Idempotent per (job, step): a replayed step overwrites, a later eval row fills eval_loss."""
+    """Idempotent per (job, step): a replayed step overwrites, a later eval row fills eval_loss
+    and adds its figures to the step's (a figure named again takes the later value)."""
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     for row in rows:
-        stmt = insert(Metric).values(job_id=job_id, **row)
+        figures = _finite_figures(row.get("figures"))
+        # SQL NULL, not JSON's null, for a row without figures: NULL is what the merge skips.
+        stmt = insert(Metric).values(job_id=job_id, **{**row, "figures": figures if figures else null()})
         merged: dict[str, ColumnElement[Any]] = {
             name: func.coalesce(stmt.excluded[name], Metric.__table__.c[name]) for name in METRIC_FIELDS
         }
+        merged["figures"] = _merged_figures(dialect, Metric.__table__.c.figures, stmt.excluded.figures)
         merged["time"] = stmt.excluded.time
         session.execute(stmt.on_conflict_do_update(index_elements=["job_id", "step"], set_=merged))
+
+
+def _finite_figures(figures: dict[str, Any] | None) -> dict[str, float]:
+    """A row's figures as floats, without the non-finite ones: neither database's JSON takes NaN
+    or infinity, and one such row would keep every later row of the job from being written."""
+    result = {}
+    for name, value in (figures or {}).items():
+        if value is not None and math.isfinite(value := float(value)):
+            result[str(name)] = value
+    return result
+
+
+def _merged_figures(dialect: str, stored: ColumnElement[Any], new: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The stored figures with the new ones added, either side possibly NULL (a JSON object
+    merge: SQLite's json_patch; Postgres' jsonb ||, the column being json)."""
+    if dialect == "postgresql":
+        stored_b, new_b = cast(stored, JSONB), cast(new, JSONB)
+        return cast(func.coalesce(stored_b.op("||", return_type=JSONB)(new_b), new_b, stored_b), JSON)
+    return func.coalesce(func.json_patch(stored, new), new, stored)
 
 
 def report_progress(

@@ -93,7 +93,8 @@ def fine_tuned_model(job: JobRead, step: int | None = None) -> str:
     return name if step is None else f"{name}:ckpt-step-{step}"
 
 
-# A job's result file: its metric rows as CSV, once it has stopped (OpenAI's `result_files`).
+# A job's result file: its metric rows as CSV, once it has stopped (OpenAI's `result_files`); a
+# column per figure of the job's method after the fixed ones, named as the method names them.
 RESULTS_PREFIX = "results-"
 RESULT_HEADERS = {"loss": "train_loss", "eval_loss": "valid_loss"}
 
@@ -154,7 +155,9 @@ def job_object(job: JobRead, base_url: str, estimated_finish: datetime | None = 
 
 
 def metric_data(row: MetricRead, total_steps: int | None) -> dict[str, Any]:
-    return {
+    """A metrics event's `data`: OpenAI's fields, then the method's own figures named as the
+    method names them (DPO: `rewards/margins`, `eval_rewards/accuracies`, …)."""
+    data: dict[str, Any] = {
         "step": row.step,
         "total_steps": total_steps,
         "train_loss": row.loss,
@@ -164,6 +167,8 @@ def metric_data(row: MetricRead, total_steps: int | None) -> dict[str, Any]:
         "grad_norm": row.grad_norm,
         "tokens_per_second": row.tokens_per_second,
     }
+    data.update((name, value) for name, value in sorted((row.figures or {}).items()) if name not in data)
+    return data
 
 
 def event_object(entry: Entry, total_steps: int | None) -> dict[str, Any]:
