@@ -14,6 +14,15 @@ cards take a faster path only where their free memory allows it. Parts:
 - the float32 logits over the vocabulary and the loss's copies of them, alive at once;
 - the dense attention mask of packed rows.
 
+A DPO job (`method.type: dpo`) packs a step's pairs, both sides, into micro-batches of the same
+size, so the parts above hold, except that it scores only completion tokens, a chunk of logits at
+a time (worker.training.dpo: no vocabulary-wide logits). Beside that it runs a forward of the
+reference without gradients over each micro-batch, which holds about one decoder layer's
+activations and the last hidden states it returns. That forward runs before the policy's; it is
+counted beyond the policy's own transient (the log-probs or a layer's recomputation), as if the
+kept activations were still there: an upper bound by little more than its hidden states. A job
+whose reference is the adapter it continues from (`init_from`) also holds that adapter, frozen.
+
 The per-layer activation coefficients were fitted to peaks measured on a GPU
 (`bench/memory_peaks.py`, docs/gpu.md gives the comparison). What a process needs beyond its
 peak allocation: the allocator's fragmentation and the CUDA context.
@@ -40,6 +49,9 @@ LAYER_BYTES_PER_HIDDEN = 8.0
 LAYER_BYTES_PER_INTERMEDIATE = 20.0
 # The logits, their log-softmax and its gradient, all float32, alive together in the backward.
 LOSS_COPIES_OF_LOGITS = 3
+# A DPO job's log-probabilities: float32 logits for this many bytes of completion tokens at a time
+# (worker.training.fused_loss.CHUNK_BYTES), with the loss's copies of them.
+LOG_PROB_CHUNK_BYTES = 256 * 2**20
 # Beyond the peak allocation: the caching allocator's fragmentation (measured: reserved was
 # 1.03-1.33× the peak allocation, highest with checkpointing), and the CUDA context with the
 # kernels' libraries (0.735 GiB measured on an H200, outside PyTorch's allocator).
@@ -91,27 +103,47 @@ def layer_activation_bytes(shape: ModelShape, tokens: int) -> int:
     return int(tokens * per_token)
 
 
+def chunked_log_prob_bytes(shape: ModelShape, tokens: int) -> int:
+    """A DPO micro-batch's completion log-probs: the completion tokens' hidden states (at most
+    every token's), and one chunk of their float32 logits with the loss's copies."""
+    chunk = min(tokens, max(1, LOG_PROB_CHUNK_BYTES // (shape.vocab * FLOAT32)))
+    return tokens * shape.hidden * FLOAT32 + LOSS_COPIES_OF_LOGITS * chunk * shape.vocab * FLOAT32
+
+
 def estimate(spec: JobSpec, shape: ModelShape) -> MemoryEstimate:
     training = spec.training
     rows, length = training.batch_size, training.max_seq_length
     tokens = rows * length
     layer = layer_activation_bytes(shape, tokens)
-    logits = LOSS_COPIES_OF_LOGITS * tokens * shape.vocab * FLOAT32
+    dpo = spec.dpo
+    if dpo is None:
+        loss_name = "logits and loss, or one layer's recomputation"
+        loss = LOSS_COPIES_OF_LOGITS * tokens * shape.vocab * FLOAT32
+    else:
+        loss_name = "completion log-probs a chunk at a time, or one layer's recomputation"
+        loss = chunked_log_prob_bytes(shape, tokens)
     if training.gradient_checkpointing:
         # every layer's input is kept; the loss's peak comes before any layer is recomputed
         kept = shape.layers * tokens * shape.hidden * FLOAT32
-        activations, transient = kept, max(logits, layer)
+        activations, transient = kept, max(loss, layer)
     else:
-        activations, transient = shape.layers * layer, logits
+        activations, transient = shape.layers * layer, loss
+    lora = lora_parameters(spec, shape)
     parts = {
         "4-bit weights": int(shape.quantized_weights() * NF4_BYTES_PER_WEIGHT),
         "float32 embeddings, head, norms and biases": shape.other_weights() * FLOAT32,
-        "LoRA weights, gradients and optimizer state": lora_parameters(spec, shape)
-        * LORA_BYTES_PER_PARAMETER,
+        "LoRA weights, gradients and optimizer state": lora * LORA_BYTES_PER_PARAMETER,
         "activations kept for the backward": activations,
-        "logits and loss, or one layer's recomputation": transient,
+        loss_name: transient,
         "packed attention mask": rows * length * length * FLOAT32 if training.packing else 0,
     }
+    if dpo is not None:
+        reference_forward = layer + tokens * shape.hidden * FLOAT32
+        parts["DPO reference forward without gradients (one layer and its hidden states)"] = max(
+            0, reference_forward - transient
+        )
+        if dpo.reference == "init" or (dpo.reference == "auto" and spec.init_from is not None):
+            parts["DPO reference: the frozen adapter init_from names"] = lora * FLOAT32
     peak = sum(parts.values())
     return MemoryEstimate(
         rows=rows,

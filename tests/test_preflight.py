@@ -126,6 +126,55 @@ def test_bfloat16_and_gpu_counts_are_checked_against_what_workers_have(client, s
     assert client.post("/jobs", json={"base_model": base, "resources": {"gpus": 2}}).status_code == 201
 
 
+DPO = {"type": "dpo"}
+REFERENCE_FORWARD = "DPO reference forward without gradients (one layer and its hidden states)"
+FROZEN_REFERENCE = "DPO reference: the frozen adapter init_from names"
+
+
+def test_a_dpo_micro_batch_scores_completions_by_chunk_and_runs_the_reference_beside_it():
+    phi2 = shape(json.loads(PHI2_CONFIG.read_text()))
+    supervised = estimate(JobSpec(), phi2)
+    dpo = estimate(JobSpec.model_validate({"method": DPO}), phi2)
+
+    assert (dpo.rows, dpo.tokens) == (supervised.rows, supervised.tokens)  # the same micro-batch
+    assert "logits and loss, or one layer's recomputation" not in dpo.parts  # no vocabulary-wide logits
+    hidden_states = dpo.tokens * phi2.hidden * 4
+    assert 0 < dpo.parts[REFERENCE_FORWARD] <= hidden_states
+    assert FROZEN_REFERENCE not in dpo.parts  # the base is the reference: the adapter switched off
+    assert dpo.peak_bytes == sum(dpo.parts.values()) < supervised.peak_bytes
+
+    continued = {"method": DPO, "init_from": {"job": "job_" + "0" * 24}}
+    frozen = estimate(JobSpec.model_validate(continued), phi2)
+    lora = supervised.parts["LoRA weights, gradients and optimizer state"]
+    assert frozen.parts[FROZEN_REFERENCE] == lora // 4  # its float32 weights only
+    continued["method"] = {"type": "dpo", "dpo": {"hyperparameters": {"reference": "base"}}}
+    assert FROZEN_REFERENCE not in estimate(JobSpec.model_validate(continued), phi2).parts
+
+
+@sqlite_only
+def test_a_dpo_job_no_registered_gpu_holds_is_refused_with_what_to_change(client, service_env):
+    register("celery@t4-box", T4)
+    base = phi2_base(service_env)
+    too_big = {
+        "base_model": base,
+        "method": DPO,
+        "training": {"batch_size": 16, "gradient_accumulation_steps": 1},
+    }
+
+    refused = client.post("/jobs", json=too_big)
+
+    assert refused.status_code == 422
+    [problem] = refused.json()["detail"]
+    assert problem["field"] == "training" and "Tesla T4 (15.0 GiB)" in problem["message"]
+    assert "training.batch_size: 8 with gradient_accumulation_steps: 2" in problem["message"]
+    report = client.post("/preflight", json=too_big).json()
+    assert report["fits"] is False and report["parts_gib"][REFERENCE_FORWARD] > 0
+    # the micro-batch a supervised job can't take on a T4 fits a DPO one (no vocabulary-wide logits)
+    eight = {"batch_size": 8, "gradient_accumulation_steps": 2}
+    assert client.post("/jobs", json={**too_big, "training": eight}).status_code == 201
+    assert client.post("/jobs", json={"base_model": base, "training": eight}).status_code == 422
+
+
 def test_only_live_workers_of_the_job_queue_count(client, service_env):
     from sqlalchemy import update
 
