@@ -221,6 +221,7 @@ def test_a_cpu_only_fleet_and_an_unreadable_config_queue_with_notes(client, serv
 def test_doctor_prints_the_services_estimate_for_a_spec(client, service_env, monkeypatch, tmp_path):
     """`finetune doctor SPEC` through the real API (in-process) and the real client."""
     from app.cli import cli
+    from app.client.commands import load_spec
     from app.client.http import ServiceClient
 
     def over_test_client(self, url="", api_key=None, timeout=30):
@@ -240,6 +241,13 @@ def test_doctor_prints_the_services_estimate_for_a_spec(client, service_env, mon
     result = CliRunner().invoke(cli, ["doctor", str(spec), "--set", "training.batch_size=2"])
     assert result.exit_code == 0, result.output
     assert "fits Tesla T4" in result.output
+
+    # a method, and its nested settings, as `finetune submit` and `doctor` take them
+    dpo = ["method.type=dpo", "method.dpo.hyperparameters.beta=0.2"]
+    assert JobSpec.model_validate(load_spec(spec, dpo)).dpo.beta == 0.2
+    result = CliRunner().invoke(cli, ["doctor", str(spec), *(f"--set={s}" for s in dpo)])
+    assert result.exit_code == 0, result.output
+    assert "DPO reference forward" in result.output and "fits Tesla T4" in result.output
 
 
 def fake_nvidia_smi(folder: Path, rows: list[str]) -> None:
