@@ -142,6 +142,13 @@ class FollowerCallback(TrainerCallback):
         pass
 
 
+def method_figures(logs: dict[str, Any]) -> dict[str, float] | None:
+    """A method's own figures in a Trainer log: the names with a `/` (`rewards/chosen`,
+    `eval_rewards/accuracies`, … as DPO logs them, TRL's way); None when there are none."""
+    figures = {name: float(value) for name, value in logs.items() if "/" in name and value is not None}
+    return figures or None
+
+
 class JobProgressCallback(TrainerCallback):
     """Streams metric rows to the database (through a ProgressWriter), stops the training on a
     cancel or pause request or a worker shutdown, and zips and records each checkpoint."""
@@ -172,6 +179,7 @@ class JobProgressCallback(TrainerCallback):
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_per_second": self._tokens_per_second(state) if "loss" in logs else None,
+                "figures": method_figures(logs),
                 "time": utcnow(),
             }
         )

@@ -214,17 +214,22 @@ def build_training_data(spec: DatasetSpec, tokenizer, max_length: int) -> Traini
     )
 
 
-def build_eval_data(spec: DatasetSpec, tokenizer, max_length: int) -> TrainingData | None:
-    """The validation samples, or None when the spec names none (or a single-file source has none)."""
+def load_eval_records(spec: DatasetSpec) -> list[dict] | None:
+    """The validation records, or None when the spec names none (or a single-file source has none)."""
     if spec.validation_source:
-        records = load_records(spec.validation_source, "train")
-    elif spec.validation_split and not DATASET_ID.match(spec.source) and not Path(spec.source).is_file():
+        return load_records(spec.validation_source, "train")
+    if spec.validation_split and not DATASET_ID.match(spec.source) and not Path(spec.source).is_file():
         try:
-            records = load_records(spec.source, spec.validation_split)
+            return load_records(spec.source, spec.validation_split)
         except ValueError as exc:  # datasets: unknown split
             log.warning("no validation split %r in %s: %s", spec.validation_split, spec.source, exc)
-            return None
-    else:
+    return None
+
+
+def build_eval_data(spec: DatasetSpec, tokenizer, max_length: int) -> TrainingData | None:
+    """The validation samples, or None when the spec names none (or a single-file source has none)."""
+    records = load_eval_records(spec)
+    if records is None:
         return None
     return _tokenized(
         conversations_from_records(records, spec), spec, tokenizer, max_length, spec.max_eval_samples

@@ -187,6 +187,83 @@ def use_fused_loss(model: torch.nn.Module) -> bool:
     return True
 
 
+def use_hidden_states_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """Make the model's forward return its last hidden states where the logits would be, and
+    return the head that would have made them (for `linear_log_probs`); None, and nothing
+    changed, where `fused_loss_refusal` says the head can't be taken out of the forward."""
+    if fused_loss_refusal(model) is not None:
+        return None
+    head = _causal_lm(model).lm_head
+    head.__class__ = _HiddenStatesHead
+    return head
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int):
+        """float32 log-probabilities of `targets` under the logits `hidden @ weight.T + bias`, a
+        chunk of tokens at a time; only each token's log-sum-exp is kept for the backward."""
+        dtype = _compute_dtype(hidden, weight)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            h = hidden.to(dtype)
+            out = torch.empty(h.shape[0], dtype=torch.float32, device=hidden.device)
+            lse = torch.empty(h.shape[0], 1, dtype=torch.float32, device=hidden.device)
+            index = targets.unsqueeze(1)
+            for start in range(0, h.shape[0], chunk_tokens):
+                end = min(start + chunk_tokens, h.shape[0])
+                logits = F.linear(h[start:end], w, b).float()
+                lse[start:end] = torch.logsumexp(logits, dim=1, keepdim=True)
+                out[start:end] = (logits.gather(1, index[start:end]) - lse[start:end]).squeeze(1)
+        ctx.chunk_tokens, ctx.dtype = chunk_tokens, dtype
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        """The logits are computed again, a chunk at a time: d(log p_target)/d(logits) is
+        one-hot − softmax, scaled by each token's incoming gradient."""
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dtype, chunk_tokens = ctx.dtype, ctx.chunk_tokens
+        want_hidden, _, want_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            index = targets.unsqueeze(1)
+            for start in range(0, hidden.shape[0], chunk_tokens):
+                end = min(start + chunk_tokens, hidden.shape[0])
+                logits = F.linear(hidden[start:end].to(dtype), w, b).float()
+                scale = grad_output[start:end].float().unsqueeze(1)
+                grad_logits = logits.sub_(lse[start:end]).exp_().mul_(-scale)
+                grad_logits.scatter_add_(1, index[start:end], scale)
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+                if grad_hidden is not None:
+                    grad_hidden[start:end] = (grad_logits.to(dtype) @ w).to(hidden.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, None, grad_bias, None, None
+
+
+def linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """`log_softmax(hidden @ weight.T + bias)[i, targets[i]]` for each row of `hidden` (tokens ×
+    hidden size), in float32, without the vocabulary-wide logits of more than a chunk of tokens;
+    differentiable with respect to the hidden states (and the bias where it trains)."""
+    if weight.requires_grad:
+        raise ValueError("the fused log-probabilities train no output head's weight: it must be frozen")
+    if chunk_tokens is None:
+        chunk_tokens = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    return _LinearLogProbs.apply(hidden, weight, bias, targets, chunk_tokens)
+
+
 def use_model_loss(model: torch.nn.Module) -> None:
     """Undo `use_fused_loss` (the bench measures variants on one loaded model)."""
     causal_lm = _causal_lm(model)

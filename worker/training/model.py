@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from app.architectures import auto_target_modules
@@ -108,15 +109,32 @@ def target_modules(spec: JobSpec, model: torch.nn.Module) -> list[str] | str:
     return list(wanted)
 
 
-def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
+def load_quantized_lora_model(
+    spec: JobSpec, dtype: torch.dtype, init_adapter: Path | None = None, reference_adapter: str | None = None
+):
+    """The 4-bit base with a new LoRA adapter as the spec says, or, from `init_adapter` (an
+    earlier job's adapter or checkpoint folder), that adapter to train on; `reference_adapter`:
+    also load it a second time under that name, frozen (DPO's reference)."""
     base = load_quantized_model(spec, dtype)
-    modules = target_modules(spec, base)
+    modules = target_modules(spec, base) if init_adapter is None else None
     keep_4bit_layers_trainable(base)
     model = prepare_model_for_kbit_training(
         base,
         use_gradient_checkpointing=spec.training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+    if init_adapter is not None:
+        if not (init_adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"init_from: the adapter of job {spec.init_from.job if spec.init_from else '?'} "
+                f"({init_adapter.name}) is gone: it was deleted or its checkpoint pruned"
+            )
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        if reference_adapter is not None:
+            model.load_adapter(str(init_adapter), adapter_name=reference_adapter, is_trainable=False)
+            model.set_adapter("default")
+        _log_trainable(model)
+        return model
     lora = LoraConfig(
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]  # peft says int; a float scales as well
@@ -126,6 +144,10 @@ def load_quantized_lora_model(spec: JobSpec, dtype: torch.dtype):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    _log_trainable(model)
+    return model
+
+
+def _log_trainable(model) -> None:
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable of %d parameters (%.3f %%)", trainable, total, 100 * trainable / total)
-    return model

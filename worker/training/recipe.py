@@ -24,16 +24,20 @@ from typing import Any
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
+from app.services.lineage import init_adapter_dir
 from app.services.runs import Claim, log_message, recorded_checkpoints
 from app.settings import Settings
-from app.spec import JobSpec
+from app.spec import JobSpec, stored_spec
 from app.storage import JobFiles, job_files
 from worker.doctor import unsupported_gpus
 from worker.training.artifacts import ZipInfo, name_the_base, write_model_card, zip_directory
 from worker.training.callbacks import FollowerCallback, JobProgressCallback
 from worker.training.data import IGNORE_INDEX, TrainingData, build_eval_data, build_training_data
+from worker.training.dpo import REFERENCE_ADAPTER, DpoTrainer, collate_pair_step, pack_pairs
+from worker.training.fused_loss import use_hidden_states_head
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
 from worker.training.packing import collate_step
+from worker.training.preference_data import PairData, build_eval_pair_data, build_pair_data
 from worker.training.speed import SpeedPlan, apply_speed_plan, plan_speed
 from worker.training.step_graphs import StepGraphs
 
@@ -105,7 +109,7 @@ def set_up(claim: Claim, settings: Settings) -> JobSetup:
     """The job's JobSetup. Before training: removes checkpoint files a kill left unrecorded,
     seeds every generator, and fails on GPUs this build cannot run on."""
     main = int(os.environ.get("RANK", "0")) == 0
-    job = JobSetup(claim, JobSpec.model_validate(claim.spec), job_files(claim.job_id, settings), main)
+    job = JobSetup(claim, stored_spec(claim.spec), job_files(claim.job_id, settings), main)
     leftovers = job.files.remove_unrecorded(recorded_checkpoints(job.id)) if main else []
     if leftovers:
         log_message(job.id, f"removed {len(leftovers)} incomplete checkpoint files", files=leftovers)
@@ -124,14 +128,17 @@ class JobData:
     """The tokenizer and the job's tokenized samples (`eval`: None when the spec names none)."""
 
     tokenizer: Any
-    train: TrainingData
-    eval: TrainingData | None
+    train: TrainingData | PairData  # preference pairs for a DPO job
+    eval: TrainingData | PairData | None
 
 
 def load_data(job: JobSetup) -> JobData:
-    """Tokenizes the job's training and validation samples, and says how many there are."""
+    """Tokenizes the job's training and validation samples (a DPO job's preference pairs), and
+    says how many there are."""
     spec = job.spec
     tokenizer = load_tokenizer(spec.base_model)
+    if spec.dpo is not None:
+        return _load_pairs(job, tokenizer)
     train_data = build_training_data(spec.dataset, tokenizer, spec.training.max_seq_length)
     eval_data = build_eval_data(spec.dataset, tokenizer, spec.training.max_seq_length)
     eval_samples = len(eval_data) if eval_data else 0
@@ -145,6 +152,21 @@ def load_data(job: JobSetup) -> JobData:
     return JobData(tokenizer, train_data, eval_data)
 
 
+def _load_pairs(job: JobSetup, tokenizer: Any) -> JobData:
+    spec = job.spec
+    train_pairs = build_pair_data(spec.dataset, tokenizer, spec.training.max_seq_length)
+    eval_pairs = build_eval_pair_data(spec.dataset, tokenizer, spec.training.max_seq_length)
+    eval_count = len(eval_pairs) if eval_pairs else 0
+    job.say(
+        f"data ready: {len(train_pairs)} preference pairs, {eval_count} validation pairs",
+        pairs=len(train_pairs),
+        eval_pairs=eval_count,
+        truncated=train_pairs.truncated,
+        dropped=train_pairs.dropped,
+    )
+    return JobData(tokenizer, train_pairs, eval_pairs)
+
+
 # model
 
 
@@ -156,13 +178,22 @@ class JobModel:
     model: Any
     dtype: torch.dtype
     speed: SpeedPlan
+    # DPO: lm_head taken out of the forward (worker.training.dpo scores completion tokens with
+    # it; None: the model's own logits), and the frozen reference adapter's name (None: the base)
+    head: torch.nn.Linear | None = None
+    reference_adapter: str | None = None
 
 
 def load_model(job: JobSetup) -> JobModel:
-    """Loads the model and applies the speed plan for the job's shapes (said on a GPU)."""
+    """Loads the model (from the adapter the job continues from, if any) and applies the speed
+    plan for the job's shapes (said on a GPU)."""
     spec = job.spec
     dtype = compute_dtype(spec.quantization)
-    model = load_quantized_lora_model(spec, dtype)
+    init = init_adapter_dir(spec.init_from) if spec.init_from else None
+    reference = REFERENCE_ADAPTER if spec.dpo is not None and _reference_is_init(job) else None
+    model = load_quantized_lora_model(spec, dtype, init, reference)
+    if init is not None:
+        job.say(f"training continues from {spec.init_from.job} ({init.name})", init_from=init.name)
     t = spec.training
     speed = plan_speed(
         model.config,
@@ -170,11 +201,24 @@ def load_model(job: JobSetup) -> JobModel:
         t.gradient_checkpointing,
         packed=t.packing,
         processes=world_size(),
+        # a DPO step is its own (two forwards and the pairs' loss), not one graph of the Trainer's
+        graphs=False if spec.dpo is not None else None,
     )
+    if spec.dpo is not None:
+        speed.fused_loss = False  # DPO scores completion tokens with the head itself (below)
     apply_speed_plan(model, speed)
+    head = use_hidden_states_head(model) if spec.dpo is not None else None
     if torch.cuda.is_available():
         job.say(f"training step: {speed.describe()}", speed=dataclasses.asdict(speed))
-    return JobModel(model, dtype, speed)
+    return JobModel(model, dtype, speed, head, reference)
+
+
+def _reference_is_init(job: JobSetup) -> bool:
+    """Whether a DPO job's reference is the adapter it continues from (else: the base)."""
+    settings = job.spec.dpo
+    if settings is None or job.spec.init_from is None:
+        return False
+    return settings.reference in ("auto", "init")
 
 
 # trainer
@@ -193,6 +237,8 @@ def build_trainer(job: JobSetup, data: JobData, model: JobModel, progress: Progr
     args = training_arguments(
         job.spec, job.files.output_dir, model.dtype, evaluate=data.eval is not None, speed=model.speed
     )
+    if job.spec.dpo is not None:
+        return _dpo_trainer(job, data, model, args, progress)
     if job.spec.training.packing:
         return _packed_trainer(job, data, model, args, progress)
     return ServiceTrainer(
@@ -242,6 +288,46 @@ def _packed_trainer(
     trainer.mask_kind = model.speed.mask
     if model.speed.graphs:
         trainer.step_graphs = StepGraphs()
+    return trainer
+
+
+def _dpo_trainer(
+    job: JobSetup, data: JobData, model: JobModel, args: TrainingArguments, progress: Progress
+) -> DpoTrainer:
+    """A DpoTrainer over the pairs packed into steps (worker.training.dpo), said."""
+    spec, t = job.spec, job.spec.training
+    assert isinstance(data.train, PairData) and spec.dpo is not None
+    per_step = t.batch_size * t.gradient_accumulation_steps // world_size()
+    train_set = pack_pairs(data.train.pairs, per_step, t.batch_size, t.max_seq_length, t.seed)
+    eval_set = None
+    if isinstance(data.eval, PairData):
+        eval_set = pack_pairs(data.eval.pairs, per_step, t.batch_size, t.max_seq_length, t.seed)
+    micro_batches = sum(len(step.micro_batches) for step in train_set.steps)
+    job.say(
+        f"packed {len(data.train)} pairs into {len(train_set)} steps of {per_step} pairs "
+        f"({micro_batches / max(1, len(train_set)):.2f} micro-batches of at most {t.batch_size} rows a step) "
+        f"for {world_size()} process(es): {train_set.fill:.1%} of computed tokens real; reference: "
+        + ("the adapter it continues from, frozen" if model.reference_adapter else "the base (adapter off)"),
+        steps=len(train_set),
+        micro_batches=micro_batches,
+        fill=round(train_set.fill, 4),
+    )
+    trainer = DpoTrainer(
+        model=model.model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=partial(
+            collate_pair_step, pad_token_id=data.tokenizer.pad_token_id, row_multiple=model.speed.row_multiple
+        ),
+        processing_class=data.tokenizer,
+        callbacks=[progress],
+        settings=spec.dpo,
+        head=model.head,
+        reference_adapter=model.reference_adapter,
+    )
+    trainer.mask_dtype = model.dtype if torch.cuda.is_available() else torch.float32
+    trainer.mask_kind = model.speed.mask
     return trainer
 
 

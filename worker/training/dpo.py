@@ -1,0 +1,446 @@
+"""Direct Preference Optimization on packed pairs: the loss, the figures, and the Trainer.
+
+A step takes `batch_size × gradient_accumulation_steps` pairs, as a supervised step takes that
+many samples. Both sides of every pair go through the padding-free packing of
+worker.training.packing: they are packed best-fit into micro-batches of at most `batch_size`
+rows of `max_seq_length` tokens (the supervised recipe's micro-batch), each sample attending
+only to itself, both sides of a pair in the same micro-batch, as many micro-batches as the
+step's pairs need. Each micro-batch runs one forward of the policy (the adapter on) and one
+without gradients of the reference: the base with the adapter switched off (no second copy of
+the model), or, for a job that continues from an earlier adapter, that adapter kept frozen
+under the name `reference`.
+
+Only completion tokens (a side's reply) are scored: their hidden states are gathered (at
+positions the collator computed on the host, so nothing waits for the GPU) and turned into
+log-probabilities by `fused_loss.linear_log_probs`, a chunk at a time, so the vocabulary-wide
+logits never exist. A side's log-probability is the sum over its completion tokens, and the
+loss is TRL 1.16's DPOTrainer's for the same model, batch and beta (tests/test_dpo.py):
+
+    sigmoid: -log σ(β·Δ) (with label smoothing ε: -(1-ε)·log σ(β·Δ) - ε·log σ(-β·Δ))
+    ipo:     (Δ̄ - 1/(2β))², Δ̄ the log-ratios averaged per completion token
+    hinge:   max(0, 1 - β·Δ)
+
+where Δ = (log π(chosen) - log π_ref(chosen)) - (log π(rejected) - log π_ref(rejected)). The
+step's loss is the mean over its pairs. The implicit rewards are β·(log π - log π_ref) of each
+side; the figures logged beside the loss (named as TRL names them) are their means, their
+margin, and the share of pairs whose chosen side has the larger reward.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from app.spec import DpoHyperparameters
+from worker.training.data import IGNORE_INDEX, TokenizedSample
+from worker.training.fused_loss import linear_log_probs
+from worker.training.packing import INPUT_TOKENS, block_causal_mask
+from worker.training.preference_data import TokenizedPair
+from worker.training.speed import document_block_mask
+from worker.training.trainer import ServiceTrainer
+
+# The adapter a job that continues from an earlier one keeps frozen as its reference.
+REFERENCE_ADAPTER = "reference"
+CHOSEN, REJECTED = 0, 1
+
+# A micro-batch: rows of (pair index, side) samples.
+MicroBatch = list[list[tuple[int, int]]]
+
+
+@dataclass
+class PairStep:
+    """The pairs of one optimizer step, packed into micro-batches of rows."""
+
+    micro_batches: list[MicroBatch]
+
+    @property
+    def pairs(self) -> int:
+        return sum(len(row) for micro in self.micro_batches for row in micro) // 2
+
+
+def plan_pair_steps(
+    lengths: list[tuple[int, int]], pairs_per_step: int, rows_per_micro_batch: int, row_length: int, seed: int
+) -> list[PairStep]:
+    """Shuffle the pairs (seeded), take `pairs_per_step` at a time, and pack each step's pairs,
+    longest first, both sides into one micro-batch: best-fit into its rows (at most
+    `rows_per_micro_batch`, and at least 2 so that any pair fits), a new micro-batch when no open
+    one has room for both sides."""
+    rows = max(2, rows_per_micro_batch)
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    steps = []
+    for start in range(0, len(order), pairs_per_step):
+        candidates = sorted(order[start : start + pairs_per_step], key=lambda i: -sum(lengths[i]))
+        micro_batches: list[MicroBatch] = []
+        room: list[list[int]] = []  # each micro-batch's free tokens per row
+        for pair in candidates:
+            placed = any(
+                _place_pair(micro, free, pair, lengths[pair], rows, row_length)
+                for micro, free in zip(micro_batches, room, strict=True)
+            )
+            if not placed:  # a new micro-batch holds any pair: each side fits a row
+                micro_batches.append([])
+                room.append([])
+                _place_pair(micro_batches[-1], room[-1], pair, lengths[pair], rows, row_length)
+        steps.append(PairStep(micro_batches))
+    return steps
+
+
+def _place_pair(
+    micro: MicroBatch, free: list[int], pair: int, sides: tuple[int, int], rows: int, row_length: int
+) -> bool:
+    """Both sides of `pair` into `micro`'s rows (best fit, new rows up to `rows`), or neither."""
+    taken: list[tuple[int, int]] = []  # (row, length) placed so far, to undo
+    opened = len(micro)
+    for side, need in enumerate(sides):
+        fits = [r for r in range(len(micro)) if free[r] >= need]
+        if fits:
+            row = min(fits, key=lambda r: free[r])
+        elif len(micro) < rows:
+            micro.append([])
+            free.append(row_length)
+            row = len(micro) - 1
+        else:
+            for row, need_back in taken:
+                micro[row].pop()
+                free[row] += need_back
+            del micro[opened:], free[opened:]
+            return False
+        micro[row].append((pair, side))
+        free[row] -= need
+        taken.append((row, need))
+    return True
+
+
+class PackedPairs:
+    """A DPO training set whose items are whole optimizer steps (the Trainer's batch size is 1)."""
+
+    def __init__(self, pairs: list[TokenizedPair], steps: list[PairStep]):
+        self.pairs = pairs
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def side(self, pair: int, side: int) -> TokenizedSample:
+        both = self.pairs[pair]
+        return both.chosen if side == CHOSEN else both.rejected
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        step = self.steps[index]
+        return {
+            "micro_batches": [
+                [[self.side(p, s) for p, s in row] for row in micro] for micro in step.micro_batches
+            ],
+            "sides": [[[(p, s) for p, s in row] for row in micro] for micro in step.micro_batches],
+            "pairs": step.pairs,
+        }
+
+    @property
+    def mean_pairs_per_step(self) -> float:
+        return len(self.pairs) / max(1, len(self.steps))
+
+    @property
+    def fill(self) -> float:
+        """Share of the computed (micro-batch rows × longest row) tokens that are real."""
+        real = computed = 0
+        for step in self.steps:
+            for micro in step.micro_batches:
+                widths = [sum(len(self.side(p, s).input_ids) for p, s in row) for row in micro]
+                real += sum(widths)
+                computed += max(widths) * len(micro)
+        return real / max(1, computed)
+
+
+def pack_pairs(
+    pairs: list[TokenizedPair], pairs_per_step: int, rows_per_micro_batch: int, row_length: int, seed: int
+) -> PackedPairs:
+    lengths = [(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
+    return PackedPairs(
+        pairs, plan_pair_steps(lengths, pairs_per_step, rows_per_micro_batch, row_length, seed)
+    )
+
+
+def collate_micro_batch(
+    rows: list[list[TokenizedSample]],
+    sides: list[list[tuple[int, int]]],
+    pad_token_id: int,
+    row_multiple: int,
+) -> dict[str, torch.Tensor]:
+    """One micro-batch's packed rows, and where its completion tokens are, all worked out on the
+    host: `positions` (flat index into rows × width of each token that predicts a completion
+    token), `targets` (that token), `target_sequence` (which sample it belongs to, numbered across
+    the micro-batch), `chosen` / `rejected` (each pair's two samples), `completion_tokens` (per
+    sample)."""
+    width = max(sum(len(s.input_ids) for s in row) for row in rows)
+    width = -(-width // row_multiple) * row_multiple
+    input_ids, positions_ids, sequence_ids = [], [], []
+    positions, targets, target_sequence, completion_tokens = [], [], [], []
+    where: dict[tuple[int, int], int] = {}
+    number = 0
+    for r, (row, row_sides) in enumerate(zip(rows, sides, strict=True)):
+        ids: list[int] = []
+        positions_row: list[int] = []
+        sequences: list[int] = []
+        for sample, pair_side in zip(row, row_sides, strict=True):
+            offset = len(ids)
+            trained = 0
+            for j in range(1, len(sample.input_ids)):  # a sample's first token predicts nothing of it
+                if sample.labels[j] != IGNORE_INDEX:
+                    positions.append(r * width + offset + j - 1)
+                    targets.append(sample.input_ids[j])
+                    target_sequence.append(number)
+                    trained += 1
+            ids += sample.input_ids
+            positions_row += range(len(sample.input_ids))
+            number += 1
+            sequences += [number] * len(sample.input_ids)  # 0 is padding
+            where[pair_side] = number - 1
+            completion_tokens.append(trained)
+        pad = width - len(ids)
+        input_ids.append(ids + [pad_token_id] * pad)
+        positions_ids.append(positions_row + [0] * pad)
+        sequence_ids.append(sequences + [0] * pad)
+    pairs = sorted({p for p, _ in where})
+    return {
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "position_ids": torch.tensor(positions_ids, dtype=torch.long),
+        "sequence_ids": torch.tensor(sequence_ids, dtype=torch.long),
+        "positions": torch.tensor(positions, dtype=torch.long),
+        "targets": torch.tensor(targets, dtype=torch.long),
+        "target_sequence": torch.tensor(target_sequence, dtype=torch.long),
+        "completion_tokens": torch.tensor(completion_tokens, dtype=torch.long),
+        "chosen": torch.tensor([where[(p, CHOSEN)] for p in pairs], dtype=torch.long),
+        "rejected": torch.tensor([where[(p, REJECTED)] for p in pairs], dtype=torch.long),
+    }
+
+
+def collate_pair_step(
+    items: list[dict[str, Any]], pad_token_id: int, row_multiple: int = 1
+) -> dict[str, Any]:
+    """What the DPO Trainer's data loader yields: the step's micro-batches (`collate_micro_batch`),
+    its pair count and its real tokens (`INPUT_TOKENS`, counted on the host)."""
+    [step] = items
+    micro_batches = [
+        collate_micro_batch(rows, sides, pad_token_id, row_multiple)
+        for rows, sides in zip(step["micro_batches"], step["sides"], strict=True)
+    ]
+    tokens = sum(len(s.input_ids) for micro in step["micro_batches"] for row in micro for s in row)
+    return {"micro_batches": micro_batches, "pairs": step["pairs"], INPUT_TOKENS: tokens}
+
+
+def dpo_losses(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    settings: DpoHyperparameters,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each pair's loss, and the chosen and rejected sides' implicit rewards (detached), as TRL
+    1.16's DPOTrainer computes them (f-divergence reverse KL, one loss type)."""
+    beta = settings.beta
+    chosen_ratios = chosen_logps - reference_chosen_logps
+    rejected_ratios = rejected_logps - reference_rejected_logps
+    delta = chosen_ratios - rejected_ratios
+    if settings.loss_type == "sigmoid":
+        smoothing = settings.label_smoothing
+        losses = -F.logsigmoid(beta * delta) * (1 - smoothing) - F.logsigmoid(-beta * delta) * smoothing
+    elif settings.loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif settings.loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss averages per completion token: pass the token counts")
+        averaged = chosen_ratios / chosen_tokens.clamp(min=1) - rejected_ratios / rejected_tokens.clamp(min=1)
+        losses = (averaged - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss type {settings.loss_type!r}")
+    return losses, beta * chosen_ratios.detach(), beta * rejected_ratios.detach()
+
+
+# The figures logged beside the loss, named as TRL's DPOTrainer names them.
+FIGURES = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+@dataclass
+class FigureSums:
+    """Sums over the pairs seen since the last log, kept on the device (read when logged)."""
+
+    pairs: int = 0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(
+        self, loss_sum: torch.Tensor, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps
+    ) -> None:
+        values = {
+            "loss": loss_sum.detach(),
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "logps/chosen": chosen_logps.detach().sum(),
+            "logps/rejected": rejected_logps.detach().sum(),
+        }
+        for name, value in values.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.pairs += chosen_rewards.shape[0]
+
+    def means(self) -> dict[str, float]:
+        """The mean of each figure (and the loss) per pair, then reset."""
+        if not self.pairs:
+            return {}
+        means = {name: float(value) / self.pairs for name, value in self.sums.items()}
+        self.pairs, self.sums = 0, {}
+        return means
+
+
+@contextmanager
+def reference_model(model: Any, adapter: str | None) -> Iterator[None]:
+    """The reference policy: `adapter` (frozen) active, or every adapter off (the base)."""
+    if adapter is None:
+        with model.disable_adapter():
+            yield
+        return
+    previous = model.active_adapter
+    model.set_adapter(adapter)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+
+
+class DpoTrainer(ServiceTrainer):
+    """Trains packed pair steps (`collate_pair_step`'s batches) with the DPO loss; logs DPO's
+    figures beside the loss, and the eval set's with `eval_` in front."""
+
+    mask_dtype: torch.dtype = torch.float32
+    mask_kind: str = "sdpa"  # "flex": a FlexAttention BlockMask (worker.training.speed)
+
+    def __init__(
+        self,
+        *args: Any,
+        settings: DpoHyperparameters,
+        head: torch.nn.Linear | None,
+        reference_adapter: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+        self.head = head  # lm_head, taken out of the forward (None: the model's logits are used)
+        self.reference_adapter = reference_adapter
+        self.figures = {"train": FigureSums(), "eval": FigureSums()}
+
+    # a step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        tokens = inputs.get(INPUT_TOKENS)
+        if tokens is not None and self.args.include_num_input_tokens_seen == "no":
+            self.state.num_input_tokens_seen += tokens
+        inputs = self._prepare_inputs(inputs)
+        total = None
+        for micro in inputs["micro_batches"]:
+            with self.compute_loss_context_manager():
+                loss = self.micro_batch_loss(model, micro, inputs["pairs"], self.figures["train"])
+            self.accelerator.backward(loss)
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = sum(
+                self.micro_batch_loss(model, micro, inputs["pairs"], self.figures["eval"])
+                for micro in inputs["micro_batches"]
+            )
+        return loss, None, None
+
+    def micro_batch_loss(
+        self, model: Any, micro: dict[str, torch.Tensor], step_pairs: int, figures: FigureSums
+    ) -> torch.Tensor:
+        """This micro-batch's pairs' summed loss over the step's pair count (so a step's
+        micro-batches add up to the mean over its pairs); their figures go to `figures`."""
+        sequence_ids = micro["sequence_ids"]
+        if self.mask_kind == "flex":
+            mask = document_block_mask(sequence_ids)
+        else:
+            mask = block_causal_mask(sequence_ids, self.mask_dtype)
+        forward = partial(self.sequence_logps, model, micro, mask)
+        with torch.no_grad(), reference_model(self.accelerator.unwrap_model(model), self.reference_adapter):
+            reference = forward()
+        policy = forward()
+        chosen, rejected = micro["chosen"], micro["rejected"]
+        tokens = micro["completion_tokens"]
+        losses, chosen_rewards, rejected_rewards = dpo_losses(
+            policy[chosen],
+            policy[rejected],
+            reference[chosen],
+            reference[rejected],
+            self.settings,
+            tokens[chosen],
+            tokens[rejected],
+        )
+        figures.add(losses.sum(), chosen_rewards, rejected_rewards, policy[chosen], policy[rejected])
+        return losses.sum() / step_pairs
+
+    def sequence_logps(self, model: Any, micro: dict[str, torch.Tensor], mask: Any) -> torch.Tensor:
+        """Each sample's summed log-probability of its completion tokens (float32)."""
+        outputs = model(
+            input_ids=micro["input_ids"],
+            position_ids=micro["position_ids"],
+            attention_mask=mask,
+            use_cache=False,
+        )
+        states = outputs.logits  # the last hidden states where the head was taken out
+        picked = states.reshape(-1, states.shape[-1]).index_select(0, micro["positions"])
+        targets = micro["targets"]
+        if self.head is not None:
+            token_logps = linear_log_probs(picked, self.head.weight, self.head.bias, targets)
+        else:
+            token_logps = torch.log_softmax(picked.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+        samples = micro["completion_tokens"].shape[0]
+        sums = torch.zeros(samples, dtype=torch.float32, device=token_logps.device)
+        return sums.index_add(0, micro["target_sequence"], token_logps)
+
+    # logs and saves
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            means = self.figures["train"].means()
+            means.pop("loss", None)
+            logs.update(means)
+        if "eval_loss" in logs:
+            means = self.figures["eval"].means()
+            if "loss" in means:  # the exact mean over the eval pairs
+                logs["eval_loss"] = means.pop("loss")
+            logs.update({f"eval_{name}": value for name, value in means.items()})
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints and the final adapter hold the trained adapter only, not the frozen
+        reference."""
+        if self.reference_adapter is None:
+            return super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained = partial(model.save_pretrained, selected_adapters=[model.active_adapter])
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained
