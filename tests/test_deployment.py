@@ -34,13 +34,15 @@ from tests.conftest import (
     POSTGRES_URL,
     REDIS_URL,
     REPO,
+    TEST_OWNER,
+    demo_spec,
     drop_queues,
     fresh_postgres_database,
     sqlite_only,
     unique_queue,
 )
 from tests.helpers import wait_until
-from tests.processes import free_port, service_process, wait_for, wait_for_step
+from tests.processes import free_port, running_service, service_process, wait_for, wait_for_step
 from tests.servers import WebhookReceiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
@@ -631,6 +633,77 @@ def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, fi
             timeout=60,
             what="the chart to follow the resumed run to its end",
         )
+
+
+@sqlite_only
+def test_dashboard_charts_a_preference_jobs_figures_and_shows_its_method(service_env, tmp_path, browser):
+    """A DPO job's page gets two more charts, the rewards of the chosen and the rejected replies
+    and the accuracy with the margin, each for training and the eval set; a supervised job's
+    has neither. Each page names its job's method. (Only the API runs: the DPO job's rows are
+    written through the services its worker calls.)"""
+    from selenium.webdriver.common.by import By
+
+    from app.models import utcnow
+    from app.services import runs
+    from app.services.keys import create_key
+
+    def row(step: int, prefix: str = "") -> dict:
+        """A training row (prefix "") or an evaluation's ("eval_"), as a DPO job's worker writes them."""
+        x = step / 10
+        rewards = {"chosen": x, "rejected": -x, "margins": 2 * x, "accuracies": x + 0.5}
+        figures = {f"{prefix}rewards/{name}": value for name, value in rewards.items()}
+        return {"step": step, f"{prefix}loss": 0.69, "time": utcnow(), "figures": figures}
+
+    with running_service(service_env, tmp_path, worker=False) as client:
+        method = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}
+        dpo = client.post("/jobs", json={**demo_spec(), "method": method})
+        assert dpo.status_code == 201, dpo.text
+        claim = runs.claim_job(dpo.json()["id"])
+        rows = [row(1), row(2), row(2, "eval_"), row(3), row(4), row(4, "eval_")]
+        runs.report_progress(claim, 4, rows)
+        runs.finish_job(claim, "succeeded", "finished")
+        supervised = client.post("/jobs", json=demo_spec()).json()["id"]  # queued: no worker runs
+
+        browser.get(f"{client.base_url}/ui/")
+        wait_until(lambda: browser.find_element(By.ID, "key-view").is_displayed(), what="the key prompt")
+        browser.find_element(By.ID, "key-input").send_keys(create_key(TEST_OWNER))
+        browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+
+        def job_page(job_id: str) -> None:
+            browser.execute_script(f"location.hash = '#/jobs/{job_id}'")
+            wait_until(
+                lambda: (
+                    browser.execute_script("return window.dashboard.ready && window.dashboard.job.id")
+                    == job_id
+                ),
+                what=f"the page of {job_id}",
+            )
+
+        job_page(claim.job_id)
+        assert browser.find_element(By.ID, "job-method").text == "method dpo (beta 0.2)"
+        assert browser.find_element(By.ID, "figure-rewards").is_displayed()
+        assert browser.find_element(By.ID, "figure-preference").is_displayed()
+        steps = [1, 2, 3, 4]
+
+        def drawn(name: str, prefix: str = "") -> list[float | None]:
+            """A figure's points: at every step; the eval set's at the evaluated ones (2 and 4)."""
+            points = [row(s, prefix)["figures"][f"{prefix}rewards/{name}"] for s in steps]
+            return [p if s % 2 == 0 or not prefix else None for s, p in zip(steps, points, strict=True)]
+
+        charted = {"rewards": ["chosen", "rejected"], "preference": ["accuracies", "margins"]}
+        for chart, names in charted.items():
+            data = browser.execute_script(f"return window.dashboard.charts.{chart}.data")
+            assert data == [steps, *(drawn(n) for n in names), *(drawn(n, "eval_") for n in names)]
+
+        job_page(supervised)
+        assert browser.find_element(By.ID, "job-method").text == "method supervised"
+        assert not browser.find_element(By.ID, "figure-rewards").is_displayed()
+        assert not browser.find_element(By.ID, "figure-preference").is_displayed()
+        assert browser.execute_script("return Object.keys(window.dashboard.charts)") == [
+            "loss",
+            "learningRate",
+            "throughput",
+        ]
 
 
 @sqlite_only  # the embedded broker is what `make run` uses, with its SQLite database

@@ -117,21 +117,67 @@ function poll(signal, task) {
 }
 
 // --- one job ----------------------------------------------------------------------------------
-function makeChart(container, series, scale = {}) {
+function makeChart(container, series, { scales = { y: {} }, axes = [{}] } = {}) {
   const width = Math.max(container.clientWidth - 10, 320);
   const options = {
     width,
     height: 220,
-    scales: { x: { time: false }, y: scale },
-    axes: [{ label: "step" }, {}],
+    scales: { x: { time: false }, ...scales },
+    axes: [{ label: "step" }, ...axes],
     series: [{ label: "step" }, ...series],
     legend: { live: true },
   };
   return new uPlot(options, [[], ...series.map(() => [])], container);
 }
 
+// A preference method's figures (named as TRL's DPO logs them), charted once the job's rows carry
+// any: the rewards of the chosen and rejected replies, and how often and by how much the chosen
+// one wins. Training as lines, the eval set's dashed with points; other methods' figures are
+// only in the logs.
+const EVAL_STYLE = { width: 2, dash: [5, 4], spanGaps: true, points: { show: true, size: 5 } };
+const FIGURE_CHARTS = {
+  rewards: {
+    figure: "#figure-rewards",
+    container: "#chart-rewards",
+    series: [
+      { figure: "rewards/chosen", label: "chosen", stroke: "#2e8b57" },
+      { figure: "rewards/rejected", label: "rejected", stroke: "#c0392b" },
+      { figure: "eval_rewards/chosen", label: "eval chosen", stroke: "#2e8b57", ...EVAL_STYLE },
+      { figure: "eval_rewards/rejected", label: "eval rejected", stroke: "#c0392b", ...EVAL_STYLE },
+    ],
+  },
+  preference: {
+    figure: "#figure-preference",
+    container: "#chart-preference",
+    series: [
+      { figure: "rewards/accuracies", label: "accuracy", stroke: "#2f6fd6", scale: "accuracy" },
+      { figure: "rewards/margins", label: "margin", stroke: "#e67e22", scale: "margin" },
+      { figure: "eval_rewards/accuracies", label: "eval accuracy", stroke: "#2f6fd6", scale: "accuracy", ...EVAL_STYLE },
+      { figure: "eval_rewards/margins", label: "eval margin", stroke: "#e67e22", scale: "margin", ...EVAL_STYLE },
+    ],
+    scales: { accuracy: { range: [0, 1] }, margin: {} },
+    axes: [
+      { scale: "accuracy", label: "accuracy" },
+      { scale: "margin", label: "margin", side: 1, grid: { show: false } },
+    ],
+  },
+};
+const CHARTED_FIGURES = Object.values(FIGURE_CHARTS).flatMap((chart) => chart.series.map((s) => s.figure));
+
+function createFigureCharts() {
+  for (const [name, chart] of Object.entries(FIGURE_CHARTS)) {
+    $(chart.figure).hidden = false; // first, so that the chart takes the figure's width
+    const series = chart.series.map(({ figure, ...style }) => ({ width: 1.5, ...style }));
+    dashboard.charts[name] = makeChart($(chart.container), series, chart);
+  }
+}
+
 function createCharts() {
   for (const id of ["#chart-loss", "#chart-lr", "#chart-throughput"]) $(id).replaceChildren();
+  for (const chart of Object.values(FIGURE_CHARTS)) {
+    $(chart.figure).hidden = true; // until the job's rows carry the figures
+    $(chart.container).replaceChildren();
+  }
   dashboard.charts = {
     loss: makeChart($("#chart-loss"), [
       { label: "loss", stroke: "#2f6fd6", width: 1.5 },
@@ -149,6 +195,12 @@ function drawCharts() {
   loss.setData([steps, rows.map((r) => r.loss), rows.map((r) => r.eval_loss)]);
   learningRate.setData([steps, rows.map((r) => r.learning_rate)]);
   throughput.setData([steps, rows.map((r) => r.tokens_per_second)]);
+  const charted = (r) => r.figures && CHARTED_FIGURES.some((name) => name in r.figures);
+  if (!dashboard.charts.rewards && rows.some(charted)) createFigureCharts();
+  for (const [name, chart] of Object.entries(FIGURE_CHARTS)) {
+    const figures = chart.series.map((s) => rows.map((r) => r.figures?.[s.figure] ?? null));
+    dashboard.charts[name]?.setData([steps, ...figures]);
+  }
 }
 
 function addRows(newRows) {
@@ -222,6 +274,19 @@ function parseEvent(block) {
   return { name, data: data.length ? JSON.parse(data.join("\n")) : null };
 }
 
+// How the job teaches (its spec's method: supervised, or dpo and its beta) and the earlier job's
+// adapter it starts from, if any (init_from).
+function methodLine(spec) {
+  const method = spec.method || { type: "supervised" };
+  const beta = method.type === "dpo" && method.dpo ? ` (beta ${method.dpo.hyperparameters.beta})` : "";
+  const line = [`method ${method.type}${beta}`];
+  if (spec.init_from) {
+    const { job, checkpoint } = spec.init_from;
+    line.push(" · from ", element("a", { href: `#/jobs/${job}` }, element("code", {}, job)), ` ${checkpoint || "final adapter"}`);
+  }
+  return line;
+}
+
 async function refreshJob(jobId) {
   const [job, checkpoints, events, exports] = await Promise.all([
     getJSON(`/jobs/${jobId}`),
@@ -239,6 +304,7 @@ async function refreshJob(jobId) {
   $("#job-summary").textContent =
     `step ${job.current_step}/${job.total_steps ?? "?"} · ${job.spec.base_model} on ${job.spec.dataset.source}` +
     ` · attempt ${job.attempts} · created ${fmtTime(job.created_at)}`;
+  $("#job-method").replaceChildren(...methodLine(job.spec));
   $("#job-error").textContent = job.error || "";
   // Which actions a job allows now is the server's rule (app/lifecycle.py): the job says.
   for (const action of ["cancel", "pause", "resume"]) {
