@@ -639,8 +639,8 @@ def test_dashboard_draws_the_runs_metrics_and_cancels_and_resumes(deployment, fi
 def test_dashboard_charts_a_preference_jobs_figures_and_shows_its_method(service_env, tmp_path, browser):
     """A DPO job's page gets two more charts, the rewards of the chosen and the rejected replies
     and the accuracy with the margin, each for training and the eval set; a supervised job's
-    has neither. Each page names its job's method. (Only the API runs: the DPO job's rows are
-    written through the services its worker calls.)"""
+    has neither. Each page names its job's method and the job whose adapter it continues from.
+    (Only the API runs: the DPO job's rows are written through the services its worker calls.)"""
     from selenium.webdriver.common.by import By
 
     from app.models import utcnow
@@ -661,8 +661,14 @@ def test_dashboard_charts_a_preference_jobs_figures_and_shows_its_method(service
         claim = runs.claim_job(dpo.json()["id"])
         rows = [row(1), row(2), row(2, "eval_"), row(3), row(4), row(4, "eval_")]
         runs.report_progress(claim, 4, rows)
+        runs.record_checkpoint(
+            claim, "checkpoint-4", 4, str(tmp_path / "checkpoint-4.zip"), 1, "0" * 64, keep=1
+        )
         runs.finish_job(claim, "succeeded", "finished")
-        supervised = client.post("/jobs", json=demo_spec()).json()["id"]  # queued: no worker runs
+        # a supervised job that continues from it, queued (no worker runs)
+        init_from = {"job": claim.job_id, "checkpoint": "checkpoint-4"}
+        supervised = client.post("/jobs", json={**demo_spec(), "init_from": init_from})
+        assert supervised.status_code == 201, supervised.text
 
         browser.get(f"{client.base_url}/ui/")
         wait_until(lambda: browser.find_element(By.ID, "key-view").is_displayed(), what="the key prompt")
@@ -695,8 +701,11 @@ def test_dashboard_charts_a_preference_jobs_figures_and_shows_its_method(service
             data = browser.execute_script(f"return window.dashboard.charts.{chart}.data")
             assert data == [steps, *(drawn(n) for n in names), *(drawn(n, "eval_") for n in names)]
 
-        job_page(supervised)
-        assert browser.find_element(By.ID, "job-method").text == "method supervised"
+        job_page(supervised.json()["id"])
+        assert (
+            browser.find_element(By.ID, "job-method").text
+            == f"method supervised · from {claim.job_id} checkpoint-4"
+        )
         assert not browser.find_element(By.ID, "figure-rewards").is_displayed()
         assert not browser.find_element(By.ID, "figure-preference").is_displayed()
         assert browser.execute_script("return Object.keys(window.dashboard.charts)") == [
