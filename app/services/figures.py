@@ -14,7 +14,7 @@ def figure_names(job_id: str, owner: str) -> list[str]:
     """Every figure name in the job's rows, sorted; [] for a job whose method has none."""
     with session_scope() as session:
         owned_job(session, job_id, owner)
-        query: Select[tuple[str]]
+        query: Select[str]
         if session.get_bind().dialect.name == "postgresql":
             query = select(func.json_object_keys(Metric.figures))
         else:
