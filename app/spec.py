@@ -391,10 +391,11 @@ class InitFrom(_Strict):
     """An earlier job of yours whose adapter this job starts from (its final adapter, or a kept
     checkpoint); the base model, quantization and LoRA shape come from that job."""
 
-    job: str = Field(pattern=f"^{JOB_ID_PATTERN}$", description="The earlier job's id.")
+    job: str = Field(pattern=f"^{JOB_ID_PATTERN}$", max_length=64, description="The earlier job's id.")
     checkpoint: str | None = Field(
         None,
         pattern=f"^{CHECKPOINT_NAME_PATTERN}$",
+        max_length=64,
         description="One of its kept checkpoints; null: its final adapter (the job must have succeeded).",
     )
 

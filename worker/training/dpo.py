@@ -309,6 +309,70 @@ class FigureSums:
         return means
 
 
+def sequence_logps(model: Any, micro: dict[str, torch.Tensor], mask: Any, head: Any) -> torch.Tensor:
+    """Each sample's summed log-probability of its completion tokens (float32). `head`: the
+    lm_head taken out of the forward (`fused_loss.use_hidden_states_head`), or None where the
+    model's forward still computes the logits."""
+    outputs = model(
+        input_ids=micro["input_ids"], position_ids=micro["position_ids"], attention_mask=mask, use_cache=False
+    )
+    states = outputs.logits  # the last hidden states where the head was taken out
+    picked = states.reshape(-1, states.shape[-1]).index_select(0, micro["positions"])
+    targets = micro["targets"]
+    if head is not None:
+        token_logps = linear_log_probs(picked, head.weight, head.bias, targets)
+    else:
+        token_logps = torch.log_softmax(picked.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    samples = micro["completion_tokens"].shape[0]
+    sums = torch.zeros(samples, dtype=torch.float32, device=token_logps.device)
+    return sums.index_add(0, micro["target_sequence"], token_logps)
+
+
+@dataclass
+class ScoredPairs:
+    losses: torch.Tensor  # per pair
+    chosen_rewards: torch.Tensor  # β·(log π − log π_ref), detached
+    rejected_rewards: torch.Tensor
+    logps: tuple[torch.Tensor, torch.Tensor]  # the policy's (chosen, rejected) log-probabilities
+
+
+def score_pairs(
+    model: Any,
+    micro: dict[str, torch.Tensor],
+    settings: DpoHyperparameters,
+    head: Any,
+    reference_adapter: str | None,
+    mask_kind: str = "sdpa",
+    mask_dtype: torch.dtype = torch.float32,
+) -> ScoredPairs:
+    """The pairs of one collated micro-batch (`collate_micro_batch`): the reference's forward
+    without gradients, the policy's, and DPO's loss of each pair."""
+    sequence_ids = micro["sequence_ids"]
+    if mask_kind == "flex":
+        mask = document_block_mask(sequence_ids)
+    else:
+        mask = block_causal_mask(sequence_ids, mask_dtype)
+    with torch.no_grad(), reference_model(_unwrapped(model), reference_adapter):
+        reference = sequence_logps(model, micro, mask, head)
+    policy = sequence_logps(model, micro, mask, head)
+    chosen, rejected, tokens = micro["chosen"], micro["rejected"], micro["completion_tokens"]
+    losses, chosen_rewards, rejected_rewards = dpo_losses(
+        policy[chosen],
+        policy[rejected],
+        reference[chosen],
+        reference[rejected],
+        settings,
+        tokens[chosen],
+        tokens[rejected],
+    )
+    return ScoredPairs(losses, chosen_rewards, rejected_rewards, (policy[chosen], policy[rejected]))
+
+
+def _unwrapped(model: Any) -> Any:
+    """The peft model under a data-parallel wrapper."""
+    return getattr(model, "module", model)
+
+
 @contextmanager
 def reference_model(model: Any, adapter: str | None) -> Iterator[None]:
     """The reference policy: `adapter` (frozen) active, or every adapter off (the base)."""
@@ -377,47 +441,11 @@ class DpoTrainer(ServiceTrainer):
     ) -> torch.Tensor:
         """This micro-batch's pairs' summed loss over the step's pair count (so a step's
         micro-batches add up to the mean over its pairs); their figures go to `figures`."""
-        sequence_ids = micro["sequence_ids"]
-        if self.mask_kind == "flex":
-            mask = document_block_mask(sequence_ids)
-        else:
-            mask = block_causal_mask(sequence_ids, self.mask_dtype)
-        forward = partial(self.sequence_logps, model, micro, mask)
-        with torch.no_grad(), reference_model(self.accelerator.unwrap_model(model), self.reference_adapter):
-            reference = forward()
-        policy = forward()
-        chosen, rejected = micro["chosen"], micro["rejected"]
-        tokens = micro["completion_tokens"]
-        losses, chosen_rewards, rejected_rewards = dpo_losses(
-            policy[chosen],
-            policy[rejected],
-            reference[chosen],
-            reference[rejected],
-            self.settings,
-            tokens[chosen],
-            tokens[rejected],
+        scored = score_pairs(
+            model, micro, self.settings, self.head, self.reference_adapter, self.mask_kind, self.mask_dtype
         )
-        figures.add(losses.sum(), chosen_rewards, rejected_rewards, policy[chosen], policy[rejected])
-        return losses.sum() / step_pairs
-
-    def sequence_logps(self, model: Any, micro: dict[str, torch.Tensor], mask: Any) -> torch.Tensor:
-        """Each sample's summed log-probability of its completion tokens (float32)."""
-        outputs = model(
-            input_ids=micro["input_ids"],
-            position_ids=micro["position_ids"],
-            attention_mask=mask,
-            use_cache=False,
-        )
-        states = outputs.logits  # the last hidden states where the head was taken out
-        picked = states.reshape(-1, states.shape[-1]).index_select(0, micro["positions"])
-        targets = micro["targets"]
-        if self.head is not None:
-            token_logps = linear_log_probs(picked, self.head.weight, self.head.bias, targets)
-        else:
-            token_logps = torch.log_softmax(picked.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
-        samples = micro["completion_tokens"].shape[0]
-        sums = torch.zeros(samples, dtype=torch.float32, device=token_logps.device)
-        return sums.index_add(0, micro["target_sequence"], token_logps)
+        figures.add(scored.losses.sum(), scored.chosen_rewards, scored.rejected_rewards, *scored.logps)
+        return scored.losses.sum() / step_pairs
 
     # logs and saves
 

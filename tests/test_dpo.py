@@ -1,0 +1,154 @@
+"""DPO on the real tiny Phi through the real 4-bit LoRA path: the packed step computes what TRL
+1.16's DPOTrainer computes for the same model, pairs and beta, and pairs pack as promised."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.conversations import flatten_trees
+from app.preferences import ranked_pairs_from_rows
+from app.spec import DpoHyperparameters, JobSpec
+from tests.conftest import REPO, demo_spec
+from worker.training.data import IGNORE_INDEX
+from worker.training.dpo import FigureSums, collate_micro_batch, pack_pairs, plan_pair_steps, score_pairs
+from worker.training.preference_data import tokenize_pair
+
+TREES = REPO / "examples/data/oasst1/en-100-trees.jsonl"
+
+
+def oasst_pairs(tokenizer, count: int, max_length: int = 256) -> list:
+    """The first `count` rank pairs of the tree export whose sides fit `max_length` untruncated."""
+    trees = [json.loads(line) for line in TREES.read_text().splitlines()]
+    chosen = []
+    for pair in ranked_pairs_from_rows(flatten_trees(trees), ["en"]).pairs:
+        tokenized, truncated = tokenize_pair(pair, tokenizer, max_length, "human_assistant")
+        if not truncated:
+            chosen.append(tokenized)
+        if len(chosen) == count:
+            return chosen
+    raise AssertionError("too few short pairs")
+
+
+def completion_start(sample) -> int:
+    return next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
+
+
+def test_pair_steps_keep_both_sides_of_a_pair_in_one_micro_batch():
+    lengths = [(700, 300), (1500, 2048), (10, 20), (2048, 2048), (900, 1200)] * 7
+    steps = plan_pair_steps(lengths, pairs_per_step=8, rows_per_micro_batch=2, row_length=2048, seed=3)
+    assert [step.pairs for step in steps] == [8, 8, 8, 8, 3]
+    seen = []
+    for step in steps:
+        for micro in step.micro_batches:
+            assert len(micro) <= 2
+            assert all(sum(lengths[p][s] for p, s in row) <= 2048 for row in micro)
+            sides = sorted(ps for row in micro for ps in row)
+            pairs = {p for p, _ in sides}
+            assert sides == sorted((p, s) for p in pairs for s in (0, 1))  # both sides, once each
+            seen += pairs
+    assert sorted(seen) == list(range(len(lengths)))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("demo_model")
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_a_packed_dpo_step_equals_trls_dpo_trainer(loss_type, tmp_path):
+    """Loss, every trained gradient and the implicit rewards of a packed micro-batch of three
+    oasst1 rank pairs equal TRL 1.16's DPOTrainer's on the same 4-bit LoRA model (reference: the
+    adapter switched off), to 1e-5."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from worker.training.fused_loss import use_hidden_states_head
+    from worker.training.model import (
+        compute_dtype,
+        keep_4bit_layers_trainable,
+        load_quantized_model,
+        load_tokenizer,
+        target_modules,
+    )
+
+    spec = JobSpec.model_validate(demo_spec(max_seq_length=256))
+    tokenizer = load_tokenizer(spec.base_model)
+    base = load_quantized_model(spec, compute_dtype(spec.quantization))
+    keep_4bit_layers_trainable(base)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="all", task_type="CAUSAL_LM")
+    lora.target_modules = target_modules(spec, base)
+    beta = 0.1  # the default
+    pairs = oasst_pairs(tokenizer, 3, max_length=160)
+    config = DPOConfig(
+        output_dir=str(tmp_path),
+        beta=beta,
+        loss_type=[loss_type],
+        max_length=None,
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=3,
+        gradient_checkpointing=False,
+        bf16=False,  # the demo computes in float32, as our side does on a CPU
+    )
+    placeholder = Dataset.from_list([{"prompt": "Hi", "chosen": " there", "rejected": " no"}])
+    # TRL wraps the base with the LoRA config: its reference is the adapter switched off
+    trl = DPOTrainer(
+        model=base, args=config, train_dataset=placeholder, processing_class=tokenizer, peft_config=lora
+    )
+    model = trl.model
+    model.eval()  # no LoRA dropout on either side, so both see the same function
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for parameter in trained.values():  # TRL casts a 4-bit model's trained weights to bf16; the demo is fp32
+        parameter.data = parameter.data.float()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy that differs from its reference (a new adapter's B is zero)
+        for name, parameter in trained.items():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    assert any("lm_head.bias" in name for name in trained)  # the demo trains biases: the head's too
+
+    # TRL: its own collator on the same token ids (prompt, then each completion)
+    examples = []
+    for pair in pairs:
+        start = completion_start(pair.chosen)
+        assert pair.chosen.input_ids[:start] == pair.rejected.input_ids[:start]
+        examples.append(
+            {
+                "prompt_ids": pair.chosen.input_ids[:start],
+                "chosen_ids": pair.chosen.input_ids[start:],
+                "rejected_ids": pair.rejected.input_ids[start:],
+            }
+        )
+    batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(examples)
+    trl_loss = trl.compute_loss(model, batch)
+    trl_loss.backward()
+    expected = {name: p.grad.clone() for name, p in trained.items()}
+    metrics = {name: values[-1] for name, values in trl._metrics["eval"].items()}  # eval mode: no dropout
+    model.zero_grad()
+
+    # the service: both sides of the three pairs packed into one micro-batch of two rows
+    head = use_hidden_states_head(model)
+    assert head is not None
+    packed = pack_pairs(pairs, pairs_per_step=3, rows_per_micro_batch=2, row_length=1024, seed=0)
+    [step] = packed.steps
+    assert len(step.micro_batches) == 1
+    item = packed[0]
+    micro = collate_micro_batch(item["micro_batches"][0], item["sides"][0], tokenizer.pad_token_id, 1)
+    settings = DpoHyperparameters(beta=beta, loss_type=loss_type)
+    scored = score_pairs(model, micro, settings, head, reference_adapter=None)
+    loss = scored.losses.mean()
+    loss.backward()
+
+    assert abs(loss.item() - trl_loss.item()) < 1e-5
+    for name, grad in expected.items():
+        assert torch.allclose(trained[name].grad, grad, atol=1e-5, rtol=1e-4), name
+    figures = FigureSums()
+    figures.add(scored.losses.sum(), scored.chosen_rewards, scored.rejected_rewards, *scored.logps)
+    means = figures.means()
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert means[name] == pytest.approx(metrics[name], abs=1e-5), name
+    for name in ("logps/chosen", "logps/rejected"):
+        assert means[name] == pytest.approx(metrics[name], abs=1e-4), name
+    assert abs(means["rewards/chosen"]) > 1e-3 and abs(means["rewards/rejected"]) > 1e-3  # not a trivial 0
