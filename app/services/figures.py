@@ -15,8 +15,10 @@ def figure_names(job_id: str, owner: str) -> list[str]:
     with session_scope() as session:
         owned_job(session, job_id, owner)
         query: Select[str]
-        if session.get_bind().dialect.name == "postgresql":
-            query = select(func.json_object_keys(Metric.figures))
+        if session.get_bind().dialect.name == "postgresql":  # json_object_keys raises on a non-object
+            query = select(func.json_object_keys(Metric.figures)).where(
+                func.json_typeof(Metric.figures) == "object"
+            )
         else:
             keys = func.json_each(Metric.figures).table_valued("key")
             query = select(keys.c.key).select_from(Metric).join(keys, keys.c.key.is_not(None))
