@@ -375,7 +375,7 @@ class MethodSpec(_Strict):
     """How the job teaches: `supervised` (imitate the replies: the recipe) or `dpo` (Direct Preference
     Optimization on chosen/rejected pairs). Shaped like OpenAI's fine-tuning `method`."""
 
-    type: Literal["supervised", "dpo"] = SUPERVISED
+    type: Literal["supervised", "dpo"] = "supervised"
     dpo: DpoSettings | None = Field(None, description="DPO's settings; filled with defaults for a dpo job.")
 
     @model_validator(mode="after")

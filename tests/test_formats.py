@@ -12,6 +12,7 @@ import pytest
 from app.conversations import TEXT, Turn
 from app.dataset_report import validate_file
 from app.formats import RECORD_FORMATS, detect_format
+from app.preferences import PAIR_FORMATS
 from app.spec import DatasetSpec
 from tests.conftest import DEMO_MODEL
 from worker.training.data import IGNORE_INDEX, tokenize_conversation
@@ -142,7 +143,7 @@ def test_an_unknown_shape_lists_every_accepted_one_with_an_example():
 
 def test_the_spec_names_every_format():
     named = set(typing.get_args(DatasetSpec.model_fields["format"].annotation))
-    assert named == {"auto", "oasst_rows", "oasst_trees", *(f.name for f in RECORD_FORMATS)}
+    assert named == {"auto", "oasst_rows", "oasst_trees", *(f.name for f in RECORD_FORMATS), *PAIR_FORMATS}
 
 
 @pytest.mark.parametrize("name", ["sharegpt", "alpaca", "prompt_completion", "text"])

@@ -344,6 +344,7 @@ def score_pairs(
     reference_adapter: str | None,
     mask_kind: str = "sdpa",
     mask_dtype: torch.dtype = torch.float32,
+    reference_biases: dict[torch.nn.Parameter, torch.Tensor] | None = None,
 ) -> ScoredPairs:
     """The pairs of one collated micro-batch (`collate_micro_batch`): the reference's forward
     without gradients, the policy's, and DPO's loss of each pair."""
@@ -352,7 +353,7 @@ def score_pairs(
         mask = document_block_mask(sequence_ids)
     else:
         mask = block_causal_mask(sequence_ids, mask_dtype)
-    with torch.no_grad(), reference_model(_unwrapped(model), reference_adapter):
+    with torch.no_grad(), reference_model(_unwrapped(model), reference_adapter, reference_biases):
         reference = sequence_logps(model, micro, mask, head)
     policy = sequence_logps(model, micro, mask, head)
     chosen, rejected, tokens = micro["chosen"], micro["rejected"], micro["completion_tokens"]
@@ -374,18 +375,37 @@ def _unwrapped(model: Any) -> Any:
 
 
 @contextmanager
-def reference_model(model: Any, adapter: str | None) -> Iterator[None]:
-    """The reference policy: `adapter` (frozen) active, or every adapter off (the base)."""
-    if adapter is None:
-        with model.disable_adapter():
-            yield
-        return
-    previous = model.active_adapter
-    model.set_adapter(adapter)
+def reference_model(
+    model: Any, adapter: str | None, biases: dict[torch.nn.Parameter, torch.Tensor] | None = None
+) -> Iterator[None]:
+    """The reference policy: `adapter` (frozen) active, or every adapter off (the base); and
+    trained biases (`lora.bias`), which no adapter switch undoes, at their starting values
+    (`starting_biases`)."""
+    swapped = dict(biases or {})
+    for parameter, start in swapped.items():
+        parameter.data, swapped[parameter] = start, parameter.data
     try:
-        yield
+        if adapter is None:
+            with model.disable_adapter():
+                yield
+        else:
+            previous = model.active_adapter
+            model.set_adapter(adapter)
+            try:
+                yield
+            finally:
+                model.set_adapter(previous)
     finally:
-        model.set_adapter(previous)
+        for parameter, trained in swapped.items():
+            parameter.data = trained
+
+
+def starting_biases(model: torch.nn.Module) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """A copy of each trained parameter that is no LoRA weight (the biases `lora.bias` trains in
+    place), as it is before training: the reference's."""
+    return {
+        p: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n
+    }
 
 
 class DpoTrainer(ServiceTrainer):
@@ -407,6 +427,7 @@ class DpoTrainer(ServiceTrainer):
         self.settings = settings
         self.head = head  # lm_head, taken out of the forward (None: the model's logits are used)
         self.reference_adapter = reference_adapter
+        self.reference_biases = starting_biases(self.model)
         self.figures = {"train": FigureSums(), "eval": FigureSums()}
 
     # a step
@@ -442,7 +463,14 @@ class DpoTrainer(ServiceTrainer):
         """This micro-batch's pairs' summed loss over the step's pair count (so a step's
         micro-batches add up to the mean over its pairs); their figures go to `figures`."""
         scored = score_pairs(
-            model, micro, self.settings, self.head, self.reference_adapter, self.mask_kind, self.mask_dtype
+            model,
+            micro,
+            self.settings,
+            self.head,
+            self.reference_adapter,
+            self.mask_kind,
+            self.mask_dtype,
+            self.reference_biases,
         )
         figures.add(scored.losses.sum(), scored.chosen_rewards, scored.rejected_rewards, *scored.logps)
         return scored.losses.sum() / step_pairs

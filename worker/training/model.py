@@ -131,8 +131,7 @@ def load_quantized_lora_model(
             )
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
         if reference_adapter is not None:
-            model.load_adapter(str(init_adapter), adapter_name=reference_adapter, is_trainable=False)
-            model.set_adapter("default")
+            load_frozen_lora(model, init_adapter, reference_adapter)
         _log_trainable(model)
         return model
     lora = LoraConfig(
@@ -146,6 +145,22 @@ def load_quantized_lora_model(
     model = get_peft_model(model, lora)
     _log_trainable(model)
     return model
+
+
+def load_frozen_lora(model: PeftModel, folder: Path, name: str) -> None:
+    """`folder`'s LoRA weights as a second, frozen adapter `name` beside the trained one (which
+    stays active). Its biases are not loaded: peft keeps one adapter with biases, and the
+    trained one's are the model's own (worker.training.dpo keeps their starting values for the
+    reference)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(str(folder))
+    config.bias, config.inference_mode = "none", True
+    model.add_adapter(name, config)
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, {k: v for k, v in weights.items() if "lora_" in k}, adapter_name=name)
+    model.set_adapter("default")
 
 
 def _log_trainable(model) -> None:

@@ -192,7 +192,7 @@ def load_model(job: JobSetup) -> JobModel:
     init = init_adapter_dir(spec.init_from) if spec.init_from else None
     reference = REFERENCE_ADAPTER if spec.dpo is not None and _reference_is_init(job) else None
     model = load_quantized_lora_model(spec, dtype, init, reference)
-    if init is not None:
+    if init is not None and spec.init_from is not None:
         job.say(f"training continues from {spec.init_from.job} ({init.name})", init_from=init.name)
     t = spec.training
     speed = plan_speed(
@@ -261,8 +261,9 @@ def _packed_trainer(
     spec, t = job.spec, job.spec.training
     full_rows = packing_mode(spec) == FULL_ROWS
     per_process = t.batch_size * t.gradient_accumulation_steps // world_size()
+    assert isinstance(data.train, TrainingData)  # a supervised job's samples
     train_set, eval_set = _packed(data.train, spec, per_process, full_rows), None
-    if data.eval is not None:
+    if isinstance(data.eval, TrainingData):
         eval_set = _packed(data.eval, spec, t.batch_size)
     what = f"micro-batches of {t.batch_size} full rows" if full_rows else f"items of {per_process} samples"
     job.say(
