@@ -12,6 +12,7 @@ from app.preferences import ranked_pairs_from_rows
 from app.spec import DpoHyperparameters, JobSpec
 from tests.conftest import REPO, demo_spec
 from worker.training.data import IGNORE_INDEX
+from worker.training.dpo import FIGURES as FIGURE_NAMES
 from worker.training.dpo import FigureSums, collate_micro_batch, pack_pairs, plan_pair_steps, score_pairs
 from worker.training.preference_data import tokenize_pair
 
@@ -152,3 +153,109 @@ def test_a_packed_dpo_step_equals_trls_dpo_trainer(loss_type, tmp_path):
     for name in ("logps/chosen", "logps/rejected"):
         assert means[name] == pytest.approx(metrics[name], abs=1e-4), name
     assert abs(means["rewards/chosen"]) > 1e-3 and abs(means["rewards/rejected"]) > 1e-3  # not a trivial 0
+
+
+def dpo_spec(**changes) -> dict:
+    """A short DPO job on the tiny Phi: oasst1 rank pairs from the tree export."""
+    spec = demo_spec(
+        max_steps=3, save_steps=3, max_seq_length=128, batch_size=2, gradient_accumulation_steps=2
+    )
+    spec["method"] = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}
+    spec["dataset"] = {
+        "source": str(TREES),
+        "max_samples": 12,
+        "validation_source": str(TREES),
+        "max_eval_samples": 2,
+    }
+    return {**spec, **changes}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("demo_model")
+def test_a_dpo_job_trains_on_oasst1_rank_pairs_and_logs_its_figures(service_env):
+    from app.models import LOCAL_OWNER
+    from app.services import jobs
+    from worker.tasks import execute_job
+
+    job = jobs.create_job(JobSpec.model_validate(dpo_spec()), LOCAL_OWNER)
+    execute_job(job.id)
+
+    done = jobs.get_job(job.id, LOCAL_OWNER)
+    assert done.status == "succeeded", done.error
+    events = [e.message for e in jobs.list_events(job.id, LOCAL_OWNER, None, 100).items]
+    assert "data ready: 12 preference pairs, 2 validation pairs" in events
+    rows = jobs.list_metrics(job.id, LOCAL_OWNER, None, 100).items
+    assert [r.step for r in rows] == [1, 2, 3]
+    # step 1 compares the policy with itself: every reward 0, the loss log 2
+    first = rows[0].figures
+    assert first["rewards/chosen"] == first["rewards/rejected"] == 0 and rows[0].loss == pytest.approx(
+        0.6931, 1e-3
+    )
+    assert all(set(FIGURE_NAMES) <= set(r.figures) for r in rows)
+    assert {f"eval_{name}" for name in FIGURE_NAMES} <= set(rows[-1].figures) and rows[-1].eval_loss
+    assert any(r.figures["rewards/chosen"] != 0 for r in rows[1:])  # the policy moved
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("demo_model")
+def test_a_dpo_job_continues_from_a_supervised_adapter_which_stays_its_reference(service_env, tmp_path):
+    """DPO from an SFT job's final adapter: it starts from those weights (step 1's rewards are 0
+    against the frozen copy), and its adapter loads on the base with stock peft, alone."""
+    import zipfile
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from app.models import LOCAL_OWNER
+    from app.services import jobs
+    from worker.tasks import execute_job
+
+    supervised = demo_spec(max_steps=2, save_steps=2, max_seq_length=128, eval_samples=2)
+    supervised["lora"] = {"bias": "none", "r": 4, "dropout": 0}  # step 1's policy is then its reference
+    first = jobs.create_job(JobSpec.model_validate(supervised), LOCAL_OWNER)
+    execute_job(first.id)
+    assert jobs.get_job(first.id, LOCAL_OWNER).status == "succeeded"
+
+    spec = dpo_spec(init_from={"job": first.id})
+    spec.pop("base_model"), spec.pop("lora"), spec.pop("quantization")  # they come from the first job
+    job = jobs.create_job(JobSpec.model_validate(spec), LOCAL_OWNER)
+    assert job.spec["lora"]["r"] == 4
+    execute_job(job.id)
+
+    done = jobs.get_job(job.id, LOCAL_OWNER)
+    assert done.status == "succeeded", done.error
+    events = " ".join(e.message for e in jobs.list_events(job.id, LOCAL_OWNER, None, 100).items)
+    assert f"training continues from {first.id} (adapter)" in events
+    assert "reference: the adapter it continues from, frozen" in events
+    rows = jobs.list_metrics(job.id, LOCAL_OWNER, None, 100).items
+    assert rows[0].figures["rewards/chosen"] == 0 and rows[-1].figures["rewards/chosen"] != 0
+
+    folder = tmp_path / "adapter"
+    with zipfile.ZipFile(jobs.adapter_zip(job.id, LOCAL_OWNER)) as archive:
+        archive.extractall(folder)
+        assert not [n for n in archive.namelist() if "reference" in n]  # the trained adapter only
+    base = AutoModelForCausalLM.from_pretrained(str(REPO / "examples/tiny-phi2"))
+    model = PeftModel.from_pretrained(base, str(folder / "adapter"))
+    before = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(REPO / "examples/tiny-phi2")),
+        _unzipped(first.id, tmp_path),
+    )
+    moved = [
+        name
+        for (name, p), (_, q) in zip(model.named_parameters(), before.named_parameters(), strict=True)
+        if "lora_B" in name and not torch.equal(p, q)
+    ]
+    assert moved  # DPO trained the SFT adapter further
+
+
+def _unzipped(job_id: str, tmp_path) -> str:
+    import zipfile
+
+    from app.models import LOCAL_OWNER
+    from app.services import jobs
+
+    folder = tmp_path / job_id
+    with zipfile.ZipFile(jobs.adapter_zip(job_id, LOCAL_OWNER)) as archive:
+        archive.extractall(folder)
+    return str(folder / "adapter")

@@ -156,7 +156,8 @@ def load_frozen_lora(model: PeftModel, folder: Path, name: str) -> None:
     from safetensors.torch import load_file
 
     config = LoraConfig.from_pretrained(str(folder))
-    config.bias, config.inference_mode = "none", True
+    # no dropout: the reference scores the same pair the same way every time
+    config.bias, config.inference_mode, config.lora_dropout = "none", True, 0.0
     model.add_adapter(name, config)
     weights = load_file(str(folder / "adapter_model.safetensors"))
     set_peft_model_state_dict(model, {k: v for k, v in weights.items() if "lora_" in k}, adapter_name=name)
