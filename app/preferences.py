@@ -128,8 +128,10 @@ def trl_preference_pair(record: dict) -> Pair:
     if prompt is None:  # implicit prompt: the messages both sides share
         both = _messages(chosen, "chosen"), _messages(rejected, "rejected")
         shared = 0
-        while shared < min(map(len, both)) and both[0][shared].text == both[1][shared].text and (
-            both[0][shared].speaker == both[1][shared].speaker
+        while (
+            shared < min(map(len, both))
+            and both[0][shared].text == both[1][shared].text
+            and (both[0][shared].speaker == both[1][shared].speaker)
         ):
             shared += 1
         if shared == 0:
