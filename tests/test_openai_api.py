@@ -41,6 +41,19 @@ def chat_jsonl(records=CHATS) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
+def preference_jsonl(count: int = 8) -> bytes:
+    """OpenAI's preference format: the right sum preferred to a wrong one."""
+    records = [
+        {
+            "input": {"messages": [{"role": "user", "content": f"What is {a} plus {a + 1}?"}]},
+            "preferred_output": [{"role": "assistant", "content": f"{a} plus {a + 1} is {2 * a + 1}."}],
+            "non_preferred_output": [{"role": "assistant", "content": f"{a} plus {a + 1} is {2 * a + 3}."}],
+        }
+        for a in range(count)
+    ]
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
 def job_options(**training) -> dict:
     """The tiny local model, trained quickly: what a user sends beside OpenAI's fields."""
     return {
@@ -465,6 +478,48 @@ def test_the_official_client_trains_pauses_resumes_and_cancels_jobs(redis_env, t
         assert [j.id for j in listed.data] == [cancelled.id, paused.id] and listed.has_more
         assert [j.status for j in ai.fine_tuning.jobs.list(after=paused.id).data] == ["succeeded"]
         assert ai.fine_tuning.jobs.retrieve(cancelled.id).status == "cancelled"
+
+        # preference tuning: a DPO job on an uploaded preference file, and one that continues from
+        # the first job's fine-tuned model (its adapter, kept frozen as the reference)
+        preferences = ai.files.create(file=("prefs.jsonl", preference_jsonl()), purpose="fine-tune")
+        assert preferences.status == "processed"
+        dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto", "batch_size": 4}}}
+        options = job_options(max_steps=3, save_steps=3)
+        fresh = ai.fine_tuning.jobs.create(
+            model=str(DEMO_MODEL), training_file=preferences.id, method=dpo, extra_body=options
+        )
+        options["training"].pop("batch_size")  # the continued job's batch comes from method.dpo
+        continued = ai.fine_tuning.jobs.create(
+            model=done.fine_tuned_model, training_file=preferences.id, method=dpo, extra_body=options
+        )
+        assert continued.method.type == "dpo" and continued.method.dpo.hyperparameters.beta == 0.1
+        for job_id in (fresh.id, continued.id):
+            finished = wait_status(ai, job_id, {"succeeded", "failed"})
+            assert finished.status == "succeeded", finished.error
+            figures = [
+                e.data for e in ai.fine_tuning.jobs.list_events(job_id, limit=100) if e.type == "metrics"
+            ]
+            assert len(figures) == 3 and all(
+                "rewards/accuracies" in f and "rewards/margins" in f for f in figures
+            )
+            messages = [e.message for e in ai.fine_tuning.jobs.list_events(job_id, limit=100)]
+            assert "data ready: 8 preference pairs, 0 validation pairs" in messages
+            reply = ai.chat.completions.create(
+                model=finished.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+            )
+            assert reply.usage is not None and reply.usage.completion_tokens > 0
+        assert f"training continues from {trained.id} (adapter)" in [
+            e.message for e in ai.fine_tuning.jobs.list_events(continued.id, limit=100)
+        ]
+        export = client.post(f"/jobs/{continued.id}/exports", json={"format": "merged"})
+        assert export.status_code == 202, export.text
+        deadline = time.monotonic() + 120
+        while (made := client.get(f"/jobs/{continued.id}/exports/{export.json()['id']}").json())[
+            "status"
+        ] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert made["status"] == "succeeded", made
 
 
 def test_links_are_absolute_so_the_clients_v1_base_url_does_not_break_them(ai, client, monkeypatch):
