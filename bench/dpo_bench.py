@@ -1,5 +1,6 @@
-"""DPO training throughput on one GPU: TRL's DPOTrainer (the peer) and, later, the service's own
-DPO step, on the same model and the same preference pairs.
+"""DPO training throughput on one GPU: TRL's DPOTrainer (the peer) and the service's own DPO step
+(`service`: this card's speed plan; `service_recompute`: gradient checkpointing kept, the memory
+a T4 job has), on the same model and the same preference pairs.
 
 Model: Phi-2's shapes (bench/phi-2-config.json) with random weights (no hub on the GPU machine),
 NF4 with double quantization, compute dtype bf16 (or fp16, `--dtype float16`), LoRA r16/α32/
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -408,27 +410,108 @@ def trl_variant(opts: Options, pairs: list[Pair], meter: Meter) -> dict:
     )
 
 
-# >>> SERVICE VARIANT HOOK (to be written with the service's DPO step; not part of this file yet).
-#
-# def service_variant(opts: Options, pairs: list[Pair], meter: Meter) -> dict:
-#     """The service's own DPO step on the same recipe, built from worker.training:
-#     - the base: the saved model at `opts.model_dir` through the worker's loader (NF4, double
-#       quant, compute dtype `opts.dtype`, LoRA `LORA`), reference = the adapter disabled;
-#     - the data: `pairs` as they are (prompt_ids / chosen_ids / rejected_ids, EOS already last
-#       in each completion, capped at opts.max_length) — no tokenizer needed;
-#     - `opts.batch_size` × `opts.accumulation` pairs an optimizer step, opts.learning_rate, cosine,
-#       opts.warmup_ratio, opts.optim, opts.beta, opts.checkpointing, `opts.total_steps` steps;
-#       variant-specific knobs in `opts.extra` (given as `--extra JSON`);
-#     - for every micro-batch collated: meter.count(pairs_in_it, sum(p.real_tokens for those
-#       pairs), tokens_the_forward_runs_incl_padding);
-#     - meter.callback() among its Trainer's callbacks (or meter.begin() before the first step
-#       and meter.step_end(global_step) after each optimizer step, if it is no HF Trainer);
-#     - returns meter.result("service …", **whatever_else_to_record)."""
-#
-# and register it below: VARIANTS["service"] = service_variant
-# <<< SERVICE VARIANT HOOK
+def service_variant(opts: Options, pairs: list[Pair], meter: Meter, keep_recompute: bool = False) -> dict:
+    """The service's own DPO step, built as the worker builds a DPO job (worker.training.recipe:
+    load_model and _dpo_trainer): the 4-bit base with the recipe's LoRA through the worker's
+    loader, the speed plan for this GPU (compiled layers, FlexAttention document masks, fused AdamW;
+    no CUDA graphs for DPO), lm_head taken out of the forward and completion tokens scored a
+    chunk at a time, each step's 16 pairs packed padding-free into micro-batches of at most 4 rows
+    of max_length, a no-grad reference forward with the adapter off. `keep_recompute`: gradient
+    checkpointing kept where the plan would drop it on a big card (the memory a T4 job has)."""
+    from functools import partial
 
-VARIANTS = {"trl": trl_variant}
+    import torch
+
+    from app.spec import stored_spec
+    from worker.training.data import IGNORE_INDEX, TokenizedSample
+    from worker.training.dpo import DpoTrainer, collate_pair_step, pack_pairs
+    from worker.training.fused_loss import use_hidden_states_head
+    from worker.training.model import compute_dtype, load_quantized_lora_model
+    from worker.training.preference_data import TokenizedPair
+    from worker.training.speed import apply_speed_plan, plan_speed
+    from worker.training.trainer import training_arguments
+
+    spec = stored_spec(
+        {
+            "base_model": opts.model_dir,
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": opts.beta}}},
+            "quantization": {"compute_dtype": opts.dtype},
+            "lora": {"r": LORA["r"], "alpha": LORA["lora_alpha"], "dropout": LORA["lora_dropout"]},
+            "training": {
+                "batch_size": opts.batch_size,
+                "gradient_accumulation_steps": opts.accumulation,
+                "learning_rate": opts.learning_rate,
+                "warmup_ratio": opts.warmup_ratio,
+                "optimizer": opts.optim,
+                "max_seq_length": opts.max_length,
+                "gradient_checkpointing": opts.checkpointing,
+                "max_steps": opts.total_steps,
+                "save_steps": 10**6,
+                "seed": opts.seed,
+            },
+        }
+    )
+    t = spec.training
+    dtype = compute_dtype(spec.quantization)
+    model = load_quantized_lora_model(spec, dtype)
+    speed = plan_speed(
+        model.config,
+        t.batch_size * t.max_seq_length,
+        t.gradient_checkpointing,
+        packed=True,
+        graphs=False,
+        drop_checkpointing=False if keep_recompute else None,
+    )
+    speed.fused_loss = False
+    apply_speed_plan(model, speed)
+    head = use_hidden_states_head(model)
+
+    def side(p: Pair, completion: list[int]) -> TokenizedSample:
+        return TokenizedSample(p.prompt_ids + completion, [IGNORE_INDEX] * len(p.prompt_ids) + completion)
+
+    tokenized = [TokenizedPair(side(p, p.chosen_ids), side(p, p.rejected_ids)) for p in pairs]
+    train_set = pack_pairs(tokenized, opts.pairs_per_step, t.batch_size, t.max_seq_length, t.seed)
+    inner = partial(collate_pair_step, pad_token_id=EOS, row_multiple=speed.row_multiple)
+
+    def counting(items):
+        out = inner(items)
+        for micro, micro_sides in zip(out["micro_batches"], items[0]["sides"], strict=True):
+            in_it = {p for row in micro_sides for p, _ in row}
+            real = sum(
+                len(s.input_ids) for row in micro_sides for p, k in row for s in [train_set.side(p, k)]
+            )
+            meter.count(len(in_it), real, micro["input_ids"].numel())
+        return out
+
+    args = training_arguments(spec, Path("/tmp/dpo_bench_service"), dtype, evaluate=False, speed=speed)
+    trainer = DpoTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=counting,
+        callbacks=[meter.callback()],
+        settings=spec.dpo,
+        head=head,
+    )
+    trainer.mask_dtype = dtype if torch.cuda.is_available() else torch.float32
+    trainer.mask_kind = speed.mask
+    trainer.train()
+    name = "service DPO step" + (
+        ", recompute kept (T4-sized memory)" if keep_recompute else ", this card's plan"
+    )
+    return meter.result(
+        name,
+        plan=speed.describe(),
+        micro_batches_per_step=sum(len(s.micro_batches) for s in train_set.steps) / max(1, len(train_set)),
+        fill=train_set.fill,
+    )
+
+
+VARIANTS = {
+    "trl": trl_variant,
+    "service": service_variant,
+    "service_recompute": partial(service_variant, keep_recompute=True),
+}
 
 
 # ---------------------------------------------------------------------------------------------
