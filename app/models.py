@@ -191,7 +191,7 @@ class Dataset(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
-    format: Mapped[str | None] = mapped_column(String(16))
+    format: Mapped[str | None] = mapped_column(String(32))
     report: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 

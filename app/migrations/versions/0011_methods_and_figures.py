@@ -7,6 +7,7 @@ Create Date: 2026-12-06
 - `metrics.figures`: a JSON object of a method's own figures at that step (DPO's rewards of the
   chosen and rejected replies, their margin, its accuracy, and the eval set's), so the next
   method's figures need no schema change.
+- `datasets.format` holds names up to 32 characters (`openai_preference`).
 - Stored specs gain `method` and `init_from` with what every job stored before them meant: a
   supervised job started from a new adapter. The values are frozen here, not read from app.spec
   (see 0007 for why). Downgrade drops the column and leaves the specs: the fields written mean
@@ -42,6 +43,8 @@ def filled(spec: dict[str, Any]) -> dict[str, Any] | None:
 def upgrade() -> None:
     with op.batch_alter_table("metrics") as batch:
         batch.add_column(sa.Column("figures", sa.JSON(), nullable=True))
+    with op.batch_alter_table("datasets") as batch:  # "openai_preference" has 17 characters
+        batch.alter_column("format", type_=sa.String(length=32), existing_type=sa.String(length=16))
     connection = op.get_bind()
     last = ""
     while True:  # a page of rows at a time, by id: any number of jobs in bounded memory
@@ -58,5 +61,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("datasets") as batch:
+        batch.alter_column("format", type_=sa.String(length=16), existing_type=sa.String(length=32))
     with op.batch_alter_table("metrics") as batch:
         batch.drop_column("figures")
