@@ -39,7 +39,7 @@ from app.services.pagination import newest_first
 from app.services.runs import requeue_from_checkpoint
 from app.services.transitions import move_job
 from app.settings import get_settings
-from app.spec import JobSpec
+from app.spec import JobSpec, stored_spec
 from app.storage import job_files
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def resume_job(job_id: str, owner: str, checkpoint: str | None) -> JobRead:
         job = owned_job(session, job_id, owner)
         if job.status not in RESUMABLE:
             raise JobStateConflict(refusal(JobAction.RESUME, job.status))
-        gone = dataset_reference_problems(JobSpec.model_validate(job.spec), owner)
+        gone = dataset_reference_problems(stored_spec(job.spec), owner)
         if gone:
             raise InvalidFields(*gone)
         _check_queue_room(session, owner)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from app.services.runs import Claim
 from app.settings import Settings, get_settings
-from app.spec import JobSpec
+from app.spec import stored_spec
 from app.storage import RunFiles, job_files
 from worker.training.artifacts import ZipInfo
 
@@ -48,7 +48,7 @@ def launch(claim: Claim, settings: Settings, stop: threading.Event):
     """Train `claim`'s job on `resources.gpus` processes and return its Outcome."""
     from worker.training.recipe import Outcome
 
-    gpus = JobSpec.model_validate(claim.spec).resources.gpus
+    gpus = stored_spec(claim.spec).resources.gpus
     check_gpus(gpus)
     files = job_files(claim.job_id, settings).run
     files.root.mkdir(parents=True, exist_ok=True)
