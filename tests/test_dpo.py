@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 
 import pytest
 
@@ -54,11 +55,10 @@ def test_pair_steps_keep_both_sides_of_a_pair_in_one_micro_batch():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("demo_model")
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
-def test_a_packed_dpo_step_equals_trls_dpo_trainer(loss_type, tmp_path):
-    """Loss, every trained gradient and the implicit rewards of a packed micro-batch of three
-    oasst1 rank pairs equal TRL 1.16's DPOTrainer's on the same 4-bit LoRA model (reference: the
-    adapter switched off), to 1e-5."""
+def test_a_packed_dpo_step_equals_trls_dpo_trainer(tmp_path):
+    """For each loss type (sigmoid, ipo, hinge): loss, every trained gradient and the implicit
+    rewards of a packed micro-batch of three oasst1 rank pairs equal TRL 1.16's DPOTrainer's on
+    the same 4-bit LoRA model (reference: the adapter switched off), to 1e-5."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -85,7 +85,7 @@ def test_a_packed_dpo_step_equals_trls_dpo_trainer(loss_type, tmp_path):
     config = DPOConfig(
         output_dir=str(tmp_path),
         beta=beta,
-        loss_type=[loss_type],
+        loss_type=["sigmoid"],  # each loss type in turn below
         max_length=None,
         report_to="none",
         use_cpu=True,
@@ -123,36 +123,42 @@ def test_a_packed_dpo_step_equals_trls_dpo_trainer(loss_type, tmp_path):
             }
         )
     batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(examples)
-    trl_loss = trl.compute_loss(model, batch)
-    trl_loss.backward()
-    expected = {name: p.grad.clone() for name, p in trained.items()}
-    metrics = {name: values[-1] for name, values in trl._metrics["eval"].items()}  # eval mode: no dropout
-    model.zero_grad()
-
     # the service: both sides of the three pairs packed into one micro-batch of two rows
-    head = use_hidden_states_head(model)
+    head = use_hidden_states_head(model)  # TRL's fused forward reads the head's weight, not its forward
     assert head is not None
     packed = pack_pairs(pairs, pairs_per_step=3, rows_per_micro_batch=2, row_length=1024, seed=0)
     [step] = packed.steps
     assert len(step.micro_batches) == 1
     item = packed[0]
     micro = collate_micro_batch(item["micro_batches"][0], item["sides"][0], tokenizer.pad_token_id, 1)
-    settings = DpoHyperparameters(beta=beta, loss_type=loss_type)
-    scored = score_pairs(model, micro, settings, head, reference_adapter=None)
-    loss = scored.losses.mean()
-    loss.backward()
 
-    assert abs(loss.item() - trl_loss.item()) < 1e-5
-    for name, grad in expected.items():
-        assert torch.allclose(trained[name].grad, grad, atol=1e-5, rtol=1e-4), name
-    figures = FigureSums()
-    figures.add(scored.losses.sum(), scored.chosen_rewards, scored.rejected_rewards, *scored.logps)
-    means = figures.means()
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-        assert means[name] == pytest.approx(metrics[name], abs=1e-5), name
-    for name in ("logps/chosen", "logps/rejected"):
-        assert means[name] == pytest.approx(metrics[name], abs=1e-4), name
-    assert abs(means["rewards/chosen"]) > 1e-3 and abs(means["rewards/rejected"]) > 1e-3  # not a trivial 0
+    for loss_type in ("sigmoid", "ipo", "hinge"):
+        trl.loss_types, trl._metrics["eval"] = [loss_type], defaultdict(list)
+        trl_loss = trl.compute_loss(model, batch)
+        trl_loss.backward()
+        expected = {name: p.grad.clone() for name, p in trained.items()}
+        metrics = {name: values[-1] for name, values in trl._metrics["eval"].items()}  # eval mode
+        model.zero_grad()
+
+        settings = DpoHyperparameters(beta=beta, loss_type=loss_type)
+        scored = score_pairs(model, micro, settings, head, reference_adapter=None)
+        loss = scored.losses.mean()
+        loss.backward()
+
+        assert abs(loss.item() - trl_loss.item()) < 1e-5, loss_type
+        for name, grad in expected.items():
+            assert torch.allclose(trained[name].grad, grad, atol=1e-5, rtol=1e-4), (loss_type, name)
+        model.zero_grad()
+        figures = FigureSums()
+        figures.add(scored.losses.sum(), scored.chosen_rewards, scored.rejected_rewards, *scored.logps)
+        means = figures.means()
+        for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+            assert means[name] == pytest.approx(metrics[name], abs=1e-5), name
+        for name in ("logps/chosen", "logps/rejected"):
+            assert means[name] == pytest.approx(metrics[name], abs=1e-4), name
+        assert (
+            abs(means["rewards/chosen"]) > 1e-3 and abs(means["rewards/rejected"]) > 1e-3
+        )  # not trivially 0
 
 
 def dpo_spec(**changes) -> dict:
@@ -218,6 +224,7 @@ def test_a_dpo_job_continues_from_a_supervised_adapter_which_stays_its_reference
     assert jobs.get_job(first.id, LOCAL_OWNER).status == "succeeded"
 
     spec = dpo_spec(init_from={"job": first.id})
+    spec["dataset"].pop("validation_source")  # evaluation is the other test's
     spec.pop("base_model"), spec.pop("lora"), spec.pop("quantization")  # they come from the first job
     job = jobs.create_job(JobSpec.model_validate(spec), LOCAL_OWNER)
     assert job.spec["lora"]["r"] == 4
