@@ -154,6 +154,8 @@ def test_old_jobs_keep_what_their_specs_meant_when_a_default_changes(service_env
     assert old["resources"] == {"gpus": 1} and old["notify_url"] is None
     assert old["dataset"]["validation_split"] == "validation"  # it had one: kept
     assert stored_spec(old).training.packing is False  # what the worker trains a resumed job with
+    # 0011: every job before methods was supervised, from a new adapter
+    assert old["method"] == {"type": "supervised", "dpo": None} and old["init_from"] is None
 
     oldest = after["first_schema"]
     assert oldest["training"]["packing"] is False and oldest["dataset"]["validation_split"] is None
