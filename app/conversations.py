@@ -71,15 +71,7 @@ def conversations_from_rows(
     reply. `best_path`: one sample per tree following the best-ranked reply at each level
     (the guanaco way), loss on every assistant turn.
     """
-    wanted = set(languages) if languages is not None else None
-    dropped: Counter = Counter()
-    by_id: dict[str, dict] = {}
-    for row in rows:
-        reason = drop_reason(row, wanted, include_synthetic)
-        if reason:
-            dropped[f"rows_{reason}"] += 1
-        else:
-            by_id[row["message_id"]] = row
+    by_id, dropped = kept_rows(rows, languages, include_synthetic)
     if mode == "best_path":
         return Conversations(_best_paths(by_id, dropped), dropped)
     samples = []
@@ -93,6 +85,22 @@ def conversations_from_rows(
         *context, reply = thread
         samples.append([_turn(r) for r in context] + [_turn(reply, train=True)])
     return Conversations(samples, dropped)
+
+
+def kept_rows(
+    rows: Iterable[dict], languages: list[str] | None, include_synthetic: bool
+) -> tuple[dict[str, dict], Counter]:
+    """The rows kept (by message id), and how many were dropped for each reason (`drop_reason`)."""
+    wanted = set(languages) if languages is not None else None
+    dropped: Counter = Counter()
+    by_id: dict[str, dict] = {}
+    for row in rows:
+        reason = drop_reason(row, wanted, include_synthetic)
+        if reason:
+            dropped[f"rows_{reason}"] += 1
+        else:
+            by_id[row["message_id"]] = row
+    return by_id, dropped
 
 
 def _turn(row: dict, train: bool = False) -> Turn:

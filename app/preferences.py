@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.conversations import ASSISTANT, TEXT, Turn, _thread, _turn, drop_reason
+from app.conversations import ASSISTANT, TEXT, Turn, _thread, _turn, kept_rows
 from app.formats import _messages, _raw
 from app.spec import DPO, SUPERVISED
 
@@ -183,15 +183,7 @@ def ranked_pairs_from_rows(
 ) -> Pairs:
     """oasst1 message rows → one pair per prompt with two or more ranked replies kept: the thread
     up to the prompt, its best-ranked reply (rank 0) chosen, its worst-ranked rejected."""
-    wanted = set(languages) if languages is not None else None
-    dropped: Counter = Counter()
-    by_id: dict[str, dict] = {}
-    for row in rows:
-        reason = drop_reason(row, wanted, include_synthetic)
-        if reason:
-            dropped[f"rows_{reason}"] += 1
-        else:
-            by_id[row["message_id"]] = row
+    by_id, dropped = kept_rows(rows, languages, include_synthetic)
     ranked: dict[str, list[dict]] = defaultdict(list)
     for row in by_id.values():
         if row["role"] == "assistant" and row.get("rank") is not None and row.get("parent_id") is not None:
