@@ -8,7 +8,9 @@ only to itself, both sides of a pair in the same micro-batch, as many micro-batc
 step's pairs need. Each micro-batch runs one forward of the policy (the adapter on) and one
 without gradients of the reference: the base with the adapter switched off (no second copy of
 the model), or, for a job that continues from an earlier adapter, that adapter kept frozen
-under the name `reference`.
+under the name `reference` (its LoRA weights; no dropout). Biases a job trains (`lora.bias`)
+change the base in place, which no adapter switch undoes: the reference forward runs with their
+starting values (TRL's would use the trained ones).
 
 Only completion tokens (a side's reply) are scored: their hidden states are gathered (at
 positions the collator computed on the host, so nothing waits for the GPU) and turned into
