@@ -102,3 +102,18 @@ def test_finetune_dev_runs_the_demo_with_no_redis(service_env, tmp_path):
         # the worker registered itself with the GPUs it sees, for the API's pre-flight check
         [worker] = live_workers(job_queue())
         assert worker.name.startswith("celery@") and worker.gpus == visible_gpus()
+
+        # preference tuning on the real oasst1 trees: their replies' ranks make the pairs
+        dpo = demo_spec(
+            max_steps=2, save_steps=2, max_seq_length=128, batch_size=2, gradient_accumulation_steps=2
+        )
+        dpo["method"] = {"type": "dpo"}
+        dpo["dataset"] = {"source": dpo["dataset"]["validation_source"], "max_samples": 8}
+        job = submit(client, dpo)
+        rows, end = stream_metrics(client, job["id"])
+        assert end["status"] == "succeeded", client.get(f"/jobs/{job['id']}/events").json()
+        assert [row["step"] for row in rows] == [1, 2] and all(
+            "rewards/margins" in r["figures"] for r in rows
+        )
+        events = [e["message"] for e in client.get(f"/jobs/{job['id']}/events").json()["items"]]
+        assert "data ready: 8 preference pairs, 0 validation pairs" in events
