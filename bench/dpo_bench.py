@@ -410,21 +410,31 @@ def trl_variant(opts: Options, pairs: list[Pair], meter: Meter) -> dict:
     )
 
 
-def service_variant(opts: Options, pairs: list[Pair], meter: Meter, keep_recompute: bool = False) -> dict:
+def service_variant(
+    opts: Options, pairs: list[Pair], meter: Meter, keep_recompute: bool = False, sides_apart: bool = False
+) -> dict:
     """The service's own DPO step, built as the worker builds a DPO job (worker.training.recipe:
     load_model and _dpo_trainer): the 4-bit base with the recipe's LoRA through the worker's
     loader, the speed plan for this GPU (compiled layers, FlexAttention document masks, fused AdamW;
     no CUDA graphs for DPO), lm_head taken out of the forward and completion tokens scored a
     chunk at a time, each step's 16 pairs packed padding-free into micro-batches of at most 4 rows
     of max_length, a no-grad reference forward with the adapter off. `keep_recompute`: gradient
-    checkpointing kept where the plan would drop it on a big card (the memory a T4 job has)."""
+    checkpointing kept where the plan would drop it on a big card (the memory a T4 job has).
+    `sides_apart`: each side packed on its own (no prompt computed once), to measure that alone."""
     from functools import partial
 
     import torch
 
     from app.spec import stored_spec
     from worker.training.data import IGNORE_INDEX, TokenizedSample
-    from worker.training.dpo import DpoTrainer, collate_pair_step, pack_pairs
+    from worker.training.dpo import (
+        CHOSEN,
+        REJECTED,
+        DpoTrainer,
+        collate_pair_step,
+        pack_pairs,
+        plan_pair_steps,
+    )
     from worker.training.fused_loss import use_hidden_states_head
     from worker.training.model import compute_dtype, load_quantized_lora_model
     from worker.training.preference_data import TokenizedPair
@@ -471,16 +481,19 @@ def service_variant(opts: Options, pairs: list[Pair], meter: Meter, keep_recompu
 
     tokenized = [TokenizedPair(side(p, p.chosen_ids), side(p, p.rejected_ids)) for p in pairs]
     train_set = pack_pairs(tokenized, opts.pairs_per_step, t.batch_size, t.max_seq_length, t.seed)
+    if sides_apart:  # the same packing without the shared prompt, to compare
+        train_set.units = [(CHOSEN, REJECTED)] * len(tokenized)
+        lengths = [(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in tokenized]
+        train_set.steps = plan_pair_steps(
+            lengths, opts.pairs_per_step, t.batch_size, t.max_seq_length, t.seed
+        )
     inner = partial(collate_pair_step, pad_token_id=EOS, row_multiple=speed.row_multiple)
 
     def counting(items):
         out = inner(items)
-        for micro, micro_sides in zip(out["micro_batches"], items[0]["sides"], strict=True):
-            in_it = {p for row in micro_sides for p, _ in row}
-            real = sum(
-                len(s.input_ids) for row in micro_sides for p, k in row for s in [train_set.side(p, k)]
-            )
-            meter.count(len(in_it), real, micro["input_ids"].numel())
+        for micro, pieces in zip(out["micro_batches"], items[0]["micro_batches"], strict=True):
+            in_it = {piece.pair for row in pieces for piece in row}
+            meter.count(len(in_it), sum(pairs[p].real_tokens for p in in_it), micro["input_ids"].numel())
         return out
 
     args = training_arguments(spec, Path("/tmp/dpo_bench_service"), dtype, evaluate=False, speed=speed)
@@ -496,14 +509,17 @@ def service_variant(opts: Options, pairs: list[Pair], meter: Meter, keep_recompu
     trainer.mask_dtype = dtype if torch.cuda.is_available() else torch.float32
     trainer.mask_kind = speed.mask
     trainer.train()
-    name = "service DPO step" + (
-        ", recompute kept (T4-sized memory)" if keep_recompute else ", this card's plan"
+    name = (
+        "service DPO step"
+        + (", sides apart" if sides_apart else "")
+        + (", recompute kept (T4-sized memory)" if keep_recompute else ", this card's plan")
     )
     return meter.result(
         name,
         plan=speed.describe(),
         micro_batches_per_step=sum(len(s.micro_batches) for s in train_set.steps) / max(1, len(train_set)),
         fill=train_set.fill,
+        shared_prompt=train_set.shared_share,
     )
 
 
@@ -511,6 +527,7 @@ VARIANTS = {
     "trl": trl_variant,
     "service": service_variant,
     "service_recompute": partial(service_variant, keep_recompute=True),
+    "service_recompute_apart": partial(service_variant, keep_recompute=True, sides_apart=True),
 }
 
 

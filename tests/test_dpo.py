@@ -46,9 +46,9 @@ def test_pair_steps_keep_both_sides_of_a_pair_in_one_micro_batch():
         for micro in step.micro_batches:
             assert len(micro) <= 2
             assert all(sum(lengths[p][s] for p, s in row) <= 2048 for row in micro)
-            sides = sorted(ps for row in micro for ps in row)
-            pairs = {p for p, _ in sides}
-            assert sides == sorted((p, s) for p in pairs for s in (0, 1))  # both sides, once each
+            units = sorted(pu for row in micro for pu in row)
+            pairs = {p for p, _ in units}
+            assert units == sorted((p, u) for p in pairs for u in (0, 1))  # both units, once each
             seen += pairs
     assert sorted(seen) == list(range(len(lengths)))
 
@@ -57,8 +57,9 @@ def test_pair_steps_keep_both_sides_of_a_pair_in_one_micro_batch():
 @pytest.mark.usefixtures("demo_model")
 def test_a_packed_dpo_step_equals_trls_dpo_trainer(tmp_path):
     """For each loss type (sigmoid, ipo, hinge): loss, every trained gradient and the implicit
-    rewards of a packed micro-batch of three oasst1 rank pairs equal TRL 1.16's DPOTrainer's on
-    the same 4-bit LoRA model (reference: the adapter switched off), to 1e-5."""
+    rewards of a packed step of three oasst1 rank pairs, each prompt computed once for both sides
+    or each side on its own, equal TRL 1.16's DPOTrainer's on the same 4-bit LoRA model
+    (reference: the adapter switched off), to 1e-5."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -123,14 +124,15 @@ def test_a_packed_dpo_step_equals_trls_dpo_trainer(tmp_path):
             }
         )
     batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(examples)
-    # the service: both sides of the three pairs packed into one micro-batch of two rows
     head = use_hidden_states_head(model)  # TRL's fused forward reads the head's weight, not its forward
     assert head is not None
-    packed = pack_pairs(pairs, pairs_per_step=3, rows_per_micro_batch=2, row_length=1024, seed=0)
-    [step] = packed.steps
-    assert len(step.micro_batches) == 1
-    item = packed[0]
-    micro = collate_micro_batch(item["micro_batches"][0], item["sides"][0], tokenizer.pad_token_id, 1)
+    # the service: the three pairs packed with each prompt once (rows of 1,024 hold a whole pair),
+    # and each side on its own (rows as long as the longest side: no pair fits one)
+    shared = pack_pairs(pairs, pairs_per_step=3, rows_per_micro_batch=2, row_length=1024, seed=0)
+    longest = max(len(s.input_ids) for pair in pairs for s in (pair.chosen, pair.rejected))
+    apart = pack_pairs(pairs, pairs_per_step=3, rows_per_micro_batch=2, row_length=longest, seed=0)
+    assert shared.shared_share == 1 and apart.shared_share == 0
+    assert len(shared.steps[0].micro_batches) == 1 < len(apart.steps[0].micro_batches)
 
     for loss_type in ("sigmoid", "ipo", "hinge"):
         trl.loss_types, trl._metrics["eval"] = [loss_type], defaultdict(list)
@@ -141,24 +143,29 @@ def test_a_packed_dpo_step_equals_trls_dpo_trainer(tmp_path):
         model.zero_grad()
 
         settings = DpoHyperparameters(beta=beta, loss_type=loss_type)
-        scored = score_pairs(model, micro, settings, head, reference_adapter=None)
-        loss = scored.losses.mean()
-        loss.backward()
+        for packed in (shared, apart):
+            figures = FigureSums()
+            loss = 0
+            for rows in packed[0]["micro_batches"]:
+                micro = collate_micro_batch(rows, tokenizer.pad_token_id, 1)
+                scored = score_pairs(model, micro, settings, head, reference_adapter=None)
+                part = scored.losses.sum() / 3
+                part.backward()
+                loss += part.item()
+                figures.add(
+                    scored.losses.sum(), scored.chosen_rewards, scored.rejected_rewards, *scored.logps
+                )
 
-        assert abs(loss.item() - trl_loss.item()) < 1e-5, loss_type
-        for name, grad in expected.items():
-            assert torch.allclose(trained[name].grad, grad, atol=1e-5, rtol=1e-4), (loss_type, name)
-        model.zero_grad()
-        figures = FigureSums()
-        figures.add(scored.losses.sum(), scored.chosen_rewards, scored.rejected_rewards, *scored.logps)
-        means = figures.means()
-        for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-            assert means[name] == pytest.approx(metrics[name], abs=1e-5), name
-        for name in ("logps/chosen", "logps/rejected"):
-            assert means[name] == pytest.approx(metrics[name], abs=1e-4), name
-        assert (
-            abs(means["rewards/chosen"]) > 1e-3 and abs(means["rewards/rejected"]) > 1e-3
-        )  # not trivially 0
+            assert abs(loss - trl_loss.item()) < 1e-5, loss_type
+            for name, grad in expected.items():
+                assert torch.allclose(trained[name].grad, grad, atol=1e-5, rtol=1e-4), (loss_type, name)
+            model.zero_grad()
+            means = figures.means()
+            for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+                assert means[name] == pytest.approx(metrics[name], abs=1e-5), name
+            for name in ("logps/chosen", "logps/rejected"):
+                assert means[name] == pytest.approx(metrics[name], abs=1e-4), name
+            assert abs(means["rewards/chosen"]) > 1e-3 and abs(means["rewards/rejected"]) > 1e-3  # not 0
 
 
 def dpo_spec(**changes) -> dict:

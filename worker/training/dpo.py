@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from app.spec import DpoHyperparameters
-from worker.training.data import IGNORE_INDEX, TokenizedSample
+from worker.training.data import IGNORE_INDEX
 from worker.training.fused_loss import linear_log_probs
 from worker.training.packing import INPUT_TOKENS, block_causal_mask
 from worker.training.preference_data import TokenizedPair
@@ -50,9 +50,11 @@ from worker.training.trainer import ServiceTrainer
 
 # The adapter a job that continues from an earlier one keeps frozen as its reference.
 REFERENCE_ADAPTER = "reference"
-CHOSEN, REJECTED = 0, 1
+# What a packed unit of a pair holds: one side alone, or the prompt once with both completions
+# after it (SHARED).
+CHOSEN, REJECTED, SHARED = 0, 1, 2
 
-# A micro-batch: rows of (pair index, side) samples.
+# A micro-batch: rows of (pair index, unit index) units.
 MicroBatch = list[list[tuple[int, int]]]
 
 
@@ -64,16 +66,85 @@ class PairStep:
 
     @property
     def pairs(self) -> int:
-        return sum(len(row) for micro in self.micro_batches for row in micro) // 2
+        return len({pair for micro in self.micro_batches for row in micro for pair, _ in row})
+
+
+def shared_prompt_length(pair: TokenizedPair) -> int:
+    """How many tokens both sides start with before either's completion: the prompt, unless the
+    sides were truncated differently."""
+    chosen, rejected = pair.chosen, pair.rejected
+    shared = 0
+    while (
+        shared < min(len(chosen.input_ids), len(rejected.input_ids))
+        and chosen.input_ids[shared] == rejected.input_ids[shared]
+        and chosen.labels[shared] == rejected.labels[shared] == IGNORE_INDEX
+    ):
+        shared += 1
+    return shared
+
+
+def pair_units(pair: TokenizedPair, row_length: int) -> tuple[int, ...]:
+    """The kinds of the units a pair is packed as: the prompt once with both completions after
+    it, where that fits a row; else each side on its own."""
+    shared = shared_prompt_length(pair)
+    if shared and len(pair.chosen.input_ids) + len(pair.rejected.input_ids) - shared <= row_length:
+        return (SHARED,)
+    return (CHOSEN, REJECTED)
+
+
+@dataclass
+class Piece:
+    """What one unit puts in its row: its tokens, their positions, their branch (0: a prompt,
+    or a side on its own; 1 and 2: the chosen and the rejected completion after a shared prompt,
+    which see the prompt and themselves only), and the tokens scored: (side, index of the token
+    that predicts it, the token)."""
+
+    pair: int  # the pair's index in its data set
+    input_ids: list[int]
+    positions: list[int]
+    branches: list[int]
+    scored: list[tuple[int, int, int]]
+
+
+def unit_piece(pair: TokenizedPair, kind: int, index: int = 0) -> Piece:
+    if kind != SHARED:
+        sample = pair.chosen if kind == CHOSEN else pair.rejected
+        ids, labels = sample.input_ids, sample.labels
+        scored = [(kind, j - 1, ids[j]) for j in range(1, len(ids)) if labels[j] != IGNORE_INDEX]
+        return Piece(index, ids, list(range(len(ids))), [0] * len(ids), scored)
+    shared = shared_prompt_length(pair)
+    chosen, rejected = pair.chosen, pair.rejected
+    after = len(chosen.input_ids)  # the rejected completion follows the chosen one
+    scored = [
+        (CHOSEN, j - 1, chosen.input_ids[j])
+        for j in range(1, len(chosen.input_ids))
+        if chosen.labels[j] != IGNORE_INDEX
+    ]
+    scored += [
+        (REJECTED, j - 1 if j - 1 < shared else after + j - 1 - shared, rejected.input_ids[j])
+        for j in range(1, len(rejected.input_ids))
+        if rejected.labels[j] != IGNORE_INDEX
+    ]
+    return Piece(
+        index,
+        chosen.input_ids + rejected.input_ids[shared:],
+        list(range(after)) + list(range(shared, len(rejected.input_ids))),
+        [0] * shared + [1] * (after - shared) + [2] * (len(rejected.input_ids) - shared),
+        scored,
+    )
 
 
 def plan_pair_steps(
-    lengths: list[tuple[int, int]], pairs_per_step: int, rows_per_micro_batch: int, row_length: int, seed: int
+    lengths: list[tuple[int, ...]],
+    pairs_per_step: int,
+    rows_per_micro_batch: int,
+    row_length: int,
+    seed: int,
 ) -> list[PairStep]:
     """Shuffle the pairs (seeded), take `pairs_per_step` at a time, and pack each step's pairs,
-    longest first, both sides into one micro-batch: best-fit into its rows (at most
-    `rows_per_micro_batch`, and at least 2 so that any pair fits), a new micro-batch when no open
-    one has room for both sides."""
+    longest first, all units of a pair (`lengths[pair]`: one, or its two sides) into one
+    micro-batch: best-fit into its rows (at most `rows_per_micro_batch`, and at least 2 so that
+    any pair fits), a new micro-batch when no open one has room for all of them."""
     rows = max(2, rows_per_micro_batch)
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
@@ -96,9 +167,9 @@ def plan_pair_steps(
 
 
 def _place_pair(
-    micro: MicroBatch, free: list[int], pair: int, sides: tuple[int, int], rows: int, row_length: int
+    micro: MicroBatch, free: list[int], pair: int, sides: tuple[int, ...], rows: int, row_length: int
 ) -> bool:
-    """Both sides of `pair` into `micro`'s rows (best fit, new rows up to `rows`), or neither."""
+    """Every unit of `pair` into `micro`'s rows (best fit, new rows up to `rows`), or none."""
     taken: list[tuple[int, int]] = []  # (row, length) placed so far, to undo
     opened = len(micro)
     for side, need in enumerate(sides):
@@ -124,24 +195,23 @@ def _place_pair(
 class PackedPairs:
     """A DPO training set whose items are whole optimizer steps (the Trainer's batch size is 1)."""
 
-    def __init__(self, pairs: list[TokenizedPair], steps: list[PairStep]):
+    def __init__(self, pairs: list[TokenizedPair], units: list[tuple[int, ...]], steps: list[PairStep]):
         self.pairs = pairs
+        self.units = units  # each pair's unit kinds (`pair_units`)
         self.steps = steps
 
     def __len__(self) -> int:
         return len(self.steps)
 
-    def side(self, pair: int, side: int) -> TokenizedSample:
-        both = self.pairs[pair]
-        return both.chosen if side == CHOSEN else both.rejected
+    def piece(self, pair: int, unit: int) -> Piece:
+        return unit_piece(self.pairs[pair], self.units[pair][unit], pair)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         step = self.steps[index]
         return {
             "micro_batches": [
-                [[self.side(p, s) for p, s in row] for row in micro] for micro in step.micro_batches
+                [[self.piece(p, u) for p, u in row] for row in micro] for micro in step.micro_batches
             ],
-            "sides": [[[(p, s) for p, s in row] for row in micro] for micro in step.micro_batches],
             "pairs": step.pairs,
         }
 
@@ -150,12 +220,17 @@ class PackedPairs:
         return len(self.pairs) / max(1, len(self.steps))
 
     @property
+    def shared_share(self) -> float:
+        """Share of the pairs packed with their prompt once."""
+        return sum(units == (SHARED,) for units in self.units) / max(1, len(self.units))
+
+    @property
     def fill(self) -> float:
         """Share of the computed (micro-batch rows × longest row) tokens that are real."""
         real = computed = 0
         for step in self.steps:
             for micro in step.micro_batches:
-                widths = [sum(len(self.side(p, s).input_ids) for p, s in row) for row in micro]
+                widths = [sum(len(self.piece(p, u).input_ids) for p, u in row) for row in micro]
                 real += sum(widths)
                 computed += max(widths) * len(micro)
         return real / max(1, computed)
@@ -164,63 +239,73 @@ class PackedPairs:
 def pack_pairs(
     pairs: list[TokenizedPair], pairs_per_step: int, rows_per_micro_batch: int, row_length: int, seed: int
 ) -> PackedPairs:
-    lengths = [(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
+    """`pairs` in steps of `pairs_per_step`, each pair's prompt computed once where the pair fits
+    a row (`pair_units`)."""
+    units = [pair_units(pair, row_length) for pair in pairs]
+    lengths = [
+        tuple(len(unit_piece(pair, kind).input_ids) for kind in kinds)
+        for pair, kinds in zip(pairs, units, strict=True)
+    ]
     return PackedPairs(
-        pairs, plan_pair_steps(lengths, pairs_per_step, rows_per_micro_batch, row_length, seed)
+        pairs, units, plan_pair_steps(lengths, pairs_per_step, rows_per_micro_batch, row_length, seed)
     )
 
 
 def collate_micro_batch(
-    rows: list[list[TokenizedSample]],
-    sides: list[list[tuple[int, int]]],
-    pad_token_id: int,
-    row_multiple: int,
+    rows: list[list[Piece]], pad_token_id: int, row_multiple: int
 ) -> dict[str, torch.Tensor]:
     """One micro-batch's packed rows, and where its completion tokens are, all worked out on the
-    host: `positions` (flat index into rows × width of each token that predicts a completion
-    token), `targets` (that token), `target_sequence` (which sample it belongs to, numbered across
-    the micro-batch), `chosen` / `rejected` (each pair's two samples), `completion_tokens` (per
-    sample)."""
-    width = max(sum(len(s.input_ids) for s in row) for row in rows)
+    host: `sequence_ids` (a unit's number across the micro-batch, 0 for padding) and
+    `branch_ids` (`Piece.branches`) for the attention mask, `positions` (flat index into rows ×
+    width of each token that predicts a completion token), `targets` (that token),
+    `target_sequence` (which side of which pair it scores, numbered across the micro-batch),
+    `chosen` / `rejected` (each pair's two sides), `completion_tokens` (per side)."""
+    width = max(sum(len(piece.input_ids) for piece in row) for row in rows)
     width = -(-width // row_multiple) * row_multiple
-    input_ids, positions_ids, sequence_ids = [], [], []
-    positions, targets, target_sequence, completion_tokens = [], [], [], []
-    where: dict[tuple[int, int], int] = {}
-    number = 0
-    for r, (row, row_sides) in enumerate(zip(rows, sides, strict=True)):
-        ids: list[int] = []
-        positions_row: list[int] = []
-        sequences: list[int] = []
-        for sample, pair_side in zip(row, row_sides, strict=True):
+    columns: dict[str, list[list[int]]] = {
+        "input_ids": [],
+        "position_ids": [],
+        "sequence_ids": [],
+        "branch_ids": [],
+    }
+    positions, targets, target_sequence = [], [], []
+    sides: dict[tuple[int, int], int] = {}  # (pair, side) → its number among the sides
+    completion_tokens: list[int] = []
+    unit = 0
+    for r, row in enumerate(rows):
+        ids, position_ids, sequence_ids, branch_ids = [], [], [], []
+        for piece in row:
+            unit += 1
             offset = len(ids)
-            trained = 0
-            for j in range(1, len(sample.input_ids)):  # a sample's first token predicts nothing of it
-                if sample.labels[j] != IGNORE_INDEX:
-                    positions.append(r * width + offset + j - 1)
-                    targets.append(sample.input_ids[j])
-                    target_sequence.append(number)
-                    trained += 1
-            ids += sample.input_ids
-            positions_row += range(len(sample.input_ids))
-            number += 1
-            sequences += [number] * len(sample.input_ids)  # 0 is padding
-            where[pair_side] = number - 1
-            completion_tokens.append(trained)
+            for side, at, target in piece.scored:
+                number = sides.setdefault((piece.pair, side), len(completion_tokens))
+                if number == len(completion_tokens):
+                    completion_tokens.append(0)
+                positions.append(r * width + offset + at)
+                targets.append(target)
+                target_sequence.append(number)
+                completion_tokens[number] += 1
+            ids += piece.input_ids
+            position_ids += piece.positions
+            sequence_ids += [unit] * len(piece.input_ids)
+            branch_ids += piece.branches
         pad = width - len(ids)
-        input_ids.append(ids + [pad_token_id] * pad)
-        positions_ids.append(positions_row + [0] * pad)
-        sequence_ids.append(sequences + [0] * pad)
-    pairs = sorted({p for p, _ in where})
+        columns["input_ids"].append(ids + [pad_token_id] * pad)
+        for name, values in (
+            ("position_ids", position_ids),
+            ("sequence_ids", sequence_ids),
+            ("branch_ids", branch_ids),
+        ):
+            columns[name].append(values + [0] * pad)
+    pairs = sorted({pair for pair, _ in sides})
     return {
-        "input_ids": torch.tensor(input_ids, dtype=torch.long),
-        "position_ids": torch.tensor(positions_ids, dtype=torch.long),
-        "sequence_ids": torch.tensor(sequence_ids, dtype=torch.long),
+        **{name: torch.tensor(values, dtype=torch.long) for name, values in columns.items()},
         "positions": torch.tensor(positions, dtype=torch.long),
         "targets": torch.tensor(targets, dtype=torch.long),
         "target_sequence": torch.tensor(target_sequence, dtype=torch.long),
         "completion_tokens": torch.tensor(completion_tokens, dtype=torch.long),
-        "chosen": torch.tensor([where[(p, CHOSEN)] for p in pairs], dtype=torch.long),
-        "rejected": torch.tensor([where[(p, REJECTED)] for p in pairs], dtype=torch.long),
+        "chosen": torch.tensor([sides[(pair, CHOSEN)] for pair in pairs], dtype=torch.long),
+        "rejected": torch.tensor([sides[(pair, REJECTED)] for pair in pairs], dtype=torch.long),
     }
 
 
@@ -230,11 +315,8 @@ def collate_pair_step(
     """What the DPO Trainer's data loader yields: the step's micro-batches (`collate_micro_batch`),
     its pair count and its real tokens (`INPUT_TOKENS`, counted on the host)."""
     [step] = items
-    micro_batches = [
-        collate_micro_batch(rows, sides, pad_token_id, row_multiple)
-        for rows, sides in zip(step["micro_batches"], step["sides"], strict=True)
-    ]
-    tokens = sum(len(s.input_ids) for micro in step["micro_batches"] for row in micro for s in row)
+    micro_batches = [collate_micro_batch(rows, pad_token_id, row_multiple) for rows in step["micro_batches"]]
+    tokens = sum(len(piece.input_ids) for micro in step["micro_batches"] for row in micro for piece in row)
     return {"micro_batches": micro_batches, "pairs": step["pairs"], INPUT_TOKENS: tokens}
 
 
@@ -350,11 +432,11 @@ def score_pairs(
 ) -> ScoredPairs:
     """The pairs of one collated micro-batch (`collate_micro_batch`): the reference's forward
     without gradients, the policy's, and DPO's loss of each pair."""
-    sequence_ids = micro["sequence_ids"]
+    sequence_ids, branch_ids = micro["sequence_ids"], micro["branch_ids"]
     if mask_kind == "flex":
-        mask = document_block_mask(sequence_ids)
+        mask = document_block_mask(sequence_ids, branch_ids)
     else:
-        mask = block_causal_mask(sequence_ids, mask_dtype)
+        mask = block_causal_mask(sequence_ids, mask_dtype, branch_ids)
     with torch.no_grad(), reference_model(_unwrapped(model), reference_adapter, reference_biases):
         reference = sequence_logps(model, micro, mask, head)
     policy = sequence_logps(model, micro, mask, head)

@@ -185,13 +185,19 @@ def collate_step(
     return {**collate_packed(items, pad_token_id, row_multiple), INPUT_TOKENS: tokens}
 
 
-def block_causal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def block_causal_mask(
+    sequence_ids: torch.Tensor, dtype: torch.dtype, branch_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Additive 4D mask (batch, 1, T, T): a token sees earlier tokens of its own sample only.
-    Padding sees itself, so no row of the softmax is empty."""
+    Padding sees itself, so no row of the softmax is empty. `branch_ids` (a DPO pair packed with
+    its prompt once, worker.training.dpo): a token also sees only branch 0 (the prompt) and its
+    own branch, so each completion sees the prompt and itself, not the other completion."""
     width = sequence_ids.shape[1]
     same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool, device=sequence_ids.device).tril()
     allowed = same & causal
+    if branch_ids is not None:
+        allowed &= (branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == branch_ids[:, :, None])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]

@@ -235,9 +235,10 @@ def use_sdpa_attention(model: torch.nn.Module) -> None:
         base.config._attn_implementation = "sdpa"
 
 
-def document_block_mask(sequence_ids: torch.Tensor):
+def document_block_mask(sequence_ids: torch.Tensor, branch_ids: torch.Tensor | None = None):
     """FlexAttention's BlockMask for packed rows: a token sees earlier tokens of its own sample
-    (padding, sample number 0, sees earlier padding), as `block_causal_mask` does."""
+    (padding, sample number 0, sees earlier padding), and with `branch_ids` only the prompt
+    (branch 0) and its own branch, as `block_causal_mask` does."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, width = sequence_ids.shape
@@ -246,7 +247,16 @@ def document_block_mask(sequence_ids: torch.Tensor):
     def same_sample_causal(b, h, q, kv):
         return (docs[b, q] == docs[b, kv]) & (q >= kv)
 
-    return create_block_mask(same_sample_causal, batch, None, width, width, device=docs.device)
+    mask_mod = same_sample_causal
+    if branch_ids is not None:
+        branches = branch_ids
+
+        def same_sample_branch_causal(b, h, q, kv):
+            seen = (branches[b, kv] == 0) | (branches[b, kv] == branches[b, q])
+            return same_sample_causal(b, h, q, kv) & seen
+
+        mask_mod = same_sample_branch_causal
+    return create_block_mask(mask_mod, batch, None, width, width, device=docs.device)
 
 
 # the spec's optimizer names that torch's fused AdamW computes exactly (32-bit AdamW states)
