@@ -273,7 +273,10 @@ def collate_micro_batch(
     completion_tokens: list[int] = []
     unit = 0
     for r, row in enumerate(rows):
-        ids, position_ids, sequence_ids, branch_ids = [], [], [], []
+        ids: list[int] = []
+        position_ids: list[int] = []
+        sequence_ids: list[int] = []
+        branch_ids: list[int] = []
         for piece in row:
             unit += 1
             offset = len(ids)
