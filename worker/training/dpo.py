@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -528,10 +528,14 @@ class DpoTrainer(ServiceTrainer):
             self.state.num_input_tokens_seen += tokens
         inputs = self._prepare_inputs(inputs)
         total = None
-        for micro in inputs["micro_batches"]:
-            with self.compute_loss_context_manager():
-                loss = self.micro_batch_loss(model, micro, inputs["pairs"], self.figures["train"])
-            self.accelerator.backward(loss)
+        micro_batches = inputs["micro_batches"]
+        for index, micro in enumerate(micro_batches):
+            # data-parallel: gradients are all-reduced once a step, with its last micro-batch
+            last = index == len(micro_batches) - 1
+            with nullcontext() if last else self.accelerator.no_sync(model):
+                with self.compute_loss_context_manager():
+                    loss = self.micro_batch_loss(model, micro, inputs["pairs"], self.figures["train"])
+                self.accelerator.backward(loss)
             total = loss.detach() if total is None else total + loss.detach()
         return total
 
