@@ -148,10 +148,10 @@ def make_pairs(opts: Options) -> list[Pair]:
 class Meter:
     """Counts what a variant trains and times its optimizer steps.
 
-    A variant calls `count(pairs, real_tokens, computed_tokens)` for every micro-batch it
-    collates (pairs: preference pairs in it; real_tokens: their `Pair.real_tokens`, so the same
-    number whatever the layout; computed_tokens: the tokens one forward pass runs, padding
-    included), puts `callback()` into its transformers Trainer's callbacks, trains
+    A variant has `count(pairs, real_tokens, computed_tokens)` called for every batch its trainer
+    trains (`counted_when_trained`; pairs: preference pairs in it; real_tokens: their
+    `Pair.real_tokens`, so the same number whatever the layout; computed_tokens: the tokens its
+    forward passes run, padding included), puts `callback()` into its transformers Trainer's callbacks, trains
     `opts.total_steps` optimizer steps, then returns `result(name, **extra)`."""
 
     def __init__(self, opts: Options) -> None:
@@ -168,6 +168,28 @@ class Meter:
         self.pairs += pairs
         self.real += real_tokens
         self.computed += computed_tokens
+
+    def counted_when_trained(self, trainer, collate, counts) -> None:
+        """Count each batch when the trainer trains it, not when the data loader collates it
+        (which runs ahead of the step marks): `collate` is the trainer's collator, `counts(batch,
+        collated)` gives the batch's (pairs, real tokens, computed tokens)."""
+        from collections import deque
+
+        waiting: deque = deque()
+
+        def collating(batch):
+            collated = collate(batch)
+            waiting.append(counts(batch, collated))
+            return collated
+
+        train = trainer.training_step
+
+        def training_step(*args, **kwargs):
+            self.count(*waiting.popleft())
+            return train(*args, **kwargs)
+
+        trainer.data_collator = collating
+        trainer.training_step = training_step
 
     def begin(self) -> None:
         """Start of training: memory peaks from here (the model is loaded already)."""
@@ -390,16 +412,15 @@ def trl_variant(opts: Options, pairs: list[Pair], meter: Meter) -> dict:
     if got != want:
         bad = next(i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w)
         raise RuntimeError(f"TRL tokenized pair {bad} to {got[bad]} tokens, not {want[bad]}")
-    inner = trainer.data_collator
-
-    def counting(batch):
-        out = inner(batch)
-        meter.count(
-            out["input_ids"].shape[0] // 2, int(out["attention_mask"].sum()), out["input_ids"].numel()
-        )
-        return out
-
-    trainer.data_collator = counting
+    meter.counted_when_trained(
+        trainer,
+        trainer.data_collator,
+        lambda _, out: (
+            out["input_ids"].shape[0] // 2,
+            int(out["attention_mask"].sum()),
+            out["input_ids"].numel(),
+        ),
+    )
     trainer.train()
     return meter.result(
         "TRL 1.16 DPOTrainer (QLoRA, ref = adapter disabled, padded)",
@@ -487,25 +508,24 @@ def service_variant(
         train_set.steps = plan_pair_steps(
             lengths, opts.pairs_per_step, t.batch_size, t.max_seq_length, t.seed
         )
-    inner = partial(collate_pair_step, pad_token_id=EOS, row_multiple=speed.row_multiple)
+    collate = partial(collate_pair_step, pad_token_id=EOS, row_multiple=speed.row_multiple)
 
-    def counting(items):
-        out = inner(items)
-        for micro, pieces in zip(out["micro_batches"], items[0]["micro_batches"], strict=True):
-            in_it = {piece.pair for row in pieces for piece in row}
-            meter.count(len(in_it), sum(pairs[p].real_tokens for p in in_it), micro["input_ids"].numel())
-        return out
+    def counts(items, out):
+        in_it = {piece.pair for micro in items[0]["micro_batches"] for row in micro for piece in row}
+        computed = sum(micro["input_ids"].numel() for micro in out["micro_batches"])
+        return len(in_it), sum(pairs[p].real_tokens for p in in_it), computed
 
     args = training_arguments(spec, Path("/tmp/dpo_bench_service"), dtype, evaluate=False, speed=speed)
     trainer = DpoTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
-        data_collator=counting,
+        data_collator=collate,
         callbacks=[meter.callback()],
         settings=spec.dpo,
         head=head,
     )
+    meter.counted_when_trained(trainer, collate, counts)
     trainer.mask_dtype = dtype if torch.cuda.is_available() else torch.float32
     trainer.mask_kind = speed.mask
     trainer.train()
