@@ -511,15 +511,19 @@ def test_the_official_client_trains_pauses_resumes_and_cancels_jobs(redis_env, t
         assert f"training continues from {trained.id} (adapter)" in [
             e.message for e in ai.fine_tuning.jobs.list_events(continued.id, limit=100)
         ]
-        export = client.post(f"/jobs/{continued.id}/exports", json={"format": "merged"})
-        assert export.status_code == 202, export.text
-        deadline = time.monotonic() + 120
-        while (made := client.get(f"/jobs/{continued.id}/exports/{export.json()['id']}").json())[
-            "status"
-        ] not in ("succeeded", "failed"):
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
-        assert made["status"] == "succeeded", made
+        exports = {
+            job_id: client.post(f"/jobs/{job_id}/exports", json={"format": "merged"})
+            for job_id in (fresh.id, continued.id)
+        }
+        deadline = time.monotonic() + 180
+        for job_id, export in exports.items():
+            assert export.status_code == 202, export.text
+            while (made := client.get(f"/jobs/{job_id}/exports/{export.json()['id']}").json())[
+                "status"
+            ] not in ("succeeded", "failed"):
+                assert time.monotonic() < deadline
+                time.sleep(0.3)
+            assert made["status"] == "succeeded", made
 
 
 def test_links_are_absolute_so_the_clients_v1_base_url_does_not_break_them(ai, client, monkeypatch):
