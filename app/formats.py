@@ -183,16 +183,20 @@ RECORD_FORMATS: tuple[RecordFormat, ...] = (
 BY_NAME = {f.name: f for f in RECORD_FORMATS}
 
 
-def conversations_from_records(records: Iterable[dict], fmt: str) -> Conversations:
-    """One sample per valid record of format `fmt`; the invalid ones are counted as dropped."""
-    turns_of = BY_NAME[fmt].turns
-    samples, dropped = [], Counter[str]()
+def convert_each(records: Iterable[dict], convert: Callable[[dict], Any], fmt: str) -> tuple[list, Counter]:
+    """`convert(record)` of each record of format `fmt`, and how many it refused (dropped)."""
+    converted, dropped = [], Counter[str]()
     for record in records:
         try:
-            samples.append(turns_of(record))
+            converted.append(convert(record))
         except (ValueError, AttributeError, TypeError):
             dropped[f"{fmt}_records_invalid"] += 1
-    return Conversations(samples, dropped)
+    return converted, dropped
+
+
+def conversations_from_records(records: Iterable[dict], fmt: str) -> Conversations:
+    """One sample per valid record of format `fmt`; the invalid ones are counted as dropped."""
+    return Conversations(*convert_each(records, BY_NAME[fmt].turns, fmt))
 
 
 def detect_format(record: dict) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.conversations import ASSISTANT, TEXT, Turn, _thread, _turn, kept_rows
-from app.formats import _messages, _raw
+from app.formats import _messages, _raw, convert_each
 from app.spec import DPO, SUPERVISED
 
 PAIR_FORMATS = ("openai_preference", "preference")
@@ -168,14 +168,7 @@ def recognise_pair_format(record: dict) -> str | None:
 
 def pairs_from_records(records: Iterable[dict], fmt: str) -> Pairs:
     """One pair per valid record of a pair format; the invalid ones are counted as dropped."""
-    pair_of = PAIR_OF_FORMAT[fmt]
-    pairs, dropped = [], Counter[str]()
-    for record in records:
-        try:
-            pairs.append(pair_of(record))
-        except (ValueError, AttributeError, TypeError):
-            dropped[f"{fmt}_records_invalid"] += 1
-    return Pairs(pairs, dropped)
+    return Pairs(*convert_each(records, PAIR_OF_FORMAT[fmt], fmt))
 
 
 def ranked_pairs_from_rows(
