@@ -8,7 +8,8 @@ only to itself, both sides of a pair in the same micro-batch, as many micro-batc
 step's pairs need. Each micro-batch runs one forward of the policy (the adapter on) and one
 without gradients of the reference: the base with the adapter switched off (no second copy of
 the model), or, for a job that continues from an earlier adapter, that adapter kept frozen
-under the name `reference` (its LoRA weights; no dropout). Biases a job trains (`lora.bias`)
+under the name `reference` (its LoRA weights), in evaluation mode (no dropout: it scores a pair
+the same way every time; TRL switches dropout off altogether). Biases a job trains (`lora.bias`)
 change the base in place, which no adapter switch undoes: the reference forward runs with their
 starting values (TRL's would use the trained ones).
 
@@ -465,12 +466,15 @@ def _unwrapped(model: Any) -> Any:
 def reference_model(
     model: Any, adapter: str | None, biases: dict[torch.nn.Parameter, torch.Tensor] | None = None
 ) -> Iterator[None]:
-    """The reference policy: `adapter` (frozen) active, or every adapter off (the base); and
-    trained biases (`lora.bias`), which no adapter switch undoes, at their starting values
-    (`starting_biases`)."""
+    """The reference policy: `adapter` (frozen) active, or every adapter off (the base); trained
+    biases (`lora.bias`), which no adapter switch undoes, at their starting values
+    (`starting_biases`); and no dropout (evaluation mode: the base's own, Phi-2's 0.1 on the
+    residuals, too), so the reference scores a pair the same way every time."""
     swapped = dict(biases or {})
     for parameter, start in swapped.items():
         parameter.data, swapped[parameter] = start, parameter.data
+    training = model.training
+    model.eval()
     try:
         if adapter is None:
             with model.disable_adapter():
@@ -483,6 +487,7 @@ def reference_model(
             finally:
                 model.set_adapter(previous)
     finally:
+        model.train(training)
         for parameter, trained in swapped.items():
             parameter.data = trained
 
