@@ -448,14 +448,7 @@ def service_variant(
 
     from app.spec import stored_spec
     from worker.training.data import IGNORE_INDEX, TokenizedSample
-    from worker.training.dpo import (
-        CHOSEN,
-        REJECTED,
-        DpoTrainer,
-        collate_pair_step,
-        pack_pairs,
-        plan_pair_steps,
-    )
+    from worker.training.dpo import DpoTrainer, collate_pair_step, pack_pairs
     from worker.training.fused_loss import use_hidden_states_head
     from worker.training.model import compute_dtype, load_quantized_lora_model
     from worker.training.preference_data import TokenizedPair
@@ -501,13 +494,10 @@ def service_variant(
         return TokenizedSample(p.prompt_ids + completion, [IGNORE_INDEX] * len(p.prompt_ids) + completion)
 
     tokenized = [TokenizedPair(side(p, p.chosen_ids), side(p, p.rejected_ids)) for p in pairs]
-    train_set = pack_pairs(tokenized, opts.pairs_per_step, t.batch_size, t.max_seq_length, t.seed)
-    if sides_apart:  # the same packing without the shared prompt, to compare
-        train_set.units = [(CHOSEN, REJECTED)] * len(tokenized)
-        lengths = [(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in tokenized]
-        train_set.steps = plan_pair_steps(
-            lengths, opts.pairs_per_step, t.batch_size, t.max_seq_length, t.seed
-        )
+    # sides_apart: the same packing without the shared prompt, to compare
+    train_set = pack_pairs(
+        tokenized, opts.pairs_per_step, t.batch_size, t.max_seq_length, t.seed, share_prompts=not sides_apart
+    )
     collate = partial(collate_pair_step, pad_token_id=EOS, row_multiple=speed.row_multiple)
 
     def counts(items, out):

@@ -132,6 +132,12 @@ def test_a_packed_dpo_step_equals_trls_dpo_trainer(tmp_path):
     longest = max(len(s.input_ids) for pair in pairs for s in (pair.chosen, pair.rejected))
     apart = pack_pairs(pairs, pairs_per_step=3, rows_per_micro_batch=2, row_length=longest, seed=0)
     assert shared.shared_share == 1 and apart.shared_share == 0
+    for packed in (shared, apart):  # the planner's lengths are the pieces' the collator packs
+        assert all(
+            len(packed.piece(p, u).input_ids) == packed.lengths[p][u]
+            for p in range(len(pairs))
+            for u in range(len(packed.units[p]))
+        )
     assert len(shared.steps[0].micro_batches) == 1 < len(apart.steps[0].micro_batches)
 
     for loss_type in ("sigmoid", "ipo", "hinge"):

@@ -84,11 +84,18 @@ def shared_prompt_length(pair: TokenizedPair) -> int:
     return shared
 
 
-def pair_units(pair: TokenizedPair, row_length: int) -> tuple[int, ...]:
+def unit_length(pair: TokenizedPair, kind: int) -> int:
+    """The tokens a unit of `pair` puts in its row (`unit_piece`'s, without building it)."""
+    chosen, rejected = len(pair.chosen.input_ids), len(pair.rejected.input_ids)
+    if kind == SHARED:
+        return chosen + rejected - shared_prompt_length(pair)
+    return chosen if kind == CHOSEN else rejected
+
+
+def pair_units(pair: TokenizedPair, row_length: int, share_prompt: bool = True) -> tuple[int, ...]:
     """The kinds of the units a pair is packed as: the prompt once with both completions after
-    it, where that fits a row; else each side on its own."""
-    shared = shared_prompt_length(pair)
-    if shared and len(pair.chosen.input_ids) + len(pair.rejected.input_ids) - shared <= row_length:
+    it, where that fits a row (and `share_prompt`); else each side on its own."""
+    if share_prompt and shared_prompt_length(pair) and unit_length(pair, SHARED) <= row_length:
         return (SHARED,)
     return (CHOSEN, REJECTED)
 
@@ -196,9 +203,16 @@ def _place_pair(
 class PackedPairs:
     """A DPO training set whose items are whole optimizer steps (the Trainer's batch size is 1)."""
 
-    def __init__(self, pairs: list[TokenizedPair], units: list[tuple[int, ...]], steps: list[PairStep]):
+    def __init__(
+        self,
+        pairs: list[TokenizedPair],
+        units: list[tuple[int, ...]],
+        lengths: list[tuple[int, ...]],
+        steps: list[PairStep],
+    ):
         self.pairs = pairs
         self.units = units  # each pair's unit kinds (`pair_units`)
+        self.lengths = lengths  # and their lengths (`unit_length`)
         self.steps = steps
 
     def __len__(self) -> int:
@@ -217,10 +231,6 @@ class PackedPairs:
         }
 
     @property
-    def mean_pairs_per_step(self) -> float:
-        return len(self.pairs) / max(1, len(self.steps))
-
-    @property
     def shared_share(self) -> float:
         """Share of the pairs packed with their prompt once."""
         return sum(units == (SHARED,) for units in self.units) / max(1, len(self.units))
@@ -231,25 +241,28 @@ class PackedPairs:
         real = computed = 0
         for step in self.steps:
             for micro in step.micro_batches:
-                widths = [sum(len(self.piece(p, u).input_ids) for p, u in row) for row in micro]
+                widths = [sum(self.lengths[p][u] for p, u in row) for row in micro]
                 real += sum(widths)
                 computed += max(widths) * len(micro)
         return real / max(1, computed)
 
 
 def pack_pairs(
-    pairs: list[TokenizedPair], pairs_per_step: int, rows_per_micro_batch: int, row_length: int, seed: int
+    pairs: list[TokenizedPair],
+    pairs_per_step: int,
+    rows_per_micro_batch: int,
+    row_length: int,
+    seed: int,
+    share_prompts: bool = True,
 ) -> PackedPairs:
     """`pairs` in steps of `pairs_per_step`, each pair's prompt computed once where the pair fits
-    a row (`pair_units`)."""
-    units = [pair_units(pair, row_length) for pair in pairs]
+    a row (`pair_units`; `share_prompts=False`: every side on its own, for comparison)."""
+    units = [pair_units(pair, row_length, share_prompts) for pair in pairs]
     lengths = [
-        tuple(len(unit_piece(pair, kind).input_ids) for kind in kinds)
-        for pair, kinds in zip(pairs, units, strict=True)
+        tuple(unit_length(pair, kind) for kind in kinds) for pair, kinds in zip(pairs, units, strict=True)
     ]
-    return PackedPairs(
-        pairs, units, plan_pair_steps(lengths, pairs_per_step, rows_per_micro_batch, row_length, seed)
-    )
+    steps = plan_pair_steps(lengths, pairs_per_step, rows_per_micro_batch, row_length, seed)
+    return PackedPairs(pairs, units, lengths, steps)
 
 
 def collate_micro_batch(

@@ -304,15 +304,16 @@ def _dpo_trainer(
     if isinstance(data.eval, PairData):
         eval_set = pack_pairs(data.eval.pairs, per_step, t.batch_size, t.max_seq_length, t.seed)
     micro_batches = sum(len(step.micro_batches) for step in train_set.steps)
+    fill = train_set.fill
     job.say(
         f"packed {len(data.train)} pairs into {len(train_set)} steps of {per_step} pairs "
         f"({micro_batches / max(1, len(train_set)):.2f} micro-batches of at most {t.batch_size} rows a step) "
         f"for {world_size()} process(es), {train_set.shared_share:.0%} of pairs with their prompt computed "
-        f"once: {train_set.fill:.1%} of computed tokens real; reference: "
+        f"once: {fill:.1%} of computed tokens real; reference: "
         + ("the adapter it continues from, frozen" if model.reference_adapter else "the base (adapter off)"),
         steps=len(train_set),
         micro_batches=micro_batches,
-        fill=round(train_set.fill, 4),
+        fill=round(fill, 4),
         shared_prompt=round(train_set.shared_share, 4),
     )
     trainer = DpoTrainer(
