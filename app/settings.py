@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     flush_interval_s: float = 1.0
     # How often an SSE stream polls the database for new metric rows.
     stream_poll_s: float = 0.5
+    # How long an open SSE stream waits for a database that stopped answering before it closes
+    # (the client reconnects with Last-Event-ID; a new stream is refused with a 503 meanwhile).
+    stream_outage_s: float = Field(60.0, gt=0)
 
     @model_validator(mode="after")
     def _fill_derived(self) -> Settings:

@@ -6,13 +6,19 @@ import asyncio
 import csv
 import io
 import json
+import logging
+import time
 from collections.abc import AsyncIterator, Iterable
 
 from starlette.concurrency import run_in_threadpool
 
-from app.schemas import MetricRead
+from app.db import UNREACHABLE
+from app.errors import RETRY_AFTER_S
+from app.schemas import JobRead, MetricRead
 from app.services import jobs
 from app.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 def format_text_line(row: MetricRead) -> str:
@@ -65,20 +71,51 @@ def format_csv(
     return out.getvalue()
 
 
+def _read(
+    job_id: str, owner: str, after_step: int, evals_after: int
+) -> tuple[list[MetricRead], list[MetricRead], JobRead | None]:
+    """One poll of a stream: the new rows, the late evaluations, and the job once it has stopped."""
+    status, rows, evals = jobs.metrics_since(job_id, owner, after_step, evals_after)
+    return rows, evals, jobs.get_job(job_id, owner) if status.stopped else None
+
+
 async def metric_events(job_id: str, owner: str, after_step: int) -> AsyncIterator[dict]:
     """Rows as they are written (`metric`, `id:` is the step), and for every evaluated step an
     `eval` event (the step's row with its eval_loss, and its figures with the eval set's among
     them, no `id:`): right after the step's `metric` event when the evaluation was already
     merged into the row, or once it arrives for a step already sent. Ends with an `end` event
-    once the job has stopped (finished or paused)."""
-    poll = get_settings().stream_poll_s
+    once the job has stopped (finished or paused).
+
+    While the database does not answer, the stream waits, polling less often, and then goes on
+    from the same step. A comment says so (comments, not events: every SSE client skips them);
+    after FINETUNE_STREAM_OUTAGE_S it closes cleanly, without `end`, naming the step to reconnect
+    from (the client's Last-Event-ID)."""
+    settings = get_settings()
     # A client resuming after step N may have missed the evaluation of step N (it is written
     # after the step's row, and before any later row).
     evals_after = after_step - 1
+    wait = settings.stream_poll_s
+    down_since: float | None = None
     while True:
-        status, rows, evals = await run_in_threadpool(
-            jobs.metrics_since, job_id, owner, after_step, evals_after
-        )
+        try:
+            rows, evals, job = await run_in_threadpool(_read, job_id, owner, after_step, evals_after)
+        except UNREACHABLE as exc:
+            if down_since is None:
+                down_since = time.monotonic()
+                log.warning("metric stream of %s: the database did not answer: %s", job_id, exc)
+                yield {"comment": f"database unavailable; waiting up to {settings.stream_outage_s:g} s"}
+            elif time.monotonic() - down_since > settings.stream_outage_s:
+                yield {
+                    "comment": f"database still unavailable; reconnect with Last-Event-ID: {after_step}",
+                    "retry": RETRY_AFTER_S * 1000,
+                }
+                return
+            wait = min(wait * 2, RETRY_AFTER_S)
+            await asyncio.sleep(wait)
+            continue
+        if down_since is not None:
+            down_since, wait = None, settings.stream_poll_s
+            yield {"comment": "database available again"}
         for row in evals:
             evals_after = row.step
             yield {"event": "eval", "data": row.model_dump_json()}
@@ -91,8 +128,7 @@ async def metric_events(job_id: str, owner: str, after_step: int) -> AsyncIterat
             if row.eval_loss is not None:
                 evals_after = row.step
                 yield {"event": "eval", "data": row.model_dump_json()}
-        if status.stopped:
-            job = await run_in_threadpool(jobs.get_job, job_id, owner)
+        if job is not None:
             yield {"event": "end", "data": json.dumps({"status": job.status, "error": job.error})}
             return
-        await asyncio.sleep(poll)
+        await asyncio.sleep(wait)

@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Owner
 from app.api.waiting import sample_updates
-from app.errors import JobNotFound, ModelNotFound, SampleFailed, SampleTimedOut
+from app.db import UNREACHABLE
+from app.errors import DatabaseUnavailable, JobNotFound, ModelNotFound, SampleFailed, SampleTimedOut
 from app.ids import JOB_ID, checkpoint_name
 from app.models import JobStatus, SampleStatus
 from app.schemas import JobRead, SampleRead
@@ -289,7 +290,8 @@ async def completions(request: CompletionRequest, owner: Owner) -> Object | Stre
 def _stream(sample: SampleRead, owner: str, request: _Sampling, kind: str) -> StreamingResponse:
     """OpenAI's server-sent events: a chunk for each piece of text the sampler adds, one with
     the finish reason, one with the usage if asked, then `[DONE]`. A failure mid-stream is an
-    `error` event, which the client raises."""
+    `error` event, which the client raises; a database outage is waited through until the
+    completion's deadline."""
     chat = kind == "chat.completion.chunk"
     head = {"id": ("chatcmpl-" if chat else "cmpl-") + sample.id, "object": kind, "model": request.model}
 
@@ -318,11 +320,13 @@ def _stream(sample: SampleRead, owner: str, request: _Sampling, kind: str) -> St
                     yield chunk(text[len(sent) :], None)
                     sent = text
         except SampleTimedOut as exc:
-            yield _event({"error": {"message": str(exc.detail), "type": "server_error", "code": exc.code}})
+            yield _error(str(exc.detail), exc.code)
+            return
+        except UNREACHABLE:  # still down at the deadline (a shorter outage is waited through)
+            yield _error("the database did not answer; retry shortly", DatabaseUnavailable.code)
             return
         if latest.status == SampleStatus.FAILED:
-            message = f"the sampler could not answer: {latest.error}"
-            yield _event({"error": {"message": message, "type": "server_error", "code": SampleFailed.code}})
+            yield _error(f"the sampler could not answer: {latest.error}", SampleFailed.code)
             return
         yield chunk(None, latest.finish_reason)
         if request.stream_options and request.stream_options.include_usage:
@@ -334,3 +338,8 @@ def _stream(sample: SampleRead, owner: str, request: _Sampling, kind: str) -> St
 
 def _event(data: Object) -> str:
     return f"data: {json.dumps(data)}\n\n"
+
+
+def _error(message: str, code: str) -> str:
+    """An error mid-stream, as OpenAI sends one (its client raises it)."""
+    return _event({"error": {"message": message, "type": "server_error", "code": code}})
