@@ -241,7 +241,17 @@ class SampleStatus:
     FINAL = (SUCCEEDED, FAILED)
 
 
-class Sample(Base):
+class LeasedWork:
+    """Columns of work a worker takes one at a time (samples, exports), leased as jobs are: the
+    taker renews its lease while it works; the sweeper re-queues the row when it expires, or
+    fails it once it has used max_attempts (app.services.queued_work)."""
+
+    attempts: Mapped[int] = mapped_column(default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
+class Sample(LeasedWork, Base):
     """A prompt answered by a job's base model plus its adapter (or one of its checkpoints):
     `POST /jobs/{id}/generate` and the OpenAI-style `/v1/chat/completions` and `/v1/completions`.
     While it runs, `completion` holds the text so far (a stream reads it as it grows)."""
@@ -282,7 +292,7 @@ class ExportFormat(StrEnum):
     GGUF = "gguf"
 
 
-class Export(Base):
+class Export(LeasedWork, Base):
     """A job's adapter (or a checkpoint's) made into a model that loads without the service:
     made by `finetune sampler`'s process, downloaded with its SHA-256."""
 

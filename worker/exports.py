@@ -16,9 +16,11 @@ from transformers import AutoTokenizer
 
 from app.models import Export, ExportFormat
 from app.services.exports import finish_export, start_export
+from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import being_written, job_files
 from worker.adapters import adapter_folder, job_spec
+from worker.lease import LeaseKeeper
 from worker.training.artifacts import sha256_of, zip_directory
 from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
 
@@ -30,14 +32,16 @@ def export(export_id: str) -> None:
     if taken is None:
         log.info("export %s is not queued; skipped", export_id)
         return
+    row, lease = taken
     try:
-        path = _make(taken)
+        with LeaseKeeper(lease, get_settings().lease_s / 3):
+            path = _make(row)
     except Exception as exc:
         log.exception("export %s failed", export_id)
-        finish_export(export_id, error=f"{type(exc).__name__}: {exc}")
+        finish_export(lease, error=f"{type(exc).__name__}: {exc}")
         return
-    name = f"{taken.job_id}-{taken.checkpoint or 'final'}-{taken.format}{path.suffix}"
-    finish_export(export_id, path=path, filename=name, size_bytes=path.stat().st_size, sha256=sha256_of(path))
+    name = f"{row.job_id}-{row.checkpoint or 'final'}-{row.format}{path.suffix}"
+    finish_export(lease, path=path, filename=name, size_bytes=path.stat().st_size, sha256=sha256_of(path))
 
 
 def _make(export: Export) -> Path:

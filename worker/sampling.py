@@ -27,10 +27,12 @@ from transformers.generation.streamers import BaseStreamer
 from app.conversations import HUMAN, Turn
 from app.formats import CHAT_ROLES
 from app.models import Sample
+from app.services.queued_work import Lease
 from app.services.samples import finish_sample, start_sample, write_partial
 from app.settings import get_settings
 from app.spec import DEFAULT_TEMPLATE, JobSpec
 from worker.adapters import adapter_folder, job_spec, trained_biases
+from worker.lease import LeaseKeeper
 from worker.placement import answer_device
 from worker.training.data import prompt_ids
 from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
@@ -117,15 +119,17 @@ def sampling_dtype(spec: JobSpec, device: str) -> torch.dtype:
 
 
 def answer(sample_id: str) -> None:
-    sample = start_sample(sample_id)
-    if sample is None:
+    taken = start_sample(sample_id)
+    if taken is None:
         log.info("sample %s is not queued; skipped", sample_id)
         return
+    sample, lease = taken
     try:
-        result = _complete(sample)
+        with LeaseKeeper(lease, get_settings().lease_s / 3):
+            result = _complete(sample, lease)
     except Exception as exc:
         log.exception("sample %s failed", sample_id)
-        finish_sample(sample_id, error=f"{type(exc).__name__}: {exc}")
+        finish_sample(lease, error=f"{type(exc).__name__}: {exc}")
         return
     finally:
         # After _complete has returned, nothing here refers to the model any more: freed now,
@@ -133,7 +137,7 @@ def answer(sample_id: str) -> None:
         if not keep_model():
             release_model()
     finish_sample(
-        sample_id,
+        lease,
         completion=result.text,
         finish_reason=result.finish_reason,
         prompt_tokens=result.prompt_tokens,
@@ -141,7 +145,7 @@ def answer(sample_id: str) -> None:
     )
 
 
-def _complete(sample: Sample) -> Answer:
+def _complete(sample: Sample, lease: Lease) -> Answer:
     spec = job_spec(sample.job_id)
     adapter_dir = adapter_folder(sample.job_id, sample.checkpoint) if sample.adapter else None
     device = _device_for(spec, sample)
@@ -150,7 +154,7 @@ def _complete(sample: Sample) -> Answer:
 
     def on_text(text: str) -> None:
         if time.monotonic() - last_write[0] >= PARTIAL_WRITE_S:
-            write_partial(sample.id, text)
+            write_partial(lease, text)
             last_write[0] = time.monotonic()
 
     with context:

@@ -21,6 +21,7 @@ from app.queue import enqueue_export
 from app.schemas import ExportRead, ExportRequest
 from app.services import queued_work
 from app.services.jobs import checkpoint_names, owned_job
+from app.services.queued_work import Lease
 from app.storage import job_files
 
 
@@ -80,23 +81,22 @@ def export_file(job_id: str, export_id: str, owner: str) -> tuple[Path, ExportRe
 # --- what the worker does ---------------------------------------------------------------------
 
 
-def start_export(export_id: str) -> Export | None:
-    """The worker takes a queued export (None if it is gone or already taken)."""
+def start_export(export_id: str) -> tuple[Export, Lease] | None:
+    """The worker takes a queued export under a lease (None if it is gone or already taken)."""
     return queued_work.take(Export, export_id)
 
 
 def finish_export(
-    export_id: str,
+    lease: Lease,
     *,
     path: Path | None = None,
     filename: str | None = None,
     size_bytes: int | None = None,
     sha256: str | None = None,
     error: str | None = None,
-) -> None:
-    queued_work.finish(
-        Export,
-        export_id,
+) -> bool:
+    return queued_work.finish(
+        lease,
         error=error,
         path=str(path) if path else None,
         filename=filename,

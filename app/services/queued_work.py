@@ -1,19 +1,61 @@
 """Rows a worker takes one at a time, samples and exports: sent, then queued → running →
-succeeded or failed (`SampleStatus`'s values). Taking is a conditional update, so two deliveries
-of one id never both work on it."""
+succeeded or failed (`SampleStatus`'s values), under the rule jobs follow. Taking is a
+conditional update that takes a lease, so two deliveries of one id never both work on it; the
+taker renews the lease while it works (worker.lease.LeaseKeeper) and its writes go through only
+while it holds it; the sweeper re-queues and re-sends a row whose lease expired, or fails it
+with the reason once it has used `max_attempts`."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app.db import changed_rows, session_scope
 from app.errors import BrokerUnavailable
 from app.models import Export, Sample, SampleStatus, utcnow
+from app.services.runs import LeaseLost, new_owner
+from app.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 Row = TypeVar("Row", Sample, Export)
+
+QUEUED, RUNNING, FAILED = SampleStatus.QUEUED, SampleStatus.RUNNING, SampleStatus.FAILED
+
+
+def _lease_expiry():
+    return utcnow() + timedelta(seconds=get_settings().lease_s)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A worker's hold on a row it took."""
+
+    table: type[Sample] | type[Export]
+    row_id: str
+    owner: str
+
+    def write(self, **values: Any) -> bool:
+        """Set `values` if this worker still holds the lease; False when it lost it."""
+        table = self.table
+        with session_scope() as session:
+            return bool(
+                changed_rows(
+                    session,
+                    update(table)
+                    .where(table.id == self.row_id, table.status == RUNNING, table.lease_owner == self.owner)
+                    .values(**values),
+                )
+            )
+
+    def renew(self) -> None:
+        if not self.write(lease_expires_at=_lease_expiry()):
+            raise LeaseLost(f"{self.row_id}: lease of {self.owner} is gone")
 
 
 def send(table: type[Row], row_id: str, enqueue: Callable[[str], None]) -> None:
@@ -22,33 +64,90 @@ def send(table: type[Row], row_id: str, enqueue: Callable[[str], None]) -> None:
     try:
         enqueue(row_id)
     except BrokerUnavailable as exc:
-        finish(table, row_id, error=str(exc))
+        with session_scope() as session:
+            session.execute(
+                update(table)
+                .where(table.id == row_id, table.status == QUEUED)
+                .values(status=FAILED, error=str(exc), finished_at=utcnow())
+            )
         raise
 
 
-def take(table: type[Row], row_id: str) -> Row | None:
-    """The queued row, now running and detached from its session; None when it is gone or
-    another worker took it."""
+def take(table: type[Row], row_id: str) -> tuple[Row, Lease] | None:
+    """The queued row, now running under this worker's lease and detached from its session;
+    None when it is gone or another worker took it."""
+    lease = Lease(table, row_id, new_owner())
     with session_scope() as session:
         taken = changed_rows(
             session,
             update(table)
-            .where(table.id == row_id, table.status == SampleStatus.QUEUED)
-            .values(status=SampleStatus.RUNNING),
+            .where(table.id == row_id, table.status == QUEUED)
+            .values(
+                status=RUNNING,
+                attempts=table.attempts + 1,
+                lease_owner=lease.owner,
+                lease_expires_at=_lease_expiry(),
+            ),
         )
         if not taken:
             return None
         row = session.get(table, row_id)
+        assert row is not None
         session.expunge(row)
-        return row
+        return row, lease
 
 
-def finish(table: type[Row], row_id: str, *, error: str | None = None, **values: Any) -> None:
-    """End the row: failed with `error`, else succeeded with `values`."""
+def finish(lease: Lease, *, error: str | None = None, **values: Any) -> bool:
+    """End the row: failed with `error`, else succeeded with `values`; False (and nothing
+    written) when this worker lost its lease, the row being another's now or failed."""
     status = SampleStatus.FAILED if error is not None else SampleStatus.SUCCEEDED
+    ended = lease.write(
+        status=status, error=error, finished_at=utcnow(), lease_owner=None, lease_expires_at=None, **values
+    )
+    if not ended:
+        log.warning("%s: the lease of %s is gone; its outcome is dropped", lease.row_id, lease.owner)
+    return ended
+
+
+def sweep(table: type[Row], enqueue: Callable[[str], None]) -> list[str]:
+    """Re-queue and re-send running rows whose lease expired, or fail them with the reason once
+    they have used `max_attempts`; as `sweeper.sweep` does for jobs, each change conditional on
+    the lease seen expired. Returns the re-sent ids."""
+    max_attempts = get_settings().max_attempts
+    now = utcnow()
     with session_scope() as session:
-        session.execute(
-            update(table)
-            .where(table.id == row_id)
-            .values(status=status, error=error, finished_at=utcnow(), **values)
-        )
+        expired = session.execute(
+            select(table.id, table.lease_owner, table.attempts).where(
+                table.status == RUNNING, table.lease_expires_at < now
+            )
+        ).all()
+    resent = []
+    for row_id, owner, attempts in expired:
+        reason = f"worker {owner} stopped renewing its lease"
+        values: dict[str, Any] = {"status": QUEUED}
+        if attempts >= max_attempts:
+            error = f"{reason}; gave up after {attempts} attempts"
+            values = {"status": FAILED, "error": error, "finished_at": now}
+        with session_scope() as session:
+            moved = changed_rows(
+                session,
+                update(table)
+                .where(
+                    table.id == row_id,
+                    table.status == RUNNING,
+                    table.lease_owner == owner,
+                    table.lease_expires_at < now,
+                )
+                .values(lease_owner=None, lease_expires_at=None, **values),
+            )
+        if not moved:
+            continue
+        log.warning("%s: %s; %s", row_id, reason, values["status"])
+        if values["status"] == FAILED:
+            continue
+        try:
+            send(table, row_id, enqueue)
+        except BrokerUnavailable:
+            continue  # failed with the broker's error, as at creation
+        resent.append(row_id)
+    return resent

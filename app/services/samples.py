@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select
 
 from app.db import session_scope
 from app.errors import CheckpointNotFound, JobStateConflict, SampleNotFound
-from app.models import Checkpoint, Job, Sample, SampleStatus
+from app.models import Checkpoint, Job, Sample
 from app.queue import enqueue_sample
 from app.schemas import CheckpointRead, JobRead, SampleRead, SampleRequest
 from app.services import queued_work
 from app.services.jobs import checkpoint_names, owned_job
+from app.services.queued_work import Lease
 
 
 @dataclass(frozen=True)
@@ -88,33 +89,27 @@ def get_sample(job_id: str, sample_id: str, owner: str) -> SampleRead:
         return SampleRead.model_validate(sample)
 
 
-def start_sample(sample_id: str) -> Sample | None:
-    """The sampler takes a queued sample (None if it is gone or already taken)."""
+def start_sample(sample_id: str) -> tuple[Sample, Lease] | None:
+    """The sampler takes a queued sample under a lease (None if it is gone or already taken)."""
     return queued_work.take(Sample, sample_id)
 
 
-def write_partial(sample_id: str, completion: str) -> None:
+def write_partial(lease: Lease, completion: str) -> None:
     """The answer so far, while the sampler generates it (a stream sends what is new)."""
-    with session_scope() as session:
-        session.execute(
-            update(Sample)
-            .where(Sample.id == sample_id, Sample.status == SampleStatus.RUNNING)
-            .values(completion=completion)
-        )
+    lease.write(completion=completion)
 
 
 def finish_sample(
-    sample_id: str,
+    lease: Lease,
     *,
     completion: str | None = None,
     error: str | None = None,
     finish_reason: str | None = None,
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
-) -> None:
-    queued_work.finish(
-        Sample,
-        sample_id,
+) -> bool:
+    return queued_work.finish(
+        lease,
         error=error,
         completion=completion,
         finish_reason=finish_reason,

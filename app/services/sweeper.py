@@ -1,5 +1,5 @@
-"""Finds jobs whose worker stopped renewing its lease and gives them to another worker, and
-queued jobs whose id the broker lost."""
+"""Finds work whose worker stopped renewing its lease (jobs, samples, exports) and gives it to
+another worker, and queued jobs whose id the broker lost."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from sqlalchemy import select, update
 
 from app.db import session_scope
 from app.lifecycle import AT_NEXT_STEP_ENDS_IN, JobAction
-from app.models import Job, JobStatus, utcnow
-from app.queue import enqueue_job, waiting_messages
+from app.models import Export, Job, JobStatus, Sample, utcnow
+from app.queue import enqueue_export, enqueue_job, enqueue_sample, waiting_messages
+from app.services import queued_work
 from app.services.jobs import dispatch
 from app.services.runs import requeue_from_checkpoint
 from app.services.transitions import move_job
@@ -24,6 +25,15 @@ RUNNING = JobStatus.RUNNING
 
 
 def sweep() -> list[str]:
+    """Give expired leases' work to another worker: jobs (`sweep_jobs`), then samples and
+    exports (`queued_work.sweep`). Returns the re-queued ids."""
+    requeued = sweep_jobs()
+    requeued += queued_work.sweep(Sample, enqueue_sample)
+    requeued += queued_work.sweep(Export, enqueue_export)
+    return requeued
+
+
+def sweep_jobs() -> list[str]:
     """Re-queue running jobs with an expired lease from their last complete checkpoint, or fail
     them once they have used `max_attempts`; one a user asked to cancel or pause is cancelled or
     paused instead (resume continues from its last complete checkpoint). Returns the re-queued ids.
