@@ -28,44 +28,29 @@ from pydantic import (
 )
 
 from app.ids import CHECKPOINT_NAME_PATTERN, DATASET_ID, JOB_ID_PATTERN
+from app.local_paths import (
+    NOT_A_MODEL_OR_DATASET,
+    allowed_local_path,
+    missing_local_path_problem,
+    names_a_local_path,
+)
 
 # org/name, optionally pinned: org/name@revision
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(@[\w./-]{1,128})?$")
 
 
-# The one answer for a name that is neither: the same whether or not such a file exists, and
-# without the server's folders in it.
-NOT_A_MODEL_OR_DATASET = (
-    "must be a hub id like 'org/name' (optionally '@revision') or a path under the server's folders "
-    "for local models and data (FINETUNE_LOCAL_ROOTS)"
-)
-
-
-def allowed_local_path(value: str) -> Path | None:
-    """`value` as an existing local file or folder a job may read, made absolute with symbolic
-    links resolved; None unless it lies under FINETUNE_LOCAL_ROOTS and outside the data dir
-    (which holds every owner's uploads and files: those are reached by id only)."""
-    from app.settings import get_settings
-
-    settings = get_settings()
-    try:
-        path = Path(value).expanduser().resolve()
-        inside = not path.is_relative_to(settings.data_dir) and any(
-            path.is_relative_to(root) for root in settings.local_roots
-        )
-        return path if inside and path.exists() else None
-    except (OSError, ValueError, RuntimeError):  # too long a file name, a NUL byte, ~unknown_user
-        return None
-
-
 def resolve_model_or_dataset(value: str) -> str:
-    """An allowed local path (made absolute) or a hub id `org/name[@revision]`. Anything else is
-    refused with one message, so a refusal tells nothing about the server's files. Workers look
-    hub ids up from an empty working folder, so a hub id never names a local file there."""
+    """An allowed local path (made absolute) or a hub id `org/name[@revision]`. A name spelled
+    as a local path (`names_a_local_path`) never goes to the hub: missing, it is refused as
+    missing. Anything else is refused with one message, so a refusal tells nothing about the
+    server's files. Workers look hub ids up from an empty working folder, so a hub id never
+    names a local file there."""
     value = value.strip()
     local = allowed_local_path(value)
     if local is not None:
         return str(local)
+    if names_a_local_path(value):
+        raise ValueError(missing_local_path_problem(value))
     if "://" in value or not HUB_ID.match(value):
         raise ValueError(NOT_A_MODEL_OR_DATASET)
     return value
@@ -504,6 +489,12 @@ class JobSpec(_Strict):
                     f"({t.gradient_accumulation_steps}) when packing is off"
                 )
         return self
+
+
+def submitted_spec(fields: Mapping[str, Any]) -> JobSpec:
+    """A spec being submitted, built from another shape than the REST body (which FastAPI
+    validates as a JobSpec): every check runs and local paths are made absolute."""
+    return JobSpec.model_validate(fields)
 
 
 def stored_spec(spec: Mapping[str, Any]) -> JobSpec:

@@ -87,15 +87,6 @@ RUNS = {
 # ---------------------------------------------------------------- models
 
 
-def drop_auto_map(model_dir: Path) -> None:
-    """Phi-2's config names its hub code (auto_map), which the service refuses without
-    trust_remote_code; transformers' own Phi class runs either way."""
-    path = model_dir / "config.json"
-    config = json.loads(path.read_text())
-    config.pop("auto_map", None)
-    path.write_text(json.dumps(config, indent=1))
-
-
 def build_llama(directory: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -293,7 +284,6 @@ def main() -> None:
     else:
         models = {"phi-2": inputs / "phi-2-random", "llama-1.1b": inputs / "llama-1.1b-random"}
         build_phi2(models["phi-2"])
-        drop_auto_map(models["phi-2"])
         build_llama(models["llama-1.1b"])
     report["build_models_seconds"] = round(time.perf_counter() - t0, 1)
     report["models"] = {name: parameter_counts(path) for name, path in models.items()}

@@ -232,12 +232,7 @@ def child_sample(args) -> dict:
 
 def child_build(args) -> dict:
     model_dir = Path(args.model_dir)
-    build_phi2(model_dir)
-    # The config names Phi-2's hub code (auto_map), which the service refuses without
-    # trust_remote_code; transformers' own Phi class is what runs either way.
-    config = json.loads((model_dir / "config.json").read_text())
-    config.pop("auto_map", None)
-    (model_dir / "config.json").write_text(json.dumps(config, indent=1))
+    build_phi2(model_dir)  # its config keeps Phi-2's auto_map: transformers' own class loads it
     return {"model_dir": str(model_dir)}
 
 

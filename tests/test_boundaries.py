@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -34,3 +35,41 @@ def test_training_code_needs_no_queue_client():
         "worker.training.recipe, worker.training.distributed",
         "m == 'app.queue' or m.split('.')[0] in ('celery', 'kombu')",
     )
+
+
+def test_stored_specs_are_read_only_through_stored_spec():
+    """Issue 27: four places re-validated a job's stored spec as if it were being submitted, so a
+    local file moved since made a resume (or a claim) fail with a 500. A spec is built with
+    JobSpec's checks only in app/spec.py: `submitted_spec` for a new one, `stored_spec` for a
+    stored one (the REST body is validated by FastAPI)."""
+    offenders = []
+    for path in sorted([*REPO.glob("app/**/*.py"), *REPO.glob("worker/**/*.py")]):
+        if path == REPO / "app" / "spec.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            validates = (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("model_validate")
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "JobSpec"
+            )
+            unpacks = (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "JobSpec"
+                and any(keyword.arg is None for keyword in node.keywords)
+            )
+            if validates or unpacks:
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == [], "use app.spec.stored_spec / submitted_spec"
+
+
+def test_the_apis_list_of_native_causal_lm_types_is_transformers_own():
+    """The API judges `auto_map` without importing transformers, from app/native_model_types.py."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from app.native_model_types import CAUSAL_LM_MODEL_TYPES
+
+    missing = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - CAUSAL_LM_MODEL_TYPES
+    every = " ".join(sorted(CAUSAL_LM_MODEL_TYPES | set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)))
+    assert not missing, f"add {sorted(missing)} to app/native_model_types.py; the whole list: {every}"

@@ -4,6 +4,7 @@ shipping their own code get a 422; nothing is stored or queued."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,7 @@ def test_models_that_ship_their_own_code_are_refused(client, service_env):
     model.mkdir()
     config = json.loads((REPO / "examples" / "tiny-phi2" / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    config["model_type"] = "evil"
     (model / "config.json").write_text(json.dumps(config))
     spec = demo_spec()
     spec["base_model"] = str(model)
@@ -136,12 +138,31 @@ def test_models_that_ship_their_own_code_are_refused(client, service_env):
     assert response.json()["detail"] == [
         {
             "field": "base_model",
-            "message": "this model ships its own code (auto_map); the server does not run remote code",
+            "message": "this model ships its own code (auto_map) for a model_type transformers has no class "
+            "for ('evil'); the server does not run remote code",
         }
     ]
     for url in ("https://evil.example/model", "hf://org/model", "file:///etc/passwd"):
         assert client.post("/jobs", json={"base_model": url}).status_code == 422
     assert client.get("/jobs").json()["items"] == [] and queued_messages(service_env) == 0
+
+
+def test_a_local_copy_of_phi2_as_downloaded_is_accepted(client, service_env):
+    """Issue 27: microsoft/phi-2's config.json still carries the `auto_map` of its old remote
+    code; transformers loads it with its own Phi class, so a local copy (deploy.md's /models)
+    was refused for nothing."""
+    model = local_models(service_env) / "phi-2"
+    shutil.copytree(REPO / "examples" / "tiny-phi2", model)
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {  # as in microsoft/phi-2's config.json on the hub
+        "AutoConfig": "configuration_phi.PhiConfig",
+        "AutoModelForCausalLM": "modeling_phi.PhiForCausalLM",
+    }
+    (model / "config.json").write_text(json.dumps(config))
+
+    response = client.post("/jobs", json={**demo_spec(), "base_model": str(model)})
+
+    assert response.status_code == 201, response.text
 
 
 def unbounded_fields(schema: dict, where: str, components: dict, seen: frozenset = frozenset()) -> list[str]:

@@ -104,9 +104,7 @@ def execute_job(job_id: str) -> None:
             try:
                 # Imported here, in the task's own child process (the worker's parent never loads
                 # torch or CUDA), and under the lease: the import alone takes seconds.
-                from app.spec import stored_spec
-
-                if stored_spec(claim.spec).resources.gpus > 1:
+                if claim.spec.resources.gpus > 1:
                     from worker.training.distributed import launch
 
                     outcome = launch(claim, settings, stop)

@@ -31,7 +31,7 @@ from app.models import Checkpoint, Event, Job, JobStatus, Metric, utcnow
 from app.queue import enqueue_job
 from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
 from app.services import preflight
-from app.services.admission import check_admissible
+from app.services.admission import check_admissible, local_source_problems
 from app.services.datasets import dataset_reference_problems
 from app.services.events import add_event, add_state_event
 from app.services.lineage import resolve_init_from
@@ -229,7 +229,8 @@ def resume_job(job_id: str, owner: str, checkpoint: str | None) -> JobRead:
         job = owned_job(session, job_id, owner)
         if job.status not in RESUMABLE:
             raise JobStateConflict(refusal(JobAction.RESUME, job.status))
-        gone = dataset_reference_problems(stored_spec(job.spec), owner)
+        spec = stored_spec(job.spec)
+        gone = dataset_reference_problems(spec, owner) + local_source_problems(spec)
         if gone:
             raise InvalidFields(*gone)
         _check_queue_room(session, owner)

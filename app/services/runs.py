@@ -9,6 +9,8 @@ metric rows are retried by the worker's ProgressWriter instead, without stalling
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import secrets
@@ -30,6 +32,7 @@ from app.models import Checkpoint, Job, JobStatus, Metric, utcnow
 from app.services.events import add_event
 from app.services.transitions import move_job
 from app.settings import get_settings
+from app.spec import JobSpec, stored_spec
 from app.storage import job_files
 
 METRIC_FIELDS = ("epoch", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second")
@@ -44,11 +47,22 @@ class LeaseLost(Exception):
 
 @dataclass(frozen=True)
 class Claim:
+    """A job this worker holds the lease of, with its stored spec read once (`stored_spec`)."""
+
     job_id: str
     owner: str
-    spec: dict[str, Any]
+    spec: JobSpec
     resume_from: str | None
     attempt: int
+
+    def to_json(self) -> str:
+        """For another process of the same job (a data-parallel rank)."""
+        return json.dumps({**dataclasses.asdict(self), "spec": self.spec.model_dump(mode="json")})
+
+    @classmethod
+    def from_json(cls, text: str) -> Claim:
+        fields = json.loads(text)
+        return cls(**{**fields, "spec": stored_spec(fields["spec"])})
 
 
 def new_owner() -> str:
@@ -85,7 +99,7 @@ def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
             return None
         job = session.get(Job, job_id)
         assert job is not None
-        return Claim(job_id, owner, dict(job.spec), job.resume_from, attempt)
+        return Claim(job_id, owner, stored_spec(job.spec), job.resume_from, attempt)
 
 
 def skip_stale_delivery(job_id: str) -> str | None:

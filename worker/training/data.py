@@ -13,6 +13,7 @@ from app.conversations import ASSISTANT, TEXT, Conversations, Turn, conversation
 from app.formats import BY_NAME, detect_format
 from app.formats import conversations_from_records as conversations_of_format
 from app.ids import DATASET_ID
+from app.local_paths import confined
 from app.services.dataset_files import dataset_file
 from app.spec import DEFAULT_TEMPLATE, DatasetSpec, saved_to_disk, split_revision
 from worker.training.chat_template import chat_template_segments
@@ -34,7 +35,10 @@ def read_json_records(path: Path) -> list[dict]:
 def load_records(source: str, split: str) -> list[dict]:
     """Records from an uploaded dataset, a local file (jsonl, json, parquet), a local dataset
     folder, or the hub."""
-    path = dataset_file(source) if DATASET_ID.match(source) else Path(source)
+    if DATASET_ID.match(source):
+        path = dataset_file(source)
+    else:  # a local path is checked again as it is now (moved, or a link added since)
+        path = confined(source) if Path(source).is_absolute() else Path(source)
     if path.is_file() and path.suffix in (".jsonl", ".json"):
         # Read directly: the nested tree export does not fit an inferred Arrow schema.
         return read_json_records(path)

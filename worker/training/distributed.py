@@ -25,7 +25,6 @@ from pathlib import Path
 
 from app.services.runs import Claim
 from app.settings import Settings, get_settings
-from app.spec import stored_spec
 from app.storage import RunFiles, job_files
 from worker.training.artifacts import ZipInfo
 
@@ -48,13 +47,13 @@ def launch(claim: Claim, settings: Settings, stop: threading.Event):
     """Train `claim`'s job on `resources.gpus` processes and return its Outcome."""
     from worker.training.recipe import Outcome
 
-    gpus = stored_spec(claim.spec).resources.gpus
+    gpus = claim.spec.resources.gpus
     check_gpus(gpus)
     files = job_files(claim.job_id, settings).run
     files.root.mkdir(parents=True, exist_ok=True)
     for stale in (files.stop, files.outcome):
         stale.unlink(missing_ok=True)
-    files.claim.write_text(json.dumps(dataclasses.asdict(claim)))
+    files.claim.write_text(claim.to_json())
 
     command = [
         sys.executable,
@@ -110,7 +109,7 @@ def rank_main(root: Path) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     files = RunFiles(root)
-    claim = Claim(**json.loads(files.claim.read_text()))
+    claim = Claim.from_json(files.claim.read_text())
     outcome = run_training(claim, get_settings(), StopFile(files.stop))
     if rank == 0:
         adapter = dataclasses.asdict(outcome.adapter) if outcome.adapter else None

@@ -27,7 +27,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set
 from app.services.lineage import init_adapter_dir
 from app.services.runs import Claim, log_message, recorded_checkpoints
 from app.settings import Settings
-from app.spec import JobSpec, stored_spec
+from app.spec import JobSpec
 from app.storage import JobFiles, job_files
 from worker.doctor import unsupported_gpus
 from worker.training.artifacts import ZipInfo, name_the_base, write_model_card, zip_directory
@@ -109,7 +109,7 @@ def set_up(claim: Claim, settings: Settings) -> JobSetup:
     """The job's JobSetup. Before training: removes checkpoint files a kill left unrecorded,
     seeds every generator, and fails on GPUs this build cannot run on."""
     main = int(os.environ.get("RANK", "0")) == 0
-    job = JobSetup(claim, stored_spec(claim.spec), job_files(claim.job_id, settings), main)
+    job = JobSetup(claim, claim.spec, job_files(claim.job_id, settings), main)
     leftovers = job.files.remove_unrecorded(recorded_checkpoints(job.id)) if main else []
     if leftovers:
         log_message(job.id, f"removed {len(leftovers)} incomplete checkpoint files", files=leftovers)

@@ -22,7 +22,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from app.errors import InvalidFields
-from app.spec import MAX_NAME_CHARS, JobSpec, MetadataKey, MetadataValue, TrainingSpec
+from app.spec import MAX_NAME_CHARS, JobSpec, MetadataKey, MetadataValue, TrainingSpec, submitted_spec
 
 RECIPE_LEARNING_RATE = TrainingSpec.model_fields["learning_rate"].default
 RECIPE_MICRO_BATCH = TrainingSpec.model_fields["batch_size"].default
@@ -96,7 +96,7 @@ class Method(BaseModel):
 
 
 class CreateJobRequest(BaseModel):
-    # Extra fields are the service's own spec sections (checked by JobSpec below).
+    # Extra fields are the service's own spec sections (checked by `submitted_spec` below).
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(
@@ -194,7 +194,7 @@ def job_spec(request: CreateJobRequest, init_from: dict[str, str | None] | None 
         "metadata": request.metadata,
     }
     try:
-        return JobSpec.model_validate(fields)
+        return submitted_spec(fields)
     except ValidationError as exc:
         problems = [(".".join(str(part) for part in e["loc"]), e["msg"]) for e in exc.errors()]
         raise InvalidFields(*problems).renamed({**OPENAI_NAMES, **params}) from None
