@@ -28,13 +28,20 @@ from app.spec import JobSpec, stored_spec
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+# An upload's name on disk, in UTF-8 bytes: with `_store`'s ".NAME.part" around it, well within the
+# 255 bytes a file name may have.
+MAX_NAME_BYTES = 200
 
 
 def _safe_filename(filename: str | None) -> str:
-    name = re.sub(r"[^\w.-]", "_", Path(filename or "").name)[-200:].lstrip(".")
+    """The upload's name as stored and shown: its last path component, letters, digits, `.`, `-`
+    and `_` only, not hidden, and a long stem cut (on a character boundary) to MAX_NAME_BYTES."""
+    name = re.sub(r"[^\w.-]", "_", Path(filename or "").name).lstrip(".")
     if not name.endswith(UPLOAD_SUFFIXES):
         raise InvalidFields(("file", f"expected a {' or '.join(UPLOAD_SUFFIXES)} file, got {filename!r}"))
-    return name
+    suffix = Path(name).suffix
+    stem = name.removesuffix(suffix).encode()[: MAX_NAME_BYTES - len(suffix.encode())]
+    return stem.decode(errors="ignore") + suffix  # a character cut in two is dropped
 
 
 def _store(stream: BinaryIO, target: Path, limit: int) -> tuple[int, str]:

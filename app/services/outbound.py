@@ -26,10 +26,28 @@ class OutboundRefused(httpcore.ConnectError):
     """The host resolves to an address the server may not send to (or to none)."""
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address the packet reaches: IPv4-compatible
+# (::a.b.c.d, `::` and `::1` among them) and NAT64's well-known prefix (RFC 6052).
+LAST_32_BITS_IPV4 = (ipaddress.IPv6Network("::/96"), ipaddress.IPv6Network("64:ff9b::/96"))
+# NAT64 for a local network (RFC 8215): never public, and where the IPv4 address sits depends on
+# the prefix length the operator picked.
+LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for (IPv4-mapped, IPv4-compatible, NAT64, 6to4,
+    or a Teredo client's), or None."""
+    if any(address in prefix for prefix in LAST_32_BITS_IPV4):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+
+
 def is_public(address: Address) -> bool:
-    """A globally routable unicast address; an IPv4 address embedded in IPv6 counts as itself."""
+    """A globally routable unicast address; an IPv4 address embedded in IPv6 is judged as itself."""
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if address in LOCAL_NAT64:
+            return False
+        embedded = embedded_ipv4(address)
         if embedded is not None:
             return is_public(embedded)
     return address.is_global and not address.is_multicast
