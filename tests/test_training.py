@@ -230,3 +230,52 @@ def test_the_sampler_frees_its_model_after_an_answer_unless_told_to_keep_it(serv
         assert samples.get_sample(job.id, sample.id, LOCAL_OWNER).status == "succeeded"
         assert (sampling.models.model is not None) == loaded_after, keep
     sampling.release_model()
+
+
+def asked_while_loading(monkeypatch, action) -> None:
+    """The owner asks for `action` (jobs.cancel_job / pause_job) right after the worker claims the
+    job, while it loads its data and model, as the API does for a running job."""
+    from app.services import runs
+
+    claim_job = runs.claim_job
+
+    def claim_then_ask(job_id: str):
+        claim = claim_job(job_id)
+        action(job_id, LOCAL_OWNER)
+        return claim
+
+    monkeypatch.setattr(runs, "claim_job", claim_then_ask)
+
+
+@pytest.mark.parametrize(("action", "ended"), [(jobs.cancel_job, "cancelled"), (jobs.pause_job, "paused")])
+def test_a_stop_asked_while_the_job_loads_is_taken_before_training(service_env, monkeypatch, action, ended):
+    """Issue 27: a cancel asked while the job loaded waited for the first trained step."""
+    job = jobs.create_job(quick_spec(), LOCAL_OWNER)
+    asked_while_loading(monkeypatch, action)
+
+    execute_job(job.id)
+
+    stopped = jobs.get_job(job.id, LOCAL_OWNER)
+    assert (stopped.status, stopped.error, stopped.current_step) == (ended, None, 0)
+    assert jobs.list_metrics(job.id, LOCAL_OWNER, None, 10).items == []
+    assert jobs.list_events(job.id, LOCAL_OWNER, None, 100).items[-1].message == (
+        f"{ended} while loading, before training"
+    )
+    if ended == "paused":  # and it resumes from the start
+        assert jobs.resume_job(job.id, LOCAL_OWNER, None).resume_from is None
+
+
+def test_a_cancel_asked_while_the_job_loads_stands_when_the_loading_fails(service_env, monkeypatch):
+    """Issue 27: cancelled while its base was looked up on an unreachable hub, the job ended
+    `failed`. (There is no hub here: HF_HUB_OFFLINE is set for every test.)"""
+    spec = quick_spec().model_dump()
+    spec["base_model"] = "nobody-here/no-such-thing"
+    job = jobs.create_job(JobSpec.model_validate(spec), LOCAL_OWNER)
+    asked_while_loading(monkeypatch, jobs.cancel_job)
+
+    execute_job(job.id)
+
+    cancelled = jobs.get_job(job.id, LOCAL_OWNER)
+    assert (cancelled.status, cancelled.error) == ("cancelled", None)
+    last = jobs.list_events(job.id, LOCAL_OWNER, None, 100).items[-1].message
+    assert last.startswith("cancelled (it had failed meanwhile: HubFetchFailed: could not fetch the tokenizer")

@@ -119,10 +119,16 @@ def execute_job(job_id: str) -> None:
             except LeaseLost:
                 raise
             except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if runs.requested_stop(claim) == CANCEL:
+                    # the owner's cancel stands, whatever the run failed on meanwhile (a model
+                    # still being looked up on an unreachable hub, say)
+                    log.info("job %s: cancelled; it had failed meanwhile (%s)", job_id, error)
+                    message = f"cancelled (it had failed meanwhile: {error})"
+                    runs.finish_job(claim, JobStatus.CANCELLED, message)
+                    return
                 log.exception("job %s failed", job_id)
-                runs.finish_job(
-                    claim, JobStatus.FAILED, "training failed", error=f"{type(exc).__name__}: {exc}"
-                )
+                runs.finish_job(claim, JobStatus.FAILED, "training failed", error=error)
                 return
             steps = outcome.summary["steps"]
             if outcome.stopped == SHUTDOWN:
@@ -131,6 +137,9 @@ def execute_job(job_id: str) -> None:
                 return
             if outcome.stopped in (CANCEL, PAUSE):
                 ended = AT_NEXT_STEP_ENDS_IN[outcome.stopped]
+                if not outcome.summary.get("trained", True):
+                    runs.finish_job(claim, ended, f"{ended} while loading, before training")
+                    return
                 saved = f"; {checkpoint_name(steps)} saved" if ended == JobStatus.PAUSED else ""
                 runs.finish_job(claim, ended, f"{ended} at step {steps}{saved}")
                 return

@@ -191,10 +191,22 @@ def report_progress(
         _hold(session, claim, **progress)
         if rows:
             _upsert_metrics(session, claim.job_id, rows)
-        cancel, pause = session.execute(
-            select(Job.cancel_requested, Job.pause_requested).where(Job.id == claim.job_id)
-        ).one()
-        return CANCEL if cancel else PAUSE if pause else None
+        return _requested(session, claim)
+
+
+@retry_while_unreachable
+def requested_stop(claim: Claim) -> str | None:
+    """CANCEL or PAUSE when the owner asked for it (a cancel first); renews the lease."""
+    with session_scope() as session:
+        _hold(session, claim)
+        return _requested(session, claim)
+
+
+def _requested(session: Session, claim: Claim) -> str | None:
+    cancel, pause = session.execute(
+        select(Job.cancel_requested, Job.pause_requested).where(Job.id == claim.job_id)
+    ).one()
+    return CANCEL if cancel else PAUSE if pause else None
 
 
 @retry_while_unreachable

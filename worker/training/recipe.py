@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
+from app.services import runs
 from app.services.lineage import init_adapter_dir
-from app.services.runs import Claim, log_message, recorded_checkpoints
+from app.services.runs import SHUTDOWN, Claim, log_message, recorded_checkpoints
 from app.settings import Settings
 from app.spec import JobSpec
 from app.storage import JobFiles, job_files
@@ -67,11 +68,16 @@ class Outcome:
 
 
 def run_training(claim: Claim, settings: Settings, stop: threading.Event | None = None) -> Outcome:
-    """Train `claim`'s job to its end, or until a cancel, a pause or `stop` (a worker shutdown)."""
+    """Train `claim`'s job to its end, or until a cancel, a pause or `stop` (a worker shutdown):
+    asked while the job loads, they are taken before the next stage, and it doesn't train."""
     job = set_up(claim, settings)
     started = time.perf_counter()
     data = load_data(job)
+    if stopped := _asked_to_stop(job, stop):
+        return Outcome(stopped, adapter=None, summary={"steps": 0, "trained": False})
     model = load_model(job)
+    if stopped := _asked_to_stop(job, stop):
+        return Outcome(stopped, adapter=None, summary={"steps": 0, "trained": False})
     log.info("job %s: data and model ready in %.1f s", job.id, time.perf_counter() - started)
     progress = progress_callback(job, settings.flush_interval_s, stop)
     trainer = build_trainer(job, data, model, progress)
@@ -79,6 +85,16 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     if progress.stopped is not None:
         return Outcome(progress.stopped, adapter=None, summary=summary)
     return Outcome(stopped=None, adapter=save(job, trainer, summary), summary=summary)
+
+
+def _asked_to_stop(job: JobSetup, stop: threading.Event | None) -> str | None:
+    """A cancel or pause the owner asked for, or a worker shutdown, while the job loaded (one
+    process only: the ranks of a data-parallel job take it together, at the first step)."""
+    if world_size() > 1:
+        return None
+    if stop is not None and stop.is_set():
+        return SHUTDOWN
+    return runs.requested_stop(job.claim)
 
 
 # setup
