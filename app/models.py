@@ -244,11 +244,16 @@ class SampleStatus:
 class LeasedWork:
     """Columns of work a worker takes one at a time (samples, exports), leased as jobs are: the
     taker renews its lease while it works; the sweeper re-queues the row when it expires, or
-    fails it once it has used max_attempts (app.services.queued_work)."""
+    fails it once it has used max_attempts; one no worker took is failed, or (an export) sent
+    again first (app.services.queued_work)."""
 
     attempts: Mapped[int] = mapped_column(default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    # When its id was last sent, while it waits to be taken; null once taken (or failed unsent)
+    dispatched_at: Mapped[datetime | None] = mapped_column(default=utcnow, index=True)
+    # Times its id was sent again because no worker took it (exports; a sample is failed instead)
+    resends: Mapped[int] = mapped_column(default=0)
 
 
 class Sample(LeasedWork, Base):

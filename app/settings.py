@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # A queued job's id is sent to the broker again when it has waited this long and the
     # broker holds fewer messages than there are such jobs (a broker restarted without
     # persistence). A duplicate delivery is harmless: only one worker can claim the job.
+    # A queued export's id is sent again after it too (while the sampler is idle), up to
+    # max_attempts times, then the export fails: no sampler is taking its queue.
     redispatch_after_s: float = 300.0
     # kombu transport options (JSON), over ours: for Redis a visibility_timeout of 7 days (an
     # unacknowledged task is then delivered again; the claim skips a second copy, and dead

@@ -3,7 +3,9 @@ succeeded or failed (`SampleStatus`'s values), under the rule jobs follow. Takin
 conditional update that takes a lease, so two deliveries of one id never both work on it; the
 taker renews the lease while it works (worker.lease.LeaseKeeper) and its writes go through only
 while it holds it; the sweeper re-queues and re-sends a row whose lease expired, or fails it
-with the reason once it has used `max_attempts`."""
+with the reason once it has used `max_attempts`. A queued row no worker took in time (its id
+lost by the broker, or no sampler running) is sent again or failed with the reason
+(`sweep_untaken`)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from sqlalchemy import select, update
 from app.db import changed_rows, session_scope
 from app.errors import BrokerUnavailable
 from app.models import Export, Sample, SampleStatus, utcnow
+from app.queue import samples_queue
 from app.services.runs import LeaseLost, new_owner
 from app.settings import get_settings
 
@@ -68,7 +71,7 @@ def send(table: type[Row], row_id: str, enqueue: Callable[[str], None]) -> None:
             session.execute(
                 update(table)
                 .where(table.id == row_id, table.status == QUEUED)
-                .values(status=FAILED, error=str(exc), finished_at=utcnow())
+                .values(status=FAILED, error=str(exc), finished_at=utcnow(), dispatched_at=None)
             )
         raise
 
@@ -87,6 +90,7 @@ def take(table: type[Row], row_id: str) -> tuple[Row, Lease] | None:
                 attempts=table.attempts + 1,
                 lease_owner=lease.owner,
                 lease_expires_at=_lease_expiry(),
+                dispatched_at=None,
             ),
         )
         if not taken:
@@ -124,7 +128,7 @@ def sweep(table: type[Row], enqueue: Callable[[str], None]) -> list[str]:
     resent = []
     for row_id, owner, attempts in expired:
         reason = f"worker {owner} stopped renewing its lease"
-        values: dict[str, Any] = {"status": QUEUED}
+        values: dict[str, Any] = {"status": QUEUED, "dispatched_at": now}
         if attempts >= max_attempts:
             error = f"{reason}; gave up after {attempts} attempts"
             values = {"status": FAILED, "error": error, "finished_at": now}
@@ -151,3 +155,65 @@ def sweep(table: type[Row], enqueue: Callable[[str], None]) -> list[str]:
             continue  # failed with the broker's error, as at creation
         resent.append(row_id)
     return resent
+
+
+def sweep_untaken(
+    table: type[Row], enqueue: Callable[[str], None], after_s: float, max_resends: int
+) -> list[str]:
+    """Queued rows no worker took within `after_s` of their id being sent, looked at only while
+    no sample or export runs (the sampler takes one at a time: behind work in progress a row
+    waits its turn, it isn't lost). The broker may have lost the id: the row is sent again, up
+    to `max_resends` times; after that (at once when 0) it fails with the reason, no worker
+    taking its queue. Each change is conditional on the row seen queued and unsent since.
+    Returns the re-sent ids."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=after_s)
+    with session_scope() as session:
+        untaken = session.execute(
+            select(table.id, table.resends).where(table.status == QUEUED, table.dispatched_at < cutoff)
+        ).all()
+        if not untaken or _sampler_working(session):
+            return []
+    resent = []
+    for row_id, resends in untaken:
+        values: dict[str, Any] = {"dispatched_at": now, "resends": resends + 1}
+        if resends >= max_resends:
+            times = f" each of the {resends + 1} times it was sent" if resends else ""
+            error = (
+                f"no sampler took it within {after_s:g} s{times}: "
+                f"is `finetune sampler` running, taking the queue {samples_queue()}?"
+            )
+            values = {"status": FAILED, "error": error, "finished_at": now, "dispatched_at": None}
+        with session_scope() as session:
+            moved = changed_rows(
+                session,
+                update(table)
+                .where(
+                    table.id == row_id,
+                    table.status == QUEUED,
+                    table.dispatched_at < cutoff,
+                    table.resends == resends,
+                )
+                .values(**values),
+            )
+        if not moved:
+            continue
+        if "error" in values:
+            log.warning("%s: %s; failed", row_id, values["error"])
+            continue
+        log.warning("%s: no worker took it within %g s; sent again", row_id, after_s)
+        try:
+            send(table, row_id, enqueue)
+        except BrokerUnavailable:
+            continue  # failed with the broker's error, as at creation
+        resent.append(row_id)
+    return resent
+
+
+def _sampler_working(session) -> bool:
+    """Whether a sample or an export runs under a live lease (the sampler is busy)."""
+    now = utcnow()
+    return any(
+        session.scalar(select(table.id).where(table.lease_expires_at > now).limit(1)) is not None
+        for table in (Sample, Export)
+    )

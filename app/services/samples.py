@@ -6,7 +6,9 @@ completions (app/api/openai/inference.py) are both made here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
+from annotated_types import Le
 from sqlalchemy import or_, select
 
 from app.db import session_scope
@@ -17,6 +19,11 @@ from app.schemas import CheckpointRead, JobRead, SampleRead, SampleRequest
 from app.services import queued_work
 from app.services.jobs import checkpoint_names, owned_job
 from app.services.queued_work import Lease
+from app.settings import get_settings
+
+# How long past its caller's deadline a sample may still wait to be taken: the caller's wait
+# starts after the row is written, and API hosts' clocks may differ a little.
+UNTAKEN_MARGIN_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,18 @@ def create_sample(job_id: str, owner: str, request: SampleRequest | Prompt) -> S
         read = SampleRead.model_validate(sample)
     queued_work.send(Sample, read.id, enqueue_sample)
     return read
+
+
+def untaken_after_s() -> float:
+    """How long after its id was sent a sample no sampler took is failed with the reason
+    (`queued_work.sweep_untaken`), rather than sent again: the longest a request waits for an
+    answer (an OpenAI-style completion's completion_timeout_s, /generate's wait_s up to its
+    bound), plus UNTAKEN_MARGIN_S. A /generate caller told 202 reads the reason when it polls."""
+    settings = get_settings()
+    wait_bound = max(
+        cast(float, m.le) for m in SampleRequest.model_fields["wait_s"].metadata if isinstance(m, Le)
+    )
+    return max(settings.completion_timeout_s, settings.sample_wait_s, wait_bound) + UNTAKEN_MARGIN_S
 
 
 def get_sample(job_id: str, sample_id: str, owner: str) -> SampleRead:

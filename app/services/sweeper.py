@@ -1,5 +1,5 @@
 """Finds work whose worker stopped renewing its lease (jobs, samples, exports) and gives it to
-another worker, and queued jobs whose id the broker lost."""
+another worker, and queued work whose id the broker lost or no worker takes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from app.db import session_scope
 from app.lifecycle import AT_NEXT_STEP_ENDS_IN, JobAction
 from app.models import Export, Job, JobStatus, Sample, utcnow
 from app.queue import enqueue_export, enqueue_job, enqueue_sample, waiting_messages
-from app.services import queued_work
+from app.services import queued_work, samples
 from app.services.jobs import dispatch
 from app.services.runs import requeue_from_checkpoint
 from app.services.transitions import move_job
@@ -26,10 +26,19 @@ RUNNING = JobStatus.RUNNING
 
 def sweep() -> list[str]:
     """Give expired leases' work to another worker: jobs (`sweep_jobs`), then samples and
-    exports (`queued_work.sweep`). Returns the re-queued ids."""
+    exports (`queued_work.sweep`); then samples and exports no worker took
+    (`queued_work.sweep_untaken`): a sample past its caller's deadline fails with the reason
+    (sent again it would be answered for no one), an export is sent again every
+    `redispatch_after_s`, up to `max_attempts` times, then fails with the reason. Returns the
+    re-queued and re-sent ids."""
+    settings = get_settings()
     requeued = sweep_jobs()
     requeued += queued_work.sweep(Sample, enqueue_sample)
     requeued += queued_work.sweep(Export, enqueue_export)
+    requeued += queued_work.sweep_untaken(Sample, enqueue_sample, samples.untaken_after_s(), 0)
+    requeued += queued_work.sweep_untaken(
+        Export, enqueue_export, settings.redispatch_after_s, settings.max_attempts
+    )
     return requeued
 
 

@@ -1,11 +1,13 @@
-"""samples and exports are leased as jobs are: attempts, lease owner and expiry
+"""samples and exports are leased as jobs are: attempts, lease owner and expiry; when their id
+was last sent while they wait to be taken, and how often it was sent again
 
 Revision ID: 0012
 Revises: 0011
 Create Date: 2026-12-08
 
 A row running at the upgrade was taken without a lease: it gets one that has already expired,
-so the sweeper re-queues it (or fails it with the reason) like any other.
+so the sweeper re-queues it (or fails it with the reason) like any other. A queued row counts as
+sent when it was created.
 """
 
 from collections.abc import Sequence
@@ -31,9 +33,14 @@ def upgrade() -> None:
             batch_op.create_index(
                 batch_op.f(f"ix_{name}_lease_expires_at"), ["lease_expires_at"], unique=False
             )
+            batch_op.add_column(sa.Column("dispatched_at", sa.DateTime(timezone=True), nullable=True))
+            batch_op.add_column(sa.Column("resends", sa.Integer(), nullable=False, server_default="0"))
+            batch_op.create_index(batch_op.f(f"ix_{name}_dispatched_at"), ["dispatched_at"], unique=False)
         table = sa.table(
             name,
             sa.column("status", sa.String),
+            sa.column("created_at", sa.DateTime(timezone=True)),
+            sa.column("dispatched_at", sa.DateTime(timezone=True)),
             sa.column("attempts", sa.Integer),
             sa.column("lease_owner", sa.String),
             sa.column("lease_expires_at", sa.DateTime(timezone=True)),
@@ -45,13 +52,20 @@ def upgrade() -> None:
                 attempts=1, lease_owner="unknown (taken before leases)", lease_expires_at=datetime.now(UTC)
             )
         )
+        op.get_bind().execute(
+            table.update().where(table.c.status == "queued").values(dispatched_at=table.c.created_at)
+        )
         with op.batch_alter_table(name, schema=None) as batch_op:
             batch_op.alter_column("attempts", server_default=None)  # the existing rows are filled
+            batch_op.alter_column("resends", server_default=None)
 
 
 def downgrade() -> None:
     for name in TABLES:
         with op.batch_alter_table(name, schema=None) as batch_op:
+            batch_op.drop_index(batch_op.f(f"ix_{name}_dispatched_at"))
+            batch_op.drop_column("resends")
+            batch_op.drop_column("dispatched_at")
             batch_op.drop_index(batch_op.f(f"ix_{name}_lease_expires_at"))
             batch_op.drop_column("lease_expires_at")
             batch_op.drop_column("lease_owner")
