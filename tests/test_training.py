@@ -278,4 +278,6 @@ def test_a_cancel_asked_while_the_job_loads_stands_when_the_loading_fails(servic
     cancelled = jobs.get_job(job.id, LOCAL_OWNER)
     assert (cancelled.status, cancelled.error) == ("cancelled", None)
     last = jobs.list_events(job.id, LOCAL_OWNER, None, 100).items[-1].message
-    assert last.startswith("cancelled (it had failed meanwhile: HubFetchFailed: could not fetch the tokenizer")
+    assert last.startswith(
+        "cancelled (it had failed meanwhile: HubFetchFailed: could not fetch the tokenizer"
+    )
