@@ -172,3 +172,44 @@ def test_models_are_the_owners_own_and_unknown_options_are_refused(client):
     assert refused.value.body["param"] == "logprobs"
     with session_scope() as session:
         assert session.query(Sample).count() == 0  # nothing refused reached the sampler
+
+
+@pytest.mark.usefixtures("service_env")
+def test_the_sampler_answers_a_172_wide_mlp_where_bitsandbytes_repacks_for_avx512_bf16(monkeypatch):
+    """Issue 28 item 4: on a CPU with AVX512-BF16, bitsandbytes repacks each 4-bit layer for its
+    bf16 kernel at the first answer, which takes only out-features divisible by 32 and
+    in-features divisible by the block: stories260K's MLP (64 -> 172 -> 64) failed ("N must be
+    divisible by block_n"). A CPU without the feature is made to take the same path."""
+    import bitsandbytes.functional
+    import bitsandbytes.nn.modules
+    from transformers import AutoConfig
+
+    from app.spec import JobSpec
+    from tests.conftest import REPO, demo_spec
+    from worker import sampling
+
+    stories = REPO / "examples" / "stories260K"
+    assert AutoConfig.from_pretrained(stories).intermediate_size == 172
+    if not bitsandbytes.functional.has_avx512bf16():
+        monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    spec = JobSpec.model_validate({**demo_spec(), "base_model": str(stories)})
+    asked = Sample(prompt="Once upon a time", max_new_tokens=8, temperature=0.0, top_p=1.0)
+
+    model, tokenizer, context = sampling.models.get(spec, None, "cpu")
+    try:
+        with context:
+            answered = sampling.generate(model, tokenizer, asked)
+        repacked = {
+            name.rpartition(".")[2]: getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+            for name, module in model.named_modules()
+            if hasattr(module, "support_avx512bf16_for_cpu")
+        }
+    finally:
+        sampling.release_model()
+
+    assert answered.completion_tokens > 0, answered
+    # the attention projections (64 and 32 wide) take the bf16 kernel; the MLP keeps the plain path
+    assert repacked == {
+        **dict.fromkeys(["q_proj", "k_proj", "v_proj", "o_proj"], True),
+        **dict.fromkeys(["gate_proj", "up_proj", "down_proj"], False),
+    }

@@ -53,7 +53,7 @@ def load_quantized_model(spec: JobSpec, dtype: torch.dtype, device: str | None =
         bnb_4bit_compute_dtype=dtype,
     )
     with fetching("base model", spec.base_model):
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             name,
             revision=revision,
             quantization_config=quantization_config,
@@ -62,6 +62,33 @@ def load_quantized_model(spec: JobSpec, dtype: torch.dtype, device: str | None =
             device_map={"": torch.cuda.current_device() if device == "cuda" else "cpu"},
             trust_remote_code=get_settings().trust_remote_code,
         )
+    repack_only_layers_that_fit(model)
+    return model
+
+
+# bitsandbytes' CPU repacking (0.50, `_convert_weight_packed_for_cpu`) takes output features in
+# tiles of this many rows
+CPU_REPACK_ROWS = 32
+
+
+def repack_only_layers_that_fit(model: torch.nn.Module) -> int:
+    """On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks each 4-bit layer's weights for its
+    bf16 kernel at the first forward without gradients, which takes only out-features divisible
+    by 32 and in-features divisible by the quantization block (stories260K's MLP, 64 -> 172 -> 64,
+    failed: "N must be divisible by block_n"). The layers that don't fit keep the plain
+    dequantize-then-matmul path; the others keep the fast kernel. How many were turned off."""
+    turned_off = 0
+    for module in model.modules():
+        if not (isinstance(module, torch.nn.Linear) and getattr(module, "support_avx512bf16_for_cpu", False)):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        blocksize = getattr(state, "blocksize", None) or 64
+        if module.out_features % CPU_REPACK_ROWS or module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
+            turned_off += 1
+    if turned_off:
+        log.info("%d 4-bit layers keep the plain CPU path: the bf16 kernel can't take them", turned_off)
+    return turned_off
 
 
 def keep_4bit_layers_trainable(model: torch.nn.Module) -> None:
