@@ -9,19 +9,22 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
 from transformers import AutoTokenizer
+from transformers.utils import cached_file
 
 from app.models import Export, ExportFormat
 from app.services.exports import finish_export, start_export
 from app.settings import get_settings
-from app.spec import JobSpec
+from app.spec import JobSpec, split_revision
 from app.storage import being_written, job_files
 from worker.adapters import adapter_folder, job_spec
 from worker.lease import LeaseKeeper
 from worker.training.artifacts import sha256_of, zip_directory
+from worker.training.hub import fetching
 from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,27 @@ def write_merged(spec: JobSpec, adapter_dir: Path, target: Path) -> None:
     else:
         tokenizer = load_tokenizer(spec.base_model)
     tokenizer.save_pretrained(target)
+    copy_sentencepiece_model(tokenizer, spec.base_model, target)
     card = adapter_dir / "README.md"
     if card.is_file():
         shutil.copy(card, target / "README.md")
+
+
+def copy_sentencepiece_model(tokenizer: Any, base_model: str, target: Path) -> None:
+    """transformers saves a SentencePiece tokenizer without its model (tokenizer.model), which
+    holds the piece scores llama.cpp tokenizes a Llama-family GGUF by (worker/gguf.py): the
+    base's copy (its folder, or the hub cache) joins the saved tokenizer, where the base has one."""
+    sentencepiece = "tokenizer.model" in tokenizer.vocab_files_names.values()
+    if not sentencepiece or (target / "tokenizer.model").is_file():
+        return
+    name, revision = split_revision(base_model)
+    with fetching("tokenizer", base_model):
+        found = cached_file(
+            name,
+            "tokenizer.model",
+            revision=revision,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+    if found is not None:
+        shutil.copy(found, target / "tokenizer.model")

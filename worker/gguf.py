@@ -2,7 +2,8 @@
 llama.cpp's own `gguf` package: its writer, its names for each architecture's tensors and its
 readers of Hugging Face vocabularies. What is ours is the little each architecture needs on top,
 as llama.cpp's convert_hf_to_gguf.py does it (that script is not on the package registries):
-the hyperparameters it reads and, for Llama, the order of the query and key rows.
+the hyperparameters it reads, the vocabulary as it writes it (for Llama, SentencePiece's own
+scores and token types) and, for Llama, the order of the query and key rows.
 
 Architectures: Phi-2 (`phi`, the recipe's base) and Llama (`llama`, and the many models shaped
 like it). Tensors keep the merged model's dtype (float32, float16 or bfloat16); norms and biases
@@ -11,6 +12,7 @@ are float32, as llama.cpp expects; quantize afterwards with llama.cpp's `llama-q
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
+
+log = logging.getLogger(__name__)
 
 FILE_TYPES = {
     torch.float32: gguf.LlamaFileType.ALL_F32,
@@ -97,7 +101,10 @@ def _describe_phi(writer: gguf.GGUFWriter, config: dict) -> None:
 
 
 def _gpt2_vocabulary(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> None:
-    """A byte-level BPE vocabulary, padded to the model's embedding rows as llama.cpp pads it."""
+    """A byte-level BPE vocabulary as convert_hf_to_gguf's `_set_vocab_gpt2` writes it: padded to
+    the model's embedding rows, added tokens CONTROL when special (or shaped like `<|...|>`), else
+    USER_DEFINED, and the pre-tokenizer `phi-2` (the one whose tokens of llama.cpp's check text
+    Phi-2's tokenizer gives; tests/test_gguf.py checks the hash)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     added = tokenizer.get_added_vocab()
@@ -108,9 +115,15 @@ def _gpt2_vocabulary(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> 
             tokens.append(f"[PAD{index}]")
             types.append(gguf.TokenType.UNUSED)
         elif token in added:
-            special = tokenizer.added_tokens_decoder[index].special
-            tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+            entry = tokenizer.added_tokens_decoder[index]
+            if not entry.normalized:  # llama.cpp expects added tokens as the normalizer leaves them
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            if entry.special or _looks_special(token):
+                tokens.append(token)
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                tokens.append(token.replace("\u2581", " "))
+                types.append(gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
@@ -119,6 +132,17 @@ def _gpt2_vocabulary(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> 
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(writer)
+
+
+def _looks_special(token: str) -> bool:
+    """Added tokens some models leave unmarked that llama.cpp's converter makes CONTROL all the same
+    (`does_token_look_special`)."""
+    return (
+        token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (token.startswith("<|") and token.endswith("|>"))
+        or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+        or (token.startswith("<unused") and token.endswith(">"))
+    )
 
 
 # --- Llama ------------------------------------------------------------------------------------
@@ -139,15 +163,88 @@ def _describe_llama(writer: gguf.GGUFWriter, config: dict) -> None:
 
 
 def _llama_vocabulary(writer: gguf.GGUFWriter, model_dir: Path, config: dict) -> None:
-    """A SentencePiece-style vocabulary read from tokenizer.json (byte fallback, scores)."""
-    vocab = gguf.LlamaHfVocab(model_dir)
-    tokens, scores, types = zip(*vocab.all_tokens(), strict=True)
+    """A SentencePiece vocabulary as convert_hf_to_gguf's `_set_vocab_sentencepiece` writes it,
+    from tokenizer.model: llama.cpp's tokenizer merges pieces by these scores, so without them it
+    splits words the model never saw split (issue 28). A folder with only tokenizer.json gets
+    what that script then writes (`LlamaHfVocab`: every score -1000), with a warning."""
+    sentencepiece_model = model_dir / "tokenizer.model"
+    if sentencepiece_model.is_file():
+        tokens, scores, types = _sentencepiece_vocabulary(sentencepiece_model, model_dir, config)
+    else:
+        log.warning(
+            "%s has no tokenizer.model: its GGUF's token scores are all -1000, and llama.cpp will "
+            "split some words differently from the model's own tokenizer",
+            model_dir,
+        )
+        tokens, scores, types = (
+            list(column) for column in zip(*gguf.LlamaHfVocab(model_dir).all_tokens(), strict=True)
+        )
+    tokenizer_config = model_dir / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        prefix = json.loads(tokenizer_config.read_text()).get("add_prefix_space")
+        if prefix is not None:
+            writer.add_add_space_prefix(prefix)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
-    writer.add_token_list(list(tokens))
-    writer.add_token_scores(list(scores))
-    writer.add_token_types(list(types))
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
     gguf.SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(writer)
+
+
+def _sentencepiece_vocabulary(
+    path: Path, model_dir: Path, config: dict
+) -> tuple[list[str], list[float], list[int]]:
+    """Each piece with its score and kind, rows the model has beyond them `[PAD<i>]`, and the
+    tokens added on top (tokenizer.json, or an older save's tokenizer_config.json) as llama.cpp
+    reads them: score -1000, CONTROL when special, else USER_DEFINED. An added token that is the
+    piece already at its id (`<s>`, `</s>`, `<unk>` in transformers' saves) keeps the piece's."""
+    from sentencepiece import SentencePieceProcessor
+
+    processor = SentencePieceProcessor(model_file=str(path))
+    size = config.get("vocab_size") or processor.vocab_size()
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    scores = [-10000.0] * size
+    types = [int(gguf.TokenType.UNUSED)] * size
+    for i in range(min(size, processor.vocab_size())):
+        tokens[i] = processor.id_to_piece(i)
+        scores[i] = processor.get_score(i)
+        types[i] = int(_piece_type(processor, i))
+    for i, (token, special) in _added_tokens(model_dir).items():
+        if i >= size or (i < processor.vocab_size() and token == tokens[i]):
+            continue
+        if special or _looks_special(token):
+            tokens[i], types[i] = token, int(gguf.TokenType.CONTROL)
+        else:  # written pre-normalized, as the converter writes them
+            tokens[i], types[i] = token.replace("\u2581", " "), int(gguf.TokenType.USER_DEFINED)
+        scores[i] = -1000.0
+    return tokens, scores, types
+
+
+def _piece_type(processor, i: int) -> gguf.TokenType:
+    if processor.is_unknown(i):
+        return gguf.TokenType.UNKNOWN
+    if processor.is_control(i):
+        return gguf.TokenType.CONTROL
+    if processor.is_unused(i):
+        return gguf.TokenType.UNUSED
+    if processor.is_byte(i):
+        return gguf.TokenType.BYTE
+    return gguf.TokenType.NORMAL
+
+
+def _added_tokens(model_dir: Path) -> dict[int, tuple[str, bool]]:
+    """id → (text, special) for each token added to the tokenizer."""
+    added: dict[int, tuple[str, bool]] = {}
+    config = model_dir / "tokenizer_config.json"
+    if config.is_file():
+        for i, entry in json.loads(config.read_text()).get("added_tokens_decoder", {}).items():
+            added[int(i)] = entry["content"], bool(entry.get("special"))
+    fast = model_dir / "tokenizer.json"
+    if fast.is_file():
+        for entry in json.loads(fast.read_text()).get("added_tokens", []):
+            added[entry["id"]] = entry["content"], bool(entry.get("special"))
+    return added
 
 
 def _llama_rows(name: str, tensor: torch.Tensor, config: dict) -> torch.Tensor:
