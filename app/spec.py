@@ -208,7 +208,8 @@ class DatasetSpec(_Strict):
     max_samples: int | None = Field(None, ge=1, description="Use at most this many samples.")
     validation_split: Split | None = Field(
         "validation",
-        description="Split giving eval_loss, for hub or folder datasets (a missing split is skipped).",
+        description="Split giving eval_loss, for hub or folder datasets; data without it (a file, an "
+        "upload, a folder of one saved Dataset) has no validation, never its training rows.",
     )
     validation_source: DatasetSource | None = Field(
         None, description="A separate validation file or dataset; overrides validation_split."

@@ -232,3 +232,35 @@ def test_a_folder_written_by_save_to_disk_loads_with_its_splits(tmp_path_allowed
     assert len(build_training_data(_oasst_spec(str(single)), tokenizer, 512)) == expected
     evaluated = build_eval_data(_oasst_spec(str(saved)), tokenizer, 512)
     assert evaluated is not None and 0 < len(evaluated) < expected
+
+
+def test_data_without_a_validation_split_gets_none_never_its_training_rows(tmp_path_allowed, tokenizer, rows):
+    """Issue 28 item 5: a `save_to_disk` folder of one Dataset (no splits) answered the default
+    `validation_split` with its training rows ("24 training samples, 24 validation samples"). It,
+    a single file and a folder of one data file have no validation split: no eval_loss."""
+    import datasets
+
+    from worker.training.data import build_eval_data, build_training_data, load_records
+
+    keep = ("message_id", "parent_id", "text", "role", "lang", "deleted", "review_result")
+    flat = [{k: v for k, v in r.items() if k in keep} for r in rows[:300]]
+    single = tmp_path_allowed / "single"
+    datasets.Dataset.from_list(flat).save_to_disk(str(single))
+    (tmp_path_allowed / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
+    datasets.Dataset.from_list(flat).to_parquet(str(tmp_path_allowed / "rows.parquet"))
+    (tmp_path_allowed / "files").mkdir()
+    (tmp_path_allowed / "files" / "rows.jsonl").write_text((tmp_path_allowed / "rows.jsonl").read_text())
+
+    for source in ("single", "rows.jsonl", "rows.parquet", "files"):
+        spec = _oasst_spec(str(tmp_path_allowed / source))
+        assert spec.validation_split == "validation"  # the default, named by no one here
+        assert len(build_training_data(spec, tokenizer, 512)) > 0, source
+        assert build_eval_data(spec, tokenizer, 512) is None, source
+    # a split named that the folder lacks: none, as for a folder of files or the hub (the worker
+    # warns; the job's "data ready" event says 0 validation samples)
+    assert build_eval_data(_oasst_spec(str(single), validation_split="test"), tokenizer, 512) is None
+    with pytest.raises(ValueError, match="holds one Dataset, no splits"):
+        load_records(str(single), "validation", training=False)
+    # its rows still validate where the spec says so, as a validation_source
+    named = _oasst_spec(str(tmp_path_allowed / "rows.jsonl"), validation_source=str(single))
+    assert build_eval_data(named, tokenizer, 512) is not None

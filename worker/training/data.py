@@ -32,9 +32,11 @@ def read_json_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def load_records(source: str, split: str) -> list[dict]:
+def load_records(source: str, split: str, *, training: bool = True) -> list[dict]:
     """Records from an uploaded dataset, a local file (jsonl, json, parquet), a local dataset
-    folder, or the hub."""
+    folder, or the hub. A folder `save_to_disk` wrote with one `Dataset` (no splits) is all
+    training rows, whatever `split` is named; asked for another (`training` False), it has
+    none (ValueError), so that its rows never validate what they trained."""
     if DATASET_ID.match(source):
         path = dataset_file(source)
     else:  # a local path is checked again as it is now (moved, or a link added since)
@@ -54,6 +56,8 @@ def load_records(source: str, split: str) -> list[dict]:
             if split not in saved:
                 raise ValueError(f"unknown split {split!r}: the folder has {', '.join(saved)}")
             saved = saved[split]
+        elif not training:
+            raise ValueError(f"no split {split!r}: the folder holds one Dataset, no splits")
         return list(saved)
     if path.is_dir():
         return list(datasets.load_dataset(str(path), split=split))
@@ -219,12 +223,13 @@ def build_training_data(spec: DatasetSpec, tokenizer, max_length: int) -> Traini
 
 
 def load_eval_records(spec: DatasetSpec) -> list[dict] | None:
-    """The validation records, or None when the spec names none (or a single-file source has none)."""
+    """The validation records, or None when the spec names none or the source has no such
+    split (a single file, an upload or a single saved Dataset has none): never the training rows."""
     if spec.validation_source:
         return load_records(spec.validation_source, "train")
     if spec.validation_split and not DATASET_ID.match(spec.source) and not Path(spec.source).is_file():
         try:
-            return load_records(spec.source, spec.validation_split)
+            return load_records(spec.source, spec.validation_split, training=False)
         except ValueError as exc:  # datasets: unknown split
             log.warning("no validation split %r in %s: %s", spec.validation_split, spec.source, exc)
     return None
