@@ -14,7 +14,7 @@ import pytest
 from app.models import LOCAL_OWNER
 from app.services import jobs
 from app.spec import JobSpec
-from tests.conftest import demo_spec, sqlite_only
+from tests.conftest import DEMO_MODEL, demo_spec, sqlite_only
 from worker.tasks import execute_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_model")]
@@ -30,7 +30,7 @@ def quick_spec(
     return JobSpec.model_validate(spec)
 
 
-def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env):
+def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env, tmp_path):
     job = jobs.create_job(quick_spec(), LOCAL_OWNER)
 
     execute_job(job.id)
@@ -72,13 +72,18 @@ def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env):
         "adapter/tokenizer.json",
     } <= names
     assert "examples/tiny-phi2" in card and "Final train loss" in card and '"max_steps": 6' in card
-    # the adapter names its base as users know it, and the card says how to load it exactly
+    # the card names the base's folder and says how to load it exactly; the adapter's config
+    # names the base as the spec did (issue 28: the folder's name alone was looked up on the hub)
     with zipfile.ZipFile(jobs.adapter_zip(job.id, LOCAL_OWNER)) as archive:
-        peft_config = json.loads(archive.read("adapter/adapter_config.json"))
-    assert peft_config["base_model_name_or_path"] == "tiny-phi2"
+        archive.extractall(tmp_path)
+    peft_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == done.spec["base_model"] == str(DEMO_MODEL)
     assert card.startswith("# LoRA adapter for tiny-phi2")
     assert 'bnb_4bit_quant_type="nf4"' in card and 'from_pretrained("tiny-phi2", quantization_config' in card
     assert "Final eval loss" in card
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    assert isinstance(AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter"), PeftModel)
 
 
 @sqlite_only
@@ -281,3 +286,19 @@ def test_a_cancel_asked_while_the_job_loads_stands_when_the_loading_fails(servic
     assert last.startswith(
         "cancelled (it had failed meanwhile: HubFetchFailed: could not fetch the tokenizer"
     )
+
+
+def test_an_adapter_names_a_hub_base_by_its_id_and_a_local_one_by_the_specs_path(tmp_path):
+    """Issue 28 item 6: what `AutoPeftModelForCausalLM` reads to find the base."""
+    from worker.training.artifacts import name_the_base
+
+    config = tmp_path / "adapter_config.json"
+    for base, named, revision in [
+        ("microsoft/phi-2", "microsoft/phi-2", None),
+        ("microsoft/phi-2@ef382358", "microsoft/phi-2", "ef382358"),
+        (str(DEMO_MODEL), str(DEMO_MODEL), None),
+    ]:
+        config.write_text(json.dumps({"base_model_name_or_path": "/server/own/path", "r": 8}))
+        name_the_base(tmp_path, base)
+        written = json.loads(config.read_text())
+        assert (written["base_model_name_or_path"], written["revision"], written["r"]) == (named, revision, 8)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.spec import split_revision
 from app.storage import being_written
 
 
@@ -46,16 +47,20 @@ def zip_directory(source: Path, target: Path) -> ZipInfo:
 
 
 def base_model_name(base_model: str) -> str:
-    """How an adapter names its base: the hub id, or a local folder's name (not the server's path)."""
+    """How the model card names the base: the hub id, or a local folder's name."""
     return Path(base_model).name if Path(base_model).is_absolute() else base_model
 
 
 def name_the_base(adapter_dir: Path, base_model: str) -> None:
-    """peft writes the base's path as the trainer loaded it; on the server that is a path of its
-    own, which means nothing elsewhere: the adapter names its base as `base_model_name` does."""
+    """The adapter's config names its base so that `AutoPeftModelForCausalLM` finds it: a hub
+    base by its id (a revision the spec pinned as peft's `revision`), a local one by the path the
+    spec holds (absolute, resolved at submission), which loads where that folder is. The folder's
+    name alone (the card's) loaded nowhere: it was looked up on the hub."""
+    name, revision = split_revision(base_model)
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = base_model_name(base_model)
+    config["base_model_name_or_path"] = name
+    config["revision"] = revision
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -63,7 +68,8 @@ def write_model_card(card: Path, spec: dict[str, Any], job_id: str, summary: dic
     """The adapter's README.md (`JobFiles.model_card`): what it was trained from, how, and how
     it ended."""
     dataset, quantization = spec["dataset"], spec["quantization"]
-    base = base_model_name(spec["base_model"])
+    base, revision = split_revision(base_model_name(spec["base_model"]))
+    pinned = f', revision="{revision}"' if revision else ""
     dtype = quantization["compute_dtype"]
     if dtype == "auto":
         dtype = "bfloat16  # float16 on a GPU without bfloat16 (a T4)"
@@ -101,13 +107,16 @@ def write_model_card(card: Path, spec: dict[str, Any], job_id: str, summary: dic
         f"    bnb_4bit_use_double_quant={quantization['double_quant']}, "
         f"bnb_4bit_compute_dtype=torch.{dtype},",
         ")",
-        f'base = AutoModelForCausalLM.from_pretrained("{base}", quantization_config=quantization)',
+        f'base = AutoModelForCausalLM.from_pretrained("{base}"{pinned}, quantization_config=quantization)',
         'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
         "```",
         "",
         "A base loaded in full precision instead gives slightly different output (the adapter",
         "learned against the 4-bit weights); the service's `merged` export merges it into those.",
+        "`adapter_config.json` names the base as the job did "
+        f"(`{split_revision(spec['base_model'])[0]}`), so that",
+        '`AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")` finds it (in full precision).',
         "",
         "Prompts are formatted as `Human: …` then `Assistant: ` on a new line.",
         "",
