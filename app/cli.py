@@ -10,14 +10,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from app.client.commands import ApiKey, Url, preflight_report
 from app.client.commands import register as register_client_commands
 from app.client.http import DEFAULT_URL
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 
 cli = typer.Typer(help="Self-hosted QLoRA fine-tuning service.", no_args_is_help=True, add_completion=False)
 keys_cli = typer.Typer(help="API keys: each belongs to an owner and sees only that owner's jobs.")
@@ -64,6 +64,36 @@ def _check_auth_setting(host: str) -> None:
     )
 
 
+# .env.example's POSTGRES_PASSWORD, which compose puts into FINETUNE_DATABASE_URL: a deployment
+# still using it has a database password anyone who read the repository knows.
+PLACEHOLDER_PASSWORD = "change-me"
+
+
+def placeholder_password_problem(database_url: str) -> str | None:
+    """Why the service must not start on this database URL, if its password is the shipped one."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(database_url).password
+    except Exception:  # not ours to judge here: the database driver names what is wrong
+        return None
+    if password != PLACEHOLDER_PASSWORD:
+        return None
+    return (
+        f"refusing to start: the database password is .env.example's placeholder {PLACEHOLDER_PASSWORD!r}; "
+        "set POSTGRES_PASSWORD in .env to one of your own (letters, digits, '-', '_', '.', '~'). A "
+        "database already made with it keeps it until changed: docker compose exec postgres psql -U "
+        "finetune -c \"ALTER USER finetune PASSWORD 'new-password'\""
+    )
+
+
+def _refuse_placeholder_password() -> None:
+    problem = placeholder_password_problem(get_settings().database_url)
+    if problem:
+        typer.secho(problem, fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+
+
 @cli.command(rich_help_panel="Server")
 def serve() -> None:
     """Run the HTTP API (uvicorn). Needs API keys unless FINETUNE_AUTH=off on a loopback address."""
@@ -71,10 +101,28 @@ def serve() -> None:
 
     _configure_logging()
     settings = get_settings()
+    _refuse_placeholder_password()
     _check_auth_setting(settings.host)
-    uvicorn.run(
-        "app.api.main:app", host=settings.host, port=settings.port, log_level=settings.log_level.lower()
-    )
+    uvicorn.run("app.api.main:app", **server_options(settings))
+
+
+# Room the HTTP parser leaves above FINETUNE_MAX_HEADER_BYTES for the request line (a long query
+# string) and each header's framing, so that headers just over the cap get the API's 431.
+PARSER_SLACK_BYTES = 16 << 10
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for `serve`. The parser is h11, bounded: httptools (uvicorn's choice
+    when installed) buffers a header of any size before the app sees it (an 8 MB one was read
+    whole); h11 stops at `h11_max_incomplete_event_size` and answers a plain 400 "Invalid HTTP
+    request received." Below that bound the app's own cap answers 431 (app/api/limits.py)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "http": "h11",
+        "h11_max_incomplete_event_size": settings.max_header_bytes + PARSER_SLACK_BYTES,
+    }
 
 
 # Celery node names (`NAME@<host>`), which `finetune health` pings.
@@ -83,6 +131,7 @@ NODE_NAMES = {"worker": "celery", "sampler": "sampler"}
 
 def _run_celery_worker(queue: str, node: str, *pool: str) -> None:
     """A Celery worker on `queue`, named `node@<host>`."""
+    _refuse_placeholder_password()
     from worker.celery_app import celery
 
     _configure_logging()
@@ -172,6 +221,7 @@ def migrate() -> None:
     from app import migrate as migrations
 
     _configure_logging()
+    _refuse_placeholder_password()
     migrations.upgrade()
     typer.echo(f"database at head: {_redacted(get_settings().database_url)}")
 

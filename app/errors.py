@@ -180,6 +180,13 @@ class BodyTooLarge(ServiceError):
     code = "body_too_large"
 
 
+class HeadersTooLarge(ServiceError):
+    """The request's header names and values add up to more than FINETUNE_MAX_HEADER_BYTES."""
+
+    status_code = 431
+    code = "headers_too_large"
+
+
 class RouteNotFound(ServiceError):
     """No such route."""
 

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 1 << 30
     # Every other request body (job specs, resume requests).
     max_body_bytes: int = 1 << 20
+    # A request's header names and values together (cookies, tokens, a proxy's additions come to a
+    # few KiB); more gets 431. The HTTP parser stops buffering a little above it (app/cli.py).
+    max_header_bytes: int = Field(64 << 10, gt=0)
     # Local models and datasets a job may name must lie under one of these folders (an operator's
     # feature). The data dir never counts, even inside one: uploads are reached by their id only.
     local_roots: list[Path] = [Path("examples")]

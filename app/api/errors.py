@@ -3,11 +3,16 @@ no traceback reaches a user."""
 
 from __future__ import annotations
 
+import difflib
 import logging
+from typing import Any, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -33,15 +38,60 @@ def _field(loc: tuple) -> str:
     return ".".join(parts) or str(loc[0] if loc else "")
 
 
-def _field_error(err: dict) -> dict[str, object]:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a value of this type may be (through Optional, unions, lists, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in _models_in(arg)]
+
+
+def _fields_of(model: type[BaseModel]) -> dict[str, FieldInfo]:
+    """A model's fields by every name a request may spell them with (name and alias)."""
+    fields = dict(model.model_fields)
+    fields.update({f.alias: f for f in model.model_fields.values() if f.alias})
+    return fields
+
+
+def closest_field(annotation: Any, loc: tuple) -> str | None:
+    """For an unknown field at `loc` inside a value of type `annotation` (a typo like
+    `training.learning_rat`), the allowed name at that level closest to it, if one is close."""
+    models = _models_in(annotation)
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list: the same models
+            continue
+        tagged = [model for model in models if model.__name__ == part]  # a union's member
+        if tagged:
+            models = tagged
+            continue
+        fields = [_fields_of(model)[part] for model in models if part in _fields_of(model)]
+        models = [model for field in fields for model in _models_in(field.annotation)]
+    names = {name for model in models for name in _fields_of(model)}
+    close = difflib.get_close_matches(str(loc[-1]), sorted(names), n=1) if loc else []
+    return close[0] if close else None
+
+
+def _field_error(err: dict, body_type: Any = None) -> dict[str, object]:
     """One request-validation error as {"field", "message", "type"}; a body that is not JSON is
-    named as the body, with where the parser stopped (FastAPI puts that position in `loc`)."""
+    named as the body, with where the parser stopped (FastAPI puts that position in `loc`); an
+    unknown field of the body (`body_type`) names the allowed one it is closest to."""
     loc = tuple(err.get("loc", ()))
     if err.get("type") == "json_invalid":
         reason = (err.get("ctx") or {}).get("error") or err.get("msg", "")
         message = f"not valid JSON at character {loc[-1]}: {reason}"
         return {"field": "body", "message": message, "type": "json_invalid"}
-    return {"field": _field(loc), "message": err.get("msg", ""), "type": err.get("type")}
+    message = err.get("msg", "")
+    if err.get("type") == "extra_forbidden" and loc[:1] == ("body",) and body_type is not None:
+        suggestion = closest_field(body_type, loc[1:])
+        if suggestion:
+            message = f"{message}; did you mean '{suggestion}'?"
+    return {"field": _field(loc), "message": message, "type": err.get("type")}
+
+
+def _body_type(request: Request) -> Any:
+    """The type the matched route reads its body as (None: it reads none)."""
+    route = request.scope.get("route")
+    body = route.body_field if isinstance(route, APIRoute) else None
+    return body.field_info.annotation if body is not None else None
 
 
 def error_response(
@@ -86,7 +136,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = [_field_error(err) for err in exc.errors()]
+        body_type = _body_type(request)
+        detail = [_field_error(err, body_type) for err in exc.errors()]
         return error_response(request.url.path, 422, RequestInvalid.code, detail)
 
     @app.exception_handler(StarletteHTTPException)

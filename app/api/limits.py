@@ -1,5 +1,6 @@
-"""Request body caps: 413 before a large body is read (or as soon as it outgrows the cap), and
-422 for a JSON body nested deeper than any request of this API needs."""
+"""Request caps: 431 for headers larger than FINETUNE_MAX_HEADER_BYTES, 413 before a large body is
+read (or as soon as it outgrows the cap), and 422 for a JSON body nested deeper than any request of
+this API needs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
-from app.errors import BodyTooLarge, RequestInvalid
+from app.errors import BodyTooLarge, HeadersTooLarge, RequestInvalid
 
 # The deepest request body here (a job spec's sections, an OpenAI request's hyperparameters)
 # is 4 levels; this leaves room for clients that send more, and keeps parsers far from their
@@ -27,6 +28,28 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
         if depth > limit:
             return True
     return False
+
+
+class HeaderSizeLimit:
+    """Refuses a request whose header names and values add up to more than `limit` bytes with a
+    431, before anything else looks at it. The server's parser bounds what it buffers before this
+    runs (app/cli.py `serve`)."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and headers_size(scope) > self.limit:
+            detail = f"request headers here are limited to {self.limit} bytes (names and values together)"
+            response = error_response(scope.get("path", ""), 431, HeadersTooLarge.code, detail)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def headers_size(scope: Scope) -> int:
+    return sum(len(name) + len(value) for name, value in scope.get("headers") or [])
 
 
 class JsonDepthLimit:

@@ -8,17 +8,18 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import RedirectResponse
+from fastapi.responses import PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Authenticate
 from app.api.errors import install_error_handlers
 from app.api.exports import router as exports_router
-from app.api.limits import BodySizeLimit, JsonDepthLimit
+from app.api.limits import BodySizeLimit, HeaderSizeLimit, JsonDepthLimit
 from app.api.openai.inference import router as openai_inference_router
 from app.api.openai.routes import router as openai_router
 from app.api.routes import ops_router, router
+from app.api.urls import BaseUrl
 from app.services.notifications import deliver_due
 from app.services.sweeper import redispatch_lost, sweep
 from app.settings import get_settings
@@ -48,6 +49,11 @@ async def lifespan(_: FastAPI):
     task.cancel()
 
 
+def redirect(url: str) -> PlainTextResponse:
+    """A 307 to `url` that says where it goes, for clients that don't follow it (curl)."""
+    return PlainTextResponse(f"Redirecting to {url}\n", status_code=307, headers={"location": url})
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         lifespan=lifespan,
@@ -64,8 +70,9 @@ def create_app() -> FastAPI:
     app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
 
     @app.get("/", include_in_schema=False)
-    def home() -> RedirectResponse:
-        return RedirectResponse("/ui/")
+    @app.get("/ui", include_in_schema=False)  # else Starlette's bare 307 to /ui/, with no body
+    def to_dashboard(base: BaseUrl) -> PlainTextResponse:
+        return redirect(f"{base}/ui/")
 
     settings = get_settings()
     app.add_middleware(JsonDepthLimit)
@@ -75,7 +82,8 @@ def create_app() -> FastAPI:
         upload_limit=settings.max_upload_bytes,
         upload_prefixes=("/datasets", "/v1/files"),
     )
-    app.add_middleware(Authenticate)  # outermost: no body is read for a request without a key
+    app.add_middleware(Authenticate)  # no body is read for a request without a key
+    app.add_middleware(HeaderSizeLimit, limit=settings.max_header_bytes)  # outermost
     return app
 
 
