@@ -272,15 +272,24 @@ class Sample(LeasedWork, Base):
     # False: the job's base model alone answers (a base listed by /v1/models), no adapter
     adapter: Mapped[bool] = mapped_column(Boolean, default=True)
     # The conversation to answer ({"role", "content"} items), rendered as the job was trained;
-    # null: `prompt` is continued as it is (/v1/completions)
+    # null: `prompt` (or `prompt_ids`) is continued as it is (/v1/completions)
     messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    # Token ids continued as they are, not re-tokenized (/v1/completions); `prompt` is empty then
+    prompt_ids: Mapped[list[int] | None] = mapped_column(JSON)
     max_new_tokens: Mapped[int]
     temperature: Mapped[float] = mapped_column(Float)
     top_p: Mapped[float] = mapped_column(Float, default=1.0)
     stop: Mapped[list[str] | None] = mapped_column(JSON)
     seed: Mapped[int | None] = mapped_column(BigInteger)
+    # The prompt's text first in `completion`, and its tokens first in `logprobs`
+    echo: Mapped[bool] = mapped_column(Boolean, default=False)
+    # null: no log-probabilities; k: each token's, with the k likeliest tokens in its place
+    top_logprobs: Mapped[int | None]
     status: Mapped[str] = mapped_column(String(16), default=SampleStatus.QUEUED)
     completion: Mapped[str | None] = mapped_column(Text)
+    # With top_logprobs: the answer's tokens (an echoed prompt's first), each
+    # {"token", "logprob", "offset" (where its text starts in `completion`), "top": [[token, logprob]]}
+    logprobs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     # "stop" (the model ended its reply, or a stop string) or "length" (max_new_tokens reached)
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     prompt_tokens: Mapped[int | None]

@@ -195,15 +195,25 @@ class SampleRead(_FromRow):
     prompt: str
     adapter: bool = Field(description="false: the job's base model alone answered.")
     messages: list[dict[str, str]] | None = Field(
-        description="The conversation answered; null: `prompt` continued as it is."
+        description="The conversation answered; null: `prompt` (or `prompt_ids`) continued as it is."
     )
+    prompt_ids: list[int] | None = Field(None, description="Token ids continued as they are.")
     max_new_tokens: int
     temperature: float
     top_p: float
     stop: list[str] | None
     seed: int | None
+    echo: bool = Field(False, description="The prompt comes first in `completion` and `logprobs`.")
+    top_logprobs: int | None = Field(
+        None, description="null: no logprobs; k: each token's with the k likeliest in its place."
+    )
     status: str = Field(description="queued, running, succeeded or failed.")
     completion: str | None = Field(description="The answer; while running, the text so far.")
+    logprobs: list[dict[str, Any]] | None = Field(
+        None,
+        description='Each token: {"token", "logprob" (null for an echoed first token), "offset" (in '
+        '`completion`), "top": [[token, logprob], …]}.',
+    )
     finish_reason: str | None = Field(description="stop (the model ended, or a stop string) or length.")
     prompt_tokens: int | None
     completion_tokens: int | None

@@ -105,6 +105,50 @@ def test_a_fine_tuned_model_is_listed_and_answers_as_the_native_generate_does(cl
     assert stopped.choices[0].text == text[: text.index(cut_at)]
     assert stopped.choices[0].finish_reason == "stop"
 
+    # log-likelihoods of given text, as lm-evaluation-harness asks: echoed, nothing generated;
+    # token ids (several prompts in one request: one choice each, in order) score as the text does
+    from worker.training.model import load_tokenizer
+
+    given = "Human: Hi\nAssistant: Hello there"
+    ids = load_tokenizer(quick_spec().base_model)(given)["input_ids"]
+    asked = {"model": model, "echo": True, "logprobs": 2, "max_tokens": 0, "temperature": 0}
+    by_text = ai.completions.create(prompt=given, **asked).choices[0]
+    scored = ai.completions.create(prompt=[ids, ids[:3]], **asked)
+    by_ids, shorter = scored.choices
+    assert [c.index for c in scored.choices] == [0, 1] and by_text.text == by_ids.text == given
+    assert (scored.usage.prompt_tokens, scored.usage.completion_tokens) == (len(ids) + 3, 0)
+    assert by_text.finish_reason == "length" and len(shorter.logprobs.tokens) == 3
+    legacy = by_text.logprobs
+    assert legacy.token_logprobs[0] is None and legacy.top_logprobs[0] is None
+    assert legacy.token_logprobs[1:] == pytest.approx(by_ids.logprobs.token_logprobs[1:], abs=1e-5)
+    assert shorter.logprobs.token_logprobs[1:] == pytest.approx(legacy.token_logprobs[1:3], abs=1e-5)
+    assert len(legacy.tokens) == len(ids) and "".join(legacy.tokens) == given
+    assert all(given[o:].startswith(t) for o, t in zip(legacy.text_offset, legacy.tokens, strict=True))
+    places = zip(legacy.tokens[1:], legacy.token_logprobs[1:], legacy.top_logprobs[1:], strict=True)
+    for token, logprob, top in places:
+        assert 2 <= len(top) <= 3 and top[token] == logprob  # the 2 likeliest, and the token itself
+        assert max(top.values()) >= logprob
+
+    # a chat reply's logprobs, with the 2 likeliest tokens at each place; streamed, all at its end
+    reply = ai.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = reply.choices[0].logprobs.content
+    assert 0 < len(content) <= reply.usage.completion_tokens
+    for place in content:
+        assert [t.token for t in place.top_logprobs][0] == place.token  # greedy: the likeliest
+        assert len(place.top_logprobs) == 2 and place.bytes == list(place.token.encode())
+    chunks = list(
+        ai.completions.create(model=model, prompt=given, max_tokens=3, temperature=0, logprobs=0, stream=True)
+    )
+    finished = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finished[0].logprobs.tokens) == 3
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("bias", "switching_loads", "base_loads"), [("none", 1, 0), ("all", 4, 1)])
@@ -168,8 +212,8 @@ def test_models_are_the_owners_own_and_unknown_options_are_refused(client):
         with pytest.raises(openai.NotFoundError):
             ai.chat.completions.create(model=wrong, messages=[{"role": "user", "content": "Hi"}])
     with pytest.raises(openai.BadRequestError) as refused:
-        ai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], logprobs=True)
-    assert refused.value.body["param"] == "logprobs"
+        ai.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], n=2)
+    assert refused.value.body["param"] == "n"
     with session_scope() as session:
         assert session.query(Sample).count() == 0  # nothing refused reached the sampler
 
@@ -213,3 +257,86 @@ def test_the_sampler_answers_a_172_wide_mlp_where_bitsandbytes_repacks_for_avx51
         **dict.fromkeys(["q_proj", "k_proj", "v_proj", "o_proj"], True),
         **dict.fromkeys(["gate_proj", "up_proj", "down_proj"], False),
     }
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("service_env")
+def test_logprobs_are_the_models_own_for_an_echoed_prompt_and_the_answer():
+    """The sampler's log-probabilities (legacy completions' `logprobs` with `echo`, chat's) on the
+    4-bit base with an adapter: each prompt token's is log_softmax of the model's forward pass
+    over the tokens before it, each answer token's that of generate()'s own logits; the greedy
+    token leads its top alternatives; the tokens join into the text at their offsets."""
+    from peft import LoraConfig, get_peft_model
+
+    from worker import sampling
+    from worker.logprobs import scored_tokens
+    from worker.training.model import load_quantized_model, load_tokenizer
+
+    spec = quick_spec()
+    tokenizer = load_tokenizer(spec.base_model)
+    base = load_quantized_model(spec, torch.float32, "cpu")
+    adapter = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "dense"], init_lora_weights=False)
+    model = get_peft_model(base, adapter).eval()
+    prompt = "Lily saw Über 日本"  # multi-byte characters span tokens
+    ids = tokenizer(prompt)["input_ids"]
+
+    asked = Sample(prompt=prompt, max_new_tokens=3, temperature=0.0, top_p=1.0, echo=True, top_logprobs=3)
+    answer = sampling.generate(model, tokenizer, asked)
+
+    entries = answer.logprobs
+    assert (
+        answer.text.startswith(prompt) and len(entries) == len(ids) + answer.completion_tokens == len(ids) + 3
+    )
+    assert entries[0]["logprob"] is None and entries[0]["top"] is None  # nothing precedes it
+    with torch.inference_mode():
+        for j in range(1, len(ids)):
+            before = model(input_ids=torch.tensor([ids[:j]])).logits[0, -1]
+            expected = torch.log_softmax(before.float(), dim=-1)
+            assert entries[j]["logprob"] == pytest.approx(expected[ids[j]].item(), abs=1e-4)
+            assert [lp for _, lp in entries[j]["top"]] == pytest.approx(
+                expected.topk(3).values.tolist(), abs=1e-4
+            )
+        generated = model.generate(
+            input_ids=torch.tensor([ids]),
+            max_new_tokens=3,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new_ids = generated.sequences[0, len(ids) :].tolist()
+    for step, entry in enumerate(entries[len(ids) :]):
+        expected = torch.log_softmax(generated.logits[step][0].float(), dim=-1)
+        assert entry["logprob"] == pytest.approx(expected[new_ids[step]].item(), abs=1e-4)
+        assert entry["top"][0] == [entry["token"], entry["logprob"]]  # greedy: the likeliest
+    assert answer.text == prompt + tokenizer.decode(new_ids, skip_special_tokens=True)
+    assert "".join(e["token"] for e in entries) == answer.text
+    offsets = [e["offset"] for e in entries]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    assert all(answer.text[e["offset"] :].startswith(e["token"]) for e in entries)
+    assert any(e["token"] == "" for e in entries)  # a token that ends mid-character adds nothing yet
+
+    # token ids as the prompt, scored alone (max_tokens 0): the same numbers, not re-tokenized
+    alone = sampling.generate(
+        model,
+        tokenizer,
+        Sample(
+            prompt="", prompt_ids=ids, max_new_tokens=0, temperature=0.0, top_p=1.0, echo=True, top_logprobs=0
+        ),
+    )
+    assert (alone.text, alone.completion_tokens, alone.finish_reason) == (prompt, 0, "length")
+    assert [e["logprob"] for e in alone.logprobs] == pytest.approx(
+        [e["logprob"] for e in entries[: len(ids)]]
+    )
+    assert all(e["top"] == [] for e in alone.logprobs[1:])
+    # without echo, only the answer's tokens; their offsets are in the answer's text
+    plain = sampling.generate(
+        model, tokenizer, Sample(prompt=prompt, max_new_tokens=2, temperature=0.0, top_p=1.0, top_logprobs=1)
+    )
+    assert [e["token"] for e in plain.logprobs] == [e["token"] for e in entries[len(ids) : len(ids) + 2]]
+    assert plain.logprobs[0]["offset"] == 0 and answer.text.startswith(prompt + plain.text)
+    assert scored_tokens(model, tokenizer, ids, new_ids, 1, kept=0) == []  # cut by a stop string
+    with pytest.raises(ValueError, match="token id 51200 is not in the model's vocabulary"):
+        sampling.generate(
+            model, tokenizer, Sample(prompt="", prompt_ids=[1, 51200], max_new_tokens=0, temperature=0.0)
+        )

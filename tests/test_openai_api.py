@@ -342,6 +342,110 @@ def test_a_running_job_estimates_its_finish_and_a_stopped_one_has_a_result_file(
         ai.files.delete(results)
 
 
+# What LangChain's completions class, lm-evaluation-harness and other clients send: every
+# parameter at the value that changes nothing
+NEUTRAL = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "n": 1,
+    "logit_bias": {},
+    "response_format": {"type": "text"},
+    "seed": None,
+    "user": None,
+    "stream": False,
+    "stop": None,
+}
+NEUTRAL_COMPLETION = {**NEUTRAL, "best_of": 1, "echo": False, "logprobs": None, "suffix": None}
+NEUTRAL_CHAT = {
+    **NEUTRAL,
+    "logprobs": False,
+    "top_logprobs": None,
+    "tools": [],
+    "tool_choice": "none",
+    "functions": None,
+    "function_call": None,
+    "parallel_tool_calls": True,
+    "audio": None,
+    "modalities": ["text"],
+    "store": False,
+    "metadata": {},
+    "prediction": None,
+    "reasoning_effort": None,
+    "service_tier": "auto",
+    "verbosity": "medium",
+    "web_search_options": None,
+    "prompt_cache_key": "k",
+    "safety_identifier": "u",
+    "temperature": None,
+    "top_p": None,
+    "max_tokens": None,
+}
+# a parameter at a value this service doesn't implement: a 400 naming it
+REFUSED_COMPLETION = {
+    "frequency_penalty": 0.5,
+    "presence_penalty": -1,
+    "n": 2,
+    "best_of": 2,
+    "logit_bias": {"50256": -100},
+    "suffix": "and then",
+    "logprobs": 6,
+    "max_tokens": -1,
+    "response_format": {"type": "json_object"},
+    "tools": [],  # not a parameter of text completions
+}
+REFUSED_CHAT = {
+    "n": 2,
+    "tools": [{"type": "function", "function": {"name": "f"}}],
+    "tool_choice": "auto",
+    "store": True,
+    "audio": {"voice": "alloy", "format": "mp3"},
+    "top_logprobs": 21,
+    "max_tokens": 0,
+    "modalities": ["text", "audio"],
+    "service_tier": "flex",
+    "echo": True,  # legacy completions only
+}
+PROMPTS_TAKEN = ["Hi", ["Hi", "there"], [15496, 612], [[15496], [612, 1110]]]
+PROMPTS_REFUSED = [[], "", [[]], ["Hi", 1], [1, True], [-1], [[1], "x"], [1.5], ["x"] * 65, {"text": "Hi"}]
+
+
+def test_completions_take_every_parameter_at_its_neutral_value_and_name_any_other(client):
+    """The body is checked before the model is looked up: a body taken answers 404 for an
+    unknown model; one refused is a 400 in OpenAI's shape naming the parameter."""
+
+    def post(route: str, body: dict) -> httpx.Response:
+        return client.post(f"/v1/{route}", json={"model": "ft:tiny:alice:x:job_nope", **body})
+
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    for route, taken in (
+        ("completions", {"prompt": "Hi", **NEUTRAL_COMPLETION}),
+        ("chat/completions", {**chat, **NEUTRAL_CHAT}),
+    ):
+        answer = post(route, taken)
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found", answer.text
+    for prompt in PROMPTS_TAKEN:
+        assert (
+            post("completions", {"prompt": prompt, "echo": True, "logprobs": 5, "max_tokens": 0}).status_code
+            == 404
+        )
+    assert post("chat/completions", {**chat, "logprobs": True, "top_logprobs": 20}).status_code == 404
+
+    refusals = [("completions", {"prompt": "Hi", k: v}, k) for k, v in REFUSED_COMPLETION.items()]
+    refusals += [("chat/completions", {**chat, k: v}, k) for k, v in REFUSED_CHAT.items()]
+    refusals += [("completions", {"prompt": p}, "prompt") for p in PROMPTS_REFUSED]
+    refusals += [("chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs")]  # without logprobs
+    for route, body, param in refusals:
+        answer = post(route, body)
+        error = answer.json()["error"]
+        assert answer.status_code == 400 and error["param"] == param, (body, answer.text)
+        assert error["type"] == "invalid_request_error" and error["code"] == "validation_error"
+    assert (
+        "only 0 is supported: this service applies no penalties"
+        in post("completions", {"prompt": "Hi", "frequency_penalty": 0.5}).json()["error"]["message"]
+    )
+    assert "at most 64 prompts" in post("completions", {"prompt": ["x"] * 65}).json()["error"]["message"]
+
+
 class LoseFirstResponse(httpx2.BaseTransport):
     """Delivers each request, but the first response is lost on the way back (a timeout)."""
 

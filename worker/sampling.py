@@ -33,6 +33,7 @@ from app.settings import get_settings
 from app.spec import DEFAULT_TEMPLATE, JobSpec
 from worker.adapters import adapter_folder, job_spec, trained_biases
 from worker.lease import LeaseKeeper
+from worker.logprobs import scored_tokens
 from worker.placement import answer_device
 from worker.training.data import prompt_ids
 from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
@@ -49,6 +50,8 @@ class Answer:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    # asked for: each token's {"token", "logprob", "offset", "top"} (see scored_tokens)
+    logprobs: list[dict[str, Any]] | None = None
 
 
 def conversation(messages: list[dict[str, str]]) -> list[Turn]:
@@ -142,6 +145,7 @@ def answer(sample_id: str) -> None:
         finish_reason=result.finish_reason,
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
+        logprobs=result.logprobs,
     )
 
 
@@ -200,21 +204,71 @@ class _TextSoFar(BaseStreamer):
 def generate(
     model, tokenizer, sample: Sample, on_text=lambda text: None, template: str = DEFAULT_TEMPLATE
 ) -> Answer:
-    """Answer the sample: its conversation rendered as the job was trained (or its raw prompt),
-    sampled with its temperature, top_p and seed, ended by EOS, a stop string or its token
-    budget. A chat answer also ends where the model starts the Human's next turn."""
+    """Answer the sample: its conversation rendered as the job was trained (or its raw prompt,
+    text or token ids), sampled with its temperature, top_p and seed, ended by EOS, a stop
+    string or its token budget (0: nothing is generated). A chat answer also ends where the
+    model starts the Human's next turn. With `echo` the prompt's text comes first; with
+    `top_logprobs` each token's log-probability (scored_tokens)."""
     chat = sample.messages is not None
     if sample.messages is not None:  # tokenized exactly as the job's training tokenized it
-        ids = torch.tensor(
-            [prompt_ids(conversation(sample.messages), tokenizer, template)], device=model.device
-        )
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        prompt = prompt_ids(conversation(sample.messages), tokenizer, template)
         # a chat template's reply ends with its end-of-turn token (EOS, or generation_config's)
         human_speaks = [f"\n{HUMAN}:"] if template == "human_assistant" else []
         stops = [*human_speaks, *(sample.stop or [])]
-    else:
-        inputs = tokenizer(sample.prompt, return_tensors="pt").to(model.device)
+    elif sample.prompt_ids is not None:  # given as ids: not re-tokenized
+        prompt = _known_ids(model, sample.prompt_ids)
         stops = list(sample.stop or [])
+    else:
+        prompt = tokenizer(sample.prompt)["input_ids"]
+        stops = list(sample.stop or [])
+    echoed = ""
+    if sample.echo:
+        given = sample.prompt_ids is None and sample.messages is None
+        echoed = sample.prompt if given else tokenizer.decode(prompt, skip_special_tokens=True)
+    new_ids: list[int] = []
+    if sample.max_new_tokens > 0:
+        new_ids = _sampled(
+            model,
+            tokenizer,
+            sample,
+            prompt,
+            stops,
+            lambda text: on_text(echoed + _settled(text, stops, chat)),
+        )
+    text, stopped = _cut(tokenizer.decode(new_ids, skip_special_tokens=True), stops)
+    ended = stopped or (len(new_ids) > 0 and new_ids[-1] == tokenizer.eos_token_id)
+    logprobs = None
+    if sample.top_logprobs is not None:
+        logprobs = scored_tokens(
+            model,
+            tokenizer,
+            prompt,
+            new_ids,
+            sample.top_logprobs,
+            echoed=echoed if sample.echo else None,
+            kept=len(text) if stopped else None,
+        )
+    return Answer(
+        text=echoed + (text.strip() if chat else text),
+        finish_reason="stop" if ended or len(new_ids) < sample.max_new_tokens else "length",
+        prompt_tokens=len(prompt),
+        completion_tokens=len(new_ids),
+        logprobs=logprobs,
+    )
+
+
+def _known_ids(model, ids: list[int]) -> list[int]:
+    """Token ids given as the prompt, if the model has an embedding for each."""
+    size = model.get_input_embeddings().num_embeddings
+    unknown = next((i for i in ids if not 0 <= i < size), None)
+    if unknown is not None:
+        raise ValueError(f"prompt: token id {unknown} is not in the model's vocabulary (0 to {size - 1})")
+    return ids
+
+
+def _sampled(model, tokenizer, sample: Sample, prompt: list[int], stops: list[str], on_text) -> list[int]:
+    """The answer's token ids, sampled after `prompt`; `on_text` sees its text as it grows."""
+    ids = torch.tensor([prompt], device=model.device)
     options: dict[str, Any] = {"do_sample": False}
     if sample.temperature > 0:
         options = {"do_sample": True, "temperature": sample.temperature, "top_p": sample.top_p}
@@ -223,21 +277,14 @@ def generate(
     if stops:
         options.update(stop_strings=stops, tokenizer=tokenizer)
     output = model.generate(
-        **inputs,
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
         max_new_tokens=sample.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        streamer=_TextSoFar(tokenizer, lambda text: on_text(_settled(text, stops, chat))),
+        streamer=_TextSoFar(tokenizer, on_text),
         **options,
     )
-    new_ids = output[0, inputs["input_ids"].shape[1] :]
-    text, stopped = _cut(tokenizer.decode(new_ids, skip_special_tokens=True), stops)
-    ended = stopped or (len(new_ids) > 0 and int(new_ids[-1]) == tokenizer.eos_token_id)
-    return Answer(
-        text=text.strip() if chat else text,
-        finish_reason="stop" if ended or len(new_ids) < sample.max_new_tokens else "length",
-        prompt_tokens=int(inputs["input_ids"].shape[1]),
-        completion_tokens=len(new_ids),
-    )
+    return output[0, len(prompt) :].tolist()
 
 
 def _settled(text: str, stops: list[str], chat: bool) -> str:

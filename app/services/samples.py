@@ -5,8 +5,9 @@ completions (app/api/openai/inference.py) are both made here."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from annotated_types import Le
 from sqlalchemy import or_, select
@@ -29,10 +30,12 @@ UNTAKEN_MARGIN_S = 60.0
 @dataclass(frozen=True)
 class Prompt:
     """What to answer: a conversation (`{"role", "content"}` items), rendered as the job was
-    trained, or a raw text continued as it is; and how to sample the answer."""
+    trained, or a raw text or token ids continued as they are; how to sample the answer; and
+    whether to give log-probabilities (of the answer's tokens, and with `echo` the prompt's)."""
 
     messages: list[dict[str, str]] | None
     text: str | None = None
+    ids: list[int] | None = None
     checkpoint: str | None = None
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -40,6 +43,8 @@ class Prompt:
     stop: list[str] | None = None
     seed: int | None = None
     adapter: bool = True  # False: the job's base model alone answers
+    echo: bool = False  # the prompt first, in the text and the logprobs
+    top_logprobs: int | None = None  # None: no logprobs; k: each token's k likeliest alternatives
 
     @classmethod
     def from_request(cls, request: SampleRequest) -> Prompt:
@@ -55,36 +60,51 @@ class Prompt:
 
 def create_sample(job_id: str, owner: str, request: SampleRequest | Prompt) -> SampleRead:
     prompt = Prompt.from_request(request) if isinstance(request, SampleRequest) else request
+    return create_samples(job_id, owner, [prompt])[0]
+
+
+def create_samples(job_id: str, owner: str, prompts: Sequence[Prompt]) -> list[SampleRead]:
+    """One sample per prompt (several prompts of one OpenAI request), written together, then
+    sent in order. If the broker stops answering midway, the sample it refused fails with the
+    reason and the error is raised; those after it were never sent, and the sweeper fails them
+    as not taken."""
     with session_scope() as session:
         job = owned_job(session, job_id, owner)
         checkpoints = checkpoint_names(session, job_id)
-        if prompt.checkpoint is not None and prompt.checkpoint not in checkpoints:
-            raise CheckpointNotFound(f"job {job_id} has no checkpoint {prompt.checkpoint!r}")
-        checkpoint = prompt.checkpoint
-        if checkpoint is None and prompt.adapter and not job.adapter_path:
-            if not checkpoints:
-                raise JobStateConflict(
-                    f"job is {job.status} and has no adapter or checkpoint yet; nothing to sample from"
-                )
-            checkpoint = checkpoints[-1]
-        last_said = prompt.messages[-1]["content"] if prompt.messages else prompt.text or ""
-        sample = Sample(
-            job_id=job_id,
-            checkpoint=checkpoint,
-            prompt=last_said,
-            adapter=prompt.adapter,
-            messages=prompt.messages,
-            max_new_tokens=prompt.max_new_tokens,
-            temperature=prompt.temperature,
-            top_p=prompt.top_p,
-            stop=prompt.stop,
-            seed=prompt.seed,
-        )
-        session.add(sample)
+        made = []
+        for prompt in prompts:
+            if prompt.checkpoint is not None and prompt.checkpoint not in checkpoints:
+                raise CheckpointNotFound(f"job {job_id} has no checkpoint {prompt.checkpoint!r}")
+            checkpoint = prompt.checkpoint
+            if checkpoint is None and prompt.adapter and not job.adapter_path:
+                if not checkpoints:
+                    raise JobStateConflict(
+                        f"job is {job.status} and has no adapter or checkpoint yet; nothing to sample from"
+                    )
+                checkpoint = checkpoints[-1]
+            last_said = prompt.messages[-1]["content"] if prompt.messages else prompt.text or ""
+            sample = Sample(
+                job_id=job_id,
+                checkpoint=checkpoint,
+                prompt=last_said,
+                prompt_ids=prompt.ids,
+                adapter=prompt.adapter,
+                messages=prompt.messages,
+                max_new_tokens=prompt.max_new_tokens,
+                temperature=prompt.temperature,
+                top_p=prompt.top_p,
+                stop=prompt.stop,
+                seed=prompt.seed,
+                echo=prompt.echo,
+                top_logprobs=prompt.top_logprobs,
+            )
+            session.add(sample)
+            made.append(sample)
         session.flush()
-        read = SampleRead.model_validate(sample)
-    queued_work.send(Sample, read.id, enqueue_sample)
-    return read
+        reads = [SampleRead.model_validate(sample) for sample in made]
+    for read in reads:
+        queued_work.send(Sample, read.id, enqueue_sample)
+    return reads
 
 
 def untaken_after_s() -> float:
@@ -126,6 +146,7 @@ def finish_sample(
     finish_reason: str | None = None,
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
+    logprobs: list[dict[str, Any]] | None = None,
 ) -> bool:
     return queued_work.finish(
         lease,
@@ -134,6 +155,7 @@ def finish_sample(
         finish_reason=finish_reason,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
+        logprobs=logprobs,
     )
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Owner
@@ -30,6 +29,7 @@ from app.services.samples import Prompt
 from app.settings import get_settings
 from app.spec import stored_spec
 
+from .completion_requests import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from .errors import ERROR_RESPONSES
 from .objects import fine_tuned_model, model_name, unix
 
@@ -39,85 +39,9 @@ SAMPLER_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 Object = dict[str, Any]
-# Without max_tokens (or max_completion_tokens), an answer ends after this many tokens.
-DEFAULT_MAX_TOKENS = 256
 CHECKPOINT_SUFFIX = ":ckpt-step-"
 # /v1/models lists the base models of the owner's newest this many jobs.
 BASES_LOOKED_AT = 1000
-
-
-# --- requests ---------------------------------------------------------------------------------
-
-
-StopText = Annotated[str, Field(min_length=1, max_length=64)]
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str = Field(max_length=32_000)
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, Field(max_length=32_000)] | Annotated[list[TextPart], Field(max_length=64)]
-    name: str | None = Field(None, max_length=64)
-
-    def as_turn(self) -> dict[str, str]:
-        """As the sampler renders it: a developer message is a system one; text parts joined."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    """What both completion routes take. Any other field (logprobs, tools, n > 1, …) is a 400
-    naming it: this service doesn't do it, and silently ignoring it would answer something else."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(
-        max_length=512, description="A fine-tuned model's or checkpoint's id (GET /v1/models)."
-    )
-    max_tokens: int | None = Field(None, ge=1, le=2048)
-    temperature: float = Field(1.0, ge=0, le=2, description="0 answers greedily.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(
-        None, description="Up to 4 strings; the answer ends before the first."
-    )
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="The same seed, the same answer.")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
-    user: str | None = Field(None, max_length=256)
-
-    def to_prompt(
-        self, messages: list[dict[str, str]] | None, text: str | None, max_tokens: int | None
-    ) -> Prompt:
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        return Prompt(
-            messages=messages,
-            text=text,
-            max_new_tokens=max_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop=stop or None,
-            seed=self.seed,
-        )
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_completion_tokens: int | None = Field(None, ge=1, le=2048)
-
-
-class CompletionRequest(_Sampling):
-    prompt: str = Field(min_length=1, max_length=32_000, description="Continued as it is (no chat format).")
-    max_tokens: int | None = Field(16, ge=1, le=2048)
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -209,13 +133,14 @@ def retrieve_model(owner: Owner, model: Annotated[str, Path(max_length=512)]) ->
     return found
 
 
-# --- completions ------------------------------------------------------------------------------
+# --- completions ---------------------------------------------------------------------------
 
 
-async def _sample(request: _Sampling, owner: str, prompt: Prompt) -> SampleRead:
+async def _samples(request: SamplingRequest, owner: str, prompts: list[Prompt]) -> list[SampleRead]:
+    """A sample for each prompt, answered by the model the request names."""
     model = await run_in_threadpool(resolve, request.model, owner)
-    prompt = dataclasses.replace(prompt, checkpoint=model.checkpoint, adapter=model.adapter)
-    return await run_in_threadpool(samples.create_sample, model.job_id, owner, prompt)
+    prompts = [dataclasses.replace(p, checkpoint=model.checkpoint, adapter=model.adapter) for p in prompts]
+    return await run_in_threadpool(samples.create_samples, model.job_id, owner, prompts)
 
 
 async def _updates(sample: SampleRead, owner: str) -> AsyncIterator[SampleRead]:
@@ -237,20 +162,62 @@ async def _answered(sample: SampleRead, owner: str) -> SampleRead:
     return sample
 
 
-def _usage(sample: SampleRead) -> Object:
-    prompt, completion = sample.prompt_tokens or 0, sample.completion_tokens or 0
+async def _all_answered(made: list[SampleRead], owner: str) -> list[SampleRead]:
+    """The samples once answered, in order (the sampler answers one at a time: each may take
+    FINETUNE_COMPLETION_TIMEOUT_S after the one before)."""
+    return [await _answered(sample, owner) for sample in made]
+
+
+def _usage(*answered: SampleRead) -> Object:
+    prompt = sum(s.prompt_tokens or 0 for s in answered)
+    completion = sum(s.completion_tokens or 0 for s in answered)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def legacy_logprobs(sample: SampleRead) -> Object | None:
+    """A text completion's `logprobs`, as OpenAI's legacy completions give them: the top tokens
+    at each place, and always the one chosen (so up to logprobs + 1 of them)."""
+    if sample.logprobs is None:
+        return None
+    tops: list[dict[str, float] | None] = []
+    for entry in sample.logprobs:
+        top = None
+        if entry["top"] is not None:
+            top = {token: logprob for token, logprob in entry["top"]}
+            top.setdefault(entry["token"], entry["logprob"])
+        tops.append(top)
+    return {
+        "tokens": [e["token"] for e in sample.logprobs],
+        "token_logprobs": [e["logprob"] for e in sample.logprobs],
+        "top_logprobs": tops,
+        "text_offset": [e["offset"] for e in sample.logprobs],
+    }
+
+
+def chat_logprobs(sample: SampleRead) -> Object | None:
+    """A chat answer's `logprobs`: each token of the reply with its `top_logprobs` likeliest."""
+    if sample.logprobs is None:
+        return None
+
+    def token(text: str, logprob: float) -> Object:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = [
+        {**token(e["token"], e["logprob"]), "top_logprobs": [token(t, lp) for t, lp in e["top"] or []]}
+        for e in sample.logprobs
+    ]
+    return {"content": content, "refusal": None}
 
 
 @router.post("/chat/completions", responses=SAMPLER_RESPONSES, response_model=None)
 async def chat_completions(request: ChatCompletionRequest, owner: Owner) -> Object | StreamingResponse:
     """Answer a conversation with a fine-tuned model, rendered as its job was trained (`Human:` /
-    `Assistant:`). `stream: true` sends OpenAI's `chat.completion.chunk` events."""
-    messages = [m.as_turn() for m in request.messages]
-    sample = await _sample(request, owner, request.to_prompt(messages, None, request.max_completion_tokens))
+    `Assistant:`). `stream: true` sends OpenAI's `chat.completion.chunk` events; `logprobs: true`
+    (with `top_logprobs`) each reply token's log-probability."""
+    made = await _samples(request, owner, request.prompts())
     if request.stream:
-        return _stream(sample, owner, request, "chat.completion.chunk")
-    sample = await _answered(sample, owner)
+        return _stream(made, owner, request, "chat.completion.chunk")
+    [sample] = await _all_answered(made, owner)
     return {
         "id": f"chatcmpl-{sample.id}",
         "object": "chat.completion",
@@ -261,7 +228,7 @@ async def chat_completions(request: ChatCompletionRequest, owner: Owner) -> Obje
                 "index": 0,
                 "message": {"role": "assistant", "content": sample.completion, "refusal": None},
                 "finish_reason": sample.finish_reason,
-                "logprobs": None,
+                "logprobs": chat_logprobs(sample),
             }
         ],
         "usage": _usage(sample),
@@ -270,32 +237,53 @@ async def chat_completions(request: ChatCompletionRequest, owner: Owner) -> Obje
 
 @router.post("/completions", responses=SAMPLER_RESPONSES, response_model=None)
 async def completions(request: CompletionRequest, owner: Owner) -> Object | StreamingResponse:
-    """Continue a text with a fine-tuned model, as it is (no chat format)."""
-    sample = await _sample(request, owner, request.to_prompt(None, request.prompt, None))
+    """Continue a text (or token ids) with a fine-tuned model, as it is (no chat format); several
+    prompts are answered one choice each, `index` in their order. `logprobs`, `echo` and
+    `max_tokens: 0` as OpenAI's legacy completions have them: `echo: true, max_tokens: 0,
+    logprobs: 1` gives the log-probability of each of the prompt's tokens."""
+    made = await _samples(request, owner, request.prompts())
     if request.stream:
-        return _stream(sample, owner, request, "text_completion")
-    sample = await _answered(sample, owner)
+        return _stream(made, owner, request, "text_completion")
+    answered = await _all_answered(made, owner)
     return {
-        "id": f"cmpl-{sample.id}",
+        "id": f"cmpl-{answered[0].id}",
         "object": "text_completion",
-        "created": unix(sample.created_at),
+        "created": unix(answered[0].created_at),
         "model": request.model,
         "choices": [
-            {"index": 0, "text": sample.completion, "finish_reason": sample.finish_reason, "logprobs": None}
+            {
+                "index": index,
+                "text": sample.completion,
+                "finish_reason": sample.finish_reason,
+                "logprobs": legacy_logprobs(sample),
+            }
+            for index, sample in enumerate(answered)
         ],
-        "usage": _usage(sample),
+        "usage": _usage(*answered),
     }
 
 
-def _stream(sample: SampleRead, owner: str, request: _Sampling, kind: str) -> StreamingResponse:
+def _stream(made: list[SampleRead], owner: str, request: SamplingRequest, kind: str) -> StreamingResponse:
     """OpenAI's server-sent events: a chunk for each piece of text the sampler adds, one with
-    the finish reason, one with the usage if asked, then `[DONE]`. A failure mid-stream is an
-    `error` event, which the client raises; a database outage is waited through until the
-    completion's deadline."""
+    the finish reason (and the logprobs, all in it, if asked), one with the usage if asked, then
+    `[DONE]`; several prompts' choices one after the other, each with its `index`. A failure
+    mid-stream is an `error` event, which the client raises; a database outage is waited
+    through until the completion's deadline."""
     chat = kind == "chat.completion.chunk"
-    head = {"id": ("chatcmpl-" if chat else "cmpl-") + sample.id, "object": kind, "model": request.model}
+    first_sample = made[0]
+    head = {
+        "id": ("chatcmpl-" if chat else "cmpl-") + first_sample.id,
+        "object": kind,
+        "model": request.model,
+    }
 
-    def chunk(text: str | None, finish_reason: str | None, first: bool = False) -> str:
+    def chunk(
+        text: str | None,
+        finish_reason: str | None,
+        first: bool = False,
+        index: int = 0,
+        logprobs: Object | None = None,
+    ) -> str:
         if chat:
             delta = (
                 {"role": "assistant", "content": text or ""}
@@ -304,33 +292,48 @@ def _stream(sample: SampleRead, owner: str, request: _Sampling, kind: str) -> St
                 if text is None
                 else {"content": text}
             )
-            choice: Object = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            choice: Object = {
+                "index": index,
+                "delta": delta,
+                "finish_reason": finish_reason,
+                "logprobs": logprobs,
+            }
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
-        return _event({**head, "created": unix(sample.created_at), "choices": [choice]})
+            choice = {
+                "index": index,
+                "text": text or "",
+                "finish_reason": finish_reason,
+                "logprobs": logprobs,
+            }
+        return _event({**head, "created": unix(first_sample.created_at), "choices": [choice]})
 
     async def events() -> AsyncIterator[str]:
-        sent = ""
-        latest = sample
-        try:
-            yield chunk("", None, first=True)
-            async for latest in _updates(sample, owner):
-                text = latest.completion or ""
-                if text.startswith(sent) and len(text) > len(sent):
-                    yield chunk(text[len(sent) :], None)
-                    sent = text
-        except SampleTimedOut as exc:
-            yield _error(str(exc.detail), exc.code)
-            return
-        except UNREACHABLE:  # still down at the deadline (a shorter outage is waited through)
-            yield _error("the database did not answer; retry shortly", DatabaseUnavailable.code)
-            return
-        if latest.status == SampleStatus.FAILED:
-            yield _error(f"the sampler could not answer: {latest.error}", SampleFailed.code)
-            return
-        yield chunk(None, latest.finish_reason)
+        yield chunk("", None, first=True)
+        answered = []
+        for index, sample in enumerate(made):
+            sent = ""
+            latest = sample
+            try:
+                async for latest in _updates(sample, owner):
+                    text = latest.completion or ""
+                    if text.startswith(sent) and len(text) > len(sent):
+                        yield chunk(text[len(sent) :], None, index=index)
+                        sent = text
+            except SampleTimedOut as exc:
+                yield _error(str(exc.detail), exc.code)
+                return
+            except UNREACHABLE:  # still down at the deadline (a shorter outage is waited through)
+                yield _error("the database did not answer; retry shortly", DatabaseUnavailable.code)
+                return
+            if latest.status == SampleStatus.FAILED:
+                yield _error(f"the sampler could not answer: {latest.error}", SampleFailed.code)
+                return
+            logprobs = chat_logprobs(latest) if chat else legacy_logprobs(latest)
+            yield chunk(None, latest.finish_reason, index=index, logprobs=logprobs)
+            answered.append(latest)
         if request.stream_options and request.stream_options.include_usage:
-            yield _event({**head, "created": unix(sample.created_at), "choices": [], "usage": _usage(latest)})
+            usage = _usage(*answered)
+            yield _event({**head, "created": unix(first_sample.created_at), "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
