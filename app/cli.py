@@ -132,6 +132,7 @@ NODE_NAMES = {"worker": "celery", "sampler": "sampler"}
 def _run_celery_worker(queue: str, node: str, *pool: str) -> None:
     """A Celery worker on `queue`, named `node@<host>`."""
     _refuse_placeholder_password()
+    from worker import offline  # noqa: F401  (before bitsandbytes: no hub kernels unless allowed)
     from worker.celery_app import celery
 
     _configure_logging()
@@ -207,6 +208,7 @@ def doctor(
     POST /jobs would refuse it."""
     if spec_file is not None or set_:
         raise typer.Exit(0 if preflight_report(spec_file, set_ or [], url, api_key) else 1)
+    from worker import offline  # noqa: F401  (before bitsandbytes: no hub kernels unless allowed)
     from worker.doctor import report
 
     lines, ok = report()

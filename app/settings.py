@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     local_roots: list[Path] = [Path("examples")]
     # Models that ship their own Python code (config auto_map) run only if the admin allows it.
     trust_remote_code: bool = False
+    # Whether worker processes may fetch compiled kernels from the Hugging Face hub through the
+    # `kernels` package (transformers' hub layers, bitsandbytes' CPU 4-bit kernel on AVX512-BF16
+    # CPUs); off, they run the code their packages ship and never look the hub up for it
+    # (worker/offline.py).
+    hub_kernels: bool = False
     # A worker renews its job's lease every lease_s / 3; the sweeper re-queues jobs whose lease
     # expired (worker killed, host gone) from their last complete checkpoint, up to max_attempts.
     lease_s: float = 60.0
