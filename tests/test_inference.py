@@ -335,7 +335,9 @@ def test_logprobs_are_the_models_own_for_an_echoed_prompt_and_the_answer():
     )
     assert [e["token"] for e in plain.logprobs] == [e["token"] for e in entries[len(ids) : len(ids) + 2]]
     assert plain.logprobs[0]["offset"] == 0 and answer.text.startswith(prompt + plain.text)
-    assert scored_tokens(model, tokenizer, ids, new_ids, 1, kept=0) == []  # cut by a stop string
+    assert (
+        scored_tokens(tokenizer, ids, new_ids, torch.cat(generated.logits), 1, kept=0) == []
+    )  # cut by a stop
     with pytest.raises(ValueError, match="token id 51200 is not in the model's vocabulary"):
         sampling.generate(
             model, tokenizer, Sample(prompt="", prompt_ids=[1, 51200], max_new_tokens=0, temperature=0.0)

@@ -4,13 +4,17 @@ checkpoints, pause and resume, cancel) against a live server with a real worker.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
+import os
 import time
 import zipfile
 from datetime import timedelta
+from pathlib import Path
+from unittest import mock
 
 import httpx
 import httpx2  # what the openai client (and Starlette's TestClient) send requests with
@@ -20,7 +24,7 @@ from openai import OpenAI
 
 from app.models import utcnow
 from app.services import runs
-from tests.conftest import DEMO_MODEL, sqlite_only
+from tests.conftest import DEMO_MODEL, REPO, sqlite_only
 from tests.processes import finetune_process, running_service, wait_for_step
 
 # Small chat records (OpenAI's fine-tuning format) the tiny model learns from quickly.
@@ -474,6 +478,75 @@ def test_a_create_the_client_retries_makes_one_job(ai, client):
 
 
 # --- live: a server and a real worker ---------------------------------------------------------
+# lm-evaluation-harness's multiple-choice task from a local JSONL file (tests/data/lm_eval), on
+# its first LM_EVAL_ITEMS stories
+LM_EVAL_TASKS = REPO / "tests" / "data" / "lm_eval"
+LM_EVAL_ITEMS = 20
+
+
+def lm_eval_choices(model, model_args: dict | None = None) -> list[float]:
+    """lm-evaluation-harness's `stories_choice` with `model` (a registered name with its model
+    args, or a model object): for each item, 1.0 where it chose right. The harness's own entry
+    point, as its CLI calls it, without the CLI's indexing of its thousands of built-in tasks
+    (~15 s of a CPU)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tasks = TaskManager(include_path=str(LM_EVAL_TASKS), include_defaults=False)
+    with contextlib.chdir(REPO):  # the task names its data file from the repository's root
+        results = lm_eval.simple_evaluate(
+            model=model,
+            model_args=model_args,
+            tasks=["stories_choice"],
+            task_manager=tasks,
+            limit=LM_EVAL_ITEMS,
+            log_samples=True,
+            batch_size=LM_EVAL_ITEMS,
+        )
+    assert results is not None
+    done = sorted(results["samples"]["stories_choice"], key=lambda sample: sample["doc_id"])
+    return [sample["acc"] for sample in done]
+
+
+def lm_eval_through_the_service(client: httpx.Client, model: str) -> list[float]:
+    """`lm_eval --model local-completions` against the live service, as its docs say (the key in
+    OPENAI_API_KEY; prompts as token ids of the base's own tokenizer, 20 to a request)."""
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    with mock.patch.dict(os.environ, {"OPENAI_API_KEY": key}):
+        return lm_eval_choices(
+            "local-completions",
+            {
+                "base_url": f"{client.base_url}/v1/completions",
+                "model": model,
+                "tokenizer": str(DEMO_MODEL),
+                "tokenizer_backend": "huggingface",
+                "tokenized_requests": True,
+            },
+        )
+
+
+def lm_eval_with_hf(client: httpx.Client, job_id: str, folder: Path) -> list[float]:
+    """The harness's `hf` model on the job's downloaded adapter and its base, loaded in 4-bit as
+    the sampler loads it (transformers 5 no longer takes the `load_in_4bit` the harness passes,
+    so the model is built here and handed to the harness's HFLM)."""
+    from lm_eval.models.huggingface import HFLM
+    from peft import PeftModel
+
+    from app.spec import JobSpec
+    from worker.sampling import sampling_dtype
+    from worker.training.model import load_quantized_model, load_tokenizer
+
+    archive = zipfile.ZipFile(io.BytesIO(client.get(f"/jobs/{job_id}/adapter").content))
+    archive.extractall(folder)
+    [adapter] = {path.parent for path in folder.rglob("adapter_config.json")}
+    spec = JobSpec.model_validate(client.get(f"/jobs/{job_id}").json()["spec"])
+    base = load_quantized_model(spec, sampling_dtype(spec, "cpu"), "cpu")
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    return lm_eval_choices(
+        HFLM(pretrained=model, tokenizer=load_tokenizer(spec.base_model), batch_size=LM_EVAL_ITEMS)
+    )
+
+
 def wait_status(ai: OpenAI, job_id: str, statuses: set[str], timeout: float = 240):
     deadline = time.monotonic() + timeout
     while (job := ai.fine_tuning.jobs.retrieve(job_id)).status not in statuses:
@@ -628,6 +701,26 @@ def test_the_official_client_trains_pauses_resumes_and_cancels_jobs(redis_env, t
                 assert time.monotonic() < deadline
                 time.sleep(0.3)
             assert made["status"] == "succeeded", made
+
+        # issue 28: LangChain's completions class, and lm-evaluation-harness scoring the first
+        # job's model through /v1/completions as it scores the adapter on the base itself
+        from langchain_openai import OpenAI as LangChainOpenAI
+
+        llm = LangChainOpenAI(
+            base_url=f"{client.base_url}/v1", api_key=ai.api_key, model=done.fine_tuned_model, max_tokens=6
+        )
+        assert isinstance(llm.invoke("Human: What is 2 plus 3?\nAssistant:"), str)
+        started = time.monotonic()
+        served = lm_eval_through_the_service(client, done.fine_tuned_model)
+        harness_s = time.monotonic() - started
+        started = time.monotonic()
+        local = lm_eval_with_hf(client, trained.id, tmp_path / "adapter")
+        print(
+            f"FIGURE lm-eval stories_choice, {LM_EVAL_ITEMS} items: local-completions {sum(served):g} right "
+            f"({harness_s:.1f} s), hf {sum(local):g} right ({time.monotonic() - started:.1f} s); "
+            f"{sum(a != b for a, b in zip(served, local, strict=True))} items differ"
+        )
+        assert len(served) == len(local) == LM_EVAL_ITEMS and abs(sum(served) - sum(local)) <= 1
 
 
 def test_links_are_absolute_so_the_clients_v1_base_url_does_not_break_them(ai, client, monkeypatch):

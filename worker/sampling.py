@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager as ContextManager
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import PeftModel
@@ -33,7 +33,7 @@ from app.settings import get_settings
 from app.spec import DEFAULT_TEMPLATE, JobSpec
 from worker.adapters import adapter_folder, job_spec, trained_biases
 from worker.lease import LeaseKeeper
-from worker.logprobs import scored_tokens
+from worker.logprobs import read_prompt, scored_tokens
 from worker.placement import answer_device
 from worker.training.data import prompt_ids
 from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
@@ -225,27 +225,34 @@ def generate(
     if sample.echo:
         given = sample.prompt_ids is None and sample.messages is None
         echoed = sample.prompt if given else tokenizer.decode(prompt, skip_special_tokens=True)
+    scoring = sample.top_logprobs is not None
+    # an echoed prompt's tokens are scored by a forward pass over all but its last, whose cache
+    # the answer is then generated from: the prompt is read once
+    read = read_prompt(model, prompt) if scoring and sample.echo else None
     new_ids: list[int] = []
+    new_logits = None
     if sample.max_new_tokens > 0:
-        new_ids = _sampled(
+        new_ids, new_logits = _sampled(
             model,
             tokenizer,
             sample,
             prompt,
             stops,
             lambda text: on_text(echoed + _settled(text, stops, chat)),
+            cache=read.cache if read is not None else None,
+            with_logits=scoring,
         )
     text, stopped = _cut(tokenizer.decode(new_ids, skip_special_tokens=True), stops)
     ended = stopped or (len(new_ids) > 0 and new_ids[-1] == tokenizer.eos_token_id)
     logprobs = None
-    if sample.top_logprobs is not None:
+    if scoring:
         logprobs = scored_tokens(
-            model,
             tokenizer,
             prompt,
             new_ids,
-            sample.top_logprobs,
-            echoed=echoed if sample.echo else None,
+            new_logits,
+            cast(int, sample.top_logprobs),
+            echoed=(echoed, read.logits) if read is not None else None,
             kept=len(text) if stopped else None,
         )
     return Answer(
@@ -266,8 +273,19 @@ def _known_ids(model, ids: list[int]) -> list[int]:
     return ids
 
 
-def _sampled(model, tokenizer, sample: Sample, prompt: list[int], stops: list[str], on_text) -> list[int]:
-    """The answer's token ids, sampled after `prompt`; `on_text` sees its text as it grows."""
+def _sampled(
+    model,
+    tokenizer,
+    sample: Sample,
+    prompt: list[int],
+    stops: list[str],
+    on_text,
+    cache: Any = None,
+    with_logits: bool = False,
+) -> tuple[list[int], torch.Tensor | None]:
+    """The answer's token ids, sampled after `prompt` (from `cache`, the prompt's but its last
+    token's, if given), and if asked the model's logits for each, before sampling changes them
+    (temperature, top_p); `on_text` sees the text as it grows."""
     ids = torch.tensor([prompt], device=model.device)
     options: dict[str, Any] = {"do_sample": False}
     if sample.temperature > 0:
@@ -276,15 +294,20 @@ def _sampled(model, tokenizer, sample: Sample, prompt: list[int], stops: list[st
             torch.manual_seed(sample.seed)
     if stops:
         options.update(stop_strings=stops, tokenizer=tokenizer)
+    if cache is not None:
+        options["past_key_values"] = cache
     output = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=sample.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         streamer=_TextSoFar(tokenizer, on_text),
+        output_logits=with_logits,
+        return_dict_in_generate=True,
         **options,
     )
-    return output[0, len(prompt) :].tolist()
+    logits = torch.cat(output.logits) if with_logits else None
+    return output.sequences[0, len(prompt) :].tolist(), logits
 
 
 def _settled(text: str, stops: list[str], chat: bool) -> str:
