@@ -169,8 +169,8 @@ def test_a_packed_dpo_step_equals_trls_dpo_trainer(tmp_path):
             means = figures.means()
             for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
                 assert means[name] == pytest.approx(metrics[name], abs=1e-5), name
-            for name in ("logps/chosen", "logps/rejected"):
-                assert means[name] == pytest.approx(metrics[name], abs=1e-4), name
+            for name in ("logps/chosen", "logps/rejected"):  # float32 sums of ~700: a few ulps apart
+                assert means[name] == pytest.approx(metrics[name], rel=1e-6, abs=1e-4), name
             assert abs(means["rewards/chosen"]) > 1e-3 and abs(means["rewards/rejected"]) > 1e-3  # not 0
 
 
