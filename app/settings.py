@@ -82,6 +82,14 @@ class Settings(BaseSettings):
     # (an operator's: Prometheus' `authorization: {credentials: …}`) also gets per-job series,
     # labelled with job ids and owners.
     metrics_token: str = ""
+    # Experiment tracking, a job spec's `integrations` (worker/training/tracking.py): the MLflow
+    # tracking server runs go to (`http://host:5000`, or any URI mlflow takes); unset, jobs can't
+    # ask for MLflow. W&B runs go where W&B's own variables say (WANDB_BASE_URL; WANDB_MODE=offline
+    # keeps them in the job's folder); jobs can ask for W&B when WANDB_API_KEY is set or
+    # WANDB_MODE is offline. The API and the workers need the same values.
+    mlflow_tracking_uri: str = ""
+    wandb_api_key: str = Field("", validation_alias="WANDB_API_KEY", repr=False)
+    wandb_mode: str = Field("", validation_alias="WANDB_MODE")
     # Whether the sampler keeps its last model loaded between answers: "auto" keeps it on the CPU
     # and frees it after each answer on a GPU (which a training may need: a 16 GB T4 holds one
     # Phi-2 training, not a second copy of the base beside it); "true" / "false" force either.

@@ -386,6 +386,58 @@ class InitFrom(_Strict):
     )
 
 
+# Experiment tracking (OpenAI's `integrations`, MLflow beside W&B): the job's run, with its metric
+# rows, its spec as parameters and (MLflow) its adapter, goes where the server's operator points
+# each tracker (worker/training/tracking.py); a job may name one of each.
+TRACKERS = ("wandb", "mlflow")
+TrackerName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+TrackerTag = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class WandbSettings(_Strict):
+    project: TrackerName = Field(description="The W&B project the run is made in.")
+    name: TrackerName | None = Field(None, description="The run's display name; default: the job's id.")
+    entity: TrackerName | None = Field(None, description="Team or user; default: the server's API key's.")
+    tags: list[TrackerTag] | None = Field(None, max_length=32)
+
+
+class MlflowSettings(_Strict):
+    experiment: TrackerName = Field("finetune", description="The run's experiment (made if new).")
+    run_name: TrackerName | None = Field(None, description="The run's name; default: the job's id.")
+
+
+class Integration(_Strict):
+    """A tracker the job's run is sent to: `{"type": "wandb", "wandb": {"project": …}}` as OpenAI
+    has it, or `{"type": "mlflow", "mlflow": {"experiment"?, "run_name"?}}`."""
+
+    type: Literal["wandb", "mlflow"]
+    wandb: WandbSettings | None = None
+    mlflow: MlflowSettings | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_the_type(self) -> Integration:
+        if self.type == "mlflow" and self.mlflow is None:
+            self.mlflow = MlflowSettings()
+        if self.type == "wandb" and self.wandb is None:
+            raise ValueError("type 'wandb' needs its settings, with at least the project: wandb.project")
+        other = "mlflow" if self.type == "wandb" else "wandb"
+        if getattr(self, other) is not None:
+            raise ValueError(f"{other} is for type {other!r}, not {self.type!r}")
+        return self
+
+
+def tracker_problem(tracker: str) -> str | None:
+    """Why this server can't send runs to `tracker`, or None (read when a job is submitted)."""
+    from app.settings import get_settings
+
+    settings = get_settings()
+    if tracker == "mlflow" and not settings.mlflow_tracking_uri:
+        return "this server has no MLflow tracking server (FINETUNE_MLFLOW_TRACKING_URI)"
+    if tracker == "wandb" and not (settings.wandb_api_key or settings.wandb_mode == "offline"):
+        return "this server has no W&B account (WANDB_API_KEY, or WANDB_MODE=offline)"
+    return None
+
+
 # Labels a user attaches to a job (OpenAI's `metadata`: up to 16 pairs, keys ≤ 64 characters,
 # values ≤ 512).
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -425,6 +477,12 @@ class JobSpec(_Strict):
         description="Gets a JSON POST signed the Standard Webhooks way (webhook-id, webhook-timestamp, "
         "webhook-signature) when the job ends; public addresses only (docs/deploy.md).",
     )
+    integrations: list[Integration] = Field(
+        default_factory=list,
+        max_length=len(TRACKERS),
+        description="Trackers the run is sent to (W&B as OpenAI's `integrations`, or MLflow): each "
+        "logged step's figures, the spec as parameters, the adapter (MLflow). One of each type.",
+    )
 
     @model_validator(mode="after")
     def _dpo_trains_packed(self) -> JobSpec:
@@ -462,6 +520,21 @@ class JobSpec(_Strict):
             if problem:
                 raise ValueError(f"{name}: {problem}")
         return dataset
+
+    @field_validator("integrations")
+    @classmethod
+    def _trackers_this_server_has(
+        cls, integrations: list[Integration], info: ValidationInfo
+    ) -> list[Integration]:
+        types = [integration.type for integration in integrations]
+        if len(set(types)) < len(types):
+            raise ValueError("one integration of each type")
+        if isinstance(info.context, dict) and info.context.get(STORED):
+            return integrations  # a tracker gone since is the worker's to report (an event)
+        for tracker in types:
+            if problem := tracker_problem(tracker):
+                raise ValueError(f"{tracker}: {problem}")
+        return integrations
 
     @property
     def dpo(self) -> DpoHyperparameters | None:

@@ -87,13 +87,22 @@ def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env, tmp
 
 
 @sqlite_only
-def test_lora_weights_move_and_the_4bit_base_does_not(service_env, tmp_path):
+def test_lora_weights_move_the_4bit_base_does_not_and_trackers_get_the_run(
+    service_env, tmp_path, monkeypatch
+):
+    """The same run also goes to a real `mlflow server` and to W&B (offline): issue 28 item 8."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    job = jobs.create_job(quick_spec(lora={"bias": "none"}, max_steps=3, save_steps=3), LOCAL_OWNER)
-    execute_job(job.id)
+    from tests.test_tracking import MLFLOW, WANDB, configure, mlflow_server
+
+    with mlflow_server(tmp_path / "mlflow") as tracking_uri:
+        configure(monkeypatch, FINETUNE_MLFLOW_TRACKING_URI=tracking_uri, WANDB_MODE="offline")
+        spec = quick_spec(lora={"bias": "none"}, max_steps=3, save_steps=3)
+        job = jobs.create_job(spec.model_copy(update={"integrations": [MLFLOW, WANDB]}), LOCAL_OWNER)
+        execute_job(job.id)
+        assert_the_trackers_got_the_run(job.id, tracking_uri, Path(service_env["FINETUNE_DATA_DIR"]))
 
     adapter_dir = Path(service_env["FINETUNE_DATA_DIR"]) / "jobs" / job.id / "adapter"
     weights = load_file(adapter_dir / "adapter_model.safetensors")
@@ -104,6 +113,47 @@ def test_lora_weights_move_and_the_4bit_base_does_not(service_env, tmp_path):
     before = base.model.layers[0].self_attn.q_proj.weight.clone()
     model = PeftModel.from_pretrained(base, adapter_dir)
     assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.equal(before)
+
+
+def assert_the_trackers_got_the_run(job_id: str, tracking_uri: str, data_dir: Path) -> None:
+    """MLflow: a metric history per figure equal to the job's rows, the spec as parameters, the
+    adapter zip as an artifact, the run FINISHED. W&B (offline): the same rows in its run file."""
+    from mlflow import MlflowClient
+
+    from tests.test_tracking import wandb_history
+
+    done = jobs.get_job(job_id, LOCAL_OWNER)
+    assert done.status == "succeeded", done.error
+    rows = jobs.list_metrics(job_id, LOCAL_OWNER, None, 100).items
+    figures = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "epoch")
+    expected = {
+        name: [(row.step, getattr(row, name)) for row in rows if getattr(row, name) is not None]
+        for name in figures
+    }
+    assert expected["eval_loss"] == [(3, rows[-1].eval_loss)]
+    events = [e.message for e in jobs.list_events(job_id, LOCAL_OWNER, None, 100).items]
+    assert not any("failed" in message for message in events if message.startswith("tracking")), events
+
+    client = MlflowClient(tracking_uri)
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("issue-28").experiment_id], f"tags.`finetune.job_id` = '{job_id}'"
+    )
+    assert (run.info.run_name, run.info.status) == ("demo", "FINISHED")
+    for name, history in expected.items():
+        logged = client.get_metric_history(run.info.run_id, name)
+        assert [(m.step, m.value) for m in sorted(logged, key=lambda m: m.step)] == history, name
+    params = run.data.params
+    assert params["base_model"] == done.spec["base_model"] and params["training.max_steps"] == "3"
+    assert params["dataset.languages"] == '["en"]' and params["lora.r"] == "16"
+    [artifact] = client.list_artifacts(run.info.run_id)
+    adapter = jobs.adapter_zip(job_id, LOCAL_OWNER)
+    assert (artifact.path, artifact.file_size) == ("adapter.zip", adapter.stat().st_size)
+    assert any(m.startswith(f"tracking: MLflow run {run.info.run_id}") for m in events)
+
+    [run_file] = (data_dir / "jobs" / job_id / "wandb").glob(f"offline-run-*/run-{job_id}.wandb")
+    history = wandb_history(run_file)
+    for name, steps in expected.items():
+        assert [(row["_step"], row[name]) for row in history if name in row] == steps, name
 
 
 def _cancel_after_checkpoint(job_id: str, name: str) -> None:

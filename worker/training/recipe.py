@@ -41,6 +41,7 @@ from worker.training.packing import collate_step
 from worker.training.preference_data import PairData, build_eval_pair_data, build_pair_data
 from worker.training.speed import SpeedPlan, apply_speed_plan, plan_speed
 from worker.training.step_graphs import StepGraphs
+from worker.training.tracking import tracking
 
 # Also imported from here by bench/ and tests (their home before the trainer stage moved out).
 from worker.training.trainer import (
@@ -81,10 +82,14 @@ def run_training(claim: Claim, settings: Settings, stop: threading.Event | None 
     log.info("job %s: data and model ready in %.1f s", job.id, time.perf_counter() - started)
     progress = progress_callback(job, settings.flush_interval_s, stop)
     trainer = build_trainer(job, data, model, progress)
-    summary = train(job, trainer, progress)
-    if progress.stopped is not None:
-        return Outcome(progress.stopped, adapter=None, summary=summary)
-    return Outcome(stopped=None, adapter=save(job, trainer, summary), summary=summary)
+    with tracking(job.claim, settings, job.files.root, job.main) as tracker:  # the spec's integrations
+        summary = train(job, trainer, progress)
+        if progress.stopped is not None:
+            return Outcome(progress.stopped, adapter=None, summary=summary)
+        adapter = save(job, trainer, summary)
+        if adapter is not None:
+            tracker.log_adapter(adapter.path)
+    return Outcome(stopped=None, adapter=adapter, summary=summary)
 
 
 def _asked_to_stop(job: JobSetup, stop: threading.Event | None) -> str | None:

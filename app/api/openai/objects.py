@@ -80,6 +80,15 @@ def method_object(spec: JobSpec, hyper: dict[str, Any]) -> dict[str, Any]:
     return {"type": "dpo", "dpo": {"hyperparameters": {**hyper, **dpo.model_dump()}}}
 
 
+def integrations(spec: JobSpec) -> list[dict[str, Any]]:
+    """OpenAI's `integrations`: `{"type": "wandb", "wandb": {"project", "entity", "name", "tags"}}`,
+    an MLflow one as the spec has it."""
+    return [
+        {"type": integration.type, integration.type: getattr(integration, integration.type).model_dump()}
+        for integration in spec.integrations
+    ]
+
+
 def model_name(spec: JobSpec) -> str:
     """The base model as a user named it: a hub id, or a local folder's name."""
     base = spec.base_model
@@ -149,7 +158,7 @@ def job_object(job: JobRead, base_url: str, estimated_finish: datetime | None = 
         "metadata": spec.metadata,
         "organization_id": job.owner,
         "user_provided_suffix": spec.name,
-        "integrations": [],
+        "integrations": integrations(spec),
         "adapter_url": f"{base_url}/jobs/{job.id}/adapter" if succeeded else None,
     }
 

@@ -11,6 +11,8 @@ hyperparameters (each a number or "auto", which keeps the recipe's value):
 `loss_type`, `label_smoothing`, `reference`, beside it in `method.dpo.hyperparameters`) →
 `method.dpo.hyperparameters`. `model: ft:…` (a fine-tuned model or checkpoint of the caller's,
 as /v1/models names them) → `init_from`: the job continues from that adapter, on its base.
+`integrations` (OpenAI's `{"type": "wandb", "wandb": {…}}`, or the spec's MLflow one) →
+`integrations` as they are.
 Any of the spec's own sections (`lora`, `quantization`, `training`, `dataset`, `resources`,
 `notify_url`) may come as extra body fields, e.g. the client's `extra_body={"lora": {"r": 8}}`.
 """
@@ -111,7 +113,7 @@ class CreateJobRequest(BaseModel):
     metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
-    integrations: list[Any] | None = Field(None, max_length=16)
+    integrations: list[Any] | None = Field(None, max_length=16, description="W&B or MLflow (the spec's).")
 
     def merged_hyperparameters(self) -> Hyperparameters:
         """The method's hyperparameters over the top-level (deprecated) ones."""
@@ -156,8 +158,6 @@ def job_spec(request: CreateJobRequest, init_from: dict[str, str | None] | None 
     training = dict(extra.pop("training", None) or {})
     taken: list[str] = [f for f in ("base_model", "name", "init_from") if f in extra]
     taken += [f"dataset.{f}" for f in ("source", "validation_source") if f in dataset]
-    if request.integrations:
-        raise InvalidFields(("integrations", "integrations are not supported by this service"))
     if taken:
         raise InvalidFields(*((f, f"set it with `{OPENAI_NAMES[f]}`") for f in taken))
 
@@ -192,6 +192,7 @@ def job_spec(request: CreateJobRequest, init_from: dict[str, str | None] | None 
         "training": training,
         "name": request.suffix,
         "metadata": request.metadata,
+        "integrations": request.integrations or [],
     }
     try:
         return submitted_spec(fields)
