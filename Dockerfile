@@ -27,7 +27,7 @@ COPY pyproject.toml README.md alembic.ini constraints.txt ./
 COPY app ./app
 COPY worker ./worker
 COPY examples ./examples
-RUN pip install --no-cache-dir --constraint constraints.txt --editable ".[train]" \
+RUN pip install --no-cache-dir --constraint constraints.txt --editable ".[train,tracking]" \
     && useradd --create-home --uid 1000 finetune \
     && mkdir -p /data /cache/huggingface \
     && chown -R finetune:finetune /data /cache /srv/finetune/examples

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import worker.offline  # noqa: F401  # a rank is a fresh interpreter: no hub kernels in it either
 from app.services.runs import Claim
 from app.settings import Settings, get_settings
 from app.storage import RunFiles, job_files
