@@ -52,7 +52,9 @@ def only(*neutral: Any, why: str) -> AfterValidator:
 NO_PENALTIES = "this service applies no penalties"
 NO_TOOLS = "this service calls no tools"
 Penalty = Annotated[float, only(0, why=NO_PENALTIES)]
-LogitBias = Annotated[dict[str, float], only({}, why="this service applies no logit bias")]
+LogitBias = Annotated[
+    dict[str, float], Field(max_length=300), only({}, why="this service applies no logit bias")
+]
 OneChoice = Annotated[int, only(1, why="one choice per prompt (send several prompts for several)")]
 TextFormat = Annotated[dict[str, Any], only({"type": "text"}, why="answers are plain text")]
 
@@ -144,18 +146,39 @@ class ChatCompletionRequest(SamplingRequest):
     )
     # at their neutral values only
     audio: Annotated[Any, _refused("answers are text")] = None
-    function_call: Annotated[str, only("none", why=NO_TOOLS)] | None = None
-    functions: Annotated[list[Any], only([], why=NO_TOOLS)] | None = None
-    tools: Annotated[list[Any], only([], why=NO_TOOLS)] | None = None
-    tool_choice: Annotated[str, only("none", why=NO_TOOLS)] | None = None
+    function_call: Annotated[str, Field(max_length=64), only("none", why=NO_TOOLS)] | None = None
+    functions: Annotated[list[Any], Field(max_length=128), only([], why=NO_TOOLS)] | None = None
+    tools: Annotated[list[Any], Field(max_length=128), only([], why=NO_TOOLS)] | None = None
+    tool_choice: Annotated[str, Field(max_length=64), only("none", why=NO_TOOLS)] | None = None
     parallel_tool_calls: bool | None = Field(None, description="No effect: there are no tools.")
-    metadata: Annotated[dict[str, str], only({}, why="completions are not stored")] | None = None
+    metadata: (
+        Annotated[
+            dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+            Field(max_length=16),
+            only({}, why="completions are not stored"),
+        ]
+        | None
+    ) = None
     store: Annotated[bool, only(False, why="completions are not stored")] | None = None
-    modalities: Annotated[list[str], only(["text"], why="answers are text")] | None = None
+    modalities: (
+        Annotated[
+            list[Annotated[str, Field(max_length=16)]],
+            Field(max_length=4),
+            only(["text"], why="answers are text"),
+        ]
+        | None
+    ) = None
     moderation: Annotated[Any, _refused("this service moderates nothing")] = None
     prediction: Annotated[Any, _refused("predicted outputs are not used")] = None
-    reasoning_effort: Annotated[str, only("none", why="the models don't reason first")] | None = None
-    verbosity: Annotated[str, only("medium", why="answers are as long as the model makes them")] | None = None
+    reasoning_effort: (
+        Annotated[str, Field(max_length=16), only("none", why="the models don't reason first")] | None
+    ) = None
+    verbosity: (
+        Annotated[
+            str, Field(max_length=16), only("medium", why="answers are as long as the model makes them")
+        ]
+        | None
+    ) = None
     service_tier: Literal["auto", "default"] | None = None
     web_search_options: Annotated[Any, _refused("this service searches nothing")] = None
     # hints about OpenAI's own caching and abuse tracking: they don't change an answer
@@ -215,8 +238,19 @@ def _prompt_shape(value: Any) -> Any:
     return value
 
 
+# The shapes `_prompt_shape` checks, with their bounds in the API's schema too.
+PromptText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+PromptIds = Annotated[list[int], Field(max_length=MAX_PROMPT_IDS)]
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: Annotated[str | list[str] | list[int] | list[list[int]], BeforeValidator(_prompt_shape)] = Field(  # type: ignore[assignment]
+    prompt: Annotated[  # type: ignore[assignment]
+        PromptText
+        | Annotated[list[PromptText], Field(max_length=MAX_PROMPTS)]
+        | PromptIds
+        | Annotated[list[PromptIds], Field(max_length=MAX_PROMPTS)],
+        BeforeValidator(_prompt_shape),
+    ] = Field(
         description=(
             "Continued as it is (no chat format): a text, a list of texts, a list of token ids "
             f"(not re-tokenized) or a list of such lists; several (up to {MAX_PROMPTS}) are answered "
@@ -235,7 +269,10 @@ class CompletionRequest(SamplingRequest):
     )
     # at their neutral values only
     best_of: OneChoice = 1
-    suffix: Annotated[str, only("", why="this service doesn't insert text")] | None = None
+    suffix: (
+        Annotated[str, Field(max_length=MAX_PROMPT_CHARS), only("", why="this service doesn't insert text")]
+        | None
+    ) = None
 
     def given(self) -> list[str | list[int]]:
         """The prompts, one or several, each a text or token ids."""
