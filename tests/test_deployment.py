@@ -45,7 +45,13 @@ from tests.helpers import wait_until
 from tests.processes import free_port, running_service, service_process, wait_for, wait_for_step
 from tests.servers import WebhookReceiver
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("demo_model")]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.usefixtures("demo_model"),
+    pytest.mark.xdist_group(
+        "deployment"
+    ),  # one compose-like stack for the file (make test runs two processes)
+]
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_SCHEMA = REPO / "tests" / "data" / "compose-spec" / "compose-spec.json"

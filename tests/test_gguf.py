@@ -21,7 +21,7 @@ from tests.conftest import REPO
 from worker.exports import copy_sentencepiece_model
 from worker.gguf import write_gguf
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gguf")]  # its exports are made once a file
 
 STORIES = REPO / "examples" / "stories260K"
 
