@@ -48,9 +48,8 @@ from tests.servers import WebhookReceiver
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.usefixtures("demo_model"),
-    pytest.mark.xdist_group(
-        "deployment"
-    ),  # one compose-like stack for the file (make test runs two processes)
+    # one stack for the file when make test runs two processes
+    pytest.mark.xdist_group("deployment"),
 ]
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
