@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 # A CPU build is enough for the demo and the tests; on a GPU box pick the CUDA build you need.
 TORCH_SPEC ?= torch==2.13.0
 # The suite runs in two processes (pytest-xdist; every test has its own database, queue names,
-# data dir and ports; the outage tests stop private servers), a file at a time, the longest files
-# first (tests/conftest.py): 17.5 min against 20.5 in one process on CI's 2 cores (2026-12-07; a
-# test at a time, --dist=loadgroup, was slower still). `make test PARALLEL=` runs it in one.
+# data dir and ports; the outage tests stop private servers), a file at a time: 17.5 min against
+# 20.5 in one process on CI's 2 cores (2026-12-07). A test at a time (--dist=loadgroup), or the
+# longest files first, was slower: two trainings at once slow each other more than they gain.
+# `make test PARALLEL=` runs it in one.
 PARALLEL ?= --numprocesses=2 --dist=loadfile
 # Installs skip compiling every package's .pyc up front (torch, transformers, mlflow: ~3 of the
 # 4 minutes an install took, 2026-12-07); Python compiles what it imports, once.

@@ -210,25 +210,8 @@ def redis_env(service_env) -> Iterator[dict[str, str]]:
     drop_queues(REDIS_URL, service_env["FINETUNE_QUEUE"])
 
 
-# The files that take longest (real services and training), run first: `make test` runs a file
-# at a time in each of two processes, and one of these started last kept a process busy for
-# minutes after the other had finished.
-LONGEST_FIRST = (
-    "test_reliability.py",
-    "test_deployment.py",
-    "test_openai_api.py",
-    "test_end_to_end.py",
-    "test_training.py",
-    "test_distributed.py",
-    "test_offline.py",
-)
-
-
 def pytest_collection_modifyitems(config, items) -> None:
-    """The longest files first (LONGEST_FIRST); tests marked `gpu` are skipped, with the reason,
-    where torch sees no CUDA device."""
-    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: otherwise as collected
+    """Tests marked `gpu` are skipped, with the reason, where torch sees no CUDA device."""
     gpu_tests = [item for item in items if "gpu" in item.keywords]
     if not gpu_tests:
         return
