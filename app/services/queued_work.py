@@ -149,12 +149,19 @@ def sweep(table: type[Row], enqueue: Callable[[str], None]) -> list[str]:
         log.warning("%s: %s; %s", row_id, reason, values["status"])
         if values["status"] == FAILED:
             continue
-        try:
-            send(table, row_id, enqueue)
-        except BrokerUnavailable:
-            continue  # failed with the broker's error, as at creation
-        resent.append(row_id)
+        if _sent_again(table, row_id, enqueue):
+            resent.append(row_id)
     return resent
+
+
+def _sent_again(table: type[Row], row_id: str, enqueue: Callable[[str], None]) -> bool:
+    """Send a row the sweep put back in the queue; False when the broker didn't answer (the row
+    then fails with the broker's error, as at creation)."""
+    try:
+        send(table, row_id, enqueue)
+    except BrokerUnavailable:
+        return False
+    return True
 
 
 def sweep_untaken(
@@ -202,11 +209,8 @@ def sweep_untaken(
             log.warning("%s: %s; failed", row_id, values["error"])
             continue
         log.warning("%s: no worker took it within %g s; sent again", row_id, after_s)
-        try:
-            send(table, row_id, enqueue)
-        except BrokerUnavailable:
-            continue  # failed with the broker's error, as at creation
-        resent.append(row_id)
+        if _sent_again(table, row_id, enqueue):
+            resent.append(row_id)
     return resent
 
 
