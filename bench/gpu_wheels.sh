@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Wheels the GPU machine lacks for the benches that run TRL and bitsandbytes (bench/dpo_bench.py,
 # bench/throughput.py's TRL peer): trl, datasets and its dill/multiprocess, bitsandbytes; and the
-# service's own modules' (pydantic and its parts, pydantic-settings, sqlalchemy, redis, tenacity), at the
+# service's own modules' (pydantic and its parts, pydantic-settings, sqlalchemy, redis, tenacity,
+# standardwebhooks; alembic and celery for the benches that run a job through execute_job), at the
 # versions of this venv, for the benches that build the service's step from worker/training. The
 # machine's image has torch 2.11 (CUDA 13), transformers, peft, accelerate, pyarrow, pandas,
 # fsspec, xxhash, huggingface-hub; nothing can be fetched there, so these travel with the call.
@@ -22,7 +23,7 @@ mkdir -p "$DIR"
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$DIR" \
     trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
-    $("$PYTHON" -m pip freeze | grep -i -E '^(pydantic|pydantic[-_]core|pydantic-settings|python-dotenv|annotated-types|typing-inspection|sqlalchemy|greenlet|redis|tenacity)==') \
+    $("$PYTHON" -m pip freeze | grep -i -E '^(pydantic|pydantic[-_]core|pydantic-settings|python-dotenv|annotated-types|typing-inspection|sqlalchemy|greenlet|redis|tenacity|standardwebhooks|alembic|mako|celery|kombu|billiard|vine|amqp|click|click-didyoumean|click-plugins|click-repl|prompt[-_]toolkit|wcwidth|tzlocal)==') \
     $(ls "$DIR"/bitsandbytes-0.50.2-*.whl >/dev/null 2>&1 || echo bitsandbytes==0.50.2)  # not again once repacked
 "$PYTHON" - "$DIR" <<'EOF'
 import sys, zipfile

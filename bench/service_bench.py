@@ -23,6 +23,9 @@ compile (decoder layers compiled), plain_4bit (their 4-bit matmuls as torch ops 
 them, worker.training.nf4), graphs (micro-batches as CUDA graphs, worker.training.step_graphs),
 checkpointing (true/false; "auto": the worker's choice), optim,
 full_rows, row_multiple, fused_loss (the loss fused with lm_head, worker.training.fused_loss),
+as_t4 (flash and cuDNN sdpa off, as on a T4), recompute_budget (with checkpointing: the share
+of a compiled layer's activations it keeps, worker.training.speed.SpeedPlan.recompute_budget;
+unset: whole layers recomputed),
 host_syncs (true: the Trainer's per-micro-batch waits as before round five: its nan/inf loss
 filter, its token count read back from the GPU, blocking input copies).
 
@@ -185,12 +188,19 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     # attention: "cudnn" is sdpa's own order (cuDNN first on Hopper), "auto" the worker's choice
     if cuda:
         torch.backends.cuda.enable_cudnn_sdp(True)
-    plan.attention = choose_attention() if v["attention"] == "auto" else "sdpa default order"
+        torch.backends.cuda.enable_flash_sdp(not v.get("as_t4"))  # a T4 has neither kernel
+    if v.get("as_t4"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    capability = torch.cuda.get_device_capability() if cuda else (0, 0)
+    plan.attention = choose_attention(capability) if v["attention"] == "auto" else "sdpa default order"
+    if v.get("as_t4"):
+        plan.attention = "memory-efficient sdpa (as a T4: flash and cuDNN off)"
     plan.row_multiple = int(v["row_multiple"])
     plan.mask = v.get("mask", "sdpa")
     plan.plain_4bit = bool(v.get("plain_4bit"))
     plan.graphs = bool(v.get("graphs")) and plan.compile_layers and world == 1
     plan.fused_loss = bool(v.get("fused_loss"))
+    plan.recompute_budget = v.get("recompute_budget")  # a new one compiles anew (apply_speed_plan)
     if plan.mask == "flex":
         plan.attention = "FlexAttention, document block mask"
         plan.row_multiple = max(plan.row_multiple, FLEX_BLOCK)
@@ -214,6 +224,10 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
 
     class Clock(TrainerCallback):
         def on_step_end(self, a, state, control, **kwargs):
+            if state.global_step == 1:  # time to first step: compiles, first eager micro-batches
+                if cuda:
+                    torch.cuda.synchronize()
+                first_step.append(time.time() - train_started)
             if cuda and state.global_step in (warm, warm + timed, total):
                 torch.cuda.synchronize()
             marks.append((time.time(), counter["real"], counter["computed"]))
@@ -256,6 +270,8 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    first_step: list[float] = []
+    train_started = time.time()
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
@@ -288,6 +304,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         "steps_per_epoch": len(data) / samples_per_step,
         "peak_gib": peak,
         "reserved_gib": reserved,
+        "first_step_s": first_step[0] if first_step else None,
     }
     if syncs.count is not None:
         result["syncs_per_step"] = syncs.count / timed

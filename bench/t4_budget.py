@@ -13,9 +13,10 @@ CUDA; it polls nvidia-smi every 0.2 s (per process, and the whole card) and writ
 report: each process's peak, the peak of their sum at one instant, answers, OOMs, s/step.
 
 On a card newer than a T4 the training is made to take the T4's path (`--as-t4`, the default):
-eager decoder layers, the memory-efficient sdpa kernel with the dense packed mask, gradient
-checkpointing kept (`worker.training.speed.plan_speed` decides exactly that on a T4); flash and
-cuDNN attention are switched off in both processes (a T4 has neither).
+the plan `worker.training.speed.plan_speed` makes for compute capability 7.5 with 15 GiB free
+(compiled layers and CUDA graphs, the memory-efficient sdpa kernel with the dense packed mask,
+recomputation within its budget); flash and cuDNN attention are switched off in both processes
+(a T4 has neither).
 
     python bench/t4_budget.py --out t4-budget.json                  # a GPU: ~5 min
     python bench/t4_budget.py --tiny --train-seconds 30 --out x.json  # CPU: the plumbing only
@@ -76,10 +77,9 @@ def like_a_t4(training: bool) -> list[str]:
         import worker.training.recipe as recipe
         from worker.training import speed
 
-        recipe.plan_speed = partial(
-            speed.plan_speed, compile_layers=False, flex=False, drop_checkpointing=False
-        )
-        notes.append("plan_speed forced to a T4's choice: eager layers, dense mask, checkpointing kept")
+        # the plan for a 7.5 card with the 15 GiB cap free (worker.training.speed.plan_speed)
+        recipe.plan_speed = partial(speed.plan_speed, gpu=((7, 5), 15 * GIB))
+        notes.append("plan_speed asked for a T4's plan: compute capability 7.5, 15 GiB free")
     return notes
 
 

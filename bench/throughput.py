@@ -138,6 +138,48 @@ SERVICE_ROUND_FIVE = [
     },
 ]
 
+# Issue 30, round six: recomputation spent between whole layers and none. With checkpointing on,
+# the compiled layers keep a share (`recompute_budget`) of the activations they would keep without
+# it and recompute the rest inside their compiled backward (worker.training.speed.SpeedPlan). The
+# curve of tok/s against reserved memory, round five's default (whole layers) and none beside it.
+ROUND_SIX = {**ROUND_FIVE, "warmup": 30, "steps": 12}
+SERVICE_ROUND_SIX = [
+    {"name": "round five default: whole layers recomputed", **ROUND_SIX},
+    *(
+        {"name": f"layers keep {budget:.0%} of their activations", **ROUND_SIX, "recompute_budget": budget}
+        for budget in (0.1, 0.3)
+    ),
+    {"name": "no recompute", **ROUND_SIX, "checkpointing": False},
+]
+# The T4's plan (compute capability 7.5, fp16; flash and cuDNN sdpa off, as a T4 has neither) on a
+# bigger card: the current one (eager layers, dense mask, whole layers recomputed) and a candidate
+# (compiled layers, 4-bit matmuls compiled into
+# them, CUDA graphs; the dense mask and sdpa's memory-efficient kernel kept).
+T4_ROUND_FIVE = {
+    "as_t4": True,
+    "attention": "auto",
+    "compile": False,
+    "checkpointing": True,
+    "row_multiple": 1,
+    "fused_loss": True,
+    "optim": "adamw_torch_fused",
+    "warmup": 3,
+    "steps": 8,
+}
+T4_ROUND_SIX = {
+    **T4_ROUND_FIVE,
+    "compile": True,
+    "plain_4bit": True,
+    "graphs": True,
+    "row_multiple": 64,
+    "warmup": 30,
+    "steps": 12,
+}
+SERVICE_T4 = [
+    {"name": "T4 plan, round five (eager)", **T4_ROUND_FIVE},
+    {"name": "T4 plan candidate: compiled layers, CUDA graphs", **T4_ROUND_SIX, "recompute_budget": 0.1},
+]
+
 
 def _service(dtype: str, variants: list[dict], *extra: str) -> list[str]:
     return ["service_bench.py", "{model}", "--dtype", dtype, *extra, "--variants", json.dumps(variants)]
@@ -156,6 +198,8 @@ GROUPS = {
     "service fp16, graphs": _service("float16", SERVICE_GRAPHS[:3]),
     "service bf16, round five": _service("bfloat16", SERVICE_ROUND_FIVE),
     "service fp16, round five": _service("float16", SERVICE_ROUND_FIVE[2:3]),
+    "service bf16, round six": _service("bfloat16", SERVICE_ROUND_SIX),
+    "service fp16, T4 plan": _service("float16", SERVICE_T4),
 }
 # What one plain `python3 bench/throughput.py --out FILE` runs: the peers and the service's
 # current default against round four's (~9 min on an H100, estimated: four of the round-five
@@ -230,6 +274,7 @@ def line(result: dict) -> str:
     per_k = result.get("kernel_ms_per_1k_tokens")
     return (
         f"{result['name']:58s} {result['real_tok_s']:8.0f} tok/s {result.get('sec_per_step', 0):6.3f} s/step "
+        + (f"first step {result['first_step_s']:5.1f} s " if result.get("first_step_s") is not None else "")
         + (f"busy {100 * busy:5.1f}% {per_k:6.1f} ms/1k " if busy is not None else "")
         + f"peak {result['peak_gib']:.2f}/{result['reserved_gib']:.2f} GiB"
         + (f" syncs/step {result['syncs_per_step']:.1f}" if "syncs_per_step" in result else "")

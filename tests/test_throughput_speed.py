@@ -6,10 +6,13 @@ real 4-bit LoRA path."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from app.spec import JobSpec
 from tests.conftest import demo_spec
@@ -18,6 +21,7 @@ from worker.training.data import IGNORE_INDEX
 from worker.training.nf4 import dequantize_4bit, use_bitsandbytes_matmul, use_plain_4bit_matmul
 from worker.training.packing import PackedData, block_causal_mask, collate_packed, plan_full_rows, plan_steps
 from worker.training.speed import (
+    RECOMPUTE_BUDGET,
     compile_decoder_layers,
     decoder_layers,
     plan_speed,
@@ -62,6 +66,45 @@ def test_the_plan_is_the_eager_recipe_without_cuda():
     assert (plan.compile_layers, plan.checkpointing, plan.row_multiple) == (False, True, 1)
 
 
+PHI2 = AutoConfig.from_pretrained(Path(__file__).parent.parent / "bench" / "phi-2-config.json")
+GIB = 2**30
+
+
+def test_the_plan_for_a_t4_is_the_one_measured():
+    """What the default recipe runs on a T4 (compute capability 7.5, the card's 15 GiB free),
+    field by field as docs/gpu.md and docs/benchmarks.md (round six) measured it: a change here
+    must be measured (bench/throughput.py --only "service fp16, T4 plan") and this test updated."""
+    plan = plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((7, 5), 15 * GIB))
+    assert dataclasses.asdict(plan) == {
+        "attention": "default sdpa",  # the memory-efficient kernel: a T4 has no flash nor cuDNN
+        "mask": "sdpa",  # dense packed mask: FlexAttention's kernels need compute capability 8.0
+        "compile_layers": False,
+        "checkpointing": True,
+        "row_multiple": 1,
+        "fused_adamw": True,
+        "plain_4bit": False,
+        "graphs": False,
+        "fused_loss": True,
+        "recompute_budget": None,
+        "notes": [],
+    }
+
+
+def test_the_plan_for_an_h100_keeps_recomputation_within_its_budget():
+    plan = plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((9, 0), 78 * GIB))
+    assert (plan.mask, plan.compile_layers, plan.graphs, plan.fused_loss) == ("flex", True, True, True)
+    assert (plan.checkpointing, plan.recompute_budget) == (True, RECOMPUTE_BUDGET)
+    budgeted = plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((9, 0), 78 * GIB), recompute_budget=0.3)
+    assert (budgeted.checkpointing, budgeted.recompute_budget) == (True, 0.3)
+    assert "each layer keeps 30% of its activations" in budgeted.describe()
+    # a card with room for every activation twice (graphs) drops recomputation
+    roomy = plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((9, 0), 139 * GIB))
+    assert (roomy.checkpointing, roomy.recompute_budget) == (False, None)
+    # a job that turns checkpointing off gets none
+    off = plan_speed(PHI2, 4 * 2048, checkpointing=False, gpu=((9, 0), 78 * GIB))
+    assert (off.checkpointing, off.recompute_budget) == (False, None)
+
+
 @pytest.mark.parametrize(
     ("shape", "double_quant"), [((160, 64), True), ((96, 40), True), ((300, 70), False), ((512, 1024), True)]
 )
@@ -81,8 +124,11 @@ def test_the_plain_4bit_dequantization_is_bitsandbytes_own_bit_for_bit(shape, do
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("demo_model")
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_compiled_decoder_layers_keep_the_loss_and_gradients(checkpointing):
+@pytest.mark.parametrize(("checkpointing", "budget"), [(True, None), (False, None), (False, 0.1)])
+def test_compiled_decoder_layers_keep_the_loss_and_gradients(checkpointing, budget):
+    """Whole layers checkpointed from outside, none, and (budget) the compiled layers keeping a
+    tenth of their activations and recomputing the rest inside their backward, as the GPU's
+    default plan does (`SpeedPlan.recompute_budget`): min-cut partitioned like Inductor's."""
     model, tokenizer, samples = demo_lora_model()
     model.train()
     for module in model.modules():  # the same function in both runs: no dropout
@@ -104,13 +150,16 @@ def test_compiled_decoder_layers_keep_the_loss_and_gradients(checkpointing):
     # as the GPU plan does: the 4-bit matmuls as torch ops, compiled into the layers
     assert use_plain_4bit_matmul(model) == 2 * 6  # q, k, v, dense, fc1, fc2 in each layer
     # the GPU's dynamic-shape compile with checkpointing; static shapes (faster) without
+    backend = "aot_eager" if budget is None else "aot_eager_decomp_partition"
     layers = compile_decoder_layers(
-        model, checkpointing=checkpointing, backend="aot_eager", dynamic=checkpointing
+        model, checkpointing=checkpointing, backend=backend, dynamic=checkpointing or budget is not None
     )
     try:
         assert layers == len(decoder_layers(model)) == 2
         assert not model.get_base_model().is_gradient_checkpointing  # checkpointed from outside
-        compiled_loss, compiled_grads = step()
+        # read when the layer's forward and backward are split, at its first call
+        with torch._functorch.config.patch(activation_memory_budget=1.0 if budget is None else budget):
+            compiled_loss, compiled_grads = step()
     finally:
         restore_decoder_layers(model)
         use_bitsandbytes_matmul(model)

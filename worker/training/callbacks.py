@@ -161,6 +161,10 @@ class JobProgressCallback(TrainerCallback):
         self.writer = ProgressWriter(claim, flush_interval_s)
         self._last_log: tuple[float, int] | None = None  # (time, tokens seen) at the last log
         self._step_ended = time.perf_counter()
+        # made right after the job's "training step" event: the clock of its first step and row
+        self._began = time.perf_counter()
+        self._first_step_s: float | None = None
+        self._first_row_said = False
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_):
         runs.set_total_steps(self.claim, state.max_steps)
@@ -170,6 +174,14 @@ class JobProgressCallback(TrainerCallback):
         logs = logs or {}
         if "loss" not in logs and "eval_loss" not in logs:  # e.g. the end-of-training summary
             return
+        if not self._first_row_said:
+            self._first_row_said = True
+            seconds = round(time.perf_counter() - self._began, 1)
+            self._say(
+                f"first row logged (step {state.global_step}) {seconds} s after the training step began",
+                first_row_seconds=seconds,
+                step=state.global_step,
+            )
         self.writer.add(
             {
                 "step": state.global_step,
@@ -192,6 +204,8 @@ class JobProgressCallback(TrainerCallback):
         return (tokens - previous[1]) / (now - previous[0])
 
     def on_step_end(self, args, state: TrainerState, control: TrainerControl, **_):
+        if self._first_step_s is None:
+            self._say_first_step(state.global_step)
         self._step_ended = time.perf_counter()  # the trainer's save (if due) starts after this
         self.writer.step(state.global_step, state.num_input_tokens_seen)
         self.writer.check()
@@ -203,6 +217,27 @@ class JobProgressCallback(TrainerCallback):
             # A pause or a shutdown saves this step first (a shut-down job is handed back).
             log.info("job %s: %s; stopping at step %d", self.claim.job_id, decision, state.global_step)
         self.stopped = apply_decision(decision, control)
+
+    def _say_first_step(self, step: int) -> None:
+        """The job's first step (of this run: a resumed job's first after its checkpoint), timed
+        to when the GPU finished it: what compiling and capturing cost before training runs."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # once: a step's host work ends before its kernels do
+        self._first_step_s = round(time.perf_counter() - self._began, 1)
+        self._say(
+            f"first step (step {step}) done {self._first_step_s} s after the training step began",
+            first_step_seconds=self._first_step_s,
+            step=step,
+        )
+
+    def _say(self, message: str, **data: Any) -> None:
+        """An event; a database that doesn't answer loses it rather than holding training up."""
+        try:
+            runs.log_message(self.claim.job_id, message, **data)
+        except SQLAlchemyError as exc:
+            log.warning("job %s: event not written (%s): %s", self.claim.job_id, exc, message)
 
     def close(self) -> None:
         self.writer.close()

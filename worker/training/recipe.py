@@ -33,6 +33,7 @@ from app.storage import JobFiles, job_files
 from worker.doctor import unsupported_gpus
 from worker.training.artifacts import ZipInfo, name_the_base, write_model_card, zip_directory
 from worker.training.callbacks import FollowerCallback, JobProgressCallback
+from worker.training.compile_cache import use_compile_cache
 from worker.training.data import IGNORE_INDEX, TrainingData, build_eval_data, build_training_data
 from worker.training.dpo import REFERENCE_ADAPTER, DpoTrainer, collate_pair_step, pack_pairs
 from worker.training.fused_loss import use_hidden_states_head
@@ -115,6 +116,8 @@ class JobSetup:
     spec: JobSpec
     files: JobFiles
     main: bool
+    # where compiled layers are kept between jobs (worker.training.compile_cache)
+    compile_cache: Path
 
     @property
     def id(self) -> str:
@@ -130,7 +133,9 @@ def set_up(claim: Claim, settings: Settings) -> JobSetup:
     """The job's JobSetup. Before training: removes checkpoint files a kill left unrecorded,
     seeds every generator, and fails on GPUs this build cannot run on."""
     main = int(os.environ.get("RANK", "0")) == 0
-    job = JobSetup(claim, claim.spec, job_files(claim.job_id, settings), main)
+    job = JobSetup(
+        claim, claim.spec, job_files(claim.job_id, settings), main, settings.data_dir / "compile-cache"
+    )
     leftovers = job.files.remove_unrecorded(recorded_checkpoints(job.id)) if main else []
     if leftovers:
         log_message(job.id, f"removed {len(leftovers)} incomplete checkpoint files", files=leftovers)
@@ -227,6 +232,10 @@ def load_model(job: JobSetup) -> JobModel:
     )
     if spec.dpo is not None:
         speed.fused_loss = False  # DPO scores completion tokens with the head itself (below)
+    if speed.compile_layers:
+        speed.notes.append(
+            f"compiled layers kept in {use_compile_cache(job.compile_cache, model.config).name}"
+        )
     apply_speed_plan(model, speed)
     head = use_hidden_states_head(model) if spec.dpo is not None else None
     if torch.cuda.is_available():

@@ -92,6 +92,12 @@ class SpeedPlan:
     graphs: bool = False
     # the loss computed with lm_head a chunk of tokens at a time (worker.training.fused_loss)
     fused_loss: bool = False
+    # checkpointing of compiled layers: None, each layer recomputed whole in the backward (torch's
+    # checkpoint around the compiled layer); a fraction, each layer keeps at most that share of
+    # the activations it would keep without recomputation and recomputes the rest inside its
+    # compiled backward, the compiler choosing the cheapest to recompute
+    # (torch._functorch.config.activation_memory_budget)
+    recompute_budget: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -103,7 +109,13 @@ class SpeedPlan:
             parts.append("micro-batches replayed as CUDA graphs (dropout by counter-based hash)")
         if self.fused_loss:
             parts.append("loss fused with lm_head (no full logits)")
-        parts.append("gradient checkpointing " + ("on" if self.checkpointing else "off"))
+        if self.checkpointing and self.recompute_budget is not None:
+            parts.append(
+                f"gradient checkpointing on: each layer keeps {self.recompute_budget:.0%} of its "
+                "activations, recomputes the rest in its compiled backward"
+            )
+        else:
+            parts.append("gradient checkpointing " + ("on" if self.checkpointing else "off"))
         if self.row_multiple > 1:
             parts.append(f"rows padded to a multiple of {self.row_multiple}")
         if self.fused_adamw:
@@ -111,12 +123,9 @@ class SpeedPlan:
         return "; ".join(parts + self.notes)
 
 
-def choose_attention() -> str:
+def choose_attention(capability: tuple[int, int]) -> str:
     """Switch sdpa's cuDNN backend off on Hopper and newer (see the module's docstring)."""
-    if not torch.cuda.is_available():
-        return "default"
-    major, _ = torch.cuda.get_device_capability()
-    if major >= 9:
+    if capability[0] >= 9:
         torch.backends.cuda.enable_cudnn_sdp(False)
         return "memory-efficient sdpa (cuDNN attention off)"
     return "default sdpa"
@@ -133,6 +142,14 @@ def activation_bytes_without_checkpointing(config: Any, tokens: int) -> int:
     return tokens * layers * per_token_layer
 
 
+# Layers are compiled on compute capability 8.0 and newer, where it was measured (a T4, 7.5, stays
+# eager: docs/gpu.md's T4 section says what of the fast path it runs and why).
+COMPILE_MIN_CAPABILITY = (8, 0)
+# With checkpointing on, compiled layers are recomputed whole (None) until a budget is measured
+# faster within the T4's memory (bench/throughput.py --only "service bf16, round six").
+RECOMPUTE_BUDGET: float | None = None
+
+
 def plan_speed(
     config: Any,
     micro_batch_tokens: int,
@@ -145,25 +162,34 @@ def plan_speed(
     plain_4bit: bool = True,
     graphs: bool | None = None,
     processes: int = 1,
+    recompute_budget: float | None = RECOMPUTE_BUDGET,
+    gpu: tuple[tuple[int, int], int] | None = None,
 ) -> SpeedPlan:
     """Decide, for this GPU and this job, what `apply_speed_plan` will do.
 
     `compile_layers` / `drop_checkpointing` None: decide (fast path on CUDA); True/False: force
-    (the bench uses these to measure each change alone)."""
+    (the bench uses these to measure each change alone). `gpu`: (compute capability, free bytes)
+    of the card to plan for (default: this process's CUDA device; tests plan a T4's without one).
+    `recompute_budget`: see `SpeedPlan.recompute_budget` (None: whole layers checkpointed)."""
     plan = SpeedPlan(checkpointing=checkpointing)
-    if not torch.cuda.is_available() or not fast_path_enabled():
+    if gpu is None:
+        if not torch.cuda.is_available():
+            return plan
+        gpu = torch.cuda.get_device_capability(), torch.cuda.mem_get_info()[0]
+    if not fast_path_enabled():
         return plan
-    plan.attention = choose_attention()
+    capability, free = gpu
+    plan.attention = choose_attention(capability)
     plan.fused_adamw = True
     plan.fused_loss = True
-    if compile_layers is None:  # measured on Hopper; a T4 (7.5) stays eager until measured there
-        compile_layers = torch.cuda.get_device_capability()[0] >= 8
+    if compile_layers is None:
+        compile_layers = capability >= COMPILE_MIN_CAPABILITY
     plan.compile_layers = compile_layers
     plan.plain_4bit = compile_layers and plain_4bit
     if compile_layers:  # fewer distinct shapes for the compiled layers; an eager GPU-bound T4 pads nothing
         plan.row_multiple = ROW_MULTIPLE
     if flex is None:  # the padded (unpacked) path keeps its 2D mask and sdpa
-        flex = packed and plan.compile_layers and flex_attention_available()
+        flex = packed and plan.compile_layers and flex_attention_available(capability)
     if flex:
         plan.mask, plan.attention = "flex", "FlexAttention, document block mask"
         plan.row_multiple = FLEX_BLOCK
@@ -171,7 +197,6 @@ def plan_speed(
         graphs = compile_layers and packed and processes == 1 and not _attention_dropout(config)
     plan.graphs = graphs
     if checkpointing:
-        free, _total = torch.cuda.mem_get_info()
         need = activation_bytes_without_checkpointing(config, micro_batch_tokens)
         if plan.graphs:  # the graphs' pool and the eager first runs each hold a micro-batch's
             need *= 2  # activations (45 GiB reserved against 22 eager on an H200, Phi-2)
@@ -186,6 +211,8 @@ def plan_speed(
                 f"recomputation dropped: {free / 2**30:.0f} GiB free, "
                 f"activations need ~{need / 2**30:.0f} GiB"
             )
+        elif plan.compile_layers and recompute_budget is not None:
+            plan.recompute_budget = recompute_budget
     return plan
 
 
@@ -198,16 +225,14 @@ def _attention_dropout(config: Any) -> bool:
     return any(float(getattr(config, name, 0.0) or 0.0) > 0 for name in ("attention_dropout", "attn_pdrop"))
 
 
-def flex_attention_available() -> bool:
+def flex_attention_available(capability: tuple[int, int]) -> bool:
     """FlexAttention's Triton kernels, on a GPU of compute capability 8.0 or newer (a T4 keeps
-    the memory-efficient sdpa kernel)."""
-    if not torch.cuda.is_available():
-        return False
+    the memory-efficient sdpa kernel: see docs/gpu.md's T4 section)."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask  # noqa: F401
     except ImportError:  # pragma: no cover - old torch
         return False
-    return torch.cuda.get_device_capability()[0] >= 8
+    return capability >= (8, 0)
 
 
 def _base_model(model: torch.nn.Module) -> Any:
@@ -412,7 +437,18 @@ def apply_speed_plan(model: torch.nn.Module, plan: SpeedPlan) -> None:
     if plan.graphs:
         use_counter_dropout(model)
     if plan.compile_layers:
-        compile_decoder_layers(model, plan.checkpointing, preserve_rng_state=not plan.graphs)
+        import torch._dynamo
+        import torch._functorch.config
+
+        # read when a layer's forward and backward are split, at its first compile; dynamo's guards
+        # don't check it, so layers compiled under another budget (an earlier job of this worker
+        # process) are dropped first
+        budget = plan.recompute_budget if plan.checkpointing and plan.recompute_budget is not None else 1.0
+        if torch._functorch.config.activation_memory_budget != budget:
+            torch._dynamo.reset()
+            torch._functorch.config.activation_memory_budget = budget
+        whole_layers = plan.checkpointing and plan.recompute_budget is None
+        compile_decoder_layers(model, whole_layers, preserve_rng_state=not plan.graphs)
     elif not plan.checkpointing:
         base = _base_model(model)
         if getattr(base, "is_gradient_checkpointing", False):
