@@ -161,7 +161,7 @@ class JobProgressCallback(TrainerCallback):
         self.writer = ProgressWriter(claim, flush_interval_s)
         self._last_log: tuple[float, int] | None = None  # (time, tokens seen) at the last log
         self._step_ended = time.perf_counter()
-        # made right after the job's "training step" event: the clock of its first step and row
+        # made once the model is ready (on a GPU: its "training step" event); times the first step and row
         self._began = time.perf_counter()
         self._first_step_s: float | None = None
         self._first_row_said = False
@@ -178,7 +178,7 @@ class JobProgressCallback(TrainerCallback):
             self._first_row_said = True
             seconds = round(time.perf_counter() - self._began, 1)
             self._say(
-                f"first row logged (step {state.global_step}) {seconds} s after the training step began",
+                f"first row logged (step {state.global_step}) {seconds} s after the model was ready",
                 first_row_seconds=seconds,
                 step=state.global_step,
             )
@@ -227,7 +227,7 @@ class JobProgressCallback(TrainerCallback):
             torch.cuda.synchronize()  # once: a step's host work ends before its kernels do
         self._first_step_s = round(time.perf_counter() - self._began, 1)
         self._say(
-            f"first step (step {step}) done {self._first_step_s} s after the training step began",
+            f"first step (step {step}) done {self._first_step_s} s after the model was ready",
             first_step_seconds=self._first_step_s,
             step=step,
         )
