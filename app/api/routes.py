@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import waiting
 from app.api.auth import Owner
+from app.api.downloads import send_file
 from app.api.logs import format_csv, format_text_line, metric_events
 from app.errors import InvalidCursor, InvalidFields
 from app.models import JobStatus, SampleStatus
@@ -186,9 +187,9 @@ def job_checkpoints(job_id: str, owner: Owner) -> Page[CheckpointRead]:
     tags=["artifacts"],
     responses={200: {"content": {"application/zip": {}}}},
 )
-def download_checkpoint(job_id: str, name: str, owner: Owner) -> FileResponse:
-    path = jobs.checkpoint_zip(job_id, owner, name)
-    return FileResponse(path, media_type="application/zip", filename=f"{job_id}-{name}.zip")
+def download_checkpoint(job_id: str, name: str, owner: Owner) -> Response:
+    """The checkpoint's zip (`sha256` in the listing and in the `X-Checksum-Sha256` header)."""
+    return send_file(jobs.checkpoint_zip(job_id, owner, name), "application/zip")
 
 
 @router.get(
@@ -197,9 +198,9 @@ def download_checkpoint(job_id: str, name: str, owner: Owner) -> FileResponse:
     tags=["artifacts"],
     responses={200: {"content": {"application/zip": {}}}},
 )
-def download_adapter(job_id: str, owner: Owner) -> FileResponse:
-    path = jobs.adapter_zip(job_id, owner)
-    return FileResponse(path, media_type="application/zip", filename=f"{job_id}-adapter.zip")
+def download_adapter(job_id: str, owner: Owner) -> Response:
+    """The final adapter's zip (`adapter_sha256` in the job, and in `X-Checksum-Sha256`)."""
+    return send_file(jobs.adapter_zip(job_id, owner), "application/zip")
 
 
 @router.post(
@@ -252,10 +253,9 @@ def get_dataset(dataset_id: str, owner: Owner) -> DatasetRead:
 
 
 @router.get("/datasets/{dataset_id}/content", response_class=FileResponse, tags=["datasets"])
-def dataset_content(dataset_id: str, owner: Owner) -> FileResponse:
+def dataset_content(dataset_id: str, owner: Owner) -> Response:
     """The file as it was uploaded."""
-    path, filename = datasets.stored_file(dataset_id, owner)
-    return FileResponse(path, media_type="application/octet-stream", filename=filename)
+    return send_file(datasets.uploaded_file(dataset_id, owner), "application/octet-stream")
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204, tags=["datasets"])

@@ -54,6 +54,8 @@ class Claim:
     spec: JobSpec
     resume_from: str | None
     attempt: int
+    # the sha256 of resume_from's zip, which a host that didn't write it unpacks from the store
+    resume_sha256: str | None = None
 
     def to_json(self) -> str:
         """For another process of the same job (a data-parallel rank)."""
@@ -99,7 +101,10 @@ def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
             return None
         job = session.get(Job, job_id)
         assert job is not None
-        return Claim(job_id, owner, stored_spec(job.spec), job.resume_from, attempt)
+        resume_sha256 = session.scalar(
+            select(Checkpoint.sha256).where(Checkpoint.job_id == job_id, Checkpoint.name == job.resume_from)
+        )
+        return Claim(job_id, owner, stored_spec(job.spec), job.resume_from, attempt, resume_sha256)
 
 
 def skip_stale_delivery(job_id: str) -> str | None:

@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Owner
+from app.api.downloads import send_file
 from app.api.logs import format_csv
 from app.api.urls import BaseUrl
 from app.errors import InvalidFields, ModelNotFound
@@ -120,8 +121,7 @@ def file_content(file_id: str, owner: Owner) -> Response:
     job_id = results_job_id(file_id)
     if job_id is not None:
         return Response(_results(job_id, owner)[1], media_type="text/csv")
-    path, filename = datasets.stored_file(file_id, owner)
-    return FileResponse(path, media_type="application/octet-stream", filename=filename)
+    return send_file(datasets.uploaded_file(file_id, owner), "application/octet-stream")
 
 
 @router.delete("/files/{file_id}")
