@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
+import shutil
+import signal
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +23,12 @@ from app.errors import StorageUnavailable
 from app.models import Checkpoint, Job, JobStatus, utcnow
 from app.settings import get_settings
 from app.storage import ArtifactStore, artifact_store, job_files
-from tests.conftest import bearer, reset_caches, sqlite_only
+from tests.conftest import bearer, needs_redis, reset_caches, sqlite_only
+from tests.helpers import wait_until
+from tests.processes import finetune_process, job_state, running_service, wait_for
 from tests.servers import S3Server, s3_server
+from tests.test_end_to_end import submit
+from tests.test_reliability import events, short_spec
 
 pytestmark = sqlite_only  # the database is not the subject
 
@@ -166,6 +174,44 @@ def test_an_unreachable_store_is_storage_unavailable(in_s3):
         store.size(job_files("job_" + "6" * 24).adapter_zip)
 
 
+def test_the_sampler_and_exports_find_a_jobs_adapters_in_the_store(in_s3):
+    """What `finetune sampler` loads (an answer, an export, a job continuing from another) on a
+    host that never trained the job: the final adapter and a checkpoint, unpacked from the store."""
+    from worker.adapters import adapter_folder
+
+    with session_scope() as session:
+        job = Job(owner="alice", status=JobStatus.SUCCEEDED, spec={}, current_step=4, finished_at=utcnow())
+        session.add(job)
+        session.flush()
+        files = job_files(job.id)
+        for folder, archive in (
+            (files.adapter_dir, files.adapter_zip),
+            (files.checkpoint_dir("checkpoint-4"), files.checkpoint_zip("checkpoint-4")),
+        ):
+            folder.mkdir(parents=True)
+            (folder / "adapter_config.json").write_text(json.dumps({"from": folder.name}))
+            sha256 = zipped_folder(folder, archive)
+            at = files.store.put(archive)
+            if folder == files.adapter_dir:
+                job.adapter_path, job.adapter_size_bytes, job.adapter_sha256 = at, 1, sha256
+            else:
+                checkpoint = {"name": "checkpoint-4", "step": 4, "size_bytes": 1, "sha256": sha256}
+                session.add(Checkpoint(job_id=job.id, path=at, **checkpoint))
+        job_id = job.id
+    files.clear_scratch()
+
+    final, checkpoint = adapter_folder(job_id, None), adapter_folder(job_id, "checkpoint-4")
+
+    assert json.loads((final / "adapter_config.json").read_text()) == {"from": "adapter"}
+    assert json.loads((checkpoint / "adapter_config.json").read_text()) == {"from": "checkpoint-4"}
+    assert final.is_relative_to(get_settings().data_dir / "unpacked")
+    # gone from the store (and from this host's cache): the sampler says so
+    files.store.delete(files.checkpoint_zip("checkpoint-4"))
+    shutil.rmtree(get_settings().data_dir / "unpacked")
+    with pytest.raises(FileNotFoundError, match="checkpoint-4 is no longer on disk or in the store"):
+        adapter_folder(job_id, "checkpoint-4")
+
+
 # --- downloads through the API -----------------------------------------------------------------
 
 
@@ -178,16 +224,14 @@ def job_with_artifacts(owner: str) -> tuple[str, str, str]:
         session.flush()
         files = job_files(job.id)
         sums = []
-        for path, content in ((files.checkpoint_zip("checkpoint-10"), b"ckpt"), (files.adapter_zip, b"adapter")):
+        contents = {files.checkpoint_zip("checkpoint-10"): b"ckpt", files.adapter_zip: b"adapter"}
+        for path, content in contents.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content * 1000)
             sums.append(hashlib.sha256(path.read_bytes()).hexdigest())
-        checkpoint_at = files.store.put(files.checkpoint_zip("checkpoint-10"))
-        session.add(
-            Checkpoint(
-                job_id=job.id, name="checkpoint-10", step=10, path=checkpoint_at, size_bytes=4000, sha256=sums[0]
-            )
-        )
+        stored_at = files.store.put(files.checkpoint_zip("checkpoint-10"))
+        recorded = {"name": "checkpoint-10", "step": 10, "size_bytes": 4000, "sha256": sums[0]}
+        session.add(Checkpoint(job_id=job.id, path=stored_at, **recorded))
         job.adapter_path = files.store.put(files.adapter_zip)
         job.adapter_size_bytes, job.adapter_sha256 = 7000, sums[1]
         files.clear_scratch()  # the API's host has no copy: what it sends comes from the store
@@ -249,7 +293,8 @@ def test_a_recorded_file_missing_from_the_store_is_404_and_a_store_down_is_503(i
 
 
 def test_an_upload_lives_in_the_store_and_goes_with_its_delete(in_s3, client):
-    records = b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    records = (json.dumps({"messages": turns}) + "\n").encode()
     response = client.post("/datasets", files={"file": ("chats.jsonl", io.BytesIO(records * 3))})
     assert response.status_code == 201, response.text
     dataset = response.json()
@@ -268,3 +313,67 @@ def test_an_upload_lives_in_the_store_and_goes_with_its_delete(in_s3, client):
 
     assert client.delete(f"/datasets/{dataset['id']}").status_code == 204
     assert in_s3.keys() == []
+
+
+# --- a job killed on one host resumes on another, through the store ------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.faults
+@needs_redis
+def test_a_job_killed_on_one_host_resumes_on_another_from_the_store(redis_env, s3, demo_model, tmp_path):
+    """Two `finetune worker` processes with data dirs of their own (no folder in common), one
+    bucket, one database: the first is killed -9 after a checkpoint; the second, which never saw
+    the first's disk, resumes from the checkpoint in the store; each step is recorded once."""
+    env = {**redis_env, **s3.env(), "FINETUNE_LEASE_S": "3", "FINETUNE_SWEEP_INTERVAL_S": "1"}
+    hosts = {name: {**env, "FINETUNE_DATA_DIR": str(tmp_path / name)} for name in ("host-a", "host-b")}
+    with running_service(env, tmp_path, worker=False) as client:  # the API's data dir: tmp_path/data
+        with finetune_process("worker", hosts["host-a"], tmp_path, name="worker-a") as first:
+            job = submit(client, short_spec(max_steps=8, save_steps=4, save_total_limit=5))
+            wait_until(
+                lambda: client.get(f"/jobs/{job['id']}/checkpoints").json()["items"],
+                300,
+                what="the first checkpoint to be recorded",
+                every=0.05,
+                state=lambda: job_state(client, job["id"]),
+            )
+            os.killpg(first.pid, signal.SIGKILL)  # the worker and the child training the job
+        killed = client.get(f"/jobs/{job['id']}").json()
+        recorded_at_kill = client.get(f"/jobs/{job['id']}/checkpoints").json()["items"]
+        assert killed["status"] == "running" and killed["current_step"] < 8, "killed after the end"
+
+        with finetune_process("worker", hosts["host-b"], tmp_path, name="worker-b"):
+            done = wait_for(client, job["id"], {"succeeded", "failed", "cancelled"})
+
+        assert (done["status"], done["attempts"]) == ("succeeded", 2), events(client, job["id"])
+        resumed_from = recorded_at_kill[-1]
+        messages = [e["message"] for e in events(client, job["id"])]
+        assert any(
+            m.endswith(f"stopped renewing its lease: resuming from {resumed_from['name']}") for m in messages
+        )
+        assert [row["step"] for row in client.get(f"/jobs/{job['id']}/logs").json()["items"]] == list(
+            range(1, 11)
+        )
+
+        # host B trained from the zip it unpacked from the store, checked against the recorded sha256
+        assert (tmp_path / "host-b" / "unpacked" / resumed_from["sha256"] / resumed_from["name"]).is_dir()
+        # the store holds what the database records, and nothing else
+        checkpoints = client.get(f"/jobs/{job['id']}/checkpoints").json()["items"]
+        prefix = f"artifacts/jobs/{job['id']}/"
+        assert s3.keys(prefix) == sorted(
+            [prefix + "adapter.zip"] + [f"{prefix}checkpoints/{c['name']}.zip" for c in checkpoints]
+        )
+        assert [c["name"] for c in checkpoints] == ["checkpoint-4", "checkpoint-8"]
+        # host B kept only scratch, dropped once the job ended; the API's data dir never held a job
+        assert not any((tmp_path / "host-b" / "jobs" / job["id"]).glob("*"))
+        assert not (tmp_path / "data" / "jobs").exists()
+        adapter = client.get(f"/jobs/{job['id']}/adapter")
+        assert hashlib.sha256(adapter.content).hexdigest() == done["adapter_sha256"]
+        assert zipfile.ZipFile(io.BytesIO(adapter.content)).getinfo("adapter/adapter_config.json")
+        saved = next(e for e in events(client, job["id"]) if e["message"] == f"saved {resumed_from['name']}")
+        print(
+            f"FIGURE object store: worker A killed -9 at step {killed['current_step']} with "
+            f"{resumed_from['name']} in the store ({resumed_from['size_bytes']:,} bytes, zipped in "
+            f"{saved['data']['zip_seconds']} s, uploaded in {saved['data']['store_seconds']} s); worker B, "
+            f"another data dir, resumed from it and finished: steps 1-8 each once"
+        )

@@ -29,7 +29,7 @@ def adapter_folder(job_id: str, checkpoint: str | None) -> Path:
     except FileNotFoundError:
         folder = None
     if folder is None or not (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint or 'the adapter'} is no longer on disk")
+        raise FileNotFoundError(f"{checkpoint or 'the adapter'} is no longer on disk or in the store")
     return folder
 
 
