@@ -154,8 +154,9 @@ def delete_dataset(dataset_id: str, owner: str) -> None:
         users = [job.id for job in active if dataset_id in _dataset_references(stored_spec(job.spec))]
         if users:
             raise DatasetInUse(f"dataset {dataset_id} is used by {', '.join(users)}; cancel them first")
+        # the file first: a store that can't be reached is a 503 with nothing changed
+        artifact_store().delete_folder(get_settings().dataset_dir(dataset_id))
         session.delete(row)
-    artifact_store().delete_folder(get_settings().dataset_dir(dataset_id))
 
 
 def _dataset_references(spec: JobSpec) -> set[str]:

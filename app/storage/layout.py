@@ -19,12 +19,16 @@ its callbacks and the torchrun launcher) asks `job_files(job_id)` instead of joi
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.errors import StorageUnavailable
 from app.settings import Settings, get_settings
 from app.storage.stores import ArtifactStore, artifact_store
+
+log = logging.getLogger(__name__)
 
 
 def being_written(path: Path) -> Path:
@@ -118,8 +122,13 @@ class JobFiles:
         return RunFiles(self.root / "run")
 
     def remove_checkpoint(self, name: str) -> None:
+        """Called once the database dropped the checkpoint, so it can't fail the caller: a zip the
+        store would not delete now is an unrecorded one, which the job's next run removes."""
         shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
-        self.store.delete(self.checkpoint_zip(name))
+        try:
+            self.store.delete(self.checkpoint_zip(name))
+        except StorageUnavailable as exc:
+            log.warning("%s: %s.zip stays in the store for now: %s", self.root.name, name, exc)
 
     def remove_unrecorded(self, recorded: set[str] | dict[str, str]) -> list[str]:
         """Delete what a kill during a save leaves behind: checkpoint folders and zips (here and

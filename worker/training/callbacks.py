@@ -232,6 +232,7 @@ class JobProgressCallback(TrainerCallback):
                 "store_seconds": round(store_s, 3),
             },
         )
+        self.files.store.evict(info.path)  # an object store holds it now; the folder stays for the Trainer
         log.info(
             "job %s: %s zipped and stored (%d bytes) in %.2f s",
             self.claim.job_id,
