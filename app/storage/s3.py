@@ -5,8 +5,10 @@ role). The data dir holds only what this host is working on or has downloaded.""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from app.errors import StorageUnavailable
-from app.storage.stores import CHUNK, ArtifactStore, extract_whole, sha256_of
+from app.storage.stores import CHUNK, ArtifactStore, sha256_of
 
 # Unpacked checkpoints and adapters a host keeps (the newest first); older ones are deleted.
 UNPACKED_KEPT = 8
@@ -40,6 +42,20 @@ def _reaching(what: str) -> Iterator[None]:
         raise StorageUnavailable(f"the object store refused to {what}: {exc}") from exc
     except BotoCoreError as exc:
         raise StorageUnavailable(f"the object store could not {what}: {exc}") from exc
+
+
+def extract_whole(archive: Path, target: Path) -> None:
+    """Unzip `archive` into `target` (created whole by a rename; a concurrent unzip of the same
+    archive into the same target leaves one of them)."""
+    staging = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(staging)  # member names with `..` or a root are made safe by zipfile
+    try:
+        staging.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # another process unpacked it first
 
 
 class S3Store(ArtifactStore):

@@ -12,9 +12,7 @@ find the file where it already lies.
 from __future__ import annotations
 
 import hashlib
-import secrets
 import shutil
-import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from functools import lru_cache
@@ -106,13 +104,22 @@ class LocalStore(ArtifactStore):
     def put(self, path: Path) -> str:
         return str(path)
 
+    def _kept(self, path: Path) -> Path | None:
+        """`path` if it is a file of the data dir's own: no link (one swapped in to lead a
+        download out of the data dir) and inside it."""
+        resolved = path.resolve()
+        if path.is_symlink() or not resolved.is_relative_to(self.scratch) or not resolved.is_file():
+            return None
+        return resolved
+
     def fetch(self, path: Path) -> Path:
-        if not path.is_file():
+        if self._kept(path) is None:
             raise FileNotFoundError(f"{path.name} is no longer on disk")
         return path
 
     def size(self, path: Path) -> int | None:
-        return path.stat().st_size if path.is_file() else None
+        kept = self._kept(path)
+        return kept.stat().st_size if kept is not None else None
 
     def local_file(self, path: Path) -> Path | None:
         return path
@@ -139,20 +146,6 @@ class LocalStore(ArtifactStore):
 
     def evict(self, path: Path) -> None:
         pass
-
-
-def extract_whole(archive: Path, target: Path) -> None:
-    """Unzip `archive` into `target` (created whole by a rename; a concurrent unzip of the same
-    archive into the same target leaves one of them)."""
-    staging = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    with zipfile.ZipFile(archive) as zipped:
-        zipped.extractall(staging)  # member names with `..` or a root are made safe by zipfile
-    try:
-        staging.rename(target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)  # another process unpacked it first
 
 
 @lru_cache
