@@ -219,13 +219,14 @@ def record_checkpoint(
     claim: Claim,
     name: str,
     step: int,
-    zip_path: str,
+    location: str,
     size_bytes: int,
     sha256: str,
     keep: int,
     timings: dict[str, float] | None = None,
 ) -> None:
-    """Record a finished checkpoint zip and drop the oldest beyond `keep` (save_total_limit)."""
+    """Record a finished checkpoint zip, whole in its store at `location`, and drop the oldest
+    beyond `keep` (save_total_limit)."""
     job_id = claim.job_id
     with session_scope() as session:
         _hold(session, claim)
@@ -237,7 +238,7 @@ def record_checkpoint(
             session.flush()
         session.add(
             Checkpoint(
-                job_id=job_id, name=name, step=step, path=zip_path, size_bytes=size_bytes, sha256=sha256
+                job_id=job_id, name=name, step=step, path=location, size_bytes=size_bytes, sha256=sha256
             )
         )
         add_event(
