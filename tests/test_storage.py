@@ -28,7 +28,7 @@ from tests.helpers import wait_until
 from tests.processes import finetune_process, job_state, running_service, wait_for
 from tests.servers import S3Server, s3_server
 from tests.test_end_to_end import submit
-from tests.test_reliability import events, short_spec
+from tests.test_reliability import events, short_spec, steps
 
 pytestmark = sqlite_only  # the database is not the subject
 
@@ -348,12 +348,9 @@ def test_a_job_killed_on_one_host_resumes_on_another_from_the_store(redis_env, s
         assert (done["status"], done["attempts"]) == ("succeeded", 2), events(client, job["id"])
         resumed_from = recorded_at_kill[-1]
         messages = [e["message"] for e in events(client, job["id"])]
-        assert any(
-            m.endswith(f"stopped renewing its lease: resuming from {resumed_from['name']}") for m in messages
-        )
-        assert [row["step"] for row in client.get(f"/jobs/{job['id']}/logs").json()["items"]] == list(
-            range(1, 11)
-        )
+        resumed = f"stopped renewing its lease: resuming from {resumed_from['name']}"
+        assert any(m.endswith(resumed) for m in messages), messages
+        assert steps(client, job["id"]) == list(range(1, 9))  # each step once, none missing
 
         # host B trained from the zip it unpacked from the store, checked against the recorded sha256
         assert (tmp_path / "host-b" / "unpacked" / resumed_from["sha256"] / resumed_from["name"]).is_dir()
