@@ -6,12 +6,21 @@ services hand out only the owner's StoredFile. Each carries its recorded SHA-256
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from app.services.downloads import StoredFile
 from app.settings import get_settings
+
+# What a download route may answer besides its file (for its OpenAPI entry).
+REDIRECT: dict[int | str, dict[str, Any]] = {
+    307: {
+        "description": "With FINETUNE_STORAGE_REDIRECT_S set: `Location` is a presigned URL of the "
+        "object store that expires; `X-Checksum-Sha256` is the file's"
+    }
+}
 
 
 def send_file(file: StoredFile, media_type: str) -> Response:

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 
 from app.api.auth import Owner
-from app.api.downloads import send_file
+from app.api.downloads import REDIRECT, send_file
 from app.schemas import ERROR_RESPONSES, ExportRead, ExportRequest, Page
 from app.services import exports
 
@@ -37,7 +37,7 @@ def get_export(job_id: str, export_id: str, owner: Owner) -> ExportRead:
 @router.get(
     "/jobs/{job_id}/exports/{export_id}/download",
     response_class=FileResponse,
-    responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}}}},
+    responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}}}, **REDIRECT},
 )
 def download_export(job_id: str, export_id: str, owner: Owner) -> Response:
     """The export's file; its `sha256` is in the export and in the `X-Checksum-Sha256` header."""

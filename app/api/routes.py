@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import waiting
 from app.api.auth import Owner
-from app.api.downloads import send_file
+from app.api.downloads import REDIRECT, send_file
 from app.api.logs import format_csv, format_text_line, metric_events
 from app.errors import InvalidCursor, InvalidFields
 from app.models import JobStatus, SampleStatus
@@ -185,7 +185,7 @@ def job_checkpoints(job_id: str, owner: Owner) -> Page[CheckpointRead]:
     "/jobs/{job_id}/checkpoints/{name}/download",
     response_class=FileResponse,
     tags=["artifacts"],
-    responses={200: {"content": {"application/zip": {}}}},
+    responses={200: {"content": {"application/zip": {}}}, **REDIRECT},
 )
 def download_checkpoint(job_id: str, name: str, owner: Owner) -> Response:
     """The checkpoint's zip (`sha256` in the listing and in the `X-Checksum-Sha256` header)."""
@@ -196,7 +196,7 @@ def download_checkpoint(job_id: str, name: str, owner: Owner) -> Response:
     "/jobs/{job_id}/adapter",
     response_class=FileResponse,
     tags=["artifacts"],
-    responses={200: {"content": {"application/zip": {}}}},
+    responses={200: {"content": {"application/zip": {}}}, **REDIRECT},
 )
 def download_adapter(job_id: str, owner: Owner) -> Response:
     """The final adapter's zip (`adapter_sha256` in the job, and in `X-Checksum-Sha256`)."""
@@ -252,7 +252,9 @@ def get_dataset(dataset_id: str, owner: Owner) -> DatasetRead:
     return datasets.get_dataset(dataset_id, owner)
 
 
-@router.get("/datasets/{dataset_id}/content", response_class=FileResponse, tags=["datasets"])
+@router.get(
+    "/datasets/{dataset_id}/content", response_class=FileResponse, tags=["datasets"], responses=REDIRECT
+)
 def dataset_content(dataset_id: str, owner: Owner) -> Response:
     """The file as it was uploaded."""
     return send_file(datasets.uploaded_file(dataset_id, owner), "application/octet-stream")

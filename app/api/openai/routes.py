@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Owner
-from app.api.downloads import send_file
+from app.api.downloads import REDIRECT, send_file
 from app.api.logs import format_csv
 from app.api.urls import BaseUrl
 from app.errors import InvalidFields, ModelNotFound
@@ -115,7 +115,7 @@ def retrieve_file(file_id: str, owner: Owner) -> Object:
     return file_object(datasets.get_dataset(file_id, owner))
 
 
-@router.get("/files/{file_id}/content", response_class=FileResponse)
+@router.get("/files/{file_id}/content", response_class=FileResponse, responses=REDIRECT)
 def file_content(file_id: str, owner: Owner) -> Response:
     """The upload as sent, or a job's result file (`results-<job id>`: its metrics as CSV)."""
     job_id = results_job_id(file_id)
