@@ -157,14 +157,14 @@ class JobFiles:
 
     def clear_scratch(self) -> None:
         """Drop this host's working copies once a run ends, where the store keeps the artifacts
-        (the folder may hold more: an offline W&B run stays)."""
+        (the folder may hold more: an offline W&B run stays, and `exports/`, where a sampler on
+        this host may be making one, which drops its own file once stored)."""
         for path in (
             self.output_dir,
             self.checkpoint_zips_dir,
             self.adapter_dir,
             self.adapter_staging_dir,
             self.adapter_zip,
-            self.exports_dir,
             self.run.root,
         ):
             self.store.evict(path)
