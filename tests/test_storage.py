@@ -290,6 +290,7 @@ def test_a_recorded_file_missing_from_the_store_is_404_and_a_store_down_is_503(i
     down = client.get(f"/jobs/{job_id}/adapter")
     assert (down.status_code, down.json()["error"]) == (503, "storage_unavailable")
     assert "Retry-After" in down.headers and "Traceback" not in down.text
+    assert in_s3.endpoint_url.removeprefix("http://") not in down.text and "artifacts/" not in down.text
 
 
 def test_an_upload_lives_in_the_store_and_goes_with_its_delete(in_s3, client):

@@ -4,6 +4,7 @@ role). The data dir holds only what this host is working on or has downloaded.""
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -21,6 +22,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from app.errors import StorageUnavailable
 from app.storage.stores import CHUNK, ArtifactStore, sha256_of
 
+log = logging.getLogger(__name__)
+
 # Unpacked checkpoints and adapters a host keeps (the newest first); older ones are deleted.
 UNPACKED_KEPT = 8
 MISSING = {"404", "NoSuchKey", "NotFound"}
@@ -33,15 +36,21 @@ def _missing(exc: ClientError) -> bool:
 @contextmanager
 def _reaching(what: str) -> Iterator[None]:
     """Any failure to reach the store, or a refusal other than "no such key", as
-    StorageUnavailable (a 503 at the API, a failed attempt at a worker)."""
+    StorageUnavailable (a 503 at the API, a failed attempt at a worker). Its message names the
+    error's kind only: boto's text holds the store's address and keys, which are the
+    operator's (logged here)."""
     try:
         yield
     except ClientError as exc:
         if _missing(exc):
             raise
-        raise StorageUnavailable(f"the object store refused to {what}: {exc}") from exc
+        log.warning("object store: could not %s: %s", what, exc)
+        raise StorageUnavailable(
+            f"the object store refused to {what} ({exc.response['Error'].get('Code')})"
+        ) from exc
     except BotoCoreError as exc:
-        raise StorageUnavailable(f"the object store could not {what}: {exc}") from exc
+        log.warning("object store: could not %s: %s", what, exc)
+        raise StorageUnavailable(f"the object store could not {what} ({type(exc).__name__})") from exc
 
 
 def extract_whole(archive: Path, target: Path) -> None:
