@@ -67,7 +67,7 @@ def an_export(job_id: str) -> str:
         export = Export(job_id=job_id, format="merged", status="succeeded", filename="merged.zip")
         session.add(export)
         session.flush()
-        path = job_files(job_id).export_file(export.id, ".zip")
+        path = job_files(job_id).export_file(export.id, "merged")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"PK\x05\x06" + bytes(18))
         export.path, export.size_bytes, export.sha256 = (

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -33,6 +32,7 @@ from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
 from app.services import preflight
 from app.services.admission import check_admissible, local_source_problems
 from app.services.datasets import dataset_reference_problems
+from app.services.downloads import StoredFile, stored_file
 from app.services.events import add_event, add_state_event
 from app.services.lineage import resolve_init_from
 from app.services.pagination import newest_first
@@ -318,15 +318,7 @@ def list_checkpoints(job_id: str, owner: str) -> list[CheckpointRead]:
         return [CheckpointRead.model_validate(row) for row in rows]
 
 
-def _confined(job_id: str, path: str) -> Path:
-    """A file the database names, refused unless it lies inside the job's own directory."""
-    resolved = job_files(job_id).confine(path)
-    if resolved is None:
-        raise ArtifactNotReady(f"file for job {job_id} is missing")
-    return resolved
-
-
-def checkpoint_zip(job_id: str, owner: str, name: str) -> Path:
+def checkpoint_zip(job_id: str, owner: str, name: str) -> StoredFile:
     with session_scope() as session:
         owned_job(session, job_id, owner)
         row = None
@@ -336,15 +328,19 @@ def checkpoint_zip(job_id: str, owner: str, name: str) -> Path:
             )
         if row is None:
             raise CheckpointNotFound(f"job {job_id} has no checkpoint {name!r}")
-        return _confined(job_id, row.path)
+        sha256 = row.sha256
+    files = job_files(job_id)
+    return stored_file(files.store, files.checkpoint_zip(name), f"{job_id}-{name}.zip", sha256, name)
 
 
-def adapter_zip(job_id: str, owner: str) -> Path:
+def adapter_zip(job_id: str, owner: str) -> StoredFile:
     with session_scope() as session:
         job = owned_job(session, job_id, owner)
         if not job.adapter_path:
             raise ArtifactNotReady(f"job {job_id} is {job.status}; the adapter is written when it succeeds")
-        return _confined(job_id, job.adapter_path)
+        sha256 = job.adapter_sha256
+    files = job_files(job_id)
+    return stored_file(files.store, files.adapter_zip, f"{job_id}-adapter.zip", sha256, "the adapter")
 
 
 # A running job's speed is measured over this many of its latest metric rows.

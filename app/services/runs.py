@@ -54,6 +54,8 @@ class Claim:
     spec: JobSpec
     resume_from: str | None
     attempt: int
+    # the sha256 of resume_from's zip, which a host that didn't write it unpacks from the store
+    resume_sha256: str | None = None
 
     def to_json(self) -> str:
         """For another process of the same job (a data-parallel rank)."""
@@ -99,7 +101,10 @@ def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
             return None
         job = session.get(Job, job_id)
         assert job is not None
-        return Claim(job_id, owner, stored_spec(job.spec), job.resume_from, attempt)
+        resume_sha256 = session.scalar(
+            select(Checkpoint.sha256).where(Checkpoint.job_id == job_id, Checkpoint.name == job.resume_from)
+        )
+        return Claim(job_id, owner, stored_spec(job.spec), job.resume_from, attempt, resume_sha256)
 
 
 def skip_stale_delivery(job_id: str) -> str | None:
@@ -214,13 +219,14 @@ def record_checkpoint(
     claim: Claim,
     name: str,
     step: int,
-    zip_path: str,
+    location: str,
     size_bytes: int,
     sha256: str,
     keep: int,
     timings: dict[str, float] | None = None,
 ) -> None:
-    """Record a finished checkpoint zip and drop the oldest beyond `keep` (save_total_limit)."""
+    """Record a finished checkpoint zip, whole in its store at `location`, and drop the oldest
+    beyond `keep` (save_total_limit)."""
     job_id = claim.job_id
     with session_scope() as session:
         _hold(session, claim)
@@ -232,7 +238,7 @@ def record_checkpoint(
             session.flush()
         session.add(
             Checkpoint(
-                job_id=job_id, name=name, step=step, path=zip_path, size_bytes=size_bytes, sha256=sha256
+                job_id=job_id, name=name, step=step, path=location, size_bytes=size_bytes, sha256=sha256
             )
         )
         add_event(
