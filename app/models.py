@@ -141,6 +141,9 @@ class Job(Base):
     # The worker class whose queue its id was published to (app/routing.py); null while it
     # waits for the dispatcher. Kept while it runs: a class's busy workers are counted by it.
     routed_to: Mapped[str | None] = mapped_column(String(64))
+    # The high-priority job this running one is pausing for (its next checkpoint); it goes back
+    # in line instead of staying paused, and resumes by itself when a GPU frees.
+    preempted_for: Mapped[str | None] = mapped_column(String(40))
 
 
 class OwnerTurn(Base):

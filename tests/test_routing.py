@@ -275,3 +275,62 @@ def test_priority_is_validated_like_every_field(client, priority):
     response = client.post("/jobs", json={"priority": priority})
     assert response.status_code == 422
     assert "priority" in response.text
+
+
+@pytest.mark.slow
+@sqlite_only  # a training's pause path, not the database
+def test_a_high_job_pauses_the_lowest_running_one_which_resumes_by_itself(service_env, demo_model):
+    """One worker trains a low job (the real tiny model, 4-bit on the CPU); a high job comes and
+    no free worker holds it: the low one pauses at its next checkpoint, goes back in line, the
+    high one takes the worker, and the low one is routed again when the worker frees, to
+    continue from that checkpoint."""
+    import threading
+
+    from app.services import jobs, scheduler
+    from tests.test_training import quick_spec
+    from worker.tasks import execute_job
+
+    register_worker("celery@box")  # no GPU: the CPU class, which holds both
+    low = jobs.create_job(
+        quick_spec(max_steps=200, save_steps=1000).model_copy(update={"priority": "low"}), "alice"
+    ).id
+    assert routed() == [low]
+    training = threading.Thread(target=execute_job, args=(low,))
+    training.start()
+    wait_until(lambda: jobs.get_job(low, "alice").current_step >= 1, 180, what="the low job to train")
+
+    high = create(service_env, SMALL, owner="bob", priority="high")
+
+    training.join(timeout=180)
+    assert not training.is_alive()
+    paused = jobs.get_job(low, "alice")
+    events = [e.message for e in jobs.list_events(low, "alice", None, 100).items]
+    assert paused.status == "queued" and paused.resume_from is not None and paused.attempts == 0
+    assert any(
+        m.startswith(f"pausing at its next checkpoint for the high-priority job {high}") for m in events
+    )
+    assert f"paused for the high-priority job {high}: resuming from {paused.resume_from}" in events
+
+    assert scheduler.dispatch() == [high]  # the freed worker: the high job first
+    assert jobs.get_job(low, "alice").waiting_for.startswith("a free GPU with ≥ ")
+    run_to_the_end(high)
+    assert routed() == [low]  # resumes by itself, from its checkpoint
+
+
+@sqlite_only
+def test_a_job_requeued_after_its_worker_died_is_routed_afresh(service_env):
+    from app.db import session_scope
+    from app.services import runs
+    from app.services.sweeper import sweep
+
+    register_worker("celery@a100", A100)
+    job_id = create(service_env, NEEDS_40_GIB)
+    assert runs.claim_job(job_id, routed_to=A100_CLASS) is not None
+    with session_scope() as session:  # the worker was killed: its lease runs out
+        session.execute(
+            update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+    assert sweep() == [job_id]
+
+    assert routed() == [job_id] and job_row(job_id).routed_to == A100_CLASS

@@ -147,6 +147,10 @@ def execute_job(job_id: str, worker_class: str | None = None) -> None:
             if outcome.stopped == SHUTDOWN:
                 runs.hand_back(claim, "worker shutting down")
                 return
+            if outcome.stopped == PAUSE and (high := runs.preempted_for(claim)):
+                # paused for a high-priority job: back in line from the checkpoint just saved
+                runs.hand_back(claim, f"paused for the high-priority job {high}")
+                return
             if outcome.stopped in (CANCEL, PAUSE):
                 ended = AT_NEXT_STEP_ENDS_IN[outcome.stopped]
                 if not outcome.summary.get("trained", True):

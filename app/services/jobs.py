@@ -204,7 +204,9 @@ def _stop(job_id: str, owner: str, action: JobAction) -> JobRead:
                     session,
                     update(Job)
                     .where(Job.id == job_id, Job.status == before)
-                    .values({flag: True, "updated_at": utcnow()}),
+                    # the owner's pause stands: the job stays paused, not back in line after a
+                    # preemption (app/services/scheduler.py)
+                    .values({flag: True, "updated_at": utcnow(), "preempted_for": None}),
                 )
                 if done:
                     add_state_event(session, job_id, before, f"{action} requested")

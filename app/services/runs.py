@@ -204,6 +204,13 @@ def requested_stop(claim: Claim) -> str | None:
         return _requested(session, claim)
 
 
+@retry_while_unreachable
+def preempted_for(claim: Claim) -> str | None:
+    """The high-priority job this one was asked to pause for (app/services/scheduler.py)."""
+    with session_scope() as session:
+        return session.scalar(select(Job.preempted_for).where(Job.id == claim.job_id))
+
+
 def _requested(session: Session, claim: Claim) -> str | None:
     cancel, pause = session.execute(
         select(Job.cancel_requested, Job.pause_requested).where(Job.id == claim.job_id)

@@ -42,6 +42,7 @@ from app.routing import GpuClass, Needs, class_queue
 from app.services.events import add_event
 from app.services.workers import STALE
 from app.settings import get_settings
+from app.spec import PRIORITY_RANKS
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,6 @@ def _place() -> list[tuple[str, str]]:
         busy = _in_flight_by(session, Job.routed_to)
         free = {sig: live.workers - busy.get(sig, 0) for sig, live in classes.items()}
         free = {sig: n for sig, n in free.items() if n > 0}
-        if not free:
-            return []
         in_flight = _in_flight_by(session, Job.owner)
         turns: dict[str, datetime] = {}
         for signature in sorted(
@@ -161,7 +160,72 @@ def _place() -> list[tuple[str, str]]:
                 free[signature] -= 1
                 in_flight[owner] = in_flight.get(owner, 0) + 1
                 _take_turn(session, turns, owner, now)
+        _preempt(session, classes, in_flight, limit)
     return placed
+
+
+# How many waiting high-priority jobs one dispatch looks at for a running job to pause.
+PREEMPT_LOOKS_AT = 8
+
+
+def _preempt(session: Session, classes: dict[str, LiveClass], in_flight: dict[str, int], limit: int) -> None:
+    """For each high-priority job still waiting (no free worker holds it), ask the lowest-priority
+    running job on a class that holds it, the most recently started, to pause at its next
+    checkpoint. It goes back in line then (worker/tasks.py), and its freed worker takes the
+    high job: the dispatch after every finish gives it the first place. A job already pausing
+    for one, or an owner at their running limit, asks for no other."""
+    waiting_high = session.execute(
+        select(Job.id, Job.owner, Job.needs_bytes, Job.needs_gpus, Job.needs_bf16)
+        .where(UNROUTED, Job.priority == PRIORITY_RANKS["high"])
+        .order_by(Job.created_at)
+        .limit(PREEMPT_LOOKS_AT)
+    ).all()
+    if not waiting_high:
+        return
+    pausing_for = set(
+        session.scalars(
+            select(Job.preempted_for).where(Job.status == RUNNING, Job.preempted_for.is_not(None))
+        )
+    )
+    for high_id, owner, needs_bytes, needs_gpus, needs_bf16 in waiting_high:
+        if high_id in pausing_for or (limit and in_flight.get(owner, 0) >= limit):
+            continue
+        holding = [
+            sig
+            for sig, live in classes.items()
+            if live.gpus.holds(Needs(needs_bytes, needs_gpus, needs_bf16))
+        ]
+        if not holding:
+            continue
+        victim = session.execute(
+            select(Job.id, Job.priority)
+            .where(
+                Job.status == RUNNING,
+                Job.routed_to.in_(holding),
+                Job.priority > PRIORITY_RANKS["high"],
+                Job.preempted_for.is_(None),
+                Job.pause_requested.is_(False),
+                Job.cancel_requested.is_(False),
+            )
+            .order_by(Job.priority.desc(), Job.started_at.desc())
+            .limit(1)
+        ).first()
+        if victim is None:
+            continue
+        changed_rows(
+            session,
+            update(Job)
+            .where(Job.id == victim.id, Job.status == RUNNING, Job.preempted_for.is_(None))
+            .values(pause_requested=True, preempted_for=high_id),
+        )
+        add_event(
+            session,
+            victim.id,
+            f"pausing at its next checkpoint for the high-priority job {high_id}, which no free GPU "
+            "holds; it goes back in line and resumes by itself when a GPU frees",
+            data={"preempted_for": high_id},
+        )
+        in_flight[owner] = in_flight.get(owner, 0) + 1  # counted against its owner's limit
 
 
 def _read_turns(session: Session, turns: dict[str, datetime], owners: set[str]) -> None:

@@ -52,12 +52,18 @@ def sweep_jobs() -> list[str]:
     now = utcnow()
     with session_scope() as session:
         expired = session.execute(
-            select(Job.id, Job.lease_owner, Job.attempts, Job.cancel_requested, Job.pause_requested).where(
-                Job.status == JobStatus.RUNNING, Job.lease_expires_at < now
-            )
+            select(
+                Job.id,
+                Job.lease_owner,
+                Job.attempts,
+                Job.cancel_requested,
+                Job.pause_requested,
+                Job.preempted_for,
+            ).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
         ).all()
     requeued = []
-    for job_id, owner, attempts, cancel, pause in expired:
+    for job_id, owner, attempts, cancel, pause, preempted in expired:
+        pause = pause and not preempted  # a preemption's pause goes back in line, as its worker does
         still_expired = (Job.lease_owner == owner, Job.lease_expires_at < now)
         reason = f"worker {owner} stopped renewing its lease"
         with session_scope() as session:

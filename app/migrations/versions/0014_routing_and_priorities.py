@@ -58,6 +58,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("needs_gpus", sa.Integer(), nullable=False, server_default="1"))
         batch_op.add_column(sa.Column("needs_bf16", sa.Boolean(), nullable=False, server_default=sa.false()))
         batch_op.add_column(sa.Column("routed_to", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("preempted_for", sa.String(length=40), nullable=True))
         batch_op.create_index(
             "ix_jobs_dispatch_order", ["status", "routed_to", "priority", "owner", "created_at"], unique=False
         )
@@ -83,5 +84,5 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_status_owner")
         batch_op.drop_index("ix_jobs_dispatch_order")
-        for column in ("routed_to", "needs_bf16", "needs_gpus", "needs_bytes", "priority"):
+        for column in ("preempted_for", "routed_to", "needs_bf16", "needs_gpus", "needs_bytes", "priority"):
             batch_op.drop_column(column)
