@@ -119,14 +119,15 @@ def test_a_broker_outage_answers_503_with_retry_after_where_work_must_be_sent_no
 def test_runs_sharing_one_redis_never_see_each_others_job_ids(redis_env, monkeypatch):
     """Every test run used Redis database 15 and one queue name and wiped it with flushdb():
     two runs on one machine took each other's job ids. Now each test has its own queue."""
-    from app.queue import enqueue_job, waiting_messages
+    from app.queue import TASK_RUN_JOB, send, waiting_messages
+    from app.routing import CPU, class_queue
 
     monkeypatch.setenv("FINETUNE_BROKER_URL", redis_env["FINETUNE_BROKER_URL"])
     reset_caches()
-    enqueue_job("job_" + "1" * 24)
-    assert waiting_messages() == 1
+    send(TASK_RUN_JOB, "job_" + "1" * 24, queue=class_queue(CPU))
+    assert waiting_messages(class_queue(CPU)) == 1
 
     monkeypatch.setenv("FINETUNE_QUEUE", unique_queue())  # another run's
     reset_caches()
-    assert waiting_messages() == 0
+    assert waiting_messages(class_queue(CPU)) == 0
     drop_queues(REDIS_URL, os.environ["FINETUNE_QUEUE"])
