@@ -334,3 +334,20 @@ def test_a_job_requeued_after_its_worker_died_is_routed_afresh(service_env):
     assert sweep() == [job_id]
 
     assert routed() == [job_id] and job_row(job_id).routed_to == A100_CLASS
+
+
+@sqlite_only
+def test_the_rest_api_shows_a_queued_jobs_place_and_what_it_waits_for(client):
+    register_worker("celery@t4", T4)
+    first, second = (client.post("/jobs", json={"priority": "low"}).json()["id"] for _ in range(2))
+
+    on_its_way, waiting = client.get(f"/jobs/{first}").json(), client.get(f"/jobs/{second}").json()
+
+    assert (on_its_way["queue_position"], on_its_way["waiting_for"]) == (
+        0,
+        "a free worker (1× 15.0 GiB) to take it from the queue",
+    )
+    # no config.json for the hub's phi-2 here (offline): the memory isn't estimated
+    assert (waiting["queue_position"], waiting["waiting_for"]) == (1, "a free GPU with any memory")
+    assert waiting["spec"]["priority"] == "low"
+    assert client.get("/jobs").json()["items"][0]["queue_position"] is None  # lists don't compute it
