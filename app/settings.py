@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     auth: bool = True
     # Queued (not yet running) jobs one owner may have at a time; more gets 429.
     max_queued_jobs: int = 100
+    # Jobs one owner may have running (on GPUs) at a time; 0 is no limit. The others wait queued,
+    # in their turn (app/services/scheduler.py).
+    max_running_per_owner: int = Field(0, ge=0)
     max_upload_bytes: int = 1 << 30
     # Every other request body (job specs, resume requests).
     max_body_bytes: int = 1 << 20

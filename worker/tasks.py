@@ -14,7 +14,8 @@ from app.ids import checkpoint_name
 from app.lifecycle import AT_NEXT_STEP_ENDS_IN
 from app.models import JobStatus
 from app.queue import TASK_ANALYZE_DATASET, TASK_EXPORT, TASK_GENERATE_SAMPLE, TASK_RUN_JOB
-from app.services import jobs, runs
+from app.routing import signature_of_queue
+from app.services import runs, scheduler
 from app.services.runs import CANCEL, PAUSE, SHUTDOWN, LeaseLost
 from app.settings import Settings, get_settings
 from app.storage import job_files
@@ -51,9 +52,21 @@ class JobDelivery(Request):
         return True
 
 
-@celery.task(name=TASK_RUN_JOB, Request=JobDelivery)
-def run_job(job_id: str) -> None:
-    execute_job(job_id)
+@celery.task(name=TASK_RUN_JOB, Request=JobDelivery, bind=True)
+def run_job(self, job_id: str) -> None:
+    queue = (self.request.delivery_info or {}).get("routing_key") or ""
+    try:
+        execute_job(job_id, signature_of_queue(queue))
+    finally:
+        # this worker is free now: the next job in line comes to it (or to another)
+        dispatch_next()
+
+
+def dispatch_next() -> None:
+    try:
+        scheduler.dispatch()
+    except Exception as exc:  # the database or broker is down: the API's sweep dispatches later
+        log.warning("dispatch after a job failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
 
 
 @celery.task(name=TASK_ANALYZE_DATASET)
@@ -88,10 +101,10 @@ def finished_message(summary: dict) -> str:
     return f"finished after {summary['steps']} steps" + (f": {', '.join(losses)}" if losses else "")
 
 
-def execute_job(job_id: str) -> None:
+def execute_job(job_id: str, worker_class: str | None = None) -> None:
     """Claim the job, train it under a lease, record how it ended. A worker that loses its
     lease (the sweeper gave the job to another) stops and writes nothing more."""
-    claim = runs.claim_job(job_id)
+    claim = runs.claim_job(job_id, routed_to=worker_class)
     if claim is None:
         # Taken or stopped since JobDelivery looked: a second delivery of its id (a broker
         # redelivery, an id sent again by the sweeper) claimed elsewhere first, or a cancel.
@@ -145,7 +158,10 @@ def _run_and_record(claim: runs.Claim, settings: Settings) -> None:
         steps = outcome.summary["steps"]
         if outcome.stopped == SHUTDOWN:
             runs.hand_back(claim, "worker shutting down")
-            jobs.dispatch(job_id)
+            return
+        if outcome.stopped == PAUSE and (high := runs.preempted_for(claim)):
+            # paused for a high-priority job: back in line from the checkpoint just saved
+            runs.hand_back(claim, f"paused for the high-priority job {high}")
             return
         if outcome.stopped in (CANCEL, PAUSE):
             ended = AT_NEXT_STEP_ENDS_IN[outcome.stopped]

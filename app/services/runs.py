@@ -76,9 +76,10 @@ def _lease_expiry():
 
 
 @retry_while_unreachable
-def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
+def claim_job(job_id: str, owner: str | None = None, routed_to: str | None = None) -> Claim | None:
     """Move a queued job to running under a lease; None when it is not queued (cancelled, or a
-    duplicate delivery of its id)."""
+    duplicate delivery of its id). `routed_to`: the class of the worker claiming it, which it
+    then counts against (an id sent to one class and taken by another keeps the count right)."""
     owner = owner or new_owner()
     with session_scope() as session:
         attempts = session.scalar(select(Job.attempts).where(Job.id == job_id))
@@ -96,6 +97,7 @@ def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
             attempts=attempt,
             lease_owner=owner,
             lease_expires_at=_lease_expiry(),
+            **({"routed_to": routed_to} if routed_to else {}),
         )
         if not claimed:
             return None
@@ -205,6 +207,13 @@ def requested_stop(claim: Claim) -> str | None:
     with session_scope() as session:
         _hold(session, claim)
         return _requested(session, claim)
+
+
+@retry_while_unreachable
+def preempted_for(claim: Claim) -> str | None:
+    """The high-priority job this one was asked to pause for (app/services/scheduler.py)."""
+    with session_scope() as session:
+        return session.scalar(select(Job.preempted_for).where(Job.id == claim.job_id))
 
 
 def _requested(session: Session, claim: Claim) -> str | None:
