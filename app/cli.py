@@ -146,11 +146,23 @@ def _run_celery_worker(queue: str, node: str, *pool: str) -> None:
 
 
 @cli.command(rich_help_panel="Server")
-def worker() -> None:
+def worker(
+    name: Annotated[
+        str,
+        typer.Option(
+            "--name",
+            help="Its node name before @host: one per worker where a host runs several (one per GPU); "
+            "`finetune health worker` checks the default.",
+        ),
+    ] = NODE_NAMES["worker"],
+) -> None:
     """Run a Celery worker: one training job at a time, each in a fresh child process."""
-    from app.queue import job_queue
+    from app.routing import GpuClass, class_queue
+    from worker.gpus import visible_gpus
 
-    _run_celery_worker(job_queue(), NODE_NAMES["worker"], "--pool=prefork", "--concurrency=1")
+    # its class's queue: the dispatcher sends there only jobs these GPUs hold (app/routing.py)
+    queue = class_queue(GpuClass.of(visible_gpus()).signature)
+    _run_celery_worker(queue, name, "--pool=prefork", "--concurrency=1")
 
 
 @cli.command(rich_help_panel="Server")

@@ -97,6 +97,14 @@ class BrokerUnavailable(ServiceError):
     headers = {"Retry-After": str(RETRY_AFTER_S)}
 
 
+class StorageUnavailable(ServiceError):
+    """The object store (FINETUNE_STORAGE_URL) could not be reached or refused the request."""
+
+    status_code = 503
+    code = "storage_unavailable"
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
+
+
 class DatabaseUnavailable(ServiceError):
     """The database did not answer; nothing was changed."""
 

@@ -89,7 +89,13 @@ STOPPED_STATUSES = (JobStatus.PAUSED, *TERMINAL_STATUSES)
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),)
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+        # The dispatcher's reads (app/services/scheduler.py): the heads of the unrouted queue by
+        # priority and owner, and the jobs in flight on each class and for each owner.
+        Index("ix_jobs_dispatch_order", "status", "routed_to", "priority", "owner", "created_at"),
+        Index("ix_jobs_status_owner", "status", "owner"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=new_job_id)
     owner: Mapped[str] = mapped_column(String(64), index=True)
@@ -125,6 +131,29 @@ class Job(Base):
     adapter_path: Mapped[str | None] = mapped_column(Text)
     adapter_size_bytes: Mapped[int | None]
     adapter_sha256: Mapped[str | None] = mapped_column(String(64))
+    # The spec's priority as a rank the dispatcher sorts on: 0 high, 1 normal, 2 low.
+    priority: Mapped[int] = mapped_column(Integer, default=1)
+    # What the job asks of a worker's GPUs (app/routing.py), from the pre-flight estimate:
+    # bytes per GPU (null: not estimated), how many GPUs, bfloat16.
+    needs_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    needs_gpus: Mapped[int] = mapped_column(Integer, default=1)
+    needs_bf16: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The worker class whose queue its id was published to (app/routing.py); null while it
+    # waits for the dispatcher. Kept while it runs: a class's busy workers are counted by it.
+    routed_to: Mapped[str | None] = mapped_column(String(64))
+    # The high-priority job this running one is pausing for (its next checkpoint); it goes back
+    # in line instead of staying paused, and resumes by itself when a GPU frees.
+    preempted_for: Mapped[str | None] = mapped_column(String(40))
+
+
+class OwnerTurn(Base):
+    """When an owner's job was last given a worker: among owners with as many jobs in flight,
+    the one whose turn is longest ago goes next (app/services/scheduler.py), so owners take turns."""
+
+    __tablename__ = "owner_turns"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_turn_at: Mapped[datetime]
 
 
 class Metric(Base):
@@ -342,3 +371,5 @@ class Worker(Base):
     gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # A training worker's class (app/routing.py), whose queue it consumes; null for a sampler.
+    gpu_class: Mapped[str | None] = mapped_column(String(64))

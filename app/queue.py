@@ -17,7 +17,8 @@ TASK_EXPORT = "finetune.export"
 
 
 def job_queue() -> str:
-    """Where job ids go (`finetune worker` takes them): FINETUNE_QUEUE."""
+    """The deployment's queue name, FINETUNE_QUEUE: job ids go to one queue under it per class of
+    worker (`app.routing.class_queue`), and the training workers register under it."""
     return get_settings().queue
 
 
@@ -59,34 +60,30 @@ def get_celery() -> Celery:
 
 
 def declare_queue() -> None:
-    """Create the job queue on the broker now. For the embedded SQLite broker this creates its
-    tables, which the API and the worker would otherwise race to create at their first use."""
+    """Create the samples queue on the broker now. For the embedded SQLite broker this creates
+    its tables, which the API and the worker would otherwise race to create at their first use."""
     celery = get_celery()
     with celery.connection_for_write() as connection:
         connection.ensure_connection(max_retries=3)
-        celery.amqp.queues[job_queue()](connection.default_channel).declare()
+        celery.amqp.queues[samples_queue()](connection.default_channel).declare()
 
 
-def waiting_messages() -> int:
-    """Messages waiting in the job queue (not counting those a worker has taken)."""
+def waiting_messages(queue: str) -> int:
+    """Messages waiting in `queue` (not counting those a worker has taken)."""
     celery = get_celery()
     with celery.connection_for_write() as connection:
         connection.ensure_connection(max_retries=1)
         # Not passive: a Redis restarted without persistence has forgotten the queue itself.
-        declared = celery.amqp.queues[job_queue()](connection.default_channel).queue_declare()
+        declared = celery.amqp.queues[queue](connection.default_channel).queue_declare()
         return declared.message_count
 
 
-def send(task: str, *args: object, queue: str | None = None) -> None:
-    """Publish `task(*args)` to `queue` (default: the job queue)."""
+def send(task: str, *args: object, queue: str) -> None:
+    """Publish `task(*args)` to `queue`."""
     try:
-        get_celery().send_task(task, args=list(args), queue=queue or job_queue())
+        get_celery().send_task(task, args=list(args), queue=queue)
     except Exception as exc:  # any failure to publish leaves the work undispatched
         raise BrokerUnavailable(f"could not enqueue {task}{args}: {exc}") from exc
-
-
-def enqueue_job(job_id: str) -> None:
-    send(TASK_RUN_JOB, job_id)
 
 
 def enqueue_sample(sample_id: str) -> None:

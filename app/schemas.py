@@ -71,6 +71,14 @@ class JobRead(_FromRow):
     trained_tokens: int | None = Field(description="Tokens trained on so far, padding not counted.")
     adapter_sha256: str | None
     adapter_size_bytes: int | None
+    queue_position: int | None = Field(
+        None,
+        description="A queued job's place in line (1: next, 0: on its way to a worker); shown by "
+        "GET /jobs/{id} only.",
+    )
+    waiting_for: str | None = Field(
+        None, description="What a queued job waits for, as a sentence; shown by GET /jobs/{id} only."
+    )
 
     @field_validator("spec")
     @classmethod

@@ -19,6 +19,18 @@ class Settings(BaseSettings):
 
     # Jobs' folders lie under it at paths app.storage.job_files names.
     data_dir: Path = Path("finetune-data")
+    # Where artifacts are kept (uploads, checkpoint zips, adapters, exports): empty, the data dir
+    # itself (one host, or a disk every host mounts at the same data_dir); `s3://bucket/prefix`,
+    # an S3-compatible object store, the data dir then being each host's scratch cache
+    # (app/storage/). Credentials the standard AWS way (AWS_ACCESS_KEY_ID, a profile, a role).
+    storage_url: str = Field("", pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[\w./-]*)?)?$")
+    # The store's endpoint when it is not AWS S3 (MinIO: `http://minio:9000`; R2:
+    # `https://<account>.r2.cloudflarestorage.com`).
+    storage_endpoint_url: str = ""
+    # Downloads from an object store: 0 streams them through the API (clients need to reach only
+    # the API); more answers 307 to a presigned URL of the store valid this many seconds (the
+    # bytes skip the API; clients must reach the store and follow redirects).
+    storage_redirect_s: int = Field(0, ge=0, le=7 * 24 * 3600)
     # Empty means a SQLite file under data_dir.
     database_url: str = ""
     # Redis in production; `finetune dev` switches to an embedded SQLite broker
@@ -35,6 +47,9 @@ class Settings(BaseSettings):
     auth: bool = True
     # Queued (not yet running) jobs one owner may have at a time; more gets 429.
     max_queued_jobs: int = 100
+    # Jobs one owner may have running (on GPUs) at a time; 0 is no limit. The others wait queued,
+    # in their turn (app/services/scheduler.py).
+    max_running_per_owner: int = Field(0, ge=0)
     max_upload_bytes: int = 1 << 30
     # Every other request body (job specs, resume requests).
     max_body_bytes: int = 1 << 20

@@ -317,6 +317,11 @@ class ResourcesSpec(_Strict):
     )
 
 
+Priority = Literal["high", "normal", "low"]
+# The rank the dispatcher sorts on (app/models.py Job.priority): lower goes first.
+PRIORITY_RANKS: dict[str, int] = {"high": 0, "normal": 1, "low": 2}
+
+
 SUPERVISED, DPO = "supervised", "dpo"
 DEFAULT_DPO_BETA = 0.1
 
@@ -472,6 +477,12 @@ class JobSpec(_Strict):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    priority: Priority = Field(
+        "normal",
+        description="high, normal or low: a free GPU goes to the highest priority waiting; among equal "
+        "priorities owners take turns. A high job that fits no free GPU may pause a low one at its next "
+        "checkpoint (it resumes by itself).",
+    )
     notify_url: HttpUrl | None = Field(
         None,
         description="Gets a JSON POST signed the Standard Webhooks way (webhook-id, webhook-timestamp, "

@@ -86,3 +86,14 @@ def packed_step(samples: list, pad_token_id: int, row_multiple: int) -> dict[str
     lengths = [len(s.input_ids) for s in samples]
     packed = PackedData(samples, plan_steps(lengths, len(samples), 2, sum(lengths), seed=0))
     return collate_packed([packed[0]], pad_token_id, row_multiple=row_multiple)
+
+
+def register_worker(name: str, *gpus: dict[str, Any]) -> None:
+    """A training worker's registration as `finetune worker` writes it (worker.heartbeat): under
+    the job queue, in the class of `gpus` (none: a CPU worker). The GPUs are the one thing a test
+    here may make up: there is none on CI."""
+    from app.queue import job_queue
+    from app.routing import GpuClass
+    from app.services import workers
+
+    workers.register(name, job_queue(), list(gpus), GpuClass.of(gpus).signature)

@@ -1,5 +1,6 @@
 """Servers the tests start: private Redis and PostgreSQL servers that a test may stop and
-restart (the shared ones stay up for every other test), and a webhook receiver on loopback."""
+restart (the shared ones stay up for every other test), a webhook receiver and an S3-compatible
+object store on loopback."""
 
 from __future__ import annotations
 
@@ -12,9 +13,67 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from tests.helpers import wait_until
 from tests.processes import free_port
+
+
+@dataclass
+class S3Server:
+    """moto's S3 server in this process (no MinIO or other S3 server installs from PyPI here),
+    one bucket; child processes reach it over HTTP as they would a real store."""
+
+    server: Any
+    endpoint_url: str
+    bucket: str = "finetune-test"
+
+    def env(self, prefix: str = "artifacts") -> dict[str, str]:
+        """The settings that put a service's artifacts in this store, under `prefix`."""
+        return {
+            "FINETUNE_STORAGE_URL": f"s3://{self.bucket}/{prefix}",
+            "FINETUNE_STORAGE_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        )
+
+    def keys(self, prefix: str = "") -> list[str]:
+        listed = self.client().list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        return sorted(item["Key"] for item in listed.get("Contents", []))
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@contextmanager
+def s3_server() -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    s3 = S3Server(server, f"http://{host}:{port}")
+    # moto keeps its buckets in the process, across servers: each test starts from none
+    httpx.post(f"{s3.endpoint_url}/moto-api/reset").raise_for_status()
+    s3.client().create_bucket(Bucket=s3.bucket)
+    try:
+        yield s3
+    finally:
+        server.stop()
 
 
 @dataclass

@@ -15,7 +15,7 @@ import pytest
 from app.models import JobStatus, utcnow
 from app.services import runs
 from tests.conftest import TEST_OWNER
-from tests.helpers import metric_stream
+from tests.helpers import metric_stream, register_worker
 from worker.training.artifacts import zip_directory
 
 
@@ -36,6 +36,7 @@ def test_health_and_openapi_docs(client):
 
 
 def test_empty_spec_creates_a_queued_seed_recipe_job_and_enqueues_its_id(client, service_env):
+    register_worker("celery@laptop")  # the id is sent once a worker is free for it
     job = submit(client)
 
     assert job["status"] == "queued" and job["id"].startswith("job_")

@@ -15,6 +15,7 @@ from app.models import ApiKey, Checkpoint, Export, Job, JobStatus, Sample, utcno
 from app.services.keys import create_key, revoke_key
 from app.storage import job_files
 from tests.conftest import REPO, bearer, demo_spec, reset_caches
+from tests.helpers import register_worker
 from tests.test_datasets import CHAT, jsonl, queued_messages, upload
 
 PUBLIC = {"/healthz"}
@@ -67,7 +68,7 @@ def an_export(job_id: str) -> str:
         export = Export(job_id=job_id, format="merged", status="succeeded", filename="merged.zip")
         session.add(export)
         session.flush()
-        path = job_files(job_id).export_file(export.id, ".zip")
+        path = job_files(job_id).export_file(export.id, "merged")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"PK\x05\x06" + bytes(18))
         export.path, export.size_bytes, export.sha256 = (
@@ -161,6 +162,8 @@ def test_metrics_show_key_holders_totals_and_only_the_operator_each_job(client, 
 
     monkeypatch.setenv("FINETUNE_METRICS_TOKEN", "the-operators-token")
     reset_caches()
+    for n in range(2):  # a job's id is sent once a worker is free for it
+        register_worker(f"celery@box{n}")
     job_id = client.post("/jobs", json={}).json()["id"]
     claim = runs.claim_job(job_id)
     runs.report_progress(claim, 3, [{"step": 3, "loss": 1.0, "tokens_per_second": 500.0, "time": utcnow()}])
@@ -194,6 +197,8 @@ def test_queued_jobs_are_capped_per_owner(client, service_env, monkeypatch):
 
     monkeypatch.setenv("FINETUNE_MAX_QUEUED_JOBS", "2")
     reset_caches()
+    for n in range(3):  # a job's id is sent once a worker is free for it
+        register_worker(f"celery@box{n}")
     bob = bearer("bob")
     assert [client.post("/jobs", json={}).status_code for _ in range(2)] == [201, 201]
 
@@ -219,6 +224,8 @@ def test_the_queue_cap_holds_under_concurrent_submissions(client, service_env, m
 
     monkeypatch.setenv("FINETUNE_MAX_QUEUED_JOBS", "5")
     reset_caches()
+    for n in range(6):  # a job's id is sent once a worker is free for it (one spare)
+        register_worker(f"celery@box{n}")
     start = threading.Barrier(24)
     outcomes: list[str] = []
 

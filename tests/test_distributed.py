@@ -56,7 +56,7 @@ def test_two_processes_train_a_job_and_stop_together_on_a_cancel_and_resume(serv
     assert [r.step for r in rows] == list(range(1, 13))  # written once each, by rank 0
     assert all(r.loss and r.tokens_per_second for r in rows)
     assert [c.name for c in jobs.list_checkpoints(job.id, LOCAL_OWNER)] == ["checkpoint-11", "checkpoint-12"]
-    with zipfile.ZipFile(jobs.adapter_zip(job.id, LOCAL_OWNER)) as archive:
+    with zipfile.ZipFile(jobs.adapter_zip(job.id, LOCAL_OWNER).path) as archive:
         assert "adapter/adapter_model.safetensors" in archive.namelist()
     messages = [e.message for e in jobs.list_events(job.id, LOCAL_OWNER, None, 100).items]
     assert any("items of 4 samples for 2 process(es)" in m for m in messages), messages

@@ -252,7 +252,7 @@ def test_a_dpo_job_continues_from_a_supervised_adapter_which_stays_its_reference
     assert rows[0].figures["rewards/chosen"] == 0 and rows[-1].figures["rewards/chosen"] != 0
 
     folder = tmp_path / "adapter"
-    with zipfile.ZipFile(jobs.adapter_zip(job.id, LOCAL_OWNER)) as archive:
+    with zipfile.ZipFile(jobs.adapter_zip(job.id, LOCAL_OWNER).path) as archive:
         archive.extractall(folder)
         assert not [n for n in archive.namelist() if "reference" in n]  # the trained adapter only
     base = AutoModelForCausalLM.from_pretrained(str(REPO / "examples/tiny-phi2"))
@@ -276,6 +276,6 @@ def _unzipped(job_id: str, tmp_path) -> str:
     from app.services import jobs
 
     folder = tmp_path / job_id
-    with zipfile.ZipFile(jobs.adapter_zip(job_id, LOCAL_OWNER)) as archive:
+    with zipfile.ZipFile(jobs.adapter_zip(job_id, LOCAL_OWNER).path) as archive:
         archive.extractall(folder)
     return str(folder / "adapter")

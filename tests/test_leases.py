@@ -14,6 +14,7 @@ from app.services import jobs, runs
 from app.services.runs import LeaseLost
 from app.services.sweeper import sweep
 from tests.conftest import TEST_OWNER
+from tests.helpers import register_worker
 from worker.lease import LeaseKeeper
 
 
@@ -91,16 +92,20 @@ def test_the_sweeper_resumes_from_the_last_checkpoint_and_gives_up_after_max_att
 
 def test_ids_the_broker_lost_are_sent_again(client, service_env, monkeypatch):
     from app.queue import get_celery
+    from app.routing import class_queue
     from app.services.sweeper import redispatch_lost
     from tests.conftest import reset_caches
     from tests.test_datasets import queued_messages
 
     monkeypatch.setenv("FINETUNE_REDISPATCH_AFTER_S", "0")
     reset_caches()
+    for name in ("celery@a", "celery@b"):  # two free workers: both ids are sent
+        register_worker(name)
     first, second = (client.post("/jobs", json={}).json()["id"] for _ in range(2))
     assert redispatch_lost() == []  # both ids are in the queue
 
-    get_celery().control.purge()  # what a broker restarted without persistence has
+    with get_celery().connection_for_write() as connection:  # a broker restarted without persistence
+        connection.default_channel.queue_purge(class_queue("cpu"))
     assert queued_messages(service_env) == 0
     assert redispatch_lost() == [first, second]
     assert queued_messages(service_env) == 2

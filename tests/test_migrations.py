@@ -12,11 +12,12 @@ from typing import Any
 
 from alembic import command
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import MetaData, Table, create_engine, inspect, select, text
 from sqlalchemy.orm import Session
 
 from app import migrate
-from app.models import Job, JobStatus
+from app.ids import new_job_id
+from app.models import Job, JobStatus, utcnow
 from app.schemas import JobRead
 from app.spec import JobSpec, stored_spec
 from tests.conftest import REPO
@@ -132,13 +133,26 @@ def test_old_jobs_keep_what_their_specs_meant_when_a_default_changes(service_env
     }
     specs["before_packing"]["training"]["max_steps"] = 7  # a value of the job's own stays
     engine = create_engine(url)
-    with Session(engine) as session, session.begin():
+    old_jobs = Table("jobs", MetaData(), autoload_with=engine)  # as at 0006 (the model has more since)
+    with engine.begin() as connection:
         ids = {}
         for kind, spec in specs.items():
-            job = Job(owner="alice", status=JobStatus.PAUSED, spec=copy.deepcopy(spec))
-            session.add(job)
-            session.flush()
-            ids[kind] = job.id
+            ids[kind] = new_job_id()
+            now = utcnow()
+            connection.execute(
+                old_jobs.insert().values(
+                    id=ids[kind],
+                    owner="alice",
+                    status=JobStatus.PAUSED,
+                    spec=copy.deepcopy(spec),
+                    created_at=now,
+                    updated_at=now,
+                    current_step=0,
+                    attempts=0,
+                    cancel_requested=False,
+                    pause_requested=False,
+                )
+            )
 
     command.upgrade(config, "head")
 

@@ -207,7 +207,8 @@ def test_a_redis_restart_loses_no_job_and_runs_none_twice(service_env, tmp_path)
                 assert steps(client, job["id"]) == list(range(1, 9))
     print(
         f"FIGURE Redis killed for {REDIS_DOWN_S} s (no persistence) while 1 job ran and 1 waited: "
-        f"the running job finished, the lost id was sent again by the sweeper; 2/2 succeeded, "
+        f"the running job finished, the waiting one (kept in the database until a worker is free, "
+        f"not in the broker) was sent when it freed; 2/2 succeeded, "
         f"each 1 attempt, each step once ({recovered:.0f} s from the restart until all were done)"
     )
 

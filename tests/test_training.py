@@ -54,7 +54,7 @@ def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env, tmp
     checkpoints = jobs.list_checkpoints(job.id, LOCAL_OWNER)
     assert [c.name for c in checkpoints] == ["checkpoint-4", "checkpoint-6"]  # save_total_limit 2
     for checkpoint in checkpoints:
-        path = jobs.checkpoint_zip(job.id, LOCAL_OWNER, checkpoint.name)
+        path = jobs.checkpoint_zip(job.id, LOCAL_OWNER, checkpoint.name).path
         with zipfile.ZipFile(path) as archive:
             assert archive.testzip() is None
             names = set(archive.namelist())
@@ -63,7 +63,7 @@ def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env, tmp
             and f"{checkpoint.name}/adapter_model.safetensors" in names
         )
 
-    with zipfile.ZipFile(jobs.adapter_zip(job.id, LOCAL_OWNER)) as archive:
+    with zipfile.ZipFile(jobs.adapter_zip(job.id, LOCAL_OWNER).path) as archive:
         names = set(archive.namelist())
         card = archive.read("adapter/README.md").decode()
     assert {
@@ -74,7 +74,7 @@ def test_a_job_trains_writes_metrics_checkpoints_and_an_adapter(service_env, tmp
     assert "examples/tiny-phi2" in card and "Final train loss" in card and '"max_steps": 6' in card
     # the card names the base's folder and says how to load it exactly; the adapter's config
     # names the base as the spec did (issue 28: the folder's name alone was looked up on the hub)
-    with zipfile.ZipFile(jobs.adapter_zip(job.id, LOCAL_OWNER)) as archive:
+    with zipfile.ZipFile(jobs.adapter_zip(job.id, LOCAL_OWNER).path) as archive:
         archive.extractall(tmp_path)
     peft_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert peft_config["base_model_name_or_path"] == done.spec["base_model"] == str(DEMO_MODEL)
@@ -146,7 +146,7 @@ def assert_the_trackers_got_the_run(job_id: str, tracking_uri: str, data_dir: Pa
     assert params["base_model"] == done.spec["base_model"] and params["training.max_steps"] == "3"
     assert params["dataset.languages"] == '["en"]' and params["lora.r"] == "16"
     [artifact] = client.list_artifacts(run.info.run_id)
-    adapter = jobs.adapter_zip(job_id, LOCAL_OWNER)
+    adapter = jobs.adapter_zip(job_id, LOCAL_OWNER).path
     assert (artifact.path, artifact.file_size) == ("adapter.zip", adapter.stat().st_size)
     assert any(m.startswith(f"tracking: MLflow run {run.info.run_id}") for m in events)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from app.db import session_scope
 from app.models import Job
+from app.services.lineage import stored_adapter_dir
 from app.spec import JobSpec, stored_spec
-from app.storage import job_files
 
 
 def job_spec(job_id: str) -> JobSpec:
@@ -23,11 +23,13 @@ def job_spec(job_id: str) -> JobSpec:
 
 def adapter_folder(job_id: str, checkpoint: str | None) -> Path:
     """The folder of the job's final adapter (checkpoint None) or of a checkpoint's;
-    FileNotFoundError when it is no longer on disk."""
-    files = job_files(job_id)
-    folder = files.checkpoint_dir(checkpoint) if checkpoint else files.adapter_dir
-    if not (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint or 'the adapter'} is no longer on disk")
+    FileNotFoundError when it is no longer on disk or in the store."""
+    try:
+        folder = stored_adapter_dir(job_id, checkpoint)
+    except FileNotFoundError:
+        folder = None
+    if folder is None or not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint or 'the adapter'} is no longer on disk or in the store")
     return folder
 
 

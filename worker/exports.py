@@ -20,10 +20,10 @@ from app.models import Export, ExportFormat
 from app.services.exports import finish_export, start_export
 from app.settings import get_settings
 from app.spec import JobSpec, split_revision
-from app.storage import being_written, job_files
+from app.storage import being_written, job_files, sha256_of
 from worker.adapters import adapter_folder, job_spec
 from worker.lease import LeaseKeeper
-from worker.training.artifacts import sha256_of, zip_directory
+from worker.training.artifacts import zip_directory
 from worker.training.hub import fetching
 from worker.training.model import compute_dtype, load_quantized_model, load_tokenizer
 
@@ -36,15 +36,19 @@ def export(export_id: str) -> None:
         log.info("export %s is not queued; skipped", export_id)
         return
     row, lease = taken
+    store = job_files(row.job_id).store
     try:
         with LeaseKeeper(lease, get_settings().lease_s / 3):
             path = _make(row)
+            size_bytes, sha256 = path.stat().st_size, sha256_of(path)
+            location = store.put(path)  # whole in the store before the row records it
+            store.evict(path)
     except Exception as exc:
         log.exception("export %s failed", export_id)
         finish_export(lease, error=f"{type(exc).__name__}: {exc}")
         return
     name = f"{row.job_id}-{row.checkpoint or 'final'}-{row.format}{path.suffix}"
-    finish_export(lease, path=path, filename=name, size_bytes=path.stat().st_size, sha256=sha256_of(path))
+    finish_export(lease, path=location, filename=name, size_bytes=size_bytes, sha256=sha256)
 
 
 def _make(export: Export) -> Path:
@@ -55,13 +59,12 @@ def _make(export: Export) -> Path:
     with tempfile.TemporaryDirectory(dir=files.exports_dir, prefix=".work-") as work:
         merged = Path(work) / "merged"
         write_merged(spec, adapter_dir, merged)
+        target = files.export_file(export.id, export.format)
         if export.format == ExportFormat.GGUF:
             from worker.gguf import write_gguf
 
-            target = files.export_file(export.id, ".gguf")
             write_gguf(merged, being_written(target))
         else:
-            target = files.export_file(export.id, ".zip")
             zip_directory(merged, being_written(target))
         being_written(target).replace(target)
     return target

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from celery import bootsteps
 
-from app.services import workers
+from app.queue import job_queue
+from app.routing import signature_of_queue
+from app.services import scheduler, workers
 from app.settings import get_settings
 from worker.gpus import visible_gpus
 
@@ -50,8 +52,21 @@ def _in_registry(action: Callable[..., None], *args) -> None:
         log.warning("worker registry: %s failed: %s", action.__name__, str(exc).splitlines()[0])
 
 
-def _queue(consumer) -> str:
-    return ",".join(sorted(consumer.app.amqp.queues.consume_from)) or get_settings().queue
+def _registration(consumer) -> tuple:
+    """(name, queue, GPUs, class): a training worker consumes its class's queue and registers
+    under the deployment's queue with that class; the sampler under the queue it consumes."""
+    queues = sorted(consumer.app.amqp.queues.consume_from)
+    classes = [signature for signature in map(signature_of_queue, queues) if signature]
+    if classes:
+        return consumer.hostname, job_queue(), visible_gpus(), classes[0]
+    return consumer.hostname, ",".join(queues) or get_settings().queue, visible_gpus(), None
+
+
+def _register_and_dispatch(*registration) -> None:
+    """Register, then send this worker (and its class) the jobs waiting for it."""
+    workers.register(*registration)
+    if registration[3]:
+        scheduler.dispatch()
 
 
 class Heartbeat(bootsteps.StartStopStep):
@@ -66,8 +81,9 @@ class Heartbeat(bootsteps.StartStopStep):
     def start(self, consumer) -> None:
         path = heartbeat_file(consumer.hostname)
         _touch(path)
-        registration = (workers.register, consumer.hostname, _queue(consumer), visible_gpus())
-        _in_registry(*registration)
+        registration = _registration(consumer)
+        _in_registry(_register_and_dispatch, *registration)
+        registration = (workers.register, *registration)
         self.timer_entries = [
             consumer.timer.call_repeatedly(HEARTBEAT_S, _touch, (path,), priority=10),
             consumer.timer.call_repeatedly(workers.RENEW_S, _in_registry, registration, priority=10),

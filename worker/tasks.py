@@ -14,9 +14,11 @@ from app.ids import checkpoint_name
 from app.lifecycle import AT_NEXT_STEP_ENDS_IN
 from app.models import JobStatus
 from app.queue import TASK_ANALYZE_DATASET, TASK_EXPORT, TASK_GENERATE_SAMPLE, TASK_RUN_JOB
-from app.services import jobs, runs
+from app.routing import signature_of_queue
+from app.services import runs, scheduler
 from app.services.runs import CANCEL, PAUSE, SHUTDOWN, LeaseLost
-from app.settings import get_settings
+from app.settings import Settings, get_settings
+from app.storage import job_files
 from worker.celery_app import celery
 from worker.lease import LeaseKeeper
 from worker.shutdown import stop_on_signal, worker_stopping
@@ -50,9 +52,21 @@ class JobDelivery(Request):
         return True
 
 
-@celery.task(name=TASK_RUN_JOB, Request=JobDelivery)
-def run_job(job_id: str) -> None:
-    execute_job(job_id)
+@celery.task(name=TASK_RUN_JOB, Request=JobDelivery, bind=True)
+def run_job(self, job_id: str) -> None:
+    queue = (self.request.delivery_info or {}).get("routing_key") or ""
+    try:
+        execute_job(job_id, signature_of_queue(queue))
+    finally:
+        # this worker is free now: the next job in line comes to it (or to another)
+        dispatch_next()
+
+
+def dispatch_next() -> None:
+    try:
+        scheduler.dispatch()
+    except Exception as exc:  # the database or broker is down: the API's sweep dispatches later
+        log.warning("dispatch after a job failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
 
 
 @celery.task(name=TASK_ANALYZE_DATASET)
@@ -87,10 +101,10 @@ def finished_message(summary: dict) -> str:
     return f"finished after {summary['steps']} steps" + (f": {', '.join(losses)}" if losses else "")
 
 
-def execute_job(job_id: str) -> None:
+def execute_job(job_id: str, worker_class: str | None = None) -> None:
     """Claim the job, train it under a lease, record how it ended. A worker that loses its
     lease (the sweeper gave the job to another) stops and writes nothing more."""
-    claim = runs.claim_job(job_id)
+    claim = runs.claim_job(job_id, routed_to=worker_class)
     if claim is None:
         # Taken or stopped since JobDelivery looked: a second delivery of its id (a broker
         # redelivery, an id sent again by the sweeper) claimed elsewhere first, or a cancel.
@@ -100,60 +114,72 @@ def execute_job(job_id: str) -> None:
     log.info("job %s: attempt %d, resume from %s", job_id, claim.attempt, claim.resume_from or "start")
     settings = get_settings()
     try:
-        with LeaseKeeper(claim, settings.lease_s / 3), stop_on_signal() as stop:
-            try:
-                # Imported here, in the task's own child process (the worker's parent never loads
-                # torch or CUDA), and under the lease: the import alone takes seconds.
-                if claim.spec.resources.gpus > 1:
-                    from worker.training.distributed import launch
-
-                    outcome = launch(claim, settings, stop)
-                else:
-                    # One process, one GPU: with more visible, the Trainer would spread the job
-                    # over all of them (DataParallel). A deployment that gives this worker
-                    # another GPU sets CUDA_VISIBLE_DEVICES itself (compose: FINETUNE_GPU).
-                    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
-                    from worker.training.recipe import run_training
-
-                    outcome = run_training(claim, settings, stop)
-            except LeaseLost:
-                raise
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                if runs.requested_stop(claim) == CANCEL:
-                    # the owner's cancel stands, whatever the run failed on meanwhile (a model
-                    # still being looked up on an unreachable hub, say)
-                    log.info("job %s: cancelled; it had failed meanwhile (%s)", job_id, error)
-                    message = f"cancelled (it had failed meanwhile: {error})"
-                    runs.finish_job(claim, JobStatus.CANCELLED, message)
-                    return
-                log.exception("job %s failed", job_id)
-                runs.finish_job(claim, JobStatus.FAILED, "training failed", error=error)
-                return
-            steps = outcome.summary["steps"]
-            if outcome.stopped == SHUTDOWN:
-                runs.hand_back(claim, "worker shutting down")
-                jobs.dispatch(job_id)
-                return
-            if outcome.stopped in (CANCEL, PAUSE):
-                ended = AT_NEXT_STEP_ENDS_IN[outcome.stopped]
-                if not outcome.summary.get("trained", True):
-                    runs.finish_job(claim, ended, f"{ended} while loading, before training")
-                    return
-                saved = f"; {checkpoint_name(steps)} saved" if ended == JobStatus.PAUSED else ""
-                runs.finish_job(claim, ended, f"{ended} at step {steps}{saved}")
-                return
-            adapter = outcome.adapter
-            assert adapter is not None
-            runs.finish_job(
-                claim,
-                JobStatus.SUCCEEDED,
-                finished_message(outcome.summary),
-                adapter={
-                    "path": str(adapter.path),
-                    "size_bytes": adapter.size_bytes,
-                    "sha256": adapter.sha256,
-                },
-            )
+        _run_and_record(claim, settings)
     except LeaseLost as exc:
         log.warning("%s; stopped without writing more", exc)
+        return  # the job may run on in this data dir under another worker: its files stay
+    job_files(job_id, settings).clear_scratch()  # what a later run needs is in the store
+
+
+def _run_and_record(claim: runs.Claim, settings: Settings) -> None:
+    """Train the claimed job under its lease and record how it ended (LeaseLost: it was not
+    this worker's to record)."""
+    job_id = claim.job_id
+    with LeaseKeeper(claim, settings.lease_s / 3), stop_on_signal() as stop:
+        try:
+            # Imported here, in the task's own child process (the worker's parent never loads
+            # torch or CUDA), and under the lease: the import alone takes seconds.
+            if claim.spec.resources.gpus > 1:
+                from worker.training.distributed import launch
+
+                outcome = launch(claim, settings, stop)
+            else:
+                # One process, one GPU: with more visible, the Trainer would spread the job
+                # over all of them (DataParallel). A deployment that gives this worker
+                # another GPU sets CUDA_VISIBLE_DEVICES itself (compose: FINETUNE_GPU).
+                os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+                from worker.training.recipe import run_training
+
+                outcome = run_training(claim, settings, stop)
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if runs.requested_stop(claim) == CANCEL:
+                # the owner's cancel stands, whatever the run failed on meanwhile (a model
+                # still being looked up on an unreachable hub, say)
+                log.info("job %s: cancelled; it had failed meanwhile (%s)", job_id, error)
+                message = f"cancelled (it had failed meanwhile: {error})"
+                runs.finish_job(claim, JobStatus.CANCELLED, message)
+                return
+            log.exception("job %s failed", job_id)
+            runs.finish_job(claim, JobStatus.FAILED, "training failed", error=error)
+            return
+        steps = outcome.summary["steps"]
+        if outcome.stopped == SHUTDOWN:
+            runs.hand_back(claim, "worker shutting down")
+            return
+        if outcome.stopped == PAUSE and (high := runs.preempted_for(claim)):
+            # paused for a high-priority job: back in line from the checkpoint just saved
+            runs.hand_back(claim, f"paused for the high-priority job {high}")
+            return
+        if outcome.stopped in (CANCEL, PAUSE):
+            ended = AT_NEXT_STEP_ENDS_IN[outcome.stopped]
+            if not outcome.summary.get("trained", True):
+                runs.finish_job(claim, ended, f"{ended} while loading, before training")
+                return
+            saved = f"; {checkpoint_name(steps)} saved" if ended == JobStatus.PAUSED else ""
+            runs.finish_job(claim, ended, f"{ended} at step {steps}{saved}")
+            return
+        adapter = outcome.adapter
+        assert adapter is not None
+        runs.finish_job(
+            claim,
+            JobStatus.SUCCEEDED,
+            finished_message(outcome.summary),
+            adapter={
+                "path": job_files(job_id, settings).store.location(adapter.path),
+                "size_bytes": adapter.size_bytes,
+                "sha256": adapter.sha256,
+            },
+        )

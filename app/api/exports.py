@@ -5,9 +5,10 @@ use these)."""
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from app.api.auth import Owner
+from app.api.downloads import REDIRECT, send_file
 from app.schemas import ERROR_RESPONSES, ExportRead, ExportRequest, Page
 from app.services import exports
 
@@ -36,14 +37,9 @@ def get_export(job_id: str, export_id: str, owner: Owner) -> ExportRead:
 @router.get(
     "/jobs/{job_id}/exports/{export_id}/download",
     response_class=FileResponse,
-    responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}}}},
+    responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}}}, **REDIRECT},
 )
-def download_export(job_id: str, export_id: str, owner: Owner) -> FileResponse:
+def download_export(job_id: str, export_id: str, owner: Owner) -> Response:
     """The export's file; its `sha256` is in the export and in the `X-Checksum-Sha256` header."""
-    path, export = exports.export_file(job_id, export_id, owner)
-    return FileResponse(
-        path,
-        media_type=MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
-        filename=export.filename,
-        headers={"X-Checksum-Sha256": export.sha256 or ""},
-    )
+    file, _ = exports.export_file(job_id, export_id, owner)
+    return send_file(file, MEDIA_TYPES.get(file.path.suffix, "application/octet-stream"))

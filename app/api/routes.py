@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api import waiting
 from app.api.auth import Owner
+from app.api.downloads import REDIRECT, send_file
 from app.api.logs import format_csv, format_text_line, metric_events
 from app.errors import InvalidCursor, InvalidFields
 from app.models import JobStatus, SampleStatus
@@ -184,22 +185,22 @@ def job_checkpoints(job_id: str, owner: Owner) -> Page[CheckpointRead]:
     "/jobs/{job_id}/checkpoints/{name}/download",
     response_class=FileResponse,
     tags=["artifacts"],
-    responses={200: {"content": {"application/zip": {}}}},
+    responses={200: {"content": {"application/zip": {}}}, **REDIRECT},
 )
-def download_checkpoint(job_id: str, name: str, owner: Owner) -> FileResponse:
-    path = jobs.checkpoint_zip(job_id, owner, name)
-    return FileResponse(path, media_type="application/zip", filename=f"{job_id}-{name}.zip")
+def download_checkpoint(job_id: str, name: str, owner: Owner) -> Response:
+    """The checkpoint's zip (`sha256` in the listing and in the `X-Checksum-Sha256` header)."""
+    return send_file(jobs.checkpoint_zip(job_id, owner, name), "application/zip")
 
 
 @router.get(
     "/jobs/{job_id}/adapter",
     response_class=FileResponse,
     tags=["artifacts"],
-    responses={200: {"content": {"application/zip": {}}}},
+    responses={200: {"content": {"application/zip": {}}}, **REDIRECT},
 )
-def download_adapter(job_id: str, owner: Owner) -> FileResponse:
-    path = jobs.adapter_zip(job_id, owner)
-    return FileResponse(path, media_type="application/zip", filename=f"{job_id}-adapter.zip")
+def download_adapter(job_id: str, owner: Owner) -> Response:
+    """The final adapter's zip (`adapter_sha256` in the job, and in `X-Checksum-Sha256`)."""
+    return send_file(jobs.adapter_zip(job_id, owner), "application/zip")
 
 
 @router.post(
@@ -251,11 +252,12 @@ def get_dataset(dataset_id: str, owner: Owner) -> DatasetRead:
     return datasets.get_dataset(dataset_id, owner)
 
 
-@router.get("/datasets/{dataset_id}/content", response_class=FileResponse, tags=["datasets"])
-def dataset_content(dataset_id: str, owner: Owner) -> FileResponse:
+@router.get(
+    "/datasets/{dataset_id}/content", response_class=FileResponse, tags=["datasets"], responses=REDIRECT
+)
+def dataset_content(dataset_id: str, owner: Owner) -> Response:
     """The file as it was uploaded."""
-    path, filename = datasets.stored_file(dataset_id, owner)
-    return FileResponse(path, media_type="application/octet-stream", filename=filename)
+    return send_file(datasets.uploaded_file(dataset_id, owner), "application/octet-stream")
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204, tags=["datasets"])

@@ -187,6 +187,10 @@ def status(
     )
     console.print(f"  base model   {job['spec']['base_model']}", highlight=False)
     console.print(f"  dataset      {job['spec']['dataset']['source']}", highlight=False)
+    if job.get("waiting_for"):  # queued: its place in line and what it waits for (the dispatcher's)
+        place = f"place {job['queue_position']}" if job["queue_position"] else "on its way to a worker"
+        console.print(f"  in line      {place}, {job['spec']['priority']} priority", highlight=False)
+        console.print(f"  waiting for  {job['waiting_for']}", highlight=False)
     if last and last[-1].get("loss") is not None:
         console.print(f"  loss         {last[-1]['loss']:.4f} at step {last[-1]['step']}")
     for checkpoint in checkpoints:

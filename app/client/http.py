@@ -219,7 +219,9 @@ class ServiceClient:
         partial = destination.with_name(destination.name + ".part")
         digest = hashlib.sha256()
         try:
-            with self.http.stream("GET", path, timeout=None) as response:
+            # a store's presigned URL (FINETUNE_STORAGE_REDIRECT_S) is another origin: httpx
+            # drops the API key on the way there
+            with self.http.stream("GET", path, timeout=None, follow_redirects=True) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise _describe(response)

@@ -6,7 +6,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,9 +20,11 @@ from app.models import Dataset, DatasetStatus, Job, JobStatus
 from app.preferences import method_fit_problem
 from app.queue import TASK_ANALYZE_DATASET, samples_queue, send
 from app.schemas import DatasetRead, Page
+from app.services.downloads import StoredFile, stored_file
 from app.services.pagination import newest_first
 from app.settings import get_settings
 from app.spec import JobSpec, stored_spec
+from app.storage import artifact_store
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,11 @@ def upload_dataset(
     dataset_id = new_dataset_id()
     folder = settings.dataset_dir(dataset_id)
     folder.mkdir(parents=True)
+    store = artifact_store(settings)
     try:
         size, sha256 = _store(stream, folder / name, settings.max_upload_bytes)
         report = validate_file(folder / name)
+        location = store.put(folder / name)  # whole in the store before the row records it
         valid = report["valid"]
         report["tokens"] = {
             "status": "pending" if valid else "skipped",
@@ -87,7 +90,7 @@ def upload_dataset(
                 id=dataset_id,
                 owner=owner,
                 filename=name,
-                path=str(folder / name),
+                path=location,
                 size_bytes=size,
                 sha256=sha256,
                 status=DatasetStatus.READY if valid else DatasetStatus.INVALID,
@@ -98,8 +101,10 @@ def upload_dataset(
             session.flush()
             read = DatasetRead.model_validate(row)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        store.delete_folder(folder)
         raise
+    finally:
+        store.evict(folder)  # this host's copy, where the store keeps its own
     if valid:
         try:
             send(TASK_ANALYZE_DATASET, dataset_id, tokenizer, max_seq_length, queue=samples_queue())
@@ -127,11 +132,13 @@ def list_datasets(owner: str, limit: int, cursor: str | None) -> Page[DatasetRea
     return newest_first(Dataset, DatasetRead, limit, cursor, Dataset.owner == owner)
 
 
-def stored_file(dataset_id: str, owner: str) -> tuple[Path, str]:
-    """The uploaded file as stored, and its name, for its owner to download."""
+def uploaded_file(dataset_id: str, owner: str) -> StoredFile:
+    """The uploaded file as stored, for its owner to download."""
     with session_scope() as session:
         row = _get(session, dataset_id, owner)
-        return Path(row.path), row.filename
+        filename, sha256 = row.filename, row.sha256
+    path = get_settings().dataset_dir(dataset_id) / filename
+    return stored_file(artifact_store(), path, filename, sha256, f"dataset {dataset_id}")
 
 
 def delete_dataset(dataset_id: str, owner: str) -> None:
@@ -147,9 +154,9 @@ def delete_dataset(dataset_id: str, owner: str) -> None:
         users = [job.id for job in active if dataset_id in _dataset_references(stored_spec(job.spec))]
         if users:
             raise DatasetInUse(f"dataset {dataset_id} is used by {', '.join(users)}; cancel them first")
-        folder = Path(row.path).parent
+        # the file first: a store that can't be reached is a 503 with nothing changed
+        artifact_store().delete_folder(get_settings().dataset_dir(dataset_id))
         session.delete(row)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _dataset_references(spec: JobSpec) -> set[str]:

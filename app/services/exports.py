@@ -4,8 +4,6 @@ The API stores the request and sends its id; the worker writes the file and the 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from sqlalchemy import select
 
 from app.db import session_scope
@@ -20,6 +18,7 @@ from app.models import Export, JobStatus, SampleStatus
 from app.queue import enqueue_export
 from app.schemas import ExportRead, ExportRequest
 from app.services import queued_work
+from app.services.downloads import StoredFile, stored_file
 from app.services.jobs import checkpoint_names, owned_job
 from app.services.queued_work import Lease
 from app.storage import job_files
@@ -65,17 +64,19 @@ def get_export(job_id: str, export_id: str, owner: str) -> ExportRead:
         return ExportRead.model_validate(_owned_export(session, job_id, export_id, owner))
 
 
-def export_file(job_id: str, export_id: str, owner: str) -> tuple[Path, ExportRead]:
-    """The finished export's file (inside the job's folder) and its row."""
+def export_file(job_id: str, export_id: str, owner: str) -> tuple[StoredFile, ExportRead]:
+    """The finished export's file (in the job's folder of the store) and its row."""
     with session_scope() as session:
         export = _owned_export(session, job_id, export_id, owner)
-        read = ExportRead.model_validate(export)
-        path = job_files(job_id).confine(export.path) if export.path else None
-    if read.status != SampleStatus.SUCCEEDED or path is None:
+        read, recorded = ExportRead.model_validate(export), export.path
+    if read.status != SampleStatus.SUCCEEDED or not recorded:
         raise ArtifactNotReady(
             f"export {export_id} is {read.status}" + (f": {read.error}" if read.error else "")
         )
-    return path, read
+    files = job_files(job_id)
+    path = files.export_file(export_id, read.format)
+    file = stored_file(files.store, path, read.filename or path.name, read.sha256, f"export {export_id}")
+    return file, read
 
 
 # --- what the worker does ---------------------------------------------------------------------
@@ -89,7 +90,7 @@ def start_export(export_id: str) -> tuple[Export, Lease] | None:
 def finish_export(
     lease: Lease,
     *,
-    path: Path | None = None,
+    path: str | None = None,
     filename: str | None = None,
     size_bytes: int | None = None,
     sha256: str | None = None,
@@ -98,7 +99,7 @@ def finish_export(
     return queued_work.finish(
         lease,
         error=error,
-        path=str(path) if path else None,
+        path=path,
         filename=filename,
         size_bytes=size_bytes,
         sha256=sha256,

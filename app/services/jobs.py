@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -17,7 +16,6 @@ from sqlalchemy.orm import Session
 from app.db import changed_rows, serialize, session_scope
 from app.errors import (
     ArtifactNotReady,
-    BrokerUnavailable,
     CheckpointNotFound,
     IdempotencyKeyReused,
     InvalidFields,
@@ -28,18 +26,19 @@ from app.errors import (
 from app.ids import CHECKPOINT_NAME, JOB_ID
 from app.lifecycle import OWNER_ACTIONS, JobAction, refusal, statuses_allowing
 from app.models import Checkpoint, Event, Job, JobStatus, Metric, utcnow
-from app.queue import enqueue_job
+from app.routing import Needs
 from app.schemas import CheckpointRead, EventRead, JobRead, MetricRead, Page
-from app.services import preflight
+from app.services import preflight, scheduler
 from app.services.admission import check_admissible, local_source_problems
 from app.services.datasets import dataset_reference_problems
+from app.services.downloads import StoredFile, stored_file
 from app.services.events import add_event, add_state_event
 from app.services.lineage import resolve_init_from
 from app.services.pagination import newest_first
 from app.services.runs import requeue_from_checkpoint
 from app.services.transitions import move_job
 from app.settings import get_settings
-from app.spec import JobSpec, stored_spec
+from app.spec import PRIORITY_RANKS, JobSpec, stored_spec
 from app.storage import job_files
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ def create_job(
     if earlier is not None:
         return earlier
     check_admissible(spec, owner)
-    preflight_notes = preflight.admit(spec)
+    preflight_notes, needs = preflight.admit(spec)
     try:
         with session_scope() as session:
             _check_queue_room(session, owner)
@@ -75,12 +74,19 @@ def create_job(
                 dispatched_at=utcnow(),
                 idempotency_key=idempotency_key,
                 request_sha256=request_sha256,
+                priority=PRIORITY_RANKS[spec.priority],
+                needs_bytes=needs.bytes,
+                needs_gpus=needs.gpus,
+                needs_bf16=needs.bf16,
             )
             session.add(job)
             session.flush()
             add_state_event(session, job.id, JobStatus.QUEUED, "job created")
             for note in preflight_notes:
                 add_event(session, job.id, note)
+            unroutable = scheduler.unroutable_note(session, needs)
+            if unroutable:
+                add_event(session, job.id, unroutable)
             read = JobRead.model_validate(job)
     except IntegrityError:
         # the same key in a concurrent request that committed first
@@ -89,7 +95,7 @@ def create_job(
             raise
         return earlier
     # Only after the commit: a worker that picks the id up must find the row.
-    dispatch(read.id)
+    scheduler.dispatch()
     return read
 
 
@@ -117,21 +123,6 @@ def _first_attempt(owner: str, key: str | None, request_sha256: str, retry: bool
         return JobRead.model_validate(job) if job is not None else None
 
 
-def dispatch(job_id: str) -> None:
-    """Send a committed, queued job's id to the broker. If the broker does not answer, the job
-    stays queued, marked as never sent, and the sweeper sends it once the broker answers
-    (`sweeper.redispatch_lost`): a broker outage loses no job and fails none."""
-    try:
-        enqueue_job(job_id)
-    except BrokerUnavailable as exc:
-        log.warning("job %s: %s; the sweeper sends it when the broker answers", job_id, exc)
-        with session_scope() as session:
-            session.execute(
-                update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(dispatched_at=None)
-            )
-            add_event(session, job_id, "the broker did not answer; the job waits and is sent when it does")
-
-
 def _check_queue_room(session: Session, owner: str) -> None:
     """Per-owner cap on waiting jobs. The owner's queue is locked until the caller's
     transaction commits the job it queues, so concurrent submissions can't pass the cap."""
@@ -157,8 +148,12 @@ def owned_job(session: Session, job_id: str, owner: str) -> Job:
 
 
 def get_job(job_id: str, owner: str) -> JobRead:
+    """The job; a queued one with its place in the dispatcher's line and what it waits for."""
     with session_scope() as session:
-        return JobRead.model_validate(owned_job(session, job_id, owner))
+        job = owned_job(session, job_id, owner)
+        position, waiting_for = scheduler.waiting(session, job)
+        read = JobRead.model_validate(job)
+        return read.model_copy(update={"queue_position": position, "waiting_for": waiting_for})
 
 
 def list_jobs(
@@ -209,7 +204,9 @@ def _stop(job_id: str, owner: str, action: JobAction) -> JobRead:
                     session,
                     update(Job)
                     .where(Job.id == job_id, Job.status == before)
-                    .values({flag: True, "updated_at": utcnow()}),
+                    # the owner's pause stands: the job stays paused, not back in line after a
+                    # preemption (app/services/scheduler.py)
+                    .values({flag: True, "updated_at": utcnow(), "preempted_for": None}),
                 )
                 if done:
                     add_state_event(session, job_id, before, f"{action} requested")
@@ -239,9 +236,12 @@ def resume_job(job_id: str, owner: str, checkpoint: str | None) -> JobRead:
             raise JobStateConflict("job changed state while resuming; try again")
         session.refresh(job)
         read = JobRead.model_validate(job)
+        unroutable = scheduler.unroutable_note(session, Needs.of(job))
+        if unroutable:
+            add_event(session, job_id, unroutable)
     for name in stale:
         job_files(job_id).remove_checkpoint(name)
-    dispatch(job_id)
+    scheduler.dispatch()
     return read
 
 
@@ -318,15 +318,7 @@ def list_checkpoints(job_id: str, owner: str) -> list[CheckpointRead]:
         return [CheckpointRead.model_validate(row) for row in rows]
 
 
-def _confined(job_id: str, path: str) -> Path:
-    """A file the database names, refused unless it lies inside the job's own directory."""
-    resolved = job_files(job_id).confine(path)
-    if resolved is None:
-        raise ArtifactNotReady(f"file for job {job_id} is missing")
-    return resolved
-
-
-def checkpoint_zip(job_id: str, owner: str, name: str) -> Path:
+def checkpoint_zip(job_id: str, owner: str, name: str) -> StoredFile:
     with session_scope() as session:
         owned_job(session, job_id, owner)
         row = None
@@ -336,15 +328,19 @@ def checkpoint_zip(job_id: str, owner: str, name: str) -> Path:
             )
         if row is None:
             raise CheckpointNotFound(f"job {job_id} has no checkpoint {name!r}")
-        return _confined(job_id, row.path)
+        sha256 = row.sha256
+    files = job_files(job_id)
+    return stored_file(files.store, files.checkpoint_zip(name), f"{job_id}-{name}.zip", sha256, name)
 
 
-def adapter_zip(job_id: str, owner: str) -> Path:
+def adapter_zip(job_id: str, owner: str) -> StoredFile:
     with session_scope() as session:
         job = owned_job(session, job_id, owner)
         if not job.adapter_path:
             raise ArtifactNotReady(f"job {job_id} is {job.status}; the adapter is written when it succeeds")
-        return _confined(job_id, job.adapter_path)
+        sha256 = job.adapter_sha256
+    files = job_files(job_id)
+    return stored_file(files.store, files.adapter_zip, f"{job_id}-adapter.zip", sha256, "the adapter")
 
 
 # A running job's speed is measured over this many of its latest metric rows.

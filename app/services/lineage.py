@@ -42,8 +42,24 @@ def resolve_init_from(spec: JobSpec, owner: str) -> JobSpec:
 def init_adapter_dir(init_from: InitFrom, settings: Settings | None = None) -> Path:
     """The folder holding the adapter a job continues from: the earlier job's final adapter, or
     the named checkpoint's folder. (It may be gone since the job was created: the caller says so.)"""
-    files = job_files(init_from.job, settings)
-    return files.checkpoint_dir(init_from.checkpoint) if init_from.checkpoint else files.adapter_dir
+    return stored_adapter_dir(init_from.job, init_from.checkpoint, settings)
+
+
+def stored_adapter_dir(job_id: str, checkpoint: str | None, settings: Settings | None = None) -> Path:
+    """The unzipped folder of job `job_id`'s final adapter (checkpoint None) or of a kept
+    checkpoint, brought from the store to this host when it was written on another
+    (FileNotFoundError when the store lacks it)."""
+    with session_scope() as session:
+        if checkpoint is None:
+            sha256 = session.scalar(select(Job.adapter_sha256).where(Job.id == job_id))
+        else:
+            sha256 = session.scalar(
+                select(Checkpoint.sha256).where(Checkpoint.job_id == job_id, Checkpoint.name == checkpoint)
+            )
+    files = job_files(job_id, settings)
+    if checkpoint is None:
+        return files.unzipped_adapter(sha256)
+    return files.unzipped_checkpoint(checkpoint, sha256)
 
 
 def _earlier_spec(init_from: InitFrom, owner: str) -> JobSpec:

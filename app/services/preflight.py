@@ -23,6 +23,7 @@ from app.architectures import ModelShape, UnreadableConfig, shape
 from app.errors import InvalidFields
 from app.memory_estimate import GIB, MemoryEstimate, estimate
 from app.queue import job_queue
+from app.routing import GpuClass, Needs
 from app.schemas import FieldProblem, GpuRead, PreflightRead
 from app.services import workers
 from app.spec import JobSpec, split_revision
@@ -140,10 +141,13 @@ def registered_gpus() -> tuple[int, list[Gpu]]:
 
 
 def _holds(spec: JobSpec, gpus: list[Gpu], need: int) -> bool:
-    """One worker has `resources.gpus` GPUs that each hold `need` bytes (data-parallel: each GPU
-    holds the whole model and its own micro-batches)."""
-    holding = Counter(gpu.worker for gpu in gpus if gpu.memory_bytes >= need)
-    return max(holding.values(), default=0) >= spec.resources.gpus
+    """One worker's GPUs hold the job, by the router's rule (`app.routing`: `resources.gpus`
+    cards that each hold `need` bytes; data-parallel, each holds the whole model)."""
+    by_worker: dict[str, list[dict[str, Any]]] = {}
+    for gpu in gpus:
+        by_worker.setdefault(gpu.worker, []).append({"memory_bytes": gpu.memory_bytes, "bf16": gpu.bf16})
+    wanted = Needs(need, spec.resources.gpus, bf16=False)  # bfloat16 is checked on its own in `check`
+    return any(GpuClass.of(cards).holds(wanted) for cards in by_worker.values())
 
 
 def _with_training(spec: JobSpec, **changes: Any) -> JobSpec:
@@ -259,9 +263,19 @@ def read(result: Preflight) -> PreflightRead:
     )
 
 
-def admit(spec: JobSpec) -> list[str]:
-    """The notes for a job's events, or InvalidFields when no registered GPU can hold it."""
+def needs(spec: JobSpec, result: Preflight) -> Needs:
+    """What the router asks of a worker for this job (`app.routing`)."""
+    return Needs(
+        result.estimate.needs_bytes if result.estimate else None,
+        spec.resources.gpus,
+        spec.quantization.compute_dtype == "bfloat16",
+    )
+
+
+def admit(spec: JobSpec) -> tuple[list[str], Needs]:
+    """The notes for a job's events and what it needs of a worker, or InvalidFields when no
+    registered GPU can hold it."""
     result = check(spec)
     if result.problems:
         raise InvalidFields(*result.problems)
-    return result.notes
+    return result.notes, needs(spec, result)

@@ -54,6 +54,8 @@ class Claim:
     spec: JobSpec
     resume_from: str | None
     attempt: int
+    # the sha256 of resume_from's zip, which a host that didn't write it unpacks from the store
+    resume_sha256: str | None = None
 
     def to_json(self) -> str:
         """For another process of the same job (a data-parallel rank)."""
@@ -74,9 +76,10 @@ def _lease_expiry():
 
 
 @retry_while_unreachable
-def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
+def claim_job(job_id: str, owner: str | None = None, routed_to: str | None = None) -> Claim | None:
     """Move a queued job to running under a lease; None when it is not queued (cancelled, or a
-    duplicate delivery of its id)."""
+    duplicate delivery of its id). `routed_to`: the class of the worker claiming it, which it
+    then counts against (an id sent to one class and taken by another keeps the count right)."""
     owner = owner or new_owner()
     with session_scope() as session:
         attempts = session.scalar(select(Job.attempts).where(Job.id == job_id))
@@ -94,12 +97,16 @@ def claim_job(job_id: str, owner: str | None = None) -> Claim | None:
             attempts=attempt,
             lease_owner=owner,
             lease_expires_at=_lease_expiry(),
+            **({"routed_to": routed_to} if routed_to else {}),
         )
         if not claimed:
             return None
         job = session.get(Job, job_id)
         assert job is not None
-        return Claim(job_id, owner, stored_spec(job.spec), job.resume_from, attempt)
+        resume_sha256 = session.scalar(
+            select(Checkpoint.sha256).where(Checkpoint.job_id == job_id, Checkpoint.name == job.resume_from)
+        )
+        return Claim(job_id, owner, stored_spec(job.spec), job.resume_from, attempt, resume_sha256)
 
 
 def skip_stale_delivery(job_id: str) -> str | None:
@@ -202,6 +209,13 @@ def requested_stop(claim: Claim) -> str | None:
         return _requested(session, claim)
 
 
+@retry_while_unreachable
+def preempted_for(claim: Claim) -> str | None:
+    """The high-priority job this one was asked to pause for (app/services/scheduler.py)."""
+    with session_scope() as session:
+        return session.scalar(select(Job.preempted_for).where(Job.id == claim.job_id))
+
+
 def _requested(session: Session, claim: Claim) -> str | None:
     cancel, pause = session.execute(
         select(Job.cancel_requested, Job.pause_requested).where(Job.id == claim.job_id)
@@ -214,13 +228,14 @@ def record_checkpoint(
     claim: Claim,
     name: str,
     step: int,
-    zip_path: str,
+    location: str,
     size_bytes: int,
     sha256: str,
     keep: int,
     timings: dict[str, float] | None = None,
 ) -> None:
-    """Record a finished checkpoint zip and drop the oldest beyond `keep` (save_total_limit)."""
+    """Record a finished checkpoint zip, whole in its store at `location`, and drop the oldest
+    beyond `keep` (save_total_limit)."""
     job_id = claim.job_id
     with session_scope() as session:
         _hold(session, claim)
@@ -232,7 +247,7 @@ def record_checkpoint(
             session.flush()
         session.add(
             Checkpoint(
-                job_id=job_id, name=name, step=step, path=zip_path, size_bytes=size_bytes, sha256=sha256
+                job_id=job_id, name=name, step=step, path=location, size_bytes=size_bytes, sha256=sha256
             )
         )
         add_event(

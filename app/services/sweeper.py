@@ -4,16 +4,14 @@ another worker, and queued work whose id the broker lost or no worker takes."""
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from app.db import session_scope
 from app.lifecycle import AT_NEXT_STEP_ENDS_IN, JobAction
 from app.models import Export, Job, JobStatus, Sample, utcnow
-from app.queue import enqueue_export, enqueue_job, enqueue_sample, waiting_messages
-from app.services import queued_work, samples
-from app.services.jobs import dispatch
+from app.queue import enqueue_export, enqueue_sample
+from app.services import queued_work, samples, scheduler
 from app.services.runs import requeue_from_checkpoint
 from app.services.transitions import move_job
 from app.settings import get_settings
@@ -54,12 +52,18 @@ def sweep_jobs() -> list[str]:
     now = utcnow()
     with session_scope() as session:
         expired = session.execute(
-            select(Job.id, Job.lease_owner, Job.attempts, Job.cancel_requested, Job.pause_requested).where(
-                Job.status == JobStatus.RUNNING, Job.lease_expires_at < now
-            )
+            select(
+                Job.id,
+                Job.lease_owner,
+                Job.attempts,
+                Job.cancel_requested,
+                Job.pause_requested,
+                Job.preempted_for,
+            ).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
         ).all()
     requeued = []
-    for job_id, owner, attempts, cancel, pause in expired:
+    for job_id, owner, attempts, cancel, pause, preempted in expired:
+        pause = pause and not preempted  # a preemption's pause goes back in line, as its worker does
         still_expired = (Job.lease_owner == owner, Job.lease_expires_at < now)
         reason = f"worker {owner} stopped renewing its lease"
         with session_scope() as session:
@@ -78,34 +82,13 @@ def sweep_jobs() -> list[str]:
         log.warning("job %s: %s; re-queued", job_id, reason)
         for name in stale:
             job_files(job_id).remove_checkpoint(name)
-        dispatch(job_id)  # a broker outage leaves it queued for redispatch_lost
         requeued.append(job_id)
+    if requeued:
+        scheduler.dispatch()  # a broker outage leaves them queued for the next sweep
     return requeued
 
 
 def redispatch_lost() -> list[str]:
-    """Send the ids of queued jobs that were never sent (the broker was down when they were
-    queued), and again the ids of jobs that have waited `redispatch_after_s` since their id was
-    sent, when the broker holds fewer waiting messages than there are such jobs: some ids were
-    lost (a broker restarted without persistence, a queue purged). A job whose id is still in
-    the queue as well is delivered twice; the second delivery finds it taken and is skipped."""
-    settings = get_settings()
-    now = utcnow()
-    cutoff = now - timedelta(seconds=settings.redispatch_after_s)
-    queued = select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at)
-    with session_scope() as session:
-        unsent = list(session.scalars(queued.where(Job.dispatched_at.is_(None))))
-        waiting = list(session.scalars(queued.where(Job.dispatched_at < cutoff)))
-    if waiting and waiting_messages() >= len(waiting):
-        waiting = []
-    sent = []
-    for job_id in unsent + waiting:
-        enqueue_job(job_id)
-        with session_scope() as session:
-            session.execute(
-                update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).values(dispatched_at=now)
-            )
-        sent.append(job_id)
-    if sent:
-        log.warning("sent %d queued job id(s) to the broker: %s", len(sent), ", ".join(sent))
-    return sent
+    """Route and send queued jobs: those never sent (the broker was down), those whose class's
+    workers are gone, those whose id the broker lost (`scheduler.redispatch`)."""
+    return scheduler.redispatch()

@@ -56,15 +56,15 @@ def move_job(
 
 def arrival_values(after: JobStatus, now: datetime) -> dict[str, Any]:
     """The columns every move into `after` sets, whoever makes it: a job that leaves a worker
-    gives up its lease and its pending pause; an ended one gets its finish time; a queued one
-    starts clean; a running one is started now."""
-    values: dict[str, Any] = {"updated_at": now}
+    gives up its lease and its pending pause (a preemption's too); an ended one gets its finish
+    time; a queued one starts clean, to be routed afresh; a running one is started now."""
+    values: dict[str, Any] = {"updated_at": now, "preempted_for": None}
     if after == JobStatus.RUNNING:
         values.update(started_at=now, cancel_requested=False, pause_requested=False)
         return values
     values.update(lease_owner=None, lease_expires_at=None, pause_requested=False)
     if after == JobStatus.QUEUED:
-        values.update(finished_at=None, cancel_requested=False, error=None)
+        values.update(finished_at=None, cancel_requested=False, error=None, routed_to=None)
     else:
         values.update(finished_at=now if after.terminal else None)
     return values

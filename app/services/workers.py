@@ -18,14 +18,16 @@ RENEW_S = 30.0
 STALE = timedelta(seconds=4 * RENEW_S)
 
 
-def register(name: str, queue: str, gpus: list[dict[str, Any]]) -> None:
-    """Write or renew a worker's row (renewing one that a restored database lost writes it anew)."""
+def register(name: str, queue: str, gpus: list[dict[str, Any]], gpu_class: str | None = None) -> None:
+    """Write or renew a worker's row (renewing one that a restored database lost writes it anew):
+    a training worker registers under the deployment's queue with its class (`app.routing`)."""
     with session_scope() as session:
         worker = session.get(Worker, name)
         if worker is None:
-            session.add(Worker(name=name, queue=queue, gpus=gpus))
+            session.add(Worker(name=name, queue=queue, gpus=gpus, gpu_class=gpu_class))
         else:
             worker.queue, worker.gpus, worker.seen_at = queue, gpus, utcnow()
+            worker.gpu_class = gpu_class
 
 
 def unregister(name: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.spec import split_revision
-from app.storage import being_written
+from app.storage import being_written, sha256_of
 
 
 @dataclass(frozen=True)
@@ -19,14 +18,6 @@ class ZipInfo:
     path: Path
     size_bytes: int
     sha256: str
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def zip_directory(source: Path, target: Path) -> ZipInfo:

@@ -249,18 +249,27 @@ class JobProgressCallback(TrainerCallback):
         save_s = started - self._step_ended
         info = zip_directory(self.files.checkpoint_dir(name), self.files.checkpoint_zip(name))
         zip_s = time.perf_counter() - started
+        # Whole in the store before the database records it: a kill before this line leaves an
+        # unrecorded zip at most, which the next run removes (JobFiles.remove_unrecorded).
+        location = self.files.store.put(info.path)
+        store_s = time.perf_counter() - started - zip_s
         runs.record_checkpoint(
             self.claim,
             name,
             state.global_step,
-            str(info.path),
+            location,
             info.size_bytes,
             info.sha256,
             keep=args.save_total_limit or 1_000_000,
-            timings={"save_seconds": round(save_s, 3), "zip_seconds": round(zip_s, 3)},
+            timings={
+                "save_seconds": round(save_s, 3),
+                "zip_seconds": round(zip_s, 3),
+                "store_seconds": round(store_s, 3),
+            },
         )
+        self.files.store.evict(info.path)  # an object store holds it now; the folder stays for the Trainer
         log.info(
-            "job %s: %s zipped (%d bytes) in %.2f s",
+            "job %s: %s zipped and stored (%d bytes) in %.2f s",
             self.claim.job_id,
             name,
             info.size_bytes,

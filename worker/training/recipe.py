@@ -372,7 +372,7 @@ def train(job: JobSetup, trainer: Trainer, progress: Progress) -> dict[str, Any]
     """Trains (from the claim's checkpoint when it resumes one) and returns the run's summary:
     steps, the last training and validation losses, the mean training loss."""
     resume_from = job.claim.resume_from
-    resume_dir = job.files.checkpoint_dir(resume_from) if resume_from else None
+    resume_dir = job.files.unzipped_checkpoint(resume_from, job.claim.resume_sha256) if resume_from else None
     if resume_dir is not None and not resume_dir.is_dir():
         raise FileNotFoundError(f"checkpoint {resume_from} is missing on disk")
     try:
@@ -418,4 +418,6 @@ def _publish_adapter(staged: Path, job: JobSetup, summary: dict[str, Any]) -> Zi
     staged.rename(files.adapter_dir)
     name_the_base(files.adapter_dir, job.spec.base_model)
     write_model_card(files.model_card, job.spec.model_dump(mode="json"), job.id, summary)
-    return zip_directory(files.adapter_dir, files.adapter_zip)
+    adapter = zip_directory(files.adapter_dir, files.adapter_zip)
+    files.store.put(adapter.path)  # whole in the store before the job's row records it
+    return adapter

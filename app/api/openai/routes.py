@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.auth import Owner
+from app.api.downloads import REDIRECT, send_file
 from app.api.logs import format_csv
 from app.api.urls import BaseUrl
 from app.errors import InvalidFields, ModelNotFound
@@ -114,14 +115,13 @@ def retrieve_file(file_id: str, owner: Owner) -> Object:
     return file_object(datasets.get_dataset(file_id, owner))
 
 
-@router.get("/files/{file_id}/content", response_class=FileResponse)
+@router.get("/files/{file_id}/content", response_class=FileResponse, responses=REDIRECT)
 def file_content(file_id: str, owner: Owner) -> Response:
     """The upload as sent, or a job's result file (`results-<job id>`: its metrics as CSV)."""
     job_id = results_job_id(file_id)
     if job_id is not None:
         return Response(_results(job_id, owner)[1], media_type="text/csv")
-    path, filename = datasets.stored_file(file_id, owner)
-    return FileResponse(path, media_type="application/octet-stream", filename=filename)
+    return send_file(datasets.uploaded_file(file_id, owner), "application/octet-stream")
 
 
 @router.delete("/files/{file_id}")

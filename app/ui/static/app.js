@@ -305,6 +305,10 @@ async function refreshJob(jobId) {
     `step ${job.current_step}/${job.total_steps ?? "?"} · ${job.spec.base_model} on ${job.spec.dataset.source}` +
     ` · attempt ${job.attempts} · created ${fmtTime(job.created_at)}`;
   $("#job-method").replaceChildren(...methodLine(job.spec));
+  // a queued job's place in line and what it waits for, as the dispatcher sees it (GET /jobs/{id})
+  $("#job-waiting").textContent = job.waiting_for
+    ? `${job.spec.priority} priority · ${job.queue_position ? `place ${job.queue_position} in line` : "on its way to a worker"} · waiting for ${job.waiting_for}`
+    : "";
   $("#job-error").textContent = job.error || "";
   // Which actions a job allows now is the server's rule (app/lifecycle.py): the job says.
   for (const action of ["cancel", "pause", "resume"]) {
