@@ -84,7 +84,12 @@ SERVICE_MOVES: tuple[tuple[JobStatus, JobStatus, str, str], ...] = (
     (JobStatus.RUNNING, JobStatus.FAILED, "worker", "training raised"),
     (JobStatus.RUNNING, JobStatus.PAUSED, "worker", "pause requested, checkpoint saved"),
     (JobStatus.RUNNING, JobStatus.CANCELLED, "worker", "cancel requested"),
-    (JobStatus.RUNNING, JobStatus.QUEUED, "worker", "shutting down, or paused for a high-priority job: handed back without spending an attempt"),
+    (
+        JobStatus.RUNNING,
+        JobStatus.QUEUED,
+        "worker",
+        "shutting down, or paused for a high-priority job: handed back without spending an attempt",
+    ),
     (JobStatus.RUNNING, JobStatus.QUEUED, "sweeper", "lease expired, queued from the last checkpoint"),
     (JobStatus.RUNNING, JobStatus.FAILED, "sweeper", "lease expired, attempts used up"),
     (JobStatus.RUNNING, JobStatus.PAUSED, "sweeper", "lease expired while pausing"),
