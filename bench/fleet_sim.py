@@ -143,6 +143,7 @@ def worker_loop(
     record: Record,
     waiting: list[int],
     stop: threading.Event,
+    registered: threading.Barrier,
 ) -> None:
     """One worker: register (and dispatch, as worker.heartbeat does), then take ids from its
     class's queue, claim, sleep in steps writing progress, finish (or hand back when paused
@@ -154,6 +155,7 @@ def worker_loop(
     gpus = [{"name": card[0], "memory_bytes": card[1] * MIB, "bf16": card[2], "capability": "0.0"}]
     signature = GpuClass.of(gpus).signature
     workers.register(name, job_queue(), gpus, signature)
+    registered.wait()
     renewed = time.monotonic()
     counter.dispatch(record, waiting)
     finished_at = None
@@ -297,16 +299,23 @@ def simulate(
     waiting = [jobs - late]
     stop = threading.Event()
     threads = []
+    # the whole fleet is registered before the late jobs come: the pre-flight check judges a job
+    # by the GPUs registered when it is submitted, and a thread not yet started has none
+    fleet_registered = threading.Barrier(sum(fleet) + 1)
     started = time.monotonic()
     for kind, count in enumerate(fleet):
         for n in range(count):
             name = f"sim-{CARDS[kind][0].split()[-1].lower()}-{n}@fleet"
             threads.append(
-                threading.Thread(target=worker_loop, args=(name, CARDS[kind], counter, record, waiting, stop))
+                threading.Thread(
+                    target=worker_loop,
+                    args=(name, CARDS[kind], counter, record, waiting, stop, fleet_registered),
+                )
             )
     threads.append(threading.Thread(target=sweeper_loop, args=(counter, record, waiting, stop)))
     for thread in threads:
         thread.start()
+    fleet_registered.wait()
     # the late high-priority jobs arrive over the run's first part; then one job of a new owner
     # (the smallest size: any worker holds it), while every other owner still has dozens queued
     for _ in range(late):

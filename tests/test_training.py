@@ -294,8 +294,8 @@ def asked_while_loading(monkeypatch, action) -> None:
 
     claim_job = runs.claim_job
 
-    def claim_then_ask(job_id: str):
-        claim = claim_job(job_id)
+    def claim_then_ask(job_id: str, **routing):
+        claim = claim_job(job_id, **routing)
         action(job_id, LOCAL_OWNER)
         return claim
 
