@@ -6,10 +6,16 @@ one data volume: the first finds no compiled layers there (cold), the next ones 
 first left in the volume's compile cache (worker.training.compile_cache), as a restarted
 worker would. Each reports, from the job's own events and rows: seconds from the "training
 step" event to the first step's end and to the first logged row, the step timeline, mean tok/s
-of the rows after `--steady-from`, and torch.compile's own counters (graphs compiled,
-recompiles and their reasons, cache hits and misses, compile seconds).
+of the rows after `--steady-from`, torch.compile's own counters (graphs compiled,
+recompiles and their reasons, cache hits and misses, compile seconds), and the first
+micro-batches' timeline (each one's seconds, after a synchronize, and whether it ran eagerly, was
+captured as a CUDA graph or replayed one; captures' seconds apart).
 
-    python bench/first_step.py --out first-step.json [--runs cold warm] [--steps 40]
+A run's name may end in a plan variant, measured on the same volume: `warm-no-graphs` (the
+micro-batches never captured as CUDA graphs), `warm-sdpa` (the dense mask instead of
+FlexAttention: compiles a layer of its own, so it is cold for that layer).
+
+    python bench/first_step.py --out first-step.json [--runs cold warm warm-no-graphs] [--steps 40]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +52,7 @@ def child(args) -> dict:
     from worker.tasks import execute_job
 
     imported_s = time.perf_counter() - started
+    timeline = _time_micro_batches(args.run)
     migrate.upgrade()
     spec = JobSpec.model_validate(
         {
@@ -82,7 +90,8 @@ def child(args) -> dict:
         else [],
         "steady_tok_s_mean": round(sum(steady) / len(steady)) if steady else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        "events": [e.message[:300] for e in events],
+        "events": [f"{(e.time - events[0].time).total_seconds():7.2f} s  {e.message[:300]}" for e in events],
+        "first_micro_batches": timeline,
         "counters": {
             k: dict(v)
             for k, v in counters.items()
@@ -92,6 +101,50 @@ def child(args) -> dict:
         "cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
     }
     return result
+
+
+FIRST_MICRO_BATCHES = 16
+
+
+def _time_micro_batches(run: str) -> list[dict]:
+    """The job's plan as the run's name asks, and each of its first micro-batches timed (a
+    synchronize after each: only for these), with what the CUDA graphs did with it."""
+    import torch
+
+    from worker.training import recipe, step_graphs, trainer
+
+    if run.endswith("-no-graphs"):
+        recipe.plan_speed = partial(recipe.plan_speed, graphs=False)
+    elif run.endswith("-sdpa"):
+        recipe.plan_speed = partial(recipe.plan_speed, flex=False)
+    timeline: list[dict] = []
+    training_step = trainer.PackedTrainer.training_step
+    capture = step_graphs.StepGraphs._capture
+
+    def timed_step(self, model, inputs, num_items_in_batch=None):
+        if len(timeline) >= FIRST_MICRO_BATCHES:
+            return training_step(self, model, inputs, num_items_in_batch)
+        graphs = self.step_graphs
+        replays = graphs.replays if graphs else 0
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        loss = training_step(self, model, inputs, num_items_in_batch)
+        torch.cuda.synchronize()
+        entry = {"s": round(time.perf_counter() - began, 3), "shape": list(inputs["input_ids"].shape)}
+        entry["ran"] = "replayed" if graphs and graphs.replays > replays else "eager"
+        timeline.append(entry)
+        return loss
+
+    def timed_capture(self, *args, **kwargs):
+        began = time.perf_counter()
+        captured = capture(self, *args, **kwargs)
+        if len(timeline) < FIRST_MICRO_BATCHES:
+            timeline.append({"capture_s": round(time.perf_counter() - began, 3), "ok": captured is not None})
+        return captured
+
+    trainer.PackedTrainer.training_step = timed_step
+    step_graphs.StepGraphs._capture = timed_capture
+    return timeline
 
 
 def main() -> None:

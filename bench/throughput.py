@@ -201,11 +201,11 @@ GROUPS = {
     "service bf16, round six": _service("bfloat16", SERVICE_ROUND_SIX),
     "service fp16, T4 plan": _service("float16", SERVICE_T4),
 }
-# What one plain `python3 bench/throughput.py --out FILE` runs: the peers and the service's
-# current default against round four's (~9 min on an H100, estimated: four of the round-five
-# variants and the fp16 one took 5.7 min there, the peers ~3 min in earlier rounds). Earlier
-# rounds: `--only GROUP`; two GPUs: `--only "service bf16, 2 GPUs"` (a machine with two GPUs).
-DEFAULT_GROUPS = ["seed", "trl", "service bf16, round five", "service fp16, round five"]
+# What one plain `python3 bench/throughput.py --out FILE` runs: the peers, the service's default and
+# the recomputation curve (round six), and the T4's plan against its candidate (~9 min on an H100,
+# estimated from round five: its five variants took 200 s, the peers ~3 min). Earlier rounds:
+# `--only GROUP`; two GPUs: `--only "service bf16, 2 GPUs"` (a machine with two GPUs).
+DEFAULT_GROUPS = ["seed", "trl", "service bf16, round six", "service fp16, T4 plan"]
 LABELS = {"seed": "seed recipe, fp16, pad to 2048", "trl": "TRL SFTTrainer packing=bfd, bf16"}
 
 
