@@ -13,7 +13,8 @@ captured as a CUDA graph or replayed one; captures' seconds apart).
 
 A run's name may end in a plan variant, measured on the same volume: `warm-no-graphs` (the
 micro-batches never captured as CUDA graphs), `warm-sdpa` (the dense mask instead of
-FlexAttention: compiles a layer of its own, so it is cold for that layer).
+FlexAttention: compiles a layer of its own, so it is cold for that layer), `warm-first-sight`
+(a new shape captured the first time it comes: StepGraphs.capture_at_first_sight).
 
     python bench/first_step.py --out first-step.json [--runs cold warm warm-no-graphs] [--steps 40]
 """
@@ -117,6 +118,8 @@ def _time_micro_batches(run: str) -> list[dict]:
         recipe.plan_speed = partial(recipe.plan_speed, graphs=False)
     elif run.endswith("-sdpa"):
         recipe.plan_speed = partial(recipe.plan_speed, flex=False)
+    elif run.endswith("-first-sight"):
+        recipe.StepGraphs = partial(step_graphs.StepGraphs, capture_at_first_sight=True)
     timeline: list[dict] = []
     training_step = trainer.PackedTrainer.training_step
     capture = step_graphs.StepGraphs._capture

@@ -25,7 +25,8 @@ checkpointing (true/false; "auto": the worker's choice), optim,
 full_rows, row_multiple, fused_loss (the loss fused with lm_head, worker.training.fused_loss),
 as_t4 (flash and cuDNN sdpa off, as on a T4), recompute_budget (with checkpointing: the share
 of a compiled layer's activations it keeps, worker.training.speed.SpeedPlan.recompute_budget;
-unset: whole layers recomputed),
+unset: whole layers recomputed), first_sight (CUDA graphs: a new shape captured the first time it
+comes, StepGraphs.capture_at_first_sight),
 host_syncs (true: the Trainer's per-micro-batch waits as before round five: its nan/inf loss
 filter, its token count read back from the GPU, blocking input copies).
 
@@ -264,7 +265,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     )
     trainer.mask_dtype = dtype if cuda else torch.float32
     trainer.mask_kind = plan.mask
-    graphs = StepGraphs() if plan.graphs else None
+    graphs = StepGraphs(bool(v.get("first_sight"))) if plan.graphs else None
     trainer.step_graphs = graphs
     graph_marks: list[dict] = []
     if cuda:

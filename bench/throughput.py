@@ -143,13 +143,21 @@ SERVICE_ROUND_FIVE = [
 # it and recompute the rest inside their compiled backward (worker.training.speed.SpeedPlan). The
 # curve of tok/s against reserved memory, round five's default (whole layers) and none beside it.
 ROUND_SIX = {**ROUND_FIVE, "warmup": 30, "steps": 12}
+FIRST_SIGHT = {**ROUND_SIX, "first_sight": True}
+# Variants of one budget share a compile (a new budget compiles anew): the whole-layer ones first.
 SERVICE_ROUND_SIX = [
     {"name": "round five default: whole layers recomputed", **ROUND_SIX},
+    {"name": "whole layers, shapes captured at first sight", **FIRST_SIGHT},
     *(
-        {"name": f"layers keep {budget:.0%} of their activations", **ROUND_SIX, "recompute_budget": budget}
+        {
+            "name": f"layers keep {budget:.0%} of their activations, first sight",
+            **FIRST_SIGHT,
+            "recompute_budget": budget,
+        }
         for budget in (0.1, 0.3)
     ),
-    {"name": "no recompute", **ROUND_SIX, "checkpointing": False},
+    {"name": "layers keep 30% of their activations", **ROUND_SIX, "recompute_budget": 0.3},
+    {"name": "no recompute, first sight", **FIRST_SIGHT, "checkpointing": False},
 ]
 # The T4's plan (compute capability 7.5, fp16; flash and cuDNN sdpa off, as a T4 has neither) on a
 # bigger card: the current one (eager layers, dense mask, whole layers recomputed) and a candidate

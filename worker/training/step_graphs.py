@@ -170,7 +170,12 @@ class StepGraphs:
     """Runs a Trainer's micro-batches (`step(model, inputs, items, run)`, `run` being the
     Trainer's own training_step) as CUDA graphs, one per input shape; see the module's doc."""
 
-    def __init__(self) -> None:
+    def __init__(self, capture_at_first_sight: bool = False) -> None:
+        # False: every shape's first micro-batch runs eagerly, its second is captured. True: only
+        # the job's first micro-batch runs eagerly (it compiles the layers and initializes what
+        # runs lazily), and a new shape is captured the first time it comes; the eager runs'
+        # activations then never sit in the allocator's cache beside the graphs' pool.
+        self.capture_at_first_sight = capture_at_first_sight
         self.graphs: dict[tuple, _Captured] = {}
         self.seen: set[tuple] = set()
         self.failed: dict[tuple, int] = {}
@@ -181,11 +186,13 @@ class StepGraphs:
     def step(self, model: torch.nn.Module, inputs: dict[str, Any], items: Any, run: StepFn) -> torch.Tensor:
         """A shape's first micro-batch runs eagerly: it compiles what the shape needs (a compile,
         or a new kernel's autotuning, can't run inside a capture). Its second is captured, and
-        every later one replayed. A capture that fails runs its micro-batch eagerly and is tried
-        again the next time; a shape failing `MAX_FAILURES` times stays eager."""
+        every later one replayed (`capture_at_first_sight`: only the job's first runs eagerly).
+        A capture that fails runs its micro-batch eagerly and is tried again the next time; a
+        shape failing `MAX_FAILURES` times stays eager."""
         self.calls += 1
         key = _shape_key(inputs, items)
-        if self.stopped is None and key in self.seen:
+        known = key in self.seen or (self.capture_at_first_sight and bool(self.seen))
+        if self.stopped is None and known:
             captured = self.graphs.get(key)
             if captured is None and self.failed.get(key, 0) < MAX_FAILURES:
                 captured = self._capture(key, model, inputs, items, run)
