@@ -41,7 +41,7 @@ def child(args) -> dict:
     os.environ.update(
         FINETUNE_DATA_DIR=args.data_dir, FINETUNE_BROKER_URL="memory://", FINETUNE_FLUSH_INTERVAL_S="0"
     )
-    os.environ["FINETUNE_LOCAL_ROOTS"] = json.dumps([args.model])
+    os.environ["FINETUNE_LOCAL_ROOTS"] = json.dumps([args.model, str(DATA.parent)])
     started = time.perf_counter()
     import torch
     from torch._dynamo.utils import compile_times, counters
@@ -80,7 +80,7 @@ def child(args) -> dict:
         "run": args.run,
         "status": str(done.status),
         "error": done.error,
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "import_s": round(imported_s, 1),
         "job_wall_s": round(wall, 1),
@@ -90,7 +90,9 @@ def child(args) -> dict:
         if began
         else [],
         "steady_tok_s_mean": round(sum(steady) / len(steady)) if steady else None,
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        if torch.cuda.is_available()
+        else None,
         "events": [f"{(e.time - events[0].time).total_seconds():7.2f} s  {e.message[:300]}" for e in events],
         "first_micro_batches": timeline,
         "counters": {
@@ -121,6 +123,7 @@ def _time_micro_batches(run: str) -> list[dict]:
     elif run.endswith("-first-sight"):
         recipe.StepGraphs = partial(step_graphs.StepGraphs, capture_at_first_sight=True)
     timeline: list[dict] = []
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     training_step = trainer.PackedTrainer.training_step
     capture = step_graphs.StepGraphs._capture
 
@@ -129,10 +132,10 @@ def _time_micro_batches(run: str) -> list[dict]:
             return training_step(self, model, inputs, num_items_in_batch)
         graphs = self.step_graphs
         replays = graphs.replays if graphs else 0
-        torch.cuda.synchronize()
+        sync()
         began = time.perf_counter()
         loss = training_step(self, model, inputs, num_items_in_batch)
-        torch.cuda.synchronize()
+        sync()
         entry = {"s": round(time.perf_counter() - began, 3), "shape": list(inputs["input_ids"].shape)}
         entry["ran"] = "replayed" if graphs and graphs.replays > replays else "eager"
         timeline.append(entry)
