@@ -169,6 +169,32 @@ def test_compiled_decoder_layers_keep_the_loss_and_gradients(checkpointing, budg
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("demo_model")
+def test_a_compiled_layer_is_traced_once_at_the_first_step():
+    """Every job pays its layers' trace at its first step, warm compile cache or not: once. A
+    float traced as a symbol (dynamic=True's default) that can't become a tensor makes dynamo
+    trace the whole layer again (torch's TensorifyScalarRestartAnalysis)."""
+    from torch._dynamo.utils import counters
+
+    model, tokenizer, samples = demo_lora_model(samples=4)
+    model.train()
+    use_plain_4bit_matmul(model)
+    batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=64)
+    mask = block_causal_mask(batch.pop("sequence_ids"), torch.float32)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_decoder_layers(model, checkpointing=True, backend="aot_eager", dynamic=True)
+    try:
+        model(**batch, attention_mask=mask).loss.backward()
+    finally:
+        restore_decoder_layers(model)
+        use_bitsandbytes_matmul(model)
+        torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for every layer
+    assert counters["aot_autograd"]["total"] == 1, dict(counters["aot_autograd"])
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("demo_model")
 def test_flex_attention_with_the_document_block_mask_gives_the_dense_masks_loss():
     """FlexAttention has no backward on a CPU: the loss here; bench/service_bench.py --check
     compares the LoRA gradients on the GPU."""
