@@ -43,6 +43,9 @@ WITHOUT_CUDA = (
 EVERYTHING = ("worker.training.recipe",)
 
 _thread: threading.Thread | None = None
+# The worker's parent imports this module; its pool children are forks of it. (The sampler's
+# solo pool sends worker_process_init too, in the one process that runs its tasks: not warmed.)
+_parent = os.getpid()
 
 
 def training_modules() -> tuple[str, ...]:
@@ -66,6 +69,8 @@ def import_training_modules() -> None:
 @worker_process_init.connect
 def _start_warm_up(**_: object) -> None:
     global _thread
+    if os.getpid() == _parent:
+        return
     # torch.cuda.is_available() asks NVML instead of initializing CUDA, should anything imported
     # here ask it (see above: the job decides which GPUs CUDA sees)
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
