@@ -73,3 +73,29 @@ def test_the_apis_list_of_native_causal_lm_types_is_transformers_own():
     missing = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - CAUSAL_LM_MODEL_TYPES
     every = " ".join(sorted(CAUSAL_LM_MODEL_TYPES | set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)))
     assert not missing, f"add {sorted(missing)} to app/native_model_types.py; the whole list: {every}"
+
+
+def test_the_pool_childs_warm_up_leaves_cuda_to_the_job():
+    """worker.warmup imports these on a CUDA build before a job has said how many GPUs it uses:
+    none may initialize CUDA (bitsandbytes' import does), or CUDA would fix this process's GPUs
+    before a one-GPU job narrows CUDA_VISIBLE_DEVICES to GPU 0."""
+    from worker.warmup import WITHOUT_CUDA
+
+    assert_imports_leave_out(", ".join(WITHOUT_CUDA), "m.split('.')[0] in ('peft', 'bitsandbytes')")
+    code = (
+        "import torch\n"
+        "calls = []\n"
+        "def recorder(name, real):\n"
+        "    def called(*args, **kwargs):\n"
+        "        calls.append(name)\n"
+        "        return real(*args, **kwargs)\n"
+        "    return called\n"
+        "for name in ('is_available', 'device_count', 'init', '_lazy_init', 'current_device',\n"
+        "             'get_device_capability', 'get_device_properties', 'get_device_name'):\n"
+        "    setattr(torch.cuda, name, recorder(name, getattr(torch.cuda, name)))\n"
+        f"import {', '.join(WITHOUT_CUDA)}\n"
+        "print(calls)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import worker.warmup  # noqa: F401  (a new pool child starts importing the training stack)
 from app.queue import make_celery
 from app.settings import get_settings
 from worker.heartbeat import Heartbeat

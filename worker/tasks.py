@@ -22,6 +22,7 @@ from app.storage import job_files
 from worker.celery_app import celery
 from worker.lease import LeaseKeeper
 from worker.shutdown import stop_on_signal, worker_stopping
+from worker.warmup import wait_for_warm_up
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,9 @@ def _run_and_record(claim: runs.Claim, settings: Settings) -> None:
     with LeaseKeeper(claim, settings.lease_s / 3), stop_on_signal() as stop:
         try:
             # Imported here, in the task's own child process (the worker's parent never loads
-            # torch or CUDA), and under the lease: the import alone takes seconds.
+            # torch or CUDA), and under the lease: the import alone takes seconds, less what the
+            # child's warm-up (worker.warmup) imported while it waited for this job.
+            wait_for_warm_up()
             if claim.spec.resources.gpus > 1:
                 from worker.training.distributed import launch
 
