@@ -42,6 +42,7 @@ WITHOUT_CUDA = (
 # The job's own entry point: all the rest, where the torch build has no CUDA to initialize.
 EVERYTHING = ("worker.training.recipe",)
 
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 _thread: threading.Thread | None = None
 # The worker's parent imports this module; its pool children are forks of it. (The sampler's
 # solo pool sends worker_process_init too, in the one process that runs its tasks: not warmed.)
@@ -56,12 +57,22 @@ def training_modules() -> tuple[str, ...]:
 
 def import_training_modules() -> None:
     started = time.monotonic()
+    # while importing, torch.cuda.is_available() asks NVML instead of initializing CUDA, should
+    # anything imported here ask it (see above: the job decides which GPUs CUDA sees); the job
+    # itself keeps torch's own check
+    nvml_check = os.environ.get(NVML_CHECK)
+    os.environ[NVML_CHECK] = "1"
     try:
         for name in training_modules():
             importlib.import_module(name)
     except Exception:  # the job's own import fails the same way, and reports it on the job
         log.warning("warm-up: importing the training modules failed", exc_info=True)
         return
+    finally:
+        if nvml_check is None:
+            os.environ.pop(NVML_CHECK, None)
+        else:
+            os.environ[NVML_CHECK] = nvml_check
     took = time.monotonic() - started
     log.info("warm-up: training modules imported in %.1f s (process %d)", took, os.getpid())
 
@@ -71,9 +82,6 @@ def _start_warm_up(**_: object) -> None:
     global _thread
     if os.getpid() == _parent:
         return
-    # torch.cuda.is_available() asks NVML instead of initializing CUDA, should anything imported
-    # here ask it (see above: the job decides which GPUs CUDA sees)
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     _thread = threading.Thread(target=import_training_modules, name="warm-up", daemon=True)
     _thread.start()
 
