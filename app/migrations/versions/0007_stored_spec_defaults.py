@@ -19,8 +19,7 @@ this revision wrote cannot be told from keys a job was created with.
 from collections.abc import Sequence
 from typing import Any
 
-import sqlalchemy as sa
-from alembic import op
+from app.migrations.stored_specs import rewrite_stored_specs
 
 revision: str = "0007"
 down_revision: str | None = "0006"
@@ -52,10 +51,6 @@ OLD_MEANING: dict[tuple[str | None, str], Any] = {
     ("training", "packing_mode"): "per_step",
 }
 
-BATCH = 500
-
-jobs = sa.table("jobs", sa.column("id", sa.String), sa.column("spec", sa.JSON))
-
 
 def filled(spec: dict[str, Any]) -> dict[str, Any] | None:
     """`spec` with the missing fields written in, or None when it lacks none."""
@@ -72,19 +67,7 @@ def filled(spec: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def upgrade() -> None:
-    connection = op.get_bind()
-    last = ""
-    while True:  # a page of rows at a time, by id: any number of jobs in bounded memory
-        rows = connection.execute(
-            sa.select(jobs.c.id, jobs.c.spec).where(jobs.c.id > last).order_by(jobs.c.id).limit(BATCH)
-        ).all()
-        if not rows:
-            break
-        for job_id, spec in rows:
-            new = filled(spec or {})
-            if new is not None:
-                connection.execute(jobs.update().where(jobs.c.id == job_id).values(spec=new))
-        last = rows[-1].id
+    rewrite_stored_specs(filled)
 
 
 def downgrade() -> None:

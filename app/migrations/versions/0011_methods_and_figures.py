@@ -20,16 +20,14 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
+from app.migrations.stored_specs import rewrite_stored_specs
+
 revision: str = "0011"
 down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 OLD_MEANING: dict[str, Any] = {"method": {"type": "supervised", "dpo": None}, "init_from": None}
-
-BATCH = 500
-
-jobs = sa.table("jobs", sa.column("id", sa.String), sa.column("spec", sa.JSON))
 
 
 def filled(spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -45,19 +43,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("figures", sa.JSON(), nullable=True))
     with op.batch_alter_table("datasets") as batch:  # "openai_preference" has 17 characters
         batch.alter_column("format", type_=sa.String(length=32), existing_type=sa.String(length=16))
-    connection = op.get_bind()
-    last = ""
-    while True:  # a page of rows at a time, by id: any number of jobs in bounded memory
-        rows = connection.execute(
-            sa.select(jobs.c.id, jobs.c.spec).where(jobs.c.id > last).order_by(jobs.c.id).limit(BATCH)
-        ).all()
-        if not rows:
-            break
-        for job_id, spec in rows:
-            new = filled(spec or {})
-            if new is not None:
-                connection.execute(jobs.update().where(jobs.c.id == job_id).values(spec=new))
-        last = rows[-1].id
+    rewrite_stored_specs(filled)
 
 
 def downgrade() -> None:

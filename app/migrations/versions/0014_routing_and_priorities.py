@@ -16,37 +16,20 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
+from app.migrations.stored_specs import rewrite_stored_specs
+
 revision: str = "0014"
 down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 OLD_MEANING: dict[str, Any] = {"priority": "normal"}
-BATCH = 500
-
-jobs = sa.table("jobs", sa.column("id", sa.String), sa.column("spec", sa.JSON))
 
 
 def filled(spec: dict[str, Any]) -> dict[str, Any] | None:
     """`spec` with the missing fields written in, or None when it lacks none."""
     result = {**OLD_MEANING, **spec}
     return None if result == spec else result
-
-
-def _fill_specs() -> None:
-    connection = op.get_bind()
-    last = ""
-    while True:  # a page of rows at a time, by id: any number of jobs in bounded memory
-        rows = connection.execute(
-            sa.select(jobs.c.id, jobs.c.spec).where(jobs.c.id > last).order_by(jobs.c.id).limit(BATCH)
-        ).all()
-        if not rows:
-            break
-        for job_id, spec in rows:
-            new = filled(spec or {})
-            if new is not None:
-                connection.execute(jobs.update().where(jobs.c.id == job_id).values(spec=new))
-        last = rows[-1].id
 
 
 def upgrade() -> None:
@@ -74,7 +57,7 @@ def upgrade() -> None:
         sa.Column("last_turn_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("owner"),
     )
-    _fill_specs()
+    rewrite_stored_specs(filled)
 
 
 def downgrade() -> None:
