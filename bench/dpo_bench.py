@@ -487,6 +487,7 @@ def service_variant(
         drop_checkpointing=False if keep_recompute else None,
     )
     speed.fused_loss = False
+    speed.compile_while_training = False  # as the worker's DPO jobs (recipe.load_model)
     apply_speed_plan(model, speed)
     head = use_hidden_states_head(model)
 

@@ -14,9 +14,12 @@ captured as a CUDA graph or replayed one; captures' seconds apart).
 A run's name may end in a plan variant, measured on the same volume: `warm-no-graphs` (the
 micro-batches never captured as CUDA graphs), `warm-sdpa` (the dense mask instead of
 FlexAttention: compiles a layer of its own, so it is cold for that layer), `warm-first-sight`
-(a new shape captured the first time it comes: StepGraphs.capture_at_first_sight).
+(a new shape captured the first time it comes: StepGraphs.capture_at_first_sight); and a name
+ending in `-inline` compiles the layers at the first step, the training waiting for it (as before
+worker.training.layer_compile), e.g. `cold-inline warm-inline cold warm`. A `cold…` run after the
+first gets a volume of its own (the runs after it use that one).
 
-    python bench/first_step.py --out first-step.json [--runs cold warm warm-no-graphs] [--steps 40]
+    python bench/first_step.py --out first-step.json [--runs cold-inline warm-inline cold warm] [--steps 40]
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def child(args) -> dict:
     return result
 
 
-FIRST_MICRO_BATCHES = 16
+FIRST_MICRO_BATCHES = 48
 
 
 def _time_micro_batches(run: str) -> list[dict]:
@@ -114,7 +117,7 @@ def _time_micro_batches(run: str) -> list[dict]:
     synchronize after each: only for these), with what the CUDA graphs did with it."""
     import torch
 
-    from worker.training import recipe, step_graphs, trainer
+    from worker.training import recipe, speed, step_graphs, trainer
 
     if run.endswith("-no-graphs"):
         recipe.plan_speed = partial(recipe.plan_speed, graphs=False)
@@ -122,6 +125,8 @@ def _time_micro_batches(run: str) -> list[dict]:
         recipe.plan_speed = partial(recipe.plan_speed, flex=False)
     elif run.endswith("-first-sight"):
         recipe.StepGraphs = partial(step_graphs.StepGraphs, capture_at_first_sight=True)
+    if run.endswith("-inline"):  # the layers compile at the first step, the steps waiting for it
+        speed.COMPILE_WHILE_TRAINING = False
     timeline: list[dict] = []
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     training_step = trainer.PackedTrainer.training_step
@@ -138,6 +143,8 @@ def _time_micro_batches(run: str) -> list[dict]:
         sync()
         entry = {"s": round(time.perf_counter() - began, 3), "shape": list(inputs["input_ids"].shape)}
         entry["ran"] = "replayed" if graphs and graphs.replays > replays else "eager"
+        compile = self.layer_compile
+        entry["layers"] = "compiled" if compile is None or compile.switched else "eager, compiling beside"
         timeline.append(entry)
         return loss
 
@@ -156,7 +163,7 @@ def _time_micro_batches(run: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("first-step.json"))
-    parser.add_argument("--runs", nargs="+", default=["cold", "warm"])
+    parser.add_argument("--runs", nargs="+", default=["cold-inline", "warm-inline", "cold", "warm"])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--steady-from", type=int, default=20)
     parser.add_argument("--child", action="store_true")
@@ -181,7 +188,9 @@ def main() -> None:
     del build
     report: dict = {"runs": []}
     data_dir = work / "data"  # one data volume for every run: the compile cache lives on it
-    for name in args.runs:
+    for index, name in enumerate(args.runs):
+        if index and name.startswith("cold"):  # a cold run after the first: a volume of its own
+            data_dir = work / f"data-{name}"
         env = dict(
             os.environ,
             TORCH_LOGS="recompiles",

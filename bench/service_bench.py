@@ -205,6 +205,9 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     if plan.mask == "flex":
         plan.attention = "FlexAttention, document block mask"
         plan.row_multiple = max(plan.row_multiple, FLEX_BLOCK)
+    # compiled at the first step, as before worker.training.layer_compile: a variant's steady
+    # steps are measured (its first step column is the whole compile)
+    plan.compile_while_training = False
     use_sdpa_attention(model)
     apply_speed_plan(model, plan)
 

@@ -86,6 +86,7 @@ def test_the_plan_for_a_t4_is_the_one_measured():
         "graphs": False,
         "fused_loss": True,
         "recompute_budget": None,
+        "compile_while_training": False,  # nothing compiles
         "notes": [],
     }
 
@@ -94,6 +95,7 @@ def test_the_plan_for_an_h100_keeps_recomputation_within_its_budget():
     plan = plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((9, 0), 78 * GIB))
     assert (plan.mask, plan.compile_layers, plan.graphs, plan.fused_loss) == ("flex", True, True, True)
     assert (plan.checkpointing, plan.recompute_budget) == (True, RECOMPUTE_BUDGET)
+    assert plan.compile_while_training  # worker.training.layer_compile
     budgeted = plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((9, 0), 78 * GIB), recompute_budget=0.3)
     assert (budgeted.checkpointing, budgeted.recompute_budget) == (True, 0.3)
     assert "each layer keeps 30% of its activations" in budgeted.describe()

@@ -37,6 +37,7 @@ from worker.training.compile_cache import use_compile_cache
 from worker.training.data import IGNORE_INDEX, TrainingData, build_eval_data, build_training_data
 from worker.training.dpo import REFERENCE_ADAPTER, DpoTrainer, collate_pair_step, pack_pairs
 from worker.training.fused_loss import use_hidden_states_head
+from worker.training.layer_compile import LayerCompile
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
 from worker.training.packing import collate_step
 from worker.training.preference_data import PairData, build_eval_pair_data, build_pair_data
@@ -208,6 +209,8 @@ class JobModel:
     # it; None: the model's own logits), and the frozen reference adapter's name (None: the base)
     head: torch.nn.Linear | None = None
     reference_adapter: str | None = None
+    # the layers compiling beside the first steps (worker.training.layer_compile), or None
+    layer_compile: LayerCompile | None = None
 
 
 def load_model(job: JobSetup) -> JobModel:
@@ -232,15 +235,18 @@ def load_model(job: JobSetup) -> JobModel:
     )
     if spec.dpo is not None:
         speed.fused_loss = False  # DPO scores completion tokens with the head itself (below)
+        speed.compile_while_training = False  # its two forwards a step: compiled at the first
     if speed.compile_layers:
         speed.notes.append(
             f"compiled layers kept in {use_compile_cache(job.compile_cache, model.config).name}"
         )
-    apply_speed_plan(model, speed)
+    layer_compile = apply_speed_plan(model, speed)
+    if layer_compile is not None:
+        layer_compile.say = job.say
     head = use_hidden_states_head(model) if spec.dpo is not None else None
     if torch.cuda.is_available():
         job.say(f"training step: {speed.describe()}", speed=dataclasses.asdict(speed))
-    return JobModel(model, dtype, speed, head, reference)
+    return JobModel(model, dtype, speed, head, reference, layer_compile)
 
 
 def _reference_is_init(job: JobSetup) -> bool:
@@ -317,7 +323,9 @@ def _packed_trainer(
     )
     trainer.mask_dtype = model.dtype if torch.cuda.is_available() else torch.float32
     trainer.mask_kind = model.speed.mask
-    if model.speed.graphs:
+    if model.layer_compile is not None:  # eager, the dense mask, until it switches them
+        trainer.layer_compile, trainer.mask_kind = model.layer_compile, "sdpa"
+    elif model.speed.graphs:
         trainer.step_graphs = StepGraphs()
     return trainer
 
@@ -379,6 +387,9 @@ def train(job: JobSetup, trainer: Trainer, progress: Progress) -> dict[str, Any]
         result = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     finally:
         progress.close()
+        layer_compile = getattr(trainer, "layer_compile", None)
+        if layer_compile is not None and job.main:
+            layer_compile.close()
     graphs = getattr(trainer, "step_graphs", None)
     if graphs is not None and job.main:
         job.say(graphs.describe(), **graphs.stats())

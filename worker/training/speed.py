@@ -52,13 +52,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from types import MethodType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from worker.training.fused_loss import fused_loss_refusal, use_fused_loss
 from worker.training.nf4 import use_plain_4bit_matmul
 from worker.training.step_graphs import mark_layer_dropouts, reset_dropout_calls, use_counter_dropout
+
+if TYPE_CHECKING:
+    from worker.training.layer_compile import LayerCompile
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +101,16 @@ class SpeedPlan:
     # compiled backward, the compiler choosing the cheapest to recompute
     # (torch._functorch.config.activation_memory_budget)
     recompute_budget: float | None = None
+    # the first micro-batches train on eager layers while the compiled ones compile in a thread
+    # (worker.training.layer_compile); the compiled plan from the first micro-batch after
+    compile_while_training: bool = False
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         parts = [f"attention: {self.attention}"]
         parts.append("decoder layers compiled" if self.compile_layers else "eager")
+        if self.compile_layers and self.compile_while_training:
+            parts.append("the first steps eager while they compile")
         if self.plain_4bit:
             parts.append("4-bit matmuls compiled into them")
         if self.graphs:
@@ -148,6 +156,9 @@ COMPILE_MIN_CAPABILITY = (8, 0)
 # With checkpointing on, compiled layers are recomputed whole (None) until a budget is measured
 # faster within the T4's memory (bench/throughput.py --only "service bf16, round six").
 RECOMPUTE_BUDGET: float | None = None
+# A job's first steps train eagerly while its layers compile (worker.training.layer_compile): one
+# process, packed rows (DPO jobs compile at their first step: `load_model` turns this off).
+COMPILE_WHILE_TRAINING = True
 
 
 def plan_speed(
@@ -196,6 +207,7 @@ def plan_speed(
     if graphs is None:  # packed rows come in a few shapes; data-parallel ranks keep DDP's hooks
         graphs = compile_layers and packed and processes == 1 and not _attention_dropout(config)
     plan.graphs = graphs
+    plan.compile_while_training = compile_layers and packed and processes == 1 and COMPILE_WHILE_TRAINING
     if checkpointing:
         need = activation_bytes_without_checkpointing(config, micro_batch_tokens)
         if plan.graphs:  # the graphs' pool and the eager first runs each hold a micro-batch's
@@ -355,6 +367,9 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+LayerForwards = dict[type, Any]  # a decoder layer class → the function its layers' forward runs
+
+
 def compile_decoder_layers(
     model: torch.nn.Module,
     checkpointing: bool,
@@ -365,13 +380,22 @@ def compile_decoder_layers(
     """Compile every decoder layer's own forward once (one compiled function shared by all
     layers: parameters are inputs), and checkpoint each compiled layer from the outside
     (`preserve_rng_state=False` where dropout does not draw from torch's generator: CUDA graphs).
+    How many layers."""
+    compiled = compiled_layer_forwards(model, backend, dynamic)
+    set_layer_forwards(model, compiled, checkpointing, preserve_rng_state)
+    return len(decoder_layers(model))
 
-    transformers' own checkpointing (in `__call__` in 5.17, around `forward` in 5.24) is
-    switched off on the model so it never wraps compiled code; the caller must also pass
-    `gradient_checkpointing=False` to the Trainer (it would switch it back on)."""
+
+def compiled_layer_forwards(
+    model: torch.nn.Module, backend: str = "inductor", dynamic: bool | None = True
+) -> LayerForwards:
+    """The decoder layers' compiled forwards (compiled at their first call), and the model made
+    ready for them: transformers' own checkpointing (in `__call__` in 5.17, around `forward` in
+    5.24) is switched off so it never wraps compiled code (the caller must also pass
+    `gradient_checkpointing=False` to the Trainer: it would switch it back on), and no KV cache."""
     layers = decoder_layers(model)
     if not layers:
-        return 0
+        return {}
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -389,14 +413,25 @@ def compile_decoder_layers(
     for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
         if hasattr(config, "use_cache"):
             config.use_cache = False  # no KV cache updates inside compiled code
-    compiled: dict[type, Any] = {}
-    for layer in layers:
-        cls = type(layer)
-        if cls not in compiled:
-            compiled[cls] = torch.compile(inspect.unwrap(cls.forward), backend=backend, dynamic=dynamic)
+    return {
+        cls: torch.compile(inspect.unwrap(cls.forward), backend=backend, dynamic=dynamic)
+        for cls in {type(layer) for layer in layers}
+    }
+
+
+def eager_layer_forwards(model: torch.nn.Module) -> LayerForwards:
+    return {cls: inspect.unwrap(cls.forward) for cls in {type(layer) for layer in decoder_layers(model)}}
+
+
+def set_layer_forwards(
+    model: torch.nn.Module, forwards: LayerForwards, checkpointing: bool, preserve_rng_state: bool
+) -> None:
+    """Every decoder layer runs `forwards[its class]` (compiled or the class's own), checkpointed
+    from outside when `checkpointing` (see `compile_decoder_layers`)."""
+    for layer in decoder_layers(model):
         mark_layer_dropouts(layer)
-        layer.forward = MethodType(_checkpointed(compiled[cls], checkpointing, preserve_rng_state), layer)
-    return len(layers)
+        wrapped = checkpointed_layer_forward(forwards[type(layer)], checkpointing, preserve_rng_state)
+        layer.forward = MethodType(wrapped, layer)
 
 
 def restore_decoder_layers(model: torch.nn.Module) -> None:
@@ -407,7 +442,7 @@ def restore_decoder_layers(model: torch.nn.Module) -> None:
         layer.__dict__.pop("counter_dropouts", None)
 
 
-def _checkpointed(compiled_forward, checkpointing: bool, preserve_rng_state: bool):
+def checkpointed_layer_forward(compiled_forward, checkpointing: bool, preserve_rng_state: bool):
     from torch.utils.checkpoint import checkpoint
 
     def run(self, *args, **kwargs):  # the forward, and its recomputation, drop the same elements
@@ -426,7 +461,8 @@ def _checkpointed(compiled_forward, checkpointing: bool, preserve_rng_state: boo
     return forward
 
 
-def apply_speed_plan(model: torch.nn.Module, plan: SpeedPlan) -> None:
+def apply_speed_plan(model: torch.nn.Module, plan: SpeedPlan) -> LayerCompile | None:
+    """Applies the plan; with `compile_while_training`, the `LayerCompile` the trainer switches with."""
     if plan.fused_loss:
         refusal = fused_loss_refusal(model)
         if refusal is None:
@@ -451,9 +487,14 @@ def apply_speed_plan(model: torch.nn.Module, plan: SpeedPlan) -> None:
         if torch._functorch.config.activation_memory_budget != budget:
             torch._dynamo.reset()
             torch._functorch.config.activation_memory_budget = budget
+        if plan.compile_while_training:
+            from worker.training.layer_compile import LayerCompile
+
+            return LayerCompile(model, plan, compiled_layer_forwards(model))
         whole_layers = plan.checkpointing and plan.recompute_budget is None
         compile_decoder_layers(model, whole_layers, preserve_rng_state=not plan.graphs)
     elif not plan.checkpointing:
         base = _base_model(model)
         if getattr(base, "is_gradient_checkpointing", False):
             base.gradient_checkpointing_disable()
+    return None

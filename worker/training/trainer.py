@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from app.spec import JobSpec
 from worker.training.data import TrainingData
+from worker.training.layer_compile import LayerCompile
 from worker.training.packing import (
     INPUT_TOKENS,
     PackedData,
@@ -153,8 +154,16 @@ class PackedTrainer(ServiceTrainer):
     mask_dtype: torch.dtype = torch.float32
     mask_kind: str = "sdpa"  # "flex": a FlexAttention BlockMask (worker.training.speed)
     step_graphs: StepGraphs | None = None
+    # the first micro-batches eager while the layers compile (worker.training.layer_compile)
+    layer_compile: LayerCompile | None = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        compile = self.layer_compile
+        if compile is not None and not compile.switched:
+            if compile.ready():
+                compile.switch(self)
+            else:
+                compile.eager_micro_batches += 1
         inputs = dict(inputs)
         tokens = inputs.pop(INPUT_TOKENS, None)
         if tokens is not None and self.args.include_num_input_tokens_seen == "no":
@@ -173,6 +182,8 @@ class PackedTrainer(ServiceTrainer):
         inputs = dict(inputs)
         inputs.pop(INPUT_TOKENS, None)  # evaluation's batches
         sequence_ids = inputs.pop("sequence_ids")
+        if self.layer_compile is not None:
+            self.layer_compile.sequence_ids = sequence_ids  # its compile's BlockMask
         if self.mask_kind == "flex":
             inputs["attention_mask"] = document_block_mask(sequence_ids)
         else:

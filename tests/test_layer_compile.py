@@ -1,0 +1,177 @@
+"""A job's first steps train eagerly while its decoder layers compile in a thread
+(worker.training.layer_compile): the compiled layers the trainer switches to are compiled
+already (no compile at the switch), give the eager loss and gradients, and the thread's compile
+touches none of the job's gradients. The real tiny Phi through the real 4-bit LoRA path, with
+dynamo's AOTAutograd backend (Inductor's kernels are a GPU matter)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.helpers import assert_same_step, demo_lora_model, packed_step
+from worker.training.nf4 import use_plain_4bit_matmul
+from worker.training.packing import block_causal_mask
+from worker.training.speed import SpeedPlan, compiled_layer_forwards, decoder_layers, restore_decoder_layers
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_model")]
+
+
+def _plan() -> SpeedPlan:
+    """The GPU's compiled plan where FlexAttention has a backward (not on a CPU): the dense mask."""
+    return SpeedPlan(
+        compile_layers=True, checkpointing=True, plain_4bit=True, compile_while_training=True, row_multiple=64
+    )
+
+
+def test_the_layers_compile_beside_an_eager_step_and_switch_without_compiling_again():
+    from torch._dynamo.utils import counters
+
+    from worker.training.layer_compile import LayerCompile
+
+    model, tokenizer, samples = demo_lora_model()
+    model.train()
+    for module in model.modules():  # the same function eager and compiled: no dropout
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    use_plain_4bit_matmul(model)
+    lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=64)
+    sequence_ids = batch.pop("sequence_ids")
+    mask = block_causal_mask(sequence_ids, torch.float32)
+
+    def step() -> tuple[float, dict[str, torch.Tensor]]:
+        loss = model(**batch, attention_mask=mask).loss
+        loss.backward()
+        grads = {name: p.grad.detach().clone() for name, p in lora.items()}
+        model.zero_grad()
+        return loss.item(), grads
+
+    torch._dynamo.reset()
+    counters.clear()
+    compile = LayerCompile(model, _plan(), compiled_layer_forwards(model, backend="aot_eager"))
+    said: list[str] = []
+    compile.say = lambda text, **data: said.append(text)
+    trainer = SimpleNamespace(mask_kind="sdpa", step_graphs=None)
+    try:
+        compile.sequence_ids = sequence_ids
+        eager = step()  # its first layer call starts the compile
+        assert not compile.switched
+        assert compile._thread is not None
+        compile._thread.join(timeout=300)
+        assert compile.ready() and compile.error is None, compile.error
+        compiles = counters["aot_autograd"]["total"]
+        assert compiles >= 1  # the thread compiled the layer
+        compile.eager_micro_batches = 1
+        compile.switch(trainer)
+        compiled = step()
+        again = step()
+    finally:
+        compile.close()
+        restore_decoder_layers(model)
+        torch._dynamo.reset()
+    # the switch found the layers compiled: no trace, no compile in the training's thread
+    assert counters["aot_autograd"]["total"] == compiles, dict(counters["aot_autograd"])
+    # the compiled step is the eager one (which the thread's backward, on its copy, left alone)
+    assert_same_step(compiled, eager)
+    assert_same_step(again, eager)
+    assert said == [
+        f"decoder layers compiled in {round(compile.compile_seconds, 1)} s while 1 micro-batch(es) "
+        "trained eagerly; compiled from the next one on"
+    ]
+    assert trainer.mask_kind == "sdpa" and trainer.step_graphs is None  # no FlexAttention, no graphs asked
+    assert len(decoder_layers(model)) == 2
+
+
+def test_a_compile_that_fails_in_the_thread_is_said_and_the_layers_compile_at_their_call():
+    from worker.training.layer_compile import LayerCompile
+
+    model, tokenizer, samples = demo_lora_model(samples=2)
+    model.train()
+    calls = {"n": 0}
+
+    def forward_failing_once(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("no compiler here")
+        return type(self).forward(self, *args, **kwargs)
+
+    layer_class = type(decoder_layers(model)[0])
+    compile = LayerCompile(model, _plan(), {layer_class: forward_failing_once})
+    said: list[dict] = []
+    compile.say = lambda text, **data: said.append({"text": text, **data})
+    batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=64)
+    sequence_ids = batch.pop("sequence_ids")
+    compile.sequence_ids = sequence_ids
+    try:
+        model(**batch, attention_mask=block_causal_mask(sequence_ids, torch.float32)).loss.backward()
+        assert compile._thread is not None
+        compile._thread.join(timeout=60)
+        compile.switch(SimpleNamespace(mask_kind="sdpa", step_graphs=None))
+        model(**batch, attention_mask=block_causal_mask(sequence_ids, torch.float32)).loss.backward()
+    finally:
+        restore_decoder_layers(model)
+    assert said[0]["compile_error"] == "RuntimeError: no compiler here"
+    assert "failed (RuntimeError: no compiler here)" in said[0]["text"]
+    assert calls["n"] > 2  # the layers ran the "compiled" forward after the switch
+
+
+def test_the_trainer_switches_to_the_compiled_layers_between_two_steps(tmp_path):
+    """PackedTrainer runs its first steps on the eager layers, then, once the thread is done,
+    switches before its next micro-batch (the packed per-step items: between two steps)."""
+    from functools import partial
+
+    from transformers import TrainerCallback
+
+    from app.spec import JobSpec
+    from tests.conftest import demo_spec
+    from worker.training.data import TrainingData
+    from worker.training.layer_compile import LayerCompile
+    from worker.training.packing import collate_step
+    from worker.training.recipe import _packed, training_arguments
+    from worker.training.trainer import PackedTrainer
+
+    model, tokenizer, samples = demo_lora_model(samples=24)
+    spec = JobSpec.model_validate(demo_spec(max_seq_length=256, max_steps=3, batch_size=2))
+    t = spec.training
+    plan = _plan()
+    compile = LayerCompile(model, plan, compiled_layer_forwards(model, backend="aot_eager"))
+    said: list[dict] = []
+    compile.say = lambda text, **data: said.append(data)
+    steps_on_compiled: list[bool] = []
+
+    class WaitForTheCompileAfterStepOne(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_on_compiled.append(compile.switched)
+            if state.global_step == 1 and compile._thread is not None:
+                compile._thread.join(timeout=300)
+
+    trainer = PackedTrainer(
+        model=model,
+        args=training_arguments(spec, tmp_path, torch.float32, evaluate=False, speed=plan),
+        train_dataset=_packed(
+            TrainingData(samples, len(samples), 0, {}), spec, t.batch_size * t.gradient_accumulation_steps
+        ),
+        data_collator=partial(
+            collate_step, pad_token_id=tokenizer.pad_token_id, row_multiple=plan.row_multiple
+        ),
+        callbacks=[WaitForTheCompileAfterStepOne()],
+    )
+    trainer.layer_compile = compile
+    try:
+        trainer.train()
+    finally:
+        compile.close()
+        restore_decoder_layers(model)
+        torch._dynamo.reset()
+    assert trainer.state.global_step == 3
+    assert steps_on_compiled == [False, True, True]
+    assert said == [
+        {
+            "compile_seconds": round(compile.compile_seconds, 1),
+            "eager_micro_batches": 1,
+            "compile_error": None,
+        }
+    ]

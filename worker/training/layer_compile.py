@@ -1,0 +1,226 @@
+"""A job's first steps train eagerly while its decoder layers compile in a thread.
+
+On a big GPU the first compiled step waited for dynamo's trace, Inductor's kernels and
+FlexAttention's templates: ~80 s from the job's "training step" event to its first step on an
+H100, 62 s with a warm compile cache (issue 30), as long as ~250 of its steps. Instead the job
+starts on the eager layers (each recomputed whole, the dense mask and sdpa, no CUDA graphs: the
+plan a T4 runs), and a thread compiles the layer meanwhile: at the job's first layer call it
+copies that decoder layer and the inputs it was given (with the attention mask the compiled
+plan uses) and runs the compiled forward and backward on them once, which compiles them (the
+copy's own gradients, never the job's). Once it is done the trainer switches, before its next
+micro-batch, to the compiled layers, FlexAttention and CUDA graphs; their first call finds the
+layer compiled (dynamo's guards see the same classes, shapes' symbols and settings).
+
+A compile that fails in the thread is said, and the switch still happens: the layers then
+compile at their first call, as without this module. The thread shares the GPU's default stream
+and the interpreter with the training, so the eager steps and the compile each go slower than
+alone; nothing else is shared: the copy has its own dropout counters, config and gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from types import MethodType
+from typing import Any
+
+import torch
+
+from worker.training.speed import (
+    LayerForwards,
+    SpeedPlan,
+    checkpointed_layer_forward,
+    decoder_layers,
+    document_block_mask,
+    eager_layer_forwards,
+    set_layer_forwards,
+    use_flex_attention,
+    use_sdpa_attention,
+)
+from worker.training.step_graphs import StepGraphs
+
+log = logging.getLogger(__name__)
+
+Say = Callable[..., None]  # (text, **data): a job event
+TRACE_ATTEMPTS = 3
+
+
+class LayerCompile:
+    """The model's layers eager until `compiled` is compiled in a thread (see the module's doc).
+
+    The trainer gives it each micro-batch's per-token sample numbers (`sequence_ids`, for the
+    BlockMask of the copy's compile), asks `ready()` before each micro-batch and then calls
+    `switch(trainer)` once; `close()` when the training ends."""
+
+    def __init__(self, model: torch.nn.Module, plan: SpeedPlan, compiled: LayerForwards) -> None:
+        self.model = model
+        self.compiled = compiled
+        self.flex = plan.mask == "flex"
+        self.graphs = plan.graphs
+        self.whole_layers = plan.checkpointing and plan.recompute_budget is None
+        self.preserve_rng_state = not plan.graphs
+        # the eager layers: each recomputed whole when the plan recomputes anything
+        set_layer_forwards(model, eager_layer_forwards(model), plan.checkpointing, self.preserve_rng_state)
+        if self.flex:
+            use_sdpa_attention(model)
+        bypass_hub_kernel_routing(model)
+        self.sequence_ids: torch.Tensor | None = None
+        self.eager_micro_batches = 0
+        self.compile_seconds: float | None = None
+        self.error: str | None = None
+        self.switched = False
+        self.say: Say = lambda text, **data: log.info(text)
+        self._started = time.perf_counter()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._hook = decoder_layers(model)[0].register_forward_pre_hook(self._first_call, with_kwargs=True)
+
+    # the first layer call: copy the layer and its inputs, compile in a thread
+
+    def _first_call(self, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not (layer.training and torch.is_grad_enabled()):
+            return  # an evaluation's forward: wait for a training one
+        self._hook.remove()
+        args, kwargs = _detached(args), _detached(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        args = args[1:]
+        if self.flex:
+            if self.sequence_ids is None:
+                raise RuntimeError("LayerCompile needs the micro-batch's sequence_ids before its forward")
+            kwargs["attention_mask"] = document_block_mask(self.sequence_ids)
+        copied = copy.deepcopy(layer)
+        if self.flex:
+            use_flex_attention_on(copied)
+        device = hidden.device.type
+        autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        self._thread = threading.Thread(
+            target=self._compile,
+            args=(copied, hidden, args, kwargs, autocast),
+            name="layer-compile",
+            daemon=True,  # a job that ends first doesn't wait for it
+        )
+        self._thread.start()
+
+    def _compile(
+        self, layer: torch.nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, autocast
+    ) -> None:
+        started = time.perf_counter()
+        forward = checkpointed_layer_forward(
+            self.compiled[type(layer)], self.whole_layers, preserve_rng_state=False
+        )
+        device, enabled, dtype = autocast
+        try:
+            # the first layer's input, and every later layer's (which needs its gradient)
+            for needs_grad in sorted({hidden.requires_grad, True}):
+                for attempt in range(1, TRACE_ATTEMPTS + 1):
+                    x = hidden.detach().requires_grad_(needs_grad)
+                    try:
+                        with torch.autocast(device, dtype=dtype) if enabled else nullcontext():
+                            out = forward(layer, x, *args, **kwargs)
+                        break
+                    except Exception as exc:
+                        # dynamo traced again (after a graph break) and the training's thread had
+                        # changed what the first trace read: trace once more
+                        if type(exc).__name__ != "SpeculationLogDivergence" or attempt == TRACE_ATTEMPTS:
+                            raise
+                out = out[0] if isinstance(out, tuple) else out
+                out.backward(torch.ones_like(out))  # into the copy's gradients only
+            if hidden.is_cuda:
+                torch.cuda.synchronize(hidden.device)
+        except Exception as exc:  # noqa: BLE001 - said at the switch; the layers compile inline then
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            self.error = f"{type(exc).__name__}: {first_line}"
+            log.warning("compiling the decoder layer in the background failed", exc_info=True)
+        finally:
+            self.compile_seconds = time.perf_counter() - started
+            self._done.set()
+
+    # the switch, between two micro-batches
+
+    def ready(self) -> bool:
+        return not self.switched and self._done.is_set()
+
+    def switch(self, trainer: Any) -> None:
+        """The compiled layers, FlexAttention and CUDA graphs from the trainer's next micro-batch."""
+        self.switched = True
+        set_layer_forwards(self.model, self.compiled, self.whole_layers, self.preserve_rng_state)
+        if self.flex:
+            use_flex_attention(self.model)
+            trainer.mask_kind = "flex"
+        if self.graphs:
+            trainer.step_graphs = StepGraphs()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the eager micro-batches' cached blocks
+        seconds = round(self.compile_seconds or 0.0, 1)
+        data = {
+            "compile_seconds": seconds,
+            "eager_micro_batches": self.eager_micro_batches,
+            "compile_error": self.error,
+        }
+        if self.error is None:
+            self.say(
+                f"decoder layers compiled in {seconds} s while {self.eager_micro_batches} micro-batch(es) "
+                "trained eagerly; compiled from the next one on",
+                **data,
+            )
+        else:
+            self.say(
+                f"compiling the decoder layers beside the eager steps failed ({self.error}); "
+                "they compile at their next call instead",
+                **data,
+            )
+
+    def close(self) -> None:
+        """The training ended; a compile still running is left to end with the process."""
+        self._hook.remove()
+        if not self.switched and self._thread is not None and self._thread.is_alive():
+            self.say(
+                f"the training ended before its decoder layers compiled: all {self.eager_micro_batches} "
+                "micro-batch(es) trained eagerly",
+                eager_micro_batches=self.eager_micro_batches,
+            )
+
+
+def bypass_hub_kernel_routing(model: torch.nn.Module) -> int:
+    """Modules whose class forward the `kernels` package wraps (transformers' attention, for hub
+    kernels such as a rotary embedding's) run the class's own forward; how many.
+
+    The wrapper routes the decorated functions to hub kernels, which never load here (no
+    `kernelize`); but it keeps its routing table, while compiling, in one variable for the whole
+    process, which the eager training's calls in another thread would change under the compile's
+    trace. Without the wrapper the functions run as written (what the wrapper falls back to)."""
+    bypassed = 0
+    for module in model.modules():
+        forward = type(module).forward
+        inner = getattr(forward, "__wrapped__", None)
+        code = getattr(forward, "__code__", None)  # the wrapper's own (functools.wraps copies the rest)
+        if inner is None or code is None or "forward" in vars(module) or "kernels" not in code.co_filename:
+            continue
+        module.forward = MethodType(inner, module)
+        bypassed += 1
+    return bypassed
+
+
+def use_flex_attention_on(layer: torch.nn.Module) -> None:
+    """The copied layer's own config (deep-copied with it) set to FlexAttention, as the model's
+    will be at the switch; the model's layers keep sdpa until then."""
+    configs = {id(m.config): m.config for m in layer.modules() if hasattr(m, "config")}
+    for config in configs.values():
+        config._attn_implementation = "flex_attention"
+
+
+def _detached(value: Any) -> Any:
+    """A layer call's arguments, tensors detached and copied (the eager step goes on with its own)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    if isinstance(value, list):
+        return [_detached(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
