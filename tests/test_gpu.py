@@ -23,22 +23,33 @@ def test_the_fast_path_trains_the_loss_the_eager_recipe_trains(service_env, monk
     fused with lm_head and micro-batches replayed as CUDA graphs after the first two
     (worker/training/speed.py, step_graphs.py, fused_loss.py) against FINETUNE_FAST_PATH=0:
     the same steps within 2 % (kernels differ: fused, reordered float32 sums), dropout off (its
-    draws differ between the paths)."""
+    draws differ between the paths). The compiled path here compiles at the first step; a third
+    job starts eagerly while its layers compile beside it (worker/training/layer_compile.py), and
+    says whether they were compiled before its 8 steps ended."""
+    from worker.training import speed
+
     spec = quick_spec(max_steps=8, save_steps=100, lora={"dropout": 0.0})
     runs, jobs_by_path = {}, {}
-    for fast in ("1", "0"):
+    for path, fast, beside in (("fast", "1", False), ("eager", "0", False), ("beside", "1", True)):
         monkeypatch.setenv("FINETUNE_FAST_PATH", fast)
+        monkeypatch.setattr(speed, "COMPILE_WHILE_TRAINING", beside)
         job = jobs.create_job(spec, LOCAL_OWNER)
         execute_job(job.id)
         assert jobs.get_job(job.id, LOCAL_OWNER).status == "succeeded"
-        runs[fast], jobs_by_path[fast] = losses(job.id), job.id
-    assert len(runs["1"]) == len(runs["0"]) == 8
-    assert runs["1"] == pytest.approx(runs["0"], rel=0.02)
-    events = jobs.list_events(jobs_by_path["1"], LOCAL_OWNER, None, 200).items
+        runs[path], jobs_by_path[path] = losses(job.id), job.id
+    assert len(runs["fast"]) == len(runs["eager"]) == len(runs["beside"]) == 8
+    assert runs["fast"] == pytest.approx(runs["eager"], rel=0.02)
+    assert runs["beside"] == pytest.approx(runs["eager"], rel=0.02)
+    events = jobs.list_events(jobs_by_path["fast"], LOCAL_OWNER, None, 200).items
     plan = next(e for e in events if e.message.startswith("training step:"))
     assert plan.data["speed"]["fused_loss"], plan.message
     graphs = [e for e in events if e.message.startswith("CUDA graphs:")]
     assert graphs and graphs[-1].data["replayed"] > 0, [e.message for e in events]
+    beside = [e.message for e in jobs.list_events(jobs_by_path["beside"], LOCAL_OWNER, None, 200).items]
+    assert any(
+        m.startswith(("decoder layers compiled in", "the training ended before its decoder layers compiled"))
+        for m in beside
+    ), beside
 
 
 def test_the_sampler_answers_on_this_gpu_when_the_model_fits(service_env):

@@ -19,6 +19,7 @@ alone; nothing else is shared: the copy has its own dropout counters, config and
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
 import threading
@@ -85,6 +86,15 @@ class LayerCompile:
         if not (layer.training and torch.is_grad_enabled()):
             return  # an evaluation's forward: wait for a training one
         self._hook.remove()
+        try:
+            self._start(layer, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - never the job's step: the layers compile inline then
+            self.error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+            log.warning("starting the decoder layer's compile beside the training failed", exc_info=True)
+            self.compile_seconds = 0.0
+            self._done.set()
+
+    def _start(self, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         args, kwargs = _detached(args), _detached(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         args = args[1:]
@@ -101,7 +111,7 @@ class LayerCompile:
             target=self._compile,
             args=(copied, hidden, args, kwargs, autocast),
             name="layer-compile",
-            daemon=True,  # a job that ends first doesn't wait for it
+            daemon=True,  # a job that ends first doesn't wait for it (see `close`)
         )
         self._thread.start()
 
@@ -175,14 +185,17 @@ class LayerCompile:
             )
 
     def close(self) -> None:
-        """The training ended; a compile still running is left to end with the process."""
+        """The training ended. A compile still running is left to finish while the job saves its
+        adapter; the process waits for it before it exits (Inductor's compile workers end then)."""
         self._hook.remove()
-        if not self.switched and self._thread is not None and self._thread.is_alive():
+        thread = self._thread
+        if not self.switched and thread is not None and thread.is_alive():
             self.say(
                 f"the training ended before its decoder layers compiled: all {self.eager_micro_batches} "
                 "micro-batch(es) trained eagerly",
                 eager_micro_batches=self.eager_micro_batches,
             )
+            atexit.register(thread.join)
 
 
 def bypass_hub_kernel_routing(model: torch.nn.Module) -> int:
