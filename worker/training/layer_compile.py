@@ -3,13 +3,14 @@
 On a big GPU the first compiled step waited for dynamo's trace, Inductor's kernels and
 FlexAttention's templates: ~80 s from the job's "training step" event to its first step on an
 H100, 62 s with a warm compile cache (issue 30), as long as ~250 of its steps. Instead the job
-starts on the eager layers (each recomputed whole, the dense mask and sdpa, no CUDA graphs: the
-plan a T4 runs), and a thread compiles the layer meanwhile: at the job's first layer call it
-copies that decoder layer and the inputs it was given (with the attention mask the compiled
-plan uses) and runs the compiled forward and backward on them once, which compiles them (the
-copy's own gradients, never the job's). Once it is done the trainer switches, before its next
-micro-batch, to the compiled layers, FlexAttention and CUDA graphs; their first call finds the
-layer compiled (dynamo's guards see the same classes, shapes' symbols and settings).
+starts on the eager layers (each recomputed whole, bitsandbytes' own 4-bit matmul, the dense
+mask and sdpa, no CUDA graphs: the plan a T4 runs), and a thread compiles the layer meanwhile:
+at the job's first layer call it copies that decoder layer and the inputs it was given (with the
+attention mask the compiled plan uses) and runs the compiled forward and backward on them once,
+which compiles them (the copy's own gradients, never the job's). Once it is done the trainer
+switches, before its next micro-batch, to the compiled layers, FlexAttention and CUDA graphs;
+their first call finds the layer compiled (dynamo's guards see the same classes, shapes'
+symbols and settings).
 
 A compile that fails in the thread is said, and the switch still happens: the layers then
 compile at their first call, as without this module. The thread shares the GPU's default stream
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from worker.training.nf4 import use_bitsandbytes_matmul, use_plain_4bit_matmul
 from worker.training.speed import (
     LayerForwards,
     SpeedPlan,
@@ -68,6 +70,10 @@ class LayerCompile:
         set_layer_forwards(model, eager_layer_forwards(model), plan.checkpointing, self.preserve_rng_state)
         if self.flex:
             use_sdpa_attention(model)
+        # eager, bitsandbytes' own 4-bit matmul (its kernel, not the torch ops the compile fuses)
+        self.plain_4bit = plan.plain_4bit
+        if self.plain_4bit:
+            use_bitsandbytes_matmul(model)
         bypass_hub_kernel_routing(model)
         self.sequence_ids: torch.Tensor | None = None
         self.eager_micro_batches = 0
@@ -78,23 +84,33 @@ class LayerCompile:
         self._started = time.perf_counter()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pending: tuple | None = None  # the first call's layer and inputs, until `ready`
         self._hook = decoder_layers(model)[0].register_forward_pre_hook(self._first_call, with_kwargs=True)
 
     # the first layer call: copy the layer and its inputs, compile in a thread
 
     def _first_call(self, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """The first training call's inputs kept (detached copies); the compile starts before the
+        next micro-batch (`ready`), so that the job's first step runs alone (measured on an H100:
+        15.7 s for an eager first micro-batch beside the compile's trace) and the layer is copied
+        as its first call left it (bitsandbytes' 4-bit layers cast their bias to the input's dtype
+        then: a copy taken before compiled a graph the model's layers no longer matched)."""
         if not (layer.training and torch.is_grad_enabled()):
             return  # an evaluation's forward: wait for a training one
         self._hook.remove()
+        self._guarded(self._keep_inputs, layer, args, kwargs)
+
+    def _guarded(self, action: Callable[..., None], *args: Any) -> None:
         try:
-            self._start(layer, args, kwargs)
+            action(*args)
         except Exception as exc:  # noqa: BLE001 - never the job's step: the layers compile inline then
             self.error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
             log.warning("starting the decoder layer's compile beside the training failed", exc_info=True)
             self.compile_seconds = 0.0
+            self._pending = None
             self._done.set()
 
-    def _start(self, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def _keep_inputs(self, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         args, kwargs = _detached(args), _detached(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         args = args[1:]
@@ -102,11 +118,19 @@ class LayerCompile:
             if self.sequence_ids is None:
                 raise RuntimeError("LayerCompile needs the micro-batch's sequence_ids before its forward")
             kwargs["attention_mask"] = document_block_mask(self.sequence_ids)
+        device = hidden.device.type
+        autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        self._pending = (layer, hidden, args, kwargs, autocast)
+
+    def _start(self) -> None:
+        assert self._pending is not None
+        layer, hidden, args, kwargs, autocast = self._pending
+        self._pending = None
         copied = copy.deepcopy(layer)
         if self.flex:
             use_flex_attention_on(copied)
-        device = hidden.device.type
-        autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        if self.plain_4bit:
+            use_plain_4bit_matmul(copied)
         self._thread = threading.Thread(
             target=self._compile,
             args=(copied, hidden, args, kwargs, autocast),
@@ -152,11 +176,17 @@ class LayerCompile:
     # the switch, between two micro-batches
 
     def ready(self) -> bool:
+        """Before each micro-batch: whether to switch now (and, before the second, the compile starts)."""
+        if self._pending is not None:
+            self._guarded(self._start)
+            return False
         return not self.switched and self._done.is_set()
 
     def switch(self, trainer: Any) -> None:
         """The compiled layers, FlexAttention and CUDA graphs from the trainer's next micro-batch."""
         self.switched = True
+        if self.plain_4bit:
+            use_plain_4bit_matmul(self.model)
         set_layer_forwards(self.model, self.compiled, self.whole_layers, self.preserve_rng_state)
         if self.flex:
             use_flex_attention(self.model)
