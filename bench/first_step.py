@@ -13,8 +13,8 @@ captured as a CUDA graph or replayed one; captures' seconds apart).
 
 A run's name may end in a plan variant, measured on the same volume: `warm-no-graphs` (the
 micro-batches never captured as CUDA graphs), `warm-sdpa` (the dense mask instead of
-FlexAttention: compiles a layer of its own, so it is cold for that layer), `warm-first-sight`
-(a new shape captured the first time it comes: StepGraphs.capture_at_first_sight); and a name
+FlexAttention: compiles a layer of its own, so it is cold for that layer), `warm-second-sight`
+(a new shape captured the second time it comes: speed.CAPTURE_AT_FIRST_SIGHT off); and a name
 ending in `-inline` compiles the layers at the first step, the training waiting for it (as before
 worker.training.layer_compile), e.g. `cold-inline warm-inline cold warm`. A `cold…` run after the
 first gets a volume of its own (the runs after it use that one).
@@ -123,8 +123,8 @@ def _time_micro_batches(run: str) -> list[dict]:
         recipe.plan_speed = partial(recipe.plan_speed, graphs=False)
     elif run.endswith("-sdpa"):
         recipe.plan_speed = partial(recipe.plan_speed, flex=False)
-    elif run.endswith("-first-sight"):
-        recipe.StepGraphs = partial(step_graphs.StepGraphs, capture_at_first_sight=True)
+    elif run.endswith("-second-sight"):
+        speed.CAPTURE_AT_FIRST_SIGHT = False
     if run.endswith("-inline"):  # the layers compile at the first step, the steps waiting for it
         speed.COMPILE_WHILE_TRAINING = False
     timeline: list[dict] = []

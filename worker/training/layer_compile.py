@@ -41,10 +41,10 @@ from worker.training.speed import (
     document_block_mask,
     eager_layer_forwards,
     set_layer_forwards,
+    step_graphs_for,
     use_flex_attention,
     use_sdpa_attention,
 )
-from worker.training.step_graphs import StepGraphs
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class LayerCompile:
 
     def __init__(self, model: torch.nn.Module, plan: SpeedPlan, compiled: LayerForwards) -> None:
         self.model = model
+        self.plan = plan
         self.compiled = compiled
         self.flex = plan.mask == "flex"
         self.graphs = plan.graphs
@@ -192,7 +193,7 @@ class LayerCompile:
             use_flex_attention(self.model)
             trainer.mask_kind = "flex"
         if self.graphs:
-            trainer.step_graphs = StepGraphs()
+            trainer.step_graphs = step_graphs_for(self.plan)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the eager micro-batches' cached blocks
         seconds = round(self.compile_seconds or 0.0, 1)

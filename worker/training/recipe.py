@@ -41,8 +41,7 @@ from worker.training.layer_compile import LayerCompile
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
 from worker.training.packing import collate_step
 from worker.training.preference_data import PairData, build_eval_pair_data, build_pair_data
-from worker.training.speed import SpeedPlan, apply_speed_plan, plan_speed
-from worker.training.step_graphs import StepGraphs
+from worker.training.speed import SpeedPlan, apply_speed_plan, plan_speed, step_graphs_for
 from worker.training.tracking import tracking
 
 # Also imported from here by bench/ and tests (their home before the trainer stage moved out).
@@ -326,7 +325,7 @@ def _packed_trainer(
     if model.layer_compile is not None:  # eager, the dense mask, until it switches them
         trainer.layer_compile, trainer.mask_kind = model.layer_compile, "sdpa"
     elif model.speed.graphs:
-        trainer.step_graphs = StepGraphs()
+        trainer.step_graphs = step_graphs_for(model.speed)
     return trainer
 
 

@@ -58,7 +58,12 @@ import torch
 
 from worker.training.fused_loss import fused_loss_refusal, use_fused_loss
 from worker.training.nf4 import use_plain_4bit_matmul
-from worker.training.step_graphs import mark_layer_dropouts, reset_dropout_calls, use_counter_dropout
+from worker.training.step_graphs import (
+    StepGraphs,
+    mark_layer_dropouts,
+    reset_dropout_calls,
+    use_counter_dropout,
+)
 
 if TYPE_CHECKING:
     from worker.training.layer_compile import LayerCompile
@@ -156,6 +161,12 @@ COMPILE_MIN_CAPABILITY = (8, 0)
 # With checkpointing on, compiled layers are recomputed whole (None) until a budget is measured
 # faster within the T4's memory (bench/throughput.py --only "service bf16, round six").
 RECOMPUTE_BUDGET: float | None = None
+# CUDA graphs capture a micro-batch shape the first time it comes where the layers are recomputed
+# whole: measured on an H100 (2026-12-07, bench/throughput.py round six, the default recipe),
+# 14,712 tok/s at 7.16 GiB reserved against 11,285 at 9.76 GiB capturing at second sight (the
+# eager first runs' activations no longer beside the graphs' pool). With a recompute budget or none,
+# most first captures failed there (16 of 44 micro-batches replayed): those keep the second sight.
+CAPTURE_AT_FIRST_SIGHT = True
 # A job's first steps train eagerly while its layers compile (worker.training.layer_compile): one
 # process, packed rows (DPO jobs compile at their first step: `load_model` turns this off).
 COMPILE_WHILE_TRAINING = True
@@ -226,6 +237,12 @@ def plan_speed(
         elif plan.compile_layers and recompute_budget is not None:
             plan.recompute_budget = recompute_budget
     return plan
+
+
+def step_graphs_for(plan: SpeedPlan) -> StepGraphs:
+    """The CUDA graphs a job with this plan (`plan.graphs`) replays its micro-batches with."""
+    whole_layers = plan.checkpointing and plan.recompute_budget is None
+    return StepGraphs(capture_at_first_sight=CAPTURE_AT_FIRST_SIGHT and whole_layers)
 
 
 FLEX_BLOCK = 128  # FlexAttention's block size: rows padded to a multiple of it
