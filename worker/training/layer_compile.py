@@ -5,9 +5,10 @@ FlexAttention's templates: ~80 s from the job's "training step" event to its fir
 H100, 62 s with a warm compile cache (issue 30), as long as ~250 of its steps. Instead the job
 starts on the eager layers (each recomputed whole, bitsandbytes' own 4-bit matmul, the dense
 mask and sdpa, no CUDA graphs: the plan a T4 runs), and a thread compiles the layer meanwhile:
-at the job's first layer call it copies that decoder layer and the inputs it was given (with the
-attention mask the compiled plan uses) and runs the compiled forward and backward on them once,
-which compiles them (the copy's own gradients, never the job's). Once it is done the trainer
+the first layer's inputs at the job's first step are kept (with the attention mask the compiled
+plan uses), and before the second step the thread copies that decoder layer and runs the compiled
+forward and backward on the copy once, which compiles them (the copy's own gradients, never the
+job's). Once it is done the trainer
 switches, before its next micro-batch, to the compiled layers, FlexAttention and CUDA graphs;
 their first call finds the layer compiled (dynamo's guards see the same classes, shapes'
 symbols and settings).
@@ -82,13 +83,12 @@ class LayerCompile:
         self.error: str | None = None
         self.switched = False
         self.say: Say = lambda text, **data: log.info(text)
-        self._started = time.perf_counter()
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending: tuple | None = None  # the first call's layer and inputs, until `ready`
         self._hook = decoder_layers(model)[0].register_forward_pre_hook(self._first_call, with_kwargs=True)
 
-    # the first layer call: copy the layer and its inputs, compile in a thread
+    # the first layer call's inputs kept; before the next micro-batch, the layer copied and compiled
 
     def _first_call(self, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """The first training call's inputs kept (detached copies); the compile starts before the
