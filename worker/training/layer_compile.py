@@ -8,10 +8,9 @@ mask and sdpa, no CUDA graphs: the plan a T4 runs), and a thread compiles the la
 the first layer's inputs at the job's first step are kept (with the attention mask the compiled
 plan uses), and before the second step the thread copies that decoder layer and runs the compiled
 forward and backward on the copy once, which compiles them (the copy's own gradients, never the
-job's). Once it is done the trainer
-switches, before its next micro-batch, to the compiled layers, FlexAttention and CUDA graphs;
-their first call finds the layer compiled (dynamo's guards see the same classes, shapes'
-symbols and settings).
+job's). Once it is done the trainer switches, before its next micro-batch, to the compiled layers,
+FlexAttention and CUDA graphs; their first call finds the layer compiled (dynamo's guards see the
+same classes, shapes' symbols and settings).
 
 A compile that fails in the thread is said, and the switch still happens: the layers then
 compile at their first call, as without this module. The thread shares the GPU's default stream
