@@ -64,6 +64,25 @@ def assert_same_step(got: tuple[float, dict], expected: tuple[float, dict]) -> N
         assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), name
 
 
+def without_dropout(model: Any) -> None:
+    """Every dropout of `model` at p = 0: two paths of one step compute the same function."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def lora_step(model: Any, lora: dict[str, Any], **inputs: Any) -> tuple[float, dict]:
+    """One forward and backward of `model` on `inputs`: (its loss, {name: gradient} of the
+    `lora` parameters), the gradients zeroed after (what `assert_same_step` compares)."""
+    loss = model(**inputs).loss
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in lora.items()}
+    model.zero_grad()
+    return loss.item(), grads
+
+
 def demo_lora_model(samples: int = 6) -> tuple[Any, Any, list]:
     """The real tiny Phi through the real 4-bit LoRA path (the demo spec, 256-token samples):
     (model, tokenizer, its first `samples` training samples). Needs the `demo_model` fixture."""

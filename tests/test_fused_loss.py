@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from tests.helpers import assert_same_step, demo_lora_model, packed_step
+from tests.helpers import assert_same_step, demo_lora_model, lora_step, packed_step, without_dropout
 from worker.training.data import IGNORE_INDEX
 from worker.training.fused_loss import (
     fused_loss_refusal,
@@ -86,20 +86,14 @@ def test_a_trained_head_is_refused():
 def test_the_fused_loss_keeps_a_packed_steps_loss_and_gradients_on_the_4bit_model():
     model, tokenizer, samples = demo_lora_model()
     model.train()
-    for module in model.modules():  # the same function in both runs: no dropout
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    without_dropout(model)  # the same function in both runs
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
     batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=64)
     mask = block_causal_mask(batch.pop("sequence_ids"), torch.float32)
     items = torch.tensor(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
 
     def step() -> tuple[float, dict[str, torch.Tensor]]:
-        loss = model(**batch, attention_mask=mask, num_items_in_batch=items).loss
-        loss.backward()
-        grads = {name: p.grad.detach().clone() for name, p in lora.items()}
-        model.zero_grad()
-        return loss.item(), grads
+        return lora_step(model, lora, **batch, attention_mask=mask, num_items_in_batch=items)
 
     assert fused_loss_refusal(model) is None
     model_step = step()

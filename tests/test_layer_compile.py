@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import assert_same_step, demo_lora_model, packed_step
+from tests.helpers import assert_same_step, demo_lora_model, lora_step, packed_step, without_dropout
 from worker.training.nf4 import is_4bit_linear, use_plain_4bit_matmul
 from worker.training.packing import block_causal_mask
 from worker.training.speed import SpeedPlan, compiled_layer_forwards, decoder_layers, restore_decoder_layers
@@ -33,9 +33,7 @@ def test_the_layers_compile_beside_an_eager_step_and_switch_without_compiling_ag
 
     model, tokenizer, samples = demo_lora_model()
     model.train()
-    for module in model.modules():  # the same function eager and compiled: no dropout
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    without_dropout(model)  # the same function eager and compiled
     use_plain_4bit_matmul(model)
     # as on a GPU, where the 4-bit layers' biases (float32) differ from the input's dtype (bf16):
     # bitsandbytes' forward casts them at its first call, which the compiled copy must have seen
@@ -48,11 +46,7 @@ def test_the_layers_compile_beside_an_eager_step_and_switch_without_compiling_ag
     mask = block_causal_mask(sequence_ids, torch.float32)
 
     def step() -> tuple[float, dict[str, torch.Tensor]]:
-        loss = model(**batch, attention_mask=mask).loss
-        loss.backward()
-        grads = {name: p.grad.detach().clone() for name, p in lora.items()}
-        model.zero_grad()
-        return loss.item(), grads
+        return lora_step(model, lora, **batch, attention_mask=mask)
 
     torch._dynamo.reset()
     counters.clear()

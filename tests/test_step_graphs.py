@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import assert_same_step, demo_lora_model, packed_step
+from tests.helpers import assert_same_step, demo_lora_model, lora_step, packed_step
 from worker.training.nf4 import use_bitsandbytes_matmul, use_plain_4bit_matmul
 from worker.training.packing import block_causal_mask
 from worker.training.speed import compile_decoder_layers, decoder_layers, restore_decoder_layers
@@ -80,11 +80,7 @@ def test_compiled_layers_checkpointed_without_the_generator_state_recompute_the_
     def step() -> tuple[float, dict[str, torch.Tensor]]:
         torch.manual_seed(1)
         dropout.next_micro_batch()
-        loss = model(**batch, attention_mask=mask).loss
-        loss.backward()
-        grads = {name: p.grad.detach().clone() for name, p in lora.items()}
-        model.zero_grad()
-        return loss.item(), grads
+        return lora_step(model, lora, **batch, attention_mask=mask)
 
     # the reference recomputes nothing (transformers' own checkpointing would not reset the
     # dropouts' call counts: the graphs' layers are always checkpointed by compile_decoder_layers)

@@ -16,7 +16,7 @@ from transformers import AutoConfig
 
 from app.spec import JobSpec
 from tests.conftest import demo_spec
-from tests.helpers import assert_same_step, demo_lora_model, packed_step
+from tests.helpers import assert_same_step, demo_lora_model, lora_step, packed_step, without_dropout
 from worker.training.data import IGNORE_INDEX
 from worker.training.nf4 import dequantize_4bit, use_bitsandbytes_matmul, use_plain_4bit_matmul
 from worker.training.packing import PackedData, block_causal_mask, collate_packed, plan_full_rows, plan_steps
@@ -133,19 +133,13 @@ def test_compiled_decoder_layers_keep_the_loss_and_gradients(checkpointing, budg
     default plan does (`SpeedPlan.recompute_budget`): min-cut partitioned like Inductor's."""
     model, tokenizer, samples = demo_lora_model()
     model.train()
-    for module in model.modules():  # the same function in both runs: no dropout
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    without_dropout(model)  # the same function in both runs
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
     batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=64)
     mask = block_causal_mask(batch.pop("sequence_ids"), torch.float32)
 
     def step() -> tuple[float, dict[str, torch.Tensor]]:
-        loss = model(**batch, attention_mask=mask).loss
-        loss.backward()
-        grads = {name: p.grad.detach().clone() for name, p in lora.items()}
-        model.zero_grad()
-        return loss.item(), grads
+        return lora_step(model, lora, **batch, attention_mask=mask)
 
     eager_loss, eager_grads = step()
     torch._dynamo.reset()

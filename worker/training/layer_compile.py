@@ -45,6 +45,7 @@ from worker.training.speed import (
     use_flex_attention,
     use_sdpa_attention,
 )
+from worker.training.step_graphs import exception_line
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,14 @@ class LayerCompile:
         self.plan = plan
         self.compiled = compiled
         self.flex = plan.mask == "flex"
-        self.graphs = plan.graphs
-        self.whole_layers = plan.checkpointing and plan.recompute_budget is None
+        # dropout by counter (CUDA graphs) draws nothing from torch's generator
         self.preserve_rng_state = not plan.graphs
         # the eager layers: each recomputed whole when the plan recomputes anything
         set_layer_forwards(model, eager_layer_forwards(model), plan.checkpointing, self.preserve_rng_state)
         if self.flex:
             use_sdpa_attention(model)
         # eager, bitsandbytes' own 4-bit matmul (its kernel, not the torch ops the compile fuses)
-        self.plain_4bit = plan.plain_4bit
-        if self.plain_4bit:
+        if plan.plain_4bit:
             use_bitsandbytes_matmul(model)
         bypass_hub_kernel_routing(model)
         self.sequence_ids: torch.Tensor | None = None
@@ -104,7 +103,7 @@ class LayerCompile:
         try:
             action(*args)
         except Exception as exc:  # noqa: BLE001 - never the job's step: the layers compile inline then
-            self.error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+            self.error = exception_line(exc)
             log.warning("starting the decoder layer's compile beside the training failed", exc_info=True)
             self.compile_seconds = 0.0
             self._pending = None
@@ -129,7 +128,7 @@ class LayerCompile:
         copied = copy.deepcopy(layer)
         if self.flex:
             use_flex_attention_on(copied)
-        if self.plain_4bit:
+        if self.plan.plain_4bit:
             use_plain_4bit_matmul(copied)
         self._thread = threading.Thread(
             target=self._compile,
@@ -144,7 +143,7 @@ class LayerCompile:
     ) -> None:
         started = time.perf_counter()
         forward = checkpointed_layer_forward(
-            self.compiled[type(layer)], self.whole_layers, preserve_rng_state=False
+            self.compiled[type(layer)], self.plan.whole_layers_recomputed, preserve_rng_state=False
         )
         device, enabled, dtype = autocast
         try:
@@ -166,8 +165,7 @@ class LayerCompile:
             if hidden.is_cuda:
                 torch.cuda.synchronize(hidden.device)
         except Exception as exc:  # noqa: BLE001 - said at the switch; the layers compile inline then
-            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-            self.error = f"{type(exc).__name__}: {first_line}"
+            self.error = exception_line(exc)
             log.warning("compiling the decoder layer in the background failed", exc_info=True)
         finally:
             self.compile_seconds = time.perf_counter() - started
@@ -185,13 +183,14 @@ class LayerCompile:
     def switch(self, trainer: Any) -> None:
         """The compiled layers, FlexAttention and CUDA graphs from the trainer's next micro-batch."""
         self.switched = True
-        if self.plain_4bit:
+        if self.plan.plain_4bit:
             use_plain_4bit_matmul(self.model)
-        set_layer_forwards(self.model, self.compiled, self.whole_layers, self.preserve_rng_state)
+        whole_layers = self.plan.whole_layers_recomputed
+        set_layer_forwards(self.model, self.compiled, whole_layers, self.preserve_rng_state)
         if self.flex:
             use_flex_attention(self.model)
             trainer.mask_kind = "flex"
-        if self.graphs:
+        if self.plan.graphs:
             trainer.step_graphs = step_graphs_for(self.plan)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the eager micro-batches' cached blocks

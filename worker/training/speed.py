@@ -111,6 +111,11 @@ class SpeedPlan:
     compile_while_training: bool = False
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def whole_layers_recomputed(self) -> bool:
+        """Checkpointing on without a budget: each layer recomputed whole before its backward."""
+        return self.checkpointing and self.recompute_budget is None
+
     def describe(self) -> str:
         parts = [f"attention: {self.attention}"]
         parts.append("decoder layers compiled" if self.compile_layers else "eager")
@@ -241,8 +246,7 @@ def plan_speed(
 
 def step_graphs_for(plan: SpeedPlan) -> StepGraphs:
     """The CUDA graphs a job with this plan (`plan.graphs`) replays its micro-batches with."""
-    whole_layers = plan.checkpointing and plan.recompute_budget is None
-    return StepGraphs(capture_at_first_sight=CAPTURE_AT_FIRST_SIGHT and whole_layers)
+    return StepGraphs(capture_at_first_sight=CAPTURE_AT_FIRST_SIGHT and plan.whole_layers_recomputed)
 
 
 FLEX_BLOCK = 128  # FlexAttention's block size: rows padded to a multiple of it
@@ -508,8 +512,7 @@ def apply_speed_plan(model: torch.nn.Module, plan: SpeedPlan) -> LayerCompile | 
             from worker.training.layer_compile import LayerCompile
 
             return LayerCompile(model, plan, compiled_layer_forwards(model))
-        whole_layers = plan.checkpointing and plan.recompute_budget is None
-        compile_decoder_layers(model, whole_layers, preserve_rng_state=not plan.graphs)
+        compile_decoder_layers(model, plan.whole_layers_recomputed, preserve_rng_state=not plan.graphs)
     elif not plan.checkpointing:
         base = _base_model(model)
         if getattr(base, "is_gradient_checkpointing", False):

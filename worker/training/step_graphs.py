@@ -218,12 +218,10 @@ class StepGraphs:
             _release_generator(device)
             self.failures += 1
             self.failed[key] = self.failed.get(key, 0) + 1
-            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-            log.info("CUDA graph capture failed (%s: %s); runs eagerly", type(exc).__name__, first_line)
+            first_line = exception_line(exc)
+            log.info("CUDA graph capture failed (%s); runs eagerly", first_line)
             if self.failures >= MAX_FAILURES_IN_ALL:
-                self.stopped = (
-                    f"{self.failures} captures failed, the last: {type(exc).__name__}: {first_line}"
-                )
+                self.stopped = f"{self.failures} captures failed, the last: {first_line}"
             return None
         if self.pool is None:
             self.pool = graph.pool()
@@ -247,6 +245,11 @@ class StepGraphs:
             "shapes": len(self.graphs),
             "failed_captures": self.failures,
         }
+
+
+def exception_line(exc: BaseException) -> str:
+    """`Type: first line of the message` (at most 300 characters of it), for an event or a log."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
 
 
 def _release_generator(device: torch.device) -> None:
