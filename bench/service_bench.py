@@ -26,14 +26,16 @@ full_rows, row_multiple, fused_loss (the loss fused with lm_head, worker.trainin
 as_t4 (flash and cuDNN sdpa off, as on a T4), recompute_budget (with checkpointing: the share
 of a compiled layer's activations it keeps, worker.training.speed.SpeedPlan.recompute_budget;
 unset: whole layers recomputed), first_sight (CUDA graphs: a new shape captured the first time it
-comes, StepGraphs.capture_at_first_sight),
+comes, StepGraphs.capture_at_first_sight), one_row (a step's rows laid end to end as one row,
+SpeedPlan.one_row; needs mask "flex"),
 host_syncs (true: the Trainer's per-micro-batch waits as before round five: its nan/inf loss
 filter, its token count read back from the GPU, blocking input copies).
 
 The clock waits for the GPU only at the timed window's ends (and the profiled one's), as a job
 does between its logged steps: per-step times (`step_s`) are the host's.
 Each variant also counts the host's waits for the GPU over its timed steps
-(`torch.cuda.set_sync_debug_mode`): `syncs_per_step`.
+(`torch.cuda.set_sync_debug_mode`): `syncs_per_step`, and where in Python they were
+(`sync_sites`); with CUDA graphs, why captures failed (`graph_failures`).
 """
 
 from __future__ import annotations
@@ -198,6 +200,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         plan.attention = "memory-efficient sdpa (as a T4: flash and cuDNN off)"
     plan.row_multiple = int(v["row_multiple"])
     plan.mask = v.get("mask", "sdpa")
+    plan.one_row = bool(v.get("one_row")) and plan.mask == "flex"
     plan.plain_4bit = bool(v.get("plain_4bit"))
     plan.graphs = bool(v.get("graphs")) and plan.compile_layers and world == 1
     plan.fused_loss = bool(v.get("fused_loss"))
@@ -214,7 +217,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     counter = {"real": 0, "computed": 0}
 
     def collate(batch):
-        out = collate_step(batch, pad_token_id=50256, row_multiple=plan.row_multiple)
+        out = collate_step(batch, pad_token_id=50256, row_multiple=plan.row_multiple, one_row=plan.one_row)
         counter["real"] += out[INPUT_TOKENS]
         counter["computed"] += out["input_ids"].numel()
         return out
@@ -304,7 +307,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         "real_tok_s": (r1 - r0) / (t1 - t0),
         "computed_tok_s": (c1 - c0) / (t1 - t0),
         "samples_per_step": samples_per_step,
-        "fill": train_set.fill,
+        "fill": train_set.fill_of(plan.one_row, plan.row_multiple),
         "steps_per_epoch": len(data) / samples_per_step,
         "peak_gib": peak,
         "reserved_gib": reserved,
@@ -312,14 +315,16 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     }
     if syncs.count is not None:
         result["syncs_per_step"] = syncs.count / timed
+        result["sync_sites"] = syncs.sites
     if graphs is not None:  # micro-batches and replays over the timed steps, and in all
         result["graphs"] = graphs.describe()
+        result["graph_failures"] = graphs.stats()["failures"]
         if len(graph_marks) == 2:
             result["timed_replayed"] = graph_marks[1]["replayed"] - graph_marks[0]["replayed"]
             result["timed_micro_batches"] = graph_marks[1]["micro_batches"] - graph_marks[0]["micro_batches"]
     if "profiler" in prof:
         tables = args.profile or bool(v.get("tables"))
-        result.update(_profile_figures(prof["profiler"], profiled, pr, result["sec_per_step"], tables))
+        result.update(_profile_figures(prof["profiler"], profiled, pr, result["real_tok_s"], tables))
     if rank != 0:
         return None
     return result
@@ -331,6 +336,7 @@ class _SyncCounter:
 
     def __init__(self) -> None:
         self.count: int | None = None
+        self.sites: dict[str, int] = {}  # file:line of the Python call that waited
         self._recording: Any = None
         self._warnings: list = []
 
@@ -350,7 +356,11 @@ class _SyncCounter:
         torch.cuda.set_sync_debug_mode("default")
         self._recording.__exit__(None, None, None)
         self._recording = None
-        self.count = sum("synchroniz" in str(w.message) for w in self._warnings)
+        waits = [w for w in self._warnings if "synchroniz" in str(w.message)]
+        self.count = len(waits)
+        for w in waits:
+            site = f"{Path(w.filename).name}:{w.lineno}"
+            self.sites[site] = self.sites.get(site, 0) + 1
 
 
 def _check(model, data, dtype, compiled: bool) -> dict:
@@ -426,7 +436,10 @@ def _check(model, data, dtype, compiled: bool) -> dict:
     return out
 
 
-def _profile_figures(profiler, steps: int, trained_tokens: int, sec_per_step: float, tables: bool) -> dict:
+def _profile_figures(profiler, steps: int, trained_tokens: int, tok_s: float, tables: bool) -> dict:
+    """The profiled steps' GPU kernel time (per step and per 1,000 trained tokens) and launches;
+    `gpu_busy_share`: the share of the timed window the GPU computed, at the profiled steps'
+    kernel time per token (the profiled steps' own wall time is the profiler's, not a job's)."""
     events = profiler.key_averages()
     # kernels only: an op's self device time repeats its kernels'
     kernel_s = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
@@ -437,10 +450,11 @@ def _profile_figures(profiler, steps: int, trained_tokens: int, sec_per_step: fl
         print(events.table(sort_by="self_cpu_time_total", row_limit=20))
         print(events.table(sort_by="self_device_time_total", row_limit=20))
     per_step = kernel_s / steps
+    kernel_s_per_token = kernel_s / max(1, trained_tokens)
     return {
         "gpu_kernel_s_per_step": per_step,
-        "gpu_busy_share": per_step / sec_per_step,
-        "kernel_ms_per_1k_tokens": 1000 * kernel_s * 1000 / max(1, trained_tokens),
+        "gpu_busy_share": kernel_s_per_token * tok_s,
+        "kernel_ms_per_1k_tokens": 1000 * kernel_s_per_token * 1000,
         "launches_per_step": launches / steps,
     }
 

@@ -46,9 +46,31 @@ def test_rows_restart_positions_and_ignore_each_samples_first_label():
     assert mask[boundary, boundary - 1] < 0 and mask[boundary, boundary] == 0  # no peeking across
 
 
+def test_one_row_lays_a_steps_rows_end_to_end_and_numbers_their_samples_on():
+    samples = [TokenizedSample([t] * n, [t] * n) for t, n in ((1, 5), (2, 3), (3, 4), (4, 2))]
+    packed = PackedData(samples, plan_steps([5, 3, 4, 2], 4, 2, 8, seed=0))
+    [rows] = [step.rows for step in packed.steps]
+    assert len(rows) == 2  # 5 + 3 and 4 + 2 tokens
+    apart = collate_packed([packed[0]], pad_token_id=0, row_multiple=4)
+    joined = collate_packed([packed[0]], pad_token_id=0, row_multiple=4, one_row=True)
+
+    assert apart["input_ids"].shape == (2, 8) and joined["input_ids"].shape == (1, 16)  # 14 → 16
+    real = apart["sequence_ids"] > 0
+    for key in ("input_ids", "labels", "position_ids"):  # the rows' tokens, in order, then padding
+        assert joined[key][0, :14].tolist() == apart[key][real].tolist()
+    # each sample keeps its own number, none shared across rows; padding is 0 at the end
+    assert joined["sequence_ids"][0].tolist() == [1] * 5 + [2] * 3 + [3] * 4 + [4] * 2 + [0, 0]
+    assert joined["labels"][0, 14:].tolist() == [IGNORE_INDEX] * 2
+    assert packed.fill_of(one_row=True, row_multiple=4) == 14 / 16
+    assert packed.fill == packed.fill_of() == 14 / 16 and packed.fill_of(row_multiple=4) == 14 / 16
+    uneven = PackedData(samples, plan_steps([5, 3, 4, 2], 4, 2, 9, seed=0))  # 5 + 4 and 3 + 2
+    assert uneven.fill == 14 / 18 and uneven.fill_of(one_row=True) == 1.0
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("demo_model")
-def test_a_packed_step_has_the_loss_and_gradients_of_its_samples_apart():
+@pytest.mark.parametrize("one_row", [False, True])
+def test_a_packed_step_has_the_loss_and_gradients_of_its_samples_apart(one_row):
     model, tokenizer, samples = demo_lora_model()
     model.eval()  # no dropout: the two runs must see the same function
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -72,7 +94,8 @@ def test_a_packed_step_has_the_loss_and_gradients_of_its_samples_apart():
     row_length = sum(lengths) // 2 + max(lengths)  # two rows always hold them all
     packed = PackedData(samples, plan_steps(lengths, 6, 2, row_length, seed=0))
     assert len(packed) == 1 and len(packed.steps[0].rows) == 2  # three samples per row
-    batch = collate_packed([packed[0]], tokenizer.pad_token_id)
+    batch = collate_packed([packed[0]], tokenizer.pad_token_id, row_multiple=64, one_row=one_row)
+    assert batch["input_ids"].shape[0] == (1 if one_row else 2)
     mask = block_causal_mask(batch.pop("sequence_ids"), torch.float32)
     loss = model(**batch, attention_mask=mask).loss
     loss.backward()

@@ -78,6 +78,7 @@ def test_the_plan_for_a_t4_is_the_one_measured():
     assert dataclasses.asdict(plan) == {
         "attention": "default sdpa",  # the memory-efficient kernel: a T4 has no flash nor cuDNN
         "mask": "sdpa",  # dense packed mask: FlexAttention's kernels need compute capability 8.0
+        "one_row": False,  # a dense mask over one long row would cost the square of its length
         "compile_layers": False,
         "checkpointing": True,
         "row_multiple": 1,
@@ -94,6 +95,7 @@ def test_the_plan_for_a_t4_is_the_one_measured():
 def test_the_plan_for_an_h100_keeps_recomputation_within_its_budget():
     plan = plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((9, 0), 78 * GIB))
     assert (plan.mask, plan.compile_layers, plan.graphs, plan.fused_loss) == ("flex", True, True, True)
+    assert plan.one_row  # a step's rows end to end: one batch size for the compiled layers
     assert (plan.checkpointing, plan.recompute_budget) == (True, RECOMPUTE_BUDGET)
     assert plan.compile_while_training  # worker.training.layer_compile
     budgeted = plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((9, 0), 78 * GIB), recompute_budget=0.3)

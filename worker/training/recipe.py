@@ -235,6 +235,7 @@ def load_model(job: JobSetup) -> JobModel:
     if spec.dpo is not None:
         speed.fused_loss = False  # DPO scores completion tokens with the head itself (below)
         speed.compile_while_training = False  # its two forwards a step: compiled at the first
+        speed.one_row = False  # its pairs' rows are collated by worker.training.dpo
     if speed.compile_layers:
         speed.notes.append(
             f"compiled layers kept in {use_compile_cache(job.compile_cache, model.config).name}"
@@ -301,13 +302,15 @@ def _packed_trainer(
     if isinstance(data.eval, TrainingData):
         eval_set = _packed(data.eval, spec, t.batch_size)
     what = f"micro-batches of {t.batch_size} full rows" if full_rows else f"items of {per_process} samples"
+    fill = train_set.fill_of(model.speed.one_row, model.speed.row_multiple)
     job.say(
         f"packed {len(data.train)} samples into {len(train_set)} {what} "
-        f"for {world_size()} process(es): {train_set.mean_samples_per_step:.2f} samples per item, "
-        f"{train_set.fill:.1%} of computed tokens real",
+        f"for {world_size()} process(es): {train_set.mean_samples_per_step:.2f} samples per item"
+        + (", each item's rows as one row" if model.speed.one_row else "")
+        + f", {fill:.1%} of computed tokens real",
         steps=len(train_set),
         samples_per_step=round(train_set.mean_samples_per_step, 3),
-        fill=round(train_set.fill, 4),
+        fill=round(fill, 4),
     )
     trainer = PackedTrainer(
         model=model.model,
@@ -315,7 +318,10 @@ def _packed_trainer(
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=partial(
-            collate_step, pad_token_id=data.tokenizer.pad_token_id, row_multiple=model.speed.row_multiple
+            collate_step,
+            pad_token_id=data.tokenizer.pad_token_id,
+            row_multiple=model.speed.row_multiple,
+            one_row=model.speed.one_row,
         ),
         processing_class=data.tokenizer,
         callbacks=[progress],

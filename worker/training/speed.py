@@ -87,6 +87,9 @@ class SpeedPlan:
     # "sdpa": the dense additive 4D mask (worker.training.packing.block_causal_mask);
     # "flex": FlexAttention with a document BlockMask (`document_block_mask`)
     mask: str = "sdpa"
+    # a packed step's rows laid end to end as one row (worker.training.packing.collate_packed):
+    # no padding between rows, and the compiled layers meet one batch size
+    one_row: bool = False
     compile_layers: bool = False
     checkpointing: bool = True
     row_multiple: int = 1
@@ -123,6 +126,8 @@ class SpeedPlan:
             parts.append("the first steps eager while they compile")
         if self.plain_4bit:
             parts.append("4-bit matmuls compiled into them")
+        if self.one_row:
+            parts.append("a step's samples in one row")
         if self.graphs:
             parts.append("micro-batches replayed as CUDA graphs (dropout by counter-based hash)")
         if self.fused_loss:
@@ -220,6 +225,8 @@ def plan_speed(
     if flex:
         plan.mask, plan.attention = "flex", "FlexAttention, document block mask"
         plan.row_multiple = FLEX_BLOCK
+        # FlexAttention skips the blocks no sample sees: one long row costs what its rows did
+        plan.one_row = packed
     if graphs is None:  # packed rows come in a few shapes; data-parallel ranks keep DDP's hooks
         graphs = compile_layers and packed and processes == 1 and not _attention_dropout(config)
     plan.graphs = graphs

@@ -179,6 +179,7 @@ class StepGraphs:
         self.graphs: dict[tuple, _Captured] = {}
         self.seen: set[tuple] = set()
         self.failed: dict[tuple, int] = {}
+        self.failure_lines: dict[str, int] = {}  # each failure's first line, and how often
         self.pool: Any = None
         self.calls = self.replays = self.failures = 0
         self.stopped: str | None = None
@@ -219,6 +220,7 @@ class StepGraphs:
             self.failures += 1
             self.failed[key] = self.failed.get(key, 0) + 1
             first_line = exception_line(exc)
+            self.failure_lines[first_line] = self.failure_lines.get(first_line, 0) + 1
             log.info("CUDA graph capture failed (%s); runs eagerly", first_line)
             if self.failures >= MAX_FAILURES_IN_ALL:
                 self.stopped = f"{self.failures} captures failed, the last: {first_line}"
@@ -236,6 +238,9 @@ class StepGraphs:
         )
         if self.stopped:
             text += f"; stopped capturing ({self.stopped})"
+        elif self.failure_lines:
+            most = max(self.failure_lines, key=self.failure_lines.__getitem__)
+            text += f"; {self.failures} capture(s) failed, most often: {most}"
         return text
 
     def stats(self) -> dict[str, Any]:
@@ -244,6 +249,7 @@ class StepGraphs:
             "replayed": self.replays,
             "shapes": len(self.graphs),
             "failed_captures": self.failures,
+            "failures": dict(self.failure_lines),
         }
 
 
