@@ -148,13 +148,21 @@ FIRST_SIGHT = {**ROUND_SIX, "first_sight": True}
 # between rows, and the compiled layers meet one batch size (rows of 1 and of 2 compiled two graphs,
 # the second mid-job: inside a first-sight capture it failed the capture).
 ONE_ROW = {**FIRST_SIGHT, "one_row": True}
+EXPANDABLE = {**ONE_ROW, "expandable_segments": True}
 # Variants of one budget share a compile (a new budget compiles anew): the whole-layer ones first.
 SERVICE_ROUND_SIX = [
-    {"name": "whole layers recomputed, first sight, one row (default)", **ONE_ROW},
+    {"name": "whole layers recomputed, one row (default)", **ONE_ROW},
+    {"name": "whole layers, one row, expandable segments", **EXPANDABLE},
+    {"name": "layers keep 10% of their activations, one row", **ONE_ROW, "recompute_budget": 0.1},
+    {"name": "keep 10%, one row, expandable segments", **EXPANDABLE, "recompute_budget": 0.1},
+    {"name": "no recompute, one row, expandable segments", **EXPANDABLE, "checkpointing": False},
+]
+# The rest of the curve (measured 2026-12-07 with the rows variant: docs/benchmarks.md, round six)
+SERVICE_ROUND_SIX_CURVE = [
     {"name": "whole layers, first sight, rows (the default before one row)", **FIRST_SIGHT},
     *(
         {"name": f"layers keep {b:.0%} of their activations, one row", **ONE_ROW, "recompute_budget": b}
-        for b in (0.1, 0.2, 0.3)
+        for b in (0.2, 0.3)
     ),
     {"name": "no recompute, one row", **ONE_ROW, "checkpointing": False},
 ]
@@ -212,6 +220,7 @@ GROUPS = {
     "service bf16, round five": _service("bfloat16", SERVICE_ROUND_FIVE),
     "service fp16, round five": _service("float16", SERVICE_ROUND_FIVE[2:3]),
     "service bf16, round six": _service("bfloat16", SERVICE_ROUND_SIX),
+    "service bf16, round six curve": _service("bfloat16", SERVICE_ROUND_SIX_CURVE),
     "service fp16, T4 plan": _service("float16", SERVICE_T4),
 }
 # What one plain `python3 bench/throughput.py --out FILE` runs: the peers, the service's default and

@@ -22,13 +22,20 @@ launch: the host's share of a replayed micro-batch is copying its tensors in.
   distribution (each element kept with probability 1 − p, scaled by 1 / (1 − p)), other draws.
 - A capture that fails (a shape that needs a compile of its own, an op that waits for the GPU)
   leaves that micro-batch to the eager path and is tried again the next time; a shape failing
-  twice stays eager, and after `MAX_FAILURES_IN_ALL` failures the whole job does.
+  twice stays eager, and after `MAX_FAILURES_IN_ALL` failures the whole job does. The pool is
+  handed back by a failed capture (torch's capture_end never does when the capture failed, and
+  every later capture was refused: "beginAllocateToPool: already recording").
+- A capture doesn't wait for the GPU (`_recording`): torch's `torch.cuda.graph` synchronizes and
+  empties the allocator's caches before each one, so each new shape drained the GPU's queue and
+  freed memory the next micro-batches allocated again. The caches are emptied once, before the
+  first capture (the eager first micro-batch's blocks).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -180,7 +187,8 @@ class StepGraphs:
         self.seen: set[tuple] = set()
         self.failed: dict[tuple, int] = {}
         self.failure_lines: dict[str, int] = {}  # each failure's first line, and how often
-        self.pool: Any = None
+        self.pool: Any = None  # the graphs' shared memory pool, and the stream they are captured on
+        self.stream: Any = None
         self.calls = self.replays = self.failures = 0
         self.stopped: str | None = None
 
@@ -206,17 +214,22 @@ class StepGraphs:
     def _capture(self, key: tuple, model: torch.nn.Module, inputs: dict[str, Any], items: Any, run: StepFn):
         _hold_gradients(model)
         device = next(p.device for p in model.parameters() if p.requires_grad)
+        if self.pool is None:  # the first capture: the eager first micro-batch's cached blocks go
+            torch.cuda.empty_cache()
+            self.pool = torch.cuda.graph_pool_handle()
+            self.stream = torch.cuda.Stream(device)
         static = {k: v.to(device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         static_items = None
         if items is not None:
             static_items = torch.as_tensor(items).to(device, copy=True)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with _recording(graph, self.pool, self.stream):
                 loss = run(static, static_items)
         except Exception as exc:  # noqa: BLE001 - any failure leaves this micro-batch to the eager path
             del graph
             _release_generator(device)
+            _release_pool(device, self.pool)
             self.failures += 1
             self.failed[key] = self.failed.get(key, 0) + 1
             first_line = exception_line(exc)
@@ -225,8 +238,6 @@ class StepGraphs:
             if self.failures >= MAX_FAILURES_IN_ALL:
                 self.stopped = f"{self.failures} captures failed, the last: {first_line}"
             return None
-        if self.pool is None:
-            self.pool = graph.pool()
         captured = _Captured(graph, static, static_items, loss)
         self.graphs[key] = captured
         return captured
@@ -256,6 +267,29 @@ class StepGraphs:
 def exception_line(exc: BaseException) -> str:
     """`Type: first line of the message` (at most 300 characters of it), for an event or a log."""
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+
+
+@contextmanager
+def _recording(graph: torch.cuda.CUDAGraph, pool: Any, stream: torch.cuda.Stream) -> Iterator[None]:
+    """`torch.cuda.graph` without its synchronize and cache emptying before the capture (see the
+    module's doc): the GPU goes on with the queued micro-batches while the host records this one."""
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            yield
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream(stream.device).wait_stream(stream)
+
+
+def _release_pool(device: torch.device, pool: Any) -> None:
+    """After a failed capture the allocator still sends this thread's allocations to the pool
+    (capture_end raised before it ended that): end it, so that the next capture may begin."""
+    try:
+        torch._C._cuda_endAllocateToPool(device.index or 0, pool)
+    except RuntimeError:  # nothing was being recorded to it
+        pass
 
 
 def _release_generator(device: torch.device) -> None:
