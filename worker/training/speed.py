@@ -176,11 +176,11 @@ COMPILE_MIN_CAPABILITY = (8, 0)
 # With checkpointing on, compiled layers are recomputed whole (None) until a budget is measured
 # faster within the T4's memory (bench/throughput.py --only "service bf16, round six").
 RECOMPUTE_BUDGET: float | None = None
-# CUDA graphs capture a micro-batch shape the first time it comes where the layers are recomputed
-# whole: measured on an H100 (2026-12-07, bench/throughput.py round six, the default recipe),
-# 14,712 tok/s at 7.16 GiB reserved against 11,285 at 9.76 GiB capturing at second sight (the
-# eager first runs' activations no longer beside the graphs' pool). With a recompute budget or none,
-# most first captures failed there (16 of 44 micro-batches replayed): those keep the second sight.
+# CUDA graphs capture a micro-batch shape the first time it comes: measured on an H100 (2026-12-07,
+# bench/throughput.py round six, the default recipe), 14,712 tok/s at 7.16 GiB reserved against
+# 11,285 at 9.76 GiB capturing at second sight (the eager first runs' activations no longer beside
+# the graphs' pool). With rows, most first captures with a budget failed (a step of one row after
+# steps of two compiled again, inside the capture); in one row all succeed (71 of 72 replayed).
 CAPTURE_AT_FIRST_SIGHT = True
 # A job's first steps train eagerly while its layers compile (worker.training.layer_compile): one
 # process, packed rows (DPO jobs compile at their first step: `load_model` turns this off).
@@ -258,7 +258,7 @@ def plan_speed(
 
 def step_graphs_for(plan: SpeedPlan) -> StepGraphs:
     """The CUDA graphs a job with this plan (`plan.graphs`) replays its micro-batches with."""
-    return StepGraphs(capture_at_first_sight=CAPTURE_AT_FIRST_SIGHT and plan.whole_layers_recomputed)
+    return StepGraphs(capture_at_first_sight=CAPTURE_AT_FIRST_SIGHT)
 
 
 FLEX_BLOCK = 128  # FlexAttention's block size: rows padded to a multiple of it
