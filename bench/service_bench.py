@@ -202,7 +202,7 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         plan.attention = "memory-efficient sdpa (as a T4: flash and cuDNN off)"
     plan.row_multiple = int(v["row_multiple"])
     plan.mask = v.get("mask", "sdpa")
-    plan.one_row = bool(v.get("one_row")) and plan.mask == "flex"
+    plan.one_row = bool(v.get("one_row")) and plan.compile_layers
     plan.expandable_segments = bool(v.get("expandable_segments"))
     plan.plain_4bit = bool(v.get("plain_4bit"))
     plan.graphs = bool(v.get("graphs")) and plan.compile_layers and world == 1

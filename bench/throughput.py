@@ -195,9 +195,11 @@ SERVICE_T4 = [
     # measured 2026-12-07 (H100 as a T4) with a recompute budget of 0.1: 8,967 tok/s, but 16.0 GiB
     # reserved (over a T4's 15); whole layers at first sight held 7.16 GiB in bf16
     {
-        "name": "T4 plan candidate: compiled layers, CUDA graphs at first sight",
+        "name": "T4 plan candidate: compiled layers, CUDA graphs, one row, keep 10%",
         **T4_ROUND_SIX,
         "first_sight": True,
+        "one_row": True,
+        "recompute_budget": 0.1,
     },
 ]
 
