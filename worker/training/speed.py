@@ -173,9 +173,11 @@ def activation_bytes_without_checkpointing(config: Any, tokens: int) -> int:
 # Layers are compiled on compute capability 8.0 and newer, where it was measured (a T4, 7.5, stays
 # eager: docs/gpu.md's T4 section says what of the fast path it runs and why).
 COMPILE_MIN_CAPABILITY = (8, 0)
-# With checkpointing on, compiled layers are recomputed whole (None) until a budget is measured
-# faster within the T4's memory (bench/throughput.py --only "service bf16, round six").
-RECOMPUTE_BUDGET: float | None = None
+# With checkpointing on, compiled layers keep a tenth of their activations and recompute the rest
+# in their compiled backward: measured on an H100 (2026-12-07, `python3 bench/throughput.py`, the
+# default recipe in one row): 20,554 tok/s at 8.18 GiB reserved, against 12,974 at 6.35 GiB with
+# whole layers recomputed (None) and 23,012 at 20.7 GiB without recomputation.
+RECOMPUTE_BUDGET: float | None = 0.1
 # CUDA graphs capture a micro-batch shape the first time it comes: measured on an H100 (2026-12-07,
 # bench/throughput.py round six, the default recipe), 14,712 tok/s at 7.16 GiB reserved against
 # 11,285 at 9.76 GiB capturing at second sight (the eager first runs' activations no longer beside
@@ -230,8 +232,9 @@ def plan_speed(
     if flex:
         plan.mask, plan.attention = "flex", "FlexAttention, document block mask"
         plan.row_multiple = FLEX_BLOCK
-        # FlexAttention skips the blocks no sample sees: one long row costs what its rows did
-        plan.one_row = packed
+    # compiled layers meet one batch size (a step of one row after steps of two compiled them again,
+    # mid-job); FlexAttention skips the blocks no sample sees, so one long row costs what its rows did
+    plan.one_row = packed and plan.compile_layers
     if graphs is None:  # packed rows come in a few shapes; data-parallel ranks keep DDP's hooks
         graphs = compile_layers and packed and processes == 1 and not _attention_dropout(config)
     plan.graphs = graphs
