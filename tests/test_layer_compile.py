@@ -19,14 +19,22 @@ from worker.training.speed import SpeedPlan, compiled_layer_forwards, decoder_la
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_model")]
 
 
-def _plan() -> SpeedPlan:
+def _plan(recompute_budget: float | None = None) -> SpeedPlan:
     """The GPU's compiled plan where FlexAttention has a backward (not on a CPU): the dense mask."""
     return SpeedPlan(
-        compile_layers=True, checkpointing=True, plain_4bit=True, compile_while_training=True, row_multiple=64
+        compile_layers=True,
+        checkpointing=True,
+        plain_4bit=True,
+        compile_while_training=True,
+        row_multiple=64,
+        recompute_budget=recompute_budget,
     )
 
 
-def test_the_layers_compile_beside_an_eager_step_and_switch_without_compiling_again():
+# whole layers recomputed (checkpointed from outside), and the GPU's default: each layer keeps a
+# tenth of its activations (min-cut partitioned like Inductor's, no checkpoint outside)
+@pytest.mark.parametrize(("budget", "backend"), [(None, "aot_eager"), (0.1, "aot_eager_decomp_partition")])
+def test_the_layers_compile_beside_an_eager_step_and_switch_without_compiling_again(budget, backend):
     from torch._dynamo.utils import counters
 
     from worker.training.layer_compile import LayerCompile
@@ -50,10 +58,13 @@ def test_the_layers_compile_beside_an_eager_step_and_switch_without_compiling_ag
 
     torch._dynamo.reset()
     counters.clear()
-    compile = LayerCompile(model, _plan(), compiled_layer_forwards(model, backend="aot_eager"))
+    compile = LayerCompile(model, _plan(budget), compiled_layer_forwards(model, backend=backend))
     said: list[str] = []
     compile.say = lambda text, **data: said.append(text)
     trainer = SimpleNamespace(mask_kind="sdpa", step_graphs=None)
+    # read when the layer's forward and backward are split (apply_speed_plan sets it on a GPU)
+    partition = torch._functorch.config.patch(activation_memory_budget=1.0 if budget is None else budget)
+    partition.__enter__()
     try:
         compile.sequence_ids = sequence_ids
         eager = step()  # its first layer call keeps the layer's inputs
@@ -69,6 +80,7 @@ def test_the_layers_compile_beside_an_eager_step_and_switch_without_compiling_ag
         compiled = step()
         again = step()
     finally:
+        partition.__exit__(None, None, None)
         compile.close()
         restore_decoder_layers(model)
         torch._dynamo.reset()
