@@ -452,7 +452,7 @@ def service_variant(
     from worker.training.fused_loss import use_hidden_states_head
     from worker.training.model import compute_dtype, load_quantized_lora_model
     from worker.training.preference_data import TokenizedPair
-    from worker.training.speed import apply_speed_plan, plan_speed
+    from worker.training.speed import apply_speed_plan, for_dpo, plan_speed
     from worker.training.trainer import training_arguments
 
     spec = stored_spec(
@@ -486,9 +486,7 @@ def service_variant(
         graphs=False,
         drop_checkpointing=False if keep_recompute else None,
     )
-    speed.fused_loss = False
-    speed.compile_while_training = False  # as the worker's DPO jobs (recipe.load_model)
-    apply_speed_plan(model, speed)
+    apply_speed_plan(model, for_dpo(speed))  # as the worker's DPO jobs (recipe.load_model)
     head = use_hidden_states_head(model)
 
     def side(p: Pair, completion: list[int]) -> TokenizedSample:

@@ -24,6 +24,7 @@ from worker.training.speed import (
     RECOMPUTE_BUDGET,
     compile_decoder_layers,
     decoder_layers,
+    for_dpo,
     plan_speed,
     restore_decoder_layers,
 )
@@ -108,6 +109,11 @@ def test_the_plan_for_an_h100_keeps_recomputation_within_its_budget():
     # a job that turns checkpointing off gets none
     off = plan_speed(PHI2, 4 * 2048, checkpointing=False, gpu=((9, 0), 78 * GIB))
     assert (off.checkpointing, off.recompute_budget) == (False, None)
+    # a DPO job keeps the plan measured for it: layers recomputed whole where recomputation stays
+    # (an 80 GB card drops it for DPO: no CUDA graphs), its own rows, no fused loss
+    dpo = for_dpo(plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((8, 0), 40 * GIB), graphs=False))
+    assert dpo.whole_layers_recomputed and dpo.compile_layers and not dpo.graphs
+    assert not (dpo.one_row or dpo.fused_loss or dpo.compile_while_training)
 
 
 @pytest.mark.parametrize(

@@ -41,7 +41,7 @@ from worker.training.layer_compile import LayerCompile
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
 from worker.training.packing import collate_step
 from worker.training.preference_data import PairData, build_eval_pair_data, build_pair_data
-from worker.training.speed import SpeedPlan, apply_speed_plan, plan_speed, step_graphs_for
+from worker.training.speed import SpeedPlan, apply_speed_plan, for_dpo, plan_speed, step_graphs_for
 from worker.training.tracking import tracking
 
 # Also imported from here by bench/ and tests (their home before the trainer stage moved out).
@@ -233,9 +233,7 @@ def load_model(job: JobSetup) -> JobModel:
         graphs=False if spec.dpo is not None else None,
     )
     if spec.dpo is not None:
-        speed.fused_loss = False  # DPO scores completion tokens with the head itself (below)
-        speed.compile_while_training = False  # its two forwards a step: compiled at the first
-        speed.one_row = False  # its pairs' rows are collated by worker.training.dpo
+        for_dpo(speed)
     if speed.compile_layers:
         speed.notes.append(
             f"compiled layers kept in {use_compile_cache(job.compile_cache, model.config).name}"

@@ -259,6 +259,19 @@ def plan_speed(
     return plan
 
 
+def for_dpo(plan: SpeedPlan) -> SpeedPlan:
+    """What a DPO job's step (worker.training.dpo) keeps of the plan: its two forwards a step
+    compile at the first (no eager steps beside the compile), it scores completion tokens with the
+    head itself (no fused loss), its pairs' rows are its own collator's (no one row), and layers
+    recomputed whole, as measured for it (docs/benchmarks.md, DPO: 6.85 GiB reserved on an H100;
+    a budget is not measured there). Plan it with `graphs=False`: a DPO step is no Trainer graph."""
+    plan.fused_loss = False
+    plan.compile_while_training = False
+    plan.one_row = False
+    plan.recompute_budget = None
+    return plan
+
+
 def step_graphs_for(plan: SpeedPlan) -> StepGraphs:
     """The CUDA graphs a job with this plan (`plan.graphs`) replays its micro-batches with."""
     return StepGraphs(capture_at_first_sight=CAPTURE_AT_FIRST_SIGHT)
