@@ -15,7 +15,7 @@ Samples never see each other: the collator hands the trainer a per-token sample 
 costs a few MiB. A sample's first label is ignored, so no token is trained to predict the
 start of the next sample.
 
-On the compiled path (FlexAttention, `SpeedPlan.one_row`) the collator lays a step's rows end
+Where the decoder layers are compiled (`SpeedPlan.one_row`) the collator lays a step's rows end
 to end as one row (`collate_packed(one_row=True)`): the attention is the same (each sample still
 sees only itself, by its own sample number), the rows' padding to the longest is gone (the default
 recipe's computed tokens: 78 % real in rows, 97 % in one row), and the compiled layers always meet
