@@ -27,8 +27,8 @@ as_t4 (flash and cuDNN sdpa off, as on a T4), recompute_budget (with checkpointi
 of a compiled layer's activations it keeps, worker.training.speed.SpeedPlan.recompute_budget;
 unset: whole layers recomputed), first_sight (CUDA graphs: a new shape captured the first time it
 comes, StepGraphs.capture_at_first_sight), one_row (a step's rows laid end to end as one row,
-SpeedPlan.one_row; needs mask "flex"), expandable_segments (SpeedPlan.expandable_segments: the
-allocator's setting from this variant on; put such variants last),
+SpeedPlan.one_row; with compiled layers), expandable_segments (the caching allocator's
+expandable_segments setting, for this variant's training: measured on an H100 2026-12-07, no gain),
 host_syncs (true: the Trainer's per-micro-batch waits as before round five: its nan/inf loss
 filter, its token count read back from the GPU, blocking input copies).
 
@@ -168,7 +168,6 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         choose_attention,
         plan_speed,
         restore_decoder_layers,
-        set_expandable_segments,
         use_sdpa_attention,
     )
     from worker.training.step_graphs import StepGraphs, use_torch_dropout
@@ -203,7 +202,6 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     plan.row_multiple = int(v["row_multiple"])
     plan.mask = v.get("mask", "sdpa")
     plan.one_row = bool(v.get("one_row")) and plan.compile_layers
-    plan.expandable_segments = bool(v.get("expandable_segments"))
     plan.plain_4bit = bool(v.get("plain_4bit"))
     plan.graphs = bool(v.get("graphs")) and plan.compile_layers and world == 1
     plan.fused_loss = bool(v.get("fused_loss"))
@@ -282,11 +280,14 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
         torch.cuda.reset_peak_memory_stats()
     first_step: list[float] = []
     train_started = time.time()
+    expandable = bool(v.get("expandable_segments"))
+    if expandable:
+        _set_expandable_segments(True)
     try:
         trainer.train()
     finally:
-        if plan.expandable_segments:  # this variant's alone (the bench's next ones map plain segments)
-            set_expandable_segments(False)
+        if expandable:  # this variant's alone (the bench's next ones map plain segments)
+            _set_expandable_segments(False)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
     (t0, r0, c0), (t1, r1, c1) = marks[warm - 1], marks[warm + timed - 1]
@@ -335,6 +336,17 @@ def _run_variant(variant, model, data, args, dtype, data_dir, callbacks, rank, w
     if rank != 0:
         return None
     return result
+
+
+def _set_expandable_segments(on: bool) -> None:
+    """The caching allocator's `expandable_segments` setting, for the segments it maps from now on."""
+    import torch
+
+    setting = f"expandable_segments:{on}"
+    if hasattr(torch._C, "_accelerator_setAllocatorSettings"):  # torch ≥ 2.12
+        torch._C._accelerator_setAllocatorSettings(setting)
+    else:  # torch 2.11 (the GPU machine's)
+        torch.cuda.memory._set_allocator_settings(setting)
 
 
 class _SyncCounter:

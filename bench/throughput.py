@@ -192,8 +192,8 @@ T4_ROUND_SIX = {
 }
 SERVICE_T4 = [
     {"name": "T4 plan, round five (eager)", **T4_ROUND_FIVE},
-    # measured 2026-12-07 (H100 as a T4) with a recompute budget of 0.1: 8,967 tok/s, but 16.0 GiB
-    # reserved (over a T4's 15); whole layers at first sight held 7.16 GiB in bf16
+    # measured 2026-12-07 (H100 as a T4) in rows with a recompute budget of 0.1: 8,967 tok/s, but
+    # 16.0 GiB reserved (over a T4's 15); in one row the H100's bf16 plan held 8.18 GiB
     {
         "name": "T4 plan candidate: compiled layers, CUDA graphs, one row, keep 10%",
         **T4_ROUND_SIX,

@@ -89,7 +89,6 @@ def test_the_plan_for_a_t4_is_the_one_measured():
         "fused_loss": True,
         "recompute_budget": None,
         "compile_while_training": False,  # nothing compiles
-        "expandable_segments": False,
         "notes": [],
     }
 

@@ -40,8 +40,8 @@ from worker.training.speed import (
     decoder_layers,
     document_block_mask,
     eager_layer_forwards,
+    job_step_graphs,
     set_layer_forwards,
-    step_graphs_for,
     use_flex_attention,
     use_sdpa_attention,
 )
@@ -191,7 +191,7 @@ class LayerCompile:
             use_flex_attention(self.model)
             trainer.mask_kind = "flex"
         if self.plan.graphs:
-            trainer.step_graphs = step_graphs_for(self.plan)
+            trainer.step_graphs = job_step_graphs()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the eager micro-batches' cached blocks
         seconds = round(self.compile_seconds or 0.0, 1)

@@ -41,7 +41,7 @@ from worker.training.layer_compile import LayerCompile
 from worker.training.model import compute_dtype, load_quantized_lora_model, load_tokenizer
 from worker.training.packing import collate_step
 from worker.training.preference_data import PairData, build_eval_pair_data, build_pair_data
-from worker.training.speed import SpeedPlan, apply_speed_plan, for_dpo, plan_speed, step_graphs_for
+from worker.training.speed import SpeedPlan, apply_speed_plan, for_dpo, job_step_graphs, plan_speed
 from worker.training.tracking import tracking
 
 # Also imported from here by bench/ and tests (their home before the trainer stage moved out).
@@ -329,7 +329,7 @@ def _packed_trainer(
     if model.layer_compile is not None:  # eager, the dense mask, until it switches them
         trainer.layer_compile, trainer.mask_kind = model.layer_compile, "sdpa"
     elif model.speed.graphs:
-        trainer.step_graphs = step_graphs_for(model.speed)
+        trainer.step_graphs = job_step_graphs()
     return trainer
 
 

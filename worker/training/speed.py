@@ -112,9 +112,6 @@ class SpeedPlan:
     # the first micro-batches train on eager layers while the compiled ones compile in a thread
     # (worker.training.layer_compile); the compiled plan from the first micro-batch after
     compile_while_training: bool = False
-    # the caching allocator maps memory into segments that grow (PyTorch's expandable_segments):
-    # the CUDA graphs' pool, which keeps every captured shape's blocks, fragments less
-    expandable_segments: bool = False
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -146,8 +143,6 @@ class SpeedPlan:
             parts.append(f"rows padded to a multiple of {self.row_multiple}")
         if self.fused_adamw:
             parts.append("paged_adamw_32bit runs as torch's fused AdamW (same update)")
-        if self.expandable_segments:
-            parts.append("expandable memory segments")
         return "; ".join(parts + self.notes)
 
 
@@ -272,8 +267,8 @@ def for_dpo(plan: SpeedPlan) -> SpeedPlan:
     return plan
 
 
-def step_graphs_for(plan: SpeedPlan) -> StepGraphs:
-    """The CUDA graphs a job with this plan (`plan.graphs`) replays its micro-batches with."""
+def job_step_graphs() -> StepGraphs:
+    """The CUDA graphs a job whose plan has `graphs` replays its micro-batches with."""
     return StepGraphs(capture_at_first_sight=CAPTURE_AT_FIRST_SIGHT)
 
 
@@ -510,19 +505,8 @@ def checkpointed_layer_forward(compiled_forward, checkpointing: bool, preserve_r
     return forward
 
 
-def set_expandable_segments(on: bool) -> None:
-    """The caching allocator's `expandable_segments` setting, for the segments it maps from now on."""
-    setting = f"expandable_segments:{on}"
-    if hasattr(torch._C, "_accelerator_setAllocatorSettings"):  # torch ≥ 2.12
-        torch._C._accelerator_setAllocatorSettings(setting)
-    else:  # pragma: no cover - torch 2.11 (the GPU machine's)
-        torch.cuda.memory._set_allocator_settings(setting)
-
-
 def apply_speed_plan(model: torch.nn.Module, plan: SpeedPlan) -> LayerCompile | None:
     """Applies the plan; with `compile_while_training`, the `LayerCompile` the trainer switches with."""
-    if plan.expandable_segments:
-        set_expandable_segments(True)
     if plan.fused_loss:
         refusal = fused_loss_refusal(model)
         if refusal is None:
