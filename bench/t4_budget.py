@@ -14,9 +14,10 @@ report: each process's peak, the peak of their sum at one instant, answers, OOMs
 
 On a card newer than a T4 the training is made to take the T4's path (`--as-t4`, the default):
 the plan `worker.training.speed.plan_speed` makes for compute capability 7.5 with 15 GiB free
-(compiled layers and CUDA graphs, the memory-efficient sdpa kernel with the dense packed mask,
-recomputation within its budget); flash and cuDNN attention are switched off in both processes
-(a T4 has neither).
+(eager layers, the memory-efficient sdpa kernel with the dense packed mask, whole layers
+recomputed; with FINETUNE_COMPILE_PRE_AMPERE=1 in the environment, compiled layers in rows
+without CUDA graphs, a tenth of their activations kept); flash and cuDNN attention are switched
+off in both processes (a T4 has neither).
 
     python bench/t4_budget.py --out t4-budget.json                  # a GPU: ~5 min
     python bench/t4_budget.py --tiny --train-seconds 30 --out x.json  # CPU: the plumbing only

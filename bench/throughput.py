@@ -167,9 +167,10 @@ SERVICE_ROUND_SIX_CURVE = [
     {"name": "no recompute, one row", **ONE_ROW, "checkpointing": False},
 ]
 # The T4's plan (compute capability 7.5, fp16; flash and cuDNN sdpa off, as a T4 has neither) on a
-# bigger card: the current one (eager layers, dense mask, whole layers recomputed) and a candidate
-# (compiled layers, 4-bit matmuls compiled into
-# them, CUDA graphs; the dense mask and sdpa's memory-efficient kernel kept).
+# bigger card: the default (eager layers, dense mask, whole layers recomputed) and the compiled
+# forms measured for it (docs/benchmarks.md, round six, fifth session; the dense mask and sdpa's
+# memory-efficient kernel kept): the operator's opt-in (FINETUNE_COMPILE_PRE_AMPERE=1: rows, no
+# CUDA graphs) and the two not taken (one row; rows with graphs).
 T4_ROUND_FIVE = {
     "as_t4": True,
     "attention": "auto",
@@ -181,7 +182,7 @@ T4_ROUND_FIVE = {
     "warmup": 3,
     "steps": 8,
 }
-T4_ROUND_SIX = {
+T4_COMPILED = {
     **T4_ROUND_FIVE,
     "compile": True,
     "plain_4bit": True,
@@ -189,19 +190,25 @@ T4_ROUND_SIX = {
     "row_multiple": 64,
     "warmup": 30,
     "steps": 12,
+    "first_sight": True,
+    "recompute_budget": 0.1,
 }
-SERVICE_T4 = [
-    {"name": "T4 plan, round five (eager)", **T4_ROUND_FIVE},
-    # measured 2026-12-07 (H100 as a T4) in rows with a recompute budget of 0.1: 8,967 tok/s, but
-    # 16.0 GiB reserved (over a T4's 15); in one row the H100's bf16 plan held 8.18 GiB
-    {
-        "name": "T4 plan candidate: compiled layers, CUDA graphs, one row, keep 10%",
-        **T4_ROUND_SIX,
-        "first_sight": True,
-        "one_row": True,
-        "recompute_budget": 0.1,
-    },
-]
+T4_EAGER = {"name": "T4 plan, round five (eager)", **T4_ROUND_FIVE}
+T4_ONE_ROW = {
+    **T4_COMPILED,
+    "name": "T4 candidate: compiled layers, CUDA graphs, one row, keep 10%",
+    "one_row": True,
+}
+T4_ROWS = {
+    **T4_COMPILED,
+    "name": "T4 candidate: compiled layers, CUDA graphs, rows, keep 10%",
+    "one_row": False,
+}
+T4_OPT_IN = {**T4_ROWS, "name": "T4 opt-in: compiled layers, rows, no graphs, keep 10%", "graphs": False}
+# The T4's worst case: every micro-batch 4 × 2048 tokens (as docs/deploy.md's budget assumes). One
+# row is then 8,192 tokens under the dense mask, whose attention costs four rows' four times over.
+T4_LONG = {"full_rows": True, "warmup": 2, "steps": 3, "profile_steps": 1}
+SERVICE_T4 = [T4_EAGER, T4_OPT_IN]
 
 
 def _service(dtype: str, variants: list[dict], *extra: str) -> list[str]:
@@ -224,11 +231,19 @@ GROUPS = {
     "service bf16, round six": _service("bfloat16", SERVICE_ROUND_SIX),
     "service bf16, round six curve": _service("bfloat16", SERVICE_ROUND_SIX_CURVE),
     "service fp16, T4 plan": _service("float16", SERVICE_T4),
+    "service fp16, T4 plan, long rows": _service("float16", [{**v, **T4_LONG} for v in SERVICE_T4]),
+    # one variant a process: reserved memory is the process's high-water mark
+    "service fp16, T4 one row": _service("float16", [T4_ONE_ROW]),
+    "service fp16, T4 one row, long rows": _service("float16", [{**T4_ONE_ROW, **T4_LONG}]),
+    "service fp16, T4 rows": _service("float16", [T4_ROWS]),
+    "service fp16, T4 rows, long rows": _service("float16", [{**T4_ROWS, **T4_LONG}]),
+    "service fp16, T4 opt-in": _service("float16", [T4_OPT_IN]),
+    "service fp16, T4 opt-in, long rows": _service("float16", [{**T4_OPT_IN, **T4_LONG}]),
 }
 # What one plain `python3 bench/throughput.py --out FILE` runs: the peers, the service's default and
-# the recomputation curve (round six), and the T4's plan against its candidate (~9 min on an H100,
-# estimated from round five: its five variants took 200 s, the peers ~3 min). Earlier rounds:
-# `--only GROUP`; two GPUs: `--only "service bf16, 2 GPUs"` (a machine with two GPUs).
+# the recomputation curve (round six), and the T4's plan against its opt-in (398.6 s on an H100 on
+# 2026-12-07 with the one-row candidate in the opt-in's place, which started slower: 29 s to 21 s).
+# Earlier rounds: `--only GROUP`; two GPUs: `--only "service bf16, 2 GPUs"` (a machine with two GPUs).
 DEFAULT_GROUPS = ["seed", "trl", "service bf16, round six", "service fp16, T4 plan"]
 LABELS = {"seed": "seed recipe, fp16, pad to 2048", "trl": "TRL SFTTrainer packing=bfd, bf16"}
 

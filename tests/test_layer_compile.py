@@ -131,6 +131,53 @@ def test_a_compile_that_fails_in_the_thread_is_said_and_the_layers_compile_at_th
     assert calls["n"] > 2  # the layers ran the "compiled" forward after the switch
 
 
+@pytest.mark.parametrize("compile_started", [False, True])
+def test_a_training_that_ends_before_the_switch_says_so(compile_started):
+    """Whether the training ended before the compile began (a single micro-batch) or while the
+    compiled layers waited for a next micro-batch that never came, the job is told its
+    micro-batches all trained eagerly (a GPU job whose compile finished during its last step
+    said nothing)."""
+    from worker.training.layer_compile import LayerCompile
+
+    model, tokenizer, samples = demo_lora_model(samples=2)
+    model.train()
+    layer_class = type(decoder_layers(model)[0])
+
+    def compiled(self, *args, **kwargs):
+        return type(self).forward(self, *args, **kwargs)
+
+    compile = LayerCompile(model, _plan(), {layer_class: compiled})
+    said: list[dict] = []
+    compile.say = lambda text, **data: said.append({"text": text, **data})
+    batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=64)
+    sequence_ids = batch.pop("sequence_ids")
+    compile.sequence_ids = sequence_ids
+    try:
+        compile.eager_micro_batches += 1  # as the trainer counts them
+        model(**batch, attention_mask=block_causal_mask(sequence_ids, torch.float32)).loss.backward()
+        if compile_started:
+            assert not compile.ready()  # the next micro-batch's question starts the compile
+            assert compile._thread is not None
+            compile._thread.join(timeout=60)
+        compile.close()
+    finally:
+        restore_decoder_layers(model)
+    assert not compile.switched
+    assert [s["eager_micro_batches"] for s in said] == [1]
+    if compile_started:
+        assert compile.error is None
+        seconds = said[0]["compile_seconds"]
+        assert said[0]["text"] == (
+            f"the training ended before it used its decoder layers, compiled in {seconds} s: "
+            "all 1 micro-batch(es) trained eagerly"
+        )
+    else:
+        assert said[0]["text"] == (
+            "the training ended before its decoder layers began compiling: "
+            "all 1 micro-batch(es) trained eagerly"
+        )
+
+
 def test_the_trainer_switches_to_the_compiled_layers_between_two_steps(tmp_path):
     """PackedTrainer runs its first step alone on the eager layers, its second beside the compile
     it starts, and once the thread is done switches before its next micro-batch (the packed

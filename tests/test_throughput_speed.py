@@ -22,6 +22,7 @@ from worker.training.nf4 import dequantize_4bit, use_bitsandbytes_matmul, use_pl
 from worker.training.packing import PackedData, block_causal_mask, collate_packed, plan_full_rows, plan_steps
 from worker.training.speed import (
     RECOMPUTE_BUDGET,
+    ROW_MULTIPLE,
     compile_decoder_layers,
     decoder_layers,
     for_dpo,
@@ -91,6 +92,38 @@ def test_the_plan_for_a_t4_is_the_one_measured():
         "compile_while_training": False,  # nothing compiles
         "notes": [],
     }
+
+
+def test_a_t4_compiles_its_layers_in_rows_without_graphs_only_when_the_operator_opts_in(monkeypatch):
+    """FINETUNE_COMPILE_PRE_AMPERE=1: the plan measured as a T4 (docs/gpu.md): compiled layers
+    with their 4-bit matmuls, the dense mask in rows (one row of 4 × 2048 under it was slower and
+    too big), no CUDA graphs (captures failed, 14 GiB reserved), a tenth of the activations kept;
+    the first steps eager while the layers compile. A DPO job there keeps eager layers."""
+    monkeypatch.setenv("FINETUNE_COMPILE_PRE_AMPERE", "1")
+    plan = plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((7, 5), 15 * GIB))
+    assert (plan.compile_layers, plan.plain_4bit, plan.mask, plan.attention) == (
+        True,
+        True,
+        "sdpa",
+        "default sdpa",
+    )
+    assert (plan.one_row, plan.graphs, plan.row_multiple) == (False, False, ROW_MULTIPLE)
+    assert (plan.checkpointing, plan.recompute_budget, plan.compile_while_training) == (
+        True,
+        RECOMPUTE_BUDGET,
+        True,
+    )
+    dpo = for_dpo(plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((7, 5), 15 * GIB), graphs=False))
+    assert (dpo.compile_layers, dpo.plain_4bit, dpo.row_multiple, dpo.checkpointing) == (
+        False,
+        False,
+        1,
+        True,
+    )
+    # older cards than a T4 never compile; without the opt-in a T4 keeps the plan pinned above
+    assert not plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((7, 0), 15 * GIB)).compile_layers
+    monkeypatch.setenv("FINETUNE_COMPILE_PRE_AMPERE", "0")
+    assert not plan_speed(PHI2, 4 * 2048, checkpointing=True, gpu=((7, 5), 15 * GIB)).compile_layers
 
 
 def test_the_plan_for_an_h100_keeps_recomputation_within_its_budget():

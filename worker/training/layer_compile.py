@@ -214,17 +214,26 @@ class LayerCompile:
             )
 
     def close(self) -> None:
-        """The training ended. A compile still running is left to finish while the job saves its
-        adapter; the process waits for it before it exits (Inductor's compile workers end then)."""
+        """The training ended; unless it switched, says why its micro-batches all trained eagerly
+        (a job's events always tell whether its layers were compiled). A compile still running is
+        left to finish while the job saves its adapter; the process waits for it before it exits
+        (Inductor's compile workers end then)."""
         self._hook.remove()
-        thread = self._thread
-        if not self.switched and thread is not None and thread.is_alive():
-            self.say(
-                f"the training ended before its decoder layers compiled: all {self.eager_micro_batches} "
-                "micro-batch(es) trained eagerly",
-                eager_micro_batches=self.eager_micro_batches,
-            )
+        if self.switched:
+            return
+        thread, eager = self._thread, self.eager_micro_batches
+        data: dict[str, Any] = {"eager_micro_batches": eager, "compile_error": self.error}
+        if thread is not None and thread.is_alive():
+            why = "its decoder layers compiled"
             atexit.register(thread.join)
+        elif not self._done.is_set():  # one micro-batch: the compile never started
+            why = "its decoder layers began compiling"
+        elif self.error is not None:
+            why = f"it used its compiled decoder layers (their compile failed: {self.error})"
+        else:  # compiled between the last micro-batch and the end
+            data["compile_seconds"] = round(self.compile_seconds or 0.0, 1)
+            why = f"it used its decoder layers, compiled in {data['compile_seconds']} s"
+        self.say(f"the training ended before {why}: all {eager} micro-batch(es) trained eagerly", **data)
 
 
 def bypass_hub_kernel_routing(model: torch.nn.Module) -> int:

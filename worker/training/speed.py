@@ -40,6 +40,10 @@ optimizer update); what it changes is how many kernels a step launches and which
   (and says so in the job's events): for Phi-2 an H200 drops it, an 80 GB card drops it without
   graphs only, a 40 GB card and a T4 keep it.
 
+A T4 (compute capability 7.5) runs the eager layers with the rest unless the operator sets
+`FINETUNE_COMPILE_PRE_AMPERE=1`: Triton, which compiles the layers, supports 8.0 and newer only
+(docs/gpu.md's T4 section has what was measured for it).
+
 Everything is opt-out with `FINETUNE_FAST_PATH=0` in the worker's environment, and nothing
 here runs without CUDA (the CPU path, and so the test suite, is the plain eager one unless
 a test asks for it).
@@ -75,8 +79,17 @@ log = logging.getLogger(__name__)
 ROW_MULTIPLE = 64
 
 
+def _env_flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).lower() not in ("0", "false", "no", "off", "")
+
+
 def fast_path_enabled() -> bool:
-    return os.environ.get("FINETUNE_FAST_PATH", "1").lower() not in ("0", "false", "no", "off")
+    return _env_flag("FINETUNE_FAST_PATH", "1")
+
+
+def compile_pre_ampere() -> bool:
+    """The operator's opt-in to compiled layers on a card below `COMPILE_MIN_CAPABILITY` (a T4)."""
+    return _env_flag("FINETUNE_COMPILE_PRE_AMPERE", "0")
 
 
 @dataclass
@@ -165,9 +178,13 @@ def activation_bytes_without_checkpointing(config: Any, tokens: int) -> int:
     return tokens * layers * per_token_layer
 
 
-# Layers are compiled on compute capability 8.0 and newer, where it was measured (a T4, 7.5, stays
-# eager: docs/gpu.md's T4 section says what of the fast path it runs and why).
+# Layers are compiled on compute capability 8.0 and newer, where it was measured and where Triton
+# supports the card (Triton 3.3 and later: 8.0+; below, its matmuls lost their tensor-core path).
+# A T4 (7.5) stays eager unless `FINETUNE_COMPILE_PRE_AMPERE=1`; then it compiles from
+# PRE_AMPERE_MIN_CAPABILITY on, in rows without CUDA graphs (measured as a T4 on an H100,
+# 2026-12-07: 8,521 tok/s at 10.4 GiB reserved against the eager 3,277; docs/gpu.md).
 COMPILE_MIN_CAPABILITY = (8, 0)
+PRE_AMPERE_MIN_CAPABILITY = (7, 5)
 # With checkpointing on, compiled layers keep a tenth of their activations and recompute the rest
 # in their compiled backward: measured on an H100 (2026-12-07, `python3 bench/throughput.py`, the
 # default recipe in one row): 20,554 tok/s at 8.18 GiB reserved, against 12,974 at 6.35 GiB with
@@ -217,7 +234,9 @@ def plan_speed(
     plan.fused_adamw = True
     plan.fused_loss = True
     if compile_layers is None:
-        compile_layers = capability >= COMPILE_MIN_CAPABILITY
+        compile_layers = capability >= COMPILE_MIN_CAPABILITY or (
+            capability >= PRE_AMPERE_MIN_CAPABILITY and compile_pre_ampere()
+        )
     plan.compile_layers = compile_layers
     plan.plain_4bit = compile_layers and plain_4bit
     if compile_layers:  # fewer distinct shapes for the compiled layers; an eager GPU-bound T4 pads nothing
@@ -228,10 +247,17 @@ def plan_speed(
         plan.mask, plan.attention = "flex", "FlexAttention, document block mask"
         plan.row_multiple = FLEX_BLOCK
     # compiled layers meet one batch size (a step of one row after steps of two compiled them again,
-    # mid-job); FlexAttention skips the blocks no sample sees, so one long row costs what its rows did
-    plan.one_row = packed and plan.compile_layers
+    # mid-job); FlexAttention skips the blocks no sample sees, so one long row costs what its rows
+    # did. The dense mask computes every block: one row of 4 × 2048 tokens trained slower than the
+    # eager rows and reserved 16.7 GiB (as a T4 on an H100, 2026-12-07), so it keeps its rows.
+    block_mask = plan.mask == "flex"
+    plan.one_row = packed and plan.compile_layers and block_mask
+    # CUDA graphs with the block mask only: with the dense mask (a T4 that compiles) captures failed
+    # and the graphs' pool took the reserve to 14 GiB of a T4's 15 (as a T4, 2026-12-07)
     if graphs is None:  # packed rows come in a few shapes; data-parallel ranks keep DDP's hooks
-        graphs = compile_layers and packed and processes == 1 and not _attention_dropout(config)
+        graphs = (
+            compile_layers and packed and block_mask and processes == 1 and not _attention_dropout(config)
+        )
     plan.graphs = graphs
     plan.compile_while_training = compile_layers and packed and processes == 1 and COMPILE_WHILE_TRAINING
     if checkpointing:
@@ -264,6 +290,10 @@ def for_dpo(plan: SpeedPlan) -> SpeedPlan:
     plan.compile_while_training = False
     plan.one_row = False
     plan.recompute_budget = None
+    if plan.mask != "flex":  # a T4's opt-in compile: whole compiled layers in fp16 with the dense
+        # mask failed torch's checkpoint check (45 tensors saved, 43 recomputed): eager layers
+        plan.compile_layers = plan.plain_4bit = False
+        plan.row_multiple = 1
     return plan
 
 
