@@ -97,11 +97,27 @@ def test_the_layers_compile_beside_an_eager_step_and_switch_without_compiling_ag
     assert len(decoder_layers(model)) == 2
 
 
-def test_a_compile_that_fails_in_the_thread_is_said_and_the_layers_compile_at_their_call():
+def _compile_beside_demo_steps(compiled_forward):
+    """The tiny model (2 samples, dense mask) with a `LayerCompile` whose "compiled" layer forward
+    is `compiled_forward`; what it says, and a training micro-batch's forward and backward."""
     from worker.training.layer_compile import LayerCompile
 
     model, tokenizer, samples = demo_lora_model(samples=2)
     model.train()
+    compile = LayerCompile(model, _plan(), {type(decoder_layers(model)[0]): compiled_forward})
+    said: list[dict] = []
+    compile.say = lambda text, **data: said.append({"text": text, **data})
+    batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=64)
+    compile.sequence_ids = batch.pop("sequence_ids")
+    mask = block_causal_mask(compile.sequence_ids, torch.float32)
+
+    def step() -> None:
+        model(**batch, attention_mask=mask).loss.backward()
+
+    return model, compile, said, step
+
+
+def test_a_compile_that_fails_in_the_thread_is_said_and_the_layers_compile_at_their_call():
     calls = {"n": 0}
 
     def forward_failing_once(self, *args, **kwargs):
@@ -110,20 +126,14 @@ def test_a_compile_that_fails_in_the_thread_is_said_and_the_layers_compile_at_th
             raise RuntimeError("no compiler here")
         return type(self).forward(self, *args, **kwargs)
 
-    layer_class = type(decoder_layers(model)[0])
-    compile = LayerCompile(model, _plan(), {layer_class: forward_failing_once})
-    said: list[dict] = []
-    compile.say = lambda text, **data: said.append({"text": text, **data})
-    batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=64)
-    sequence_ids = batch.pop("sequence_ids")
-    compile.sequence_ids = sequence_ids
+    model, compile, said, step = _compile_beside_demo_steps(forward_failing_once)
     try:
-        model(**batch, attention_mask=block_causal_mask(sequence_ids, torch.float32)).loss.backward()
+        step()
         assert not compile.ready()
         assert compile._thread is not None
         compile._thread.join(timeout=60)
         compile.switch(SimpleNamespace(mask_kind="sdpa", step_graphs=None))
-        model(**batch, attention_mask=block_causal_mask(sequence_ids, torch.float32)).loss.backward()
+        step()
     finally:
         restore_decoder_layers(model)
     assert said[0]["compile_error"] == "RuntimeError: no compiler here"
@@ -137,24 +147,14 @@ def test_a_training_that_ends_before_the_switch_says_so(compile_started):
     compiled layers waited for a next micro-batch that never came, the job is told its
     micro-batches all trained eagerly (a GPU job whose compile finished during its last step
     said nothing)."""
-    from worker.training.layer_compile import LayerCompile
-
-    model, tokenizer, samples = demo_lora_model(samples=2)
-    model.train()
-    layer_class = type(decoder_layers(model)[0])
 
     def compiled(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
 
-    compile = LayerCompile(model, _plan(), {layer_class: compiled})
-    said: list[dict] = []
-    compile.say = lambda text, **data: said.append({"text": text, **data})
-    batch = packed_step(samples, tokenizer.pad_token_id, row_multiple=64)
-    sequence_ids = batch.pop("sequence_ids")
-    compile.sequence_ids = sequence_ids
+    model, compile, said, step = _compile_beside_demo_steps(compiled)
     try:
         compile.eager_micro_batches += 1  # as the trainer counts them
-        model(**batch, attention_mask=block_causal_mask(sequence_ids, torch.float32)).loss.backward()
+        step()
         if compile_started:
             assert not compile.ready()  # the next micro-batch's question starts the compile
             assert compile._thread is not None

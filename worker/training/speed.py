@@ -80,7 +80,8 @@ ROW_MULTIPLE = 64
 
 
 def _env_flag(name: str, default: str) -> bool:
-    return os.environ.get(name, default).lower() not in ("0", "false", "no", "off", "")
+    """A worker switch: off for 0, false, no, off; unset or empty, `default`."""
+    return (os.environ.get(name) or default).lower() not in ("0", "false", "no", "off")
 
 
 def fast_path_enabled() -> bool:

@@ -23,8 +23,10 @@ launch: the host's share of a replayed micro-batch is copying its tensors in.
 - A capture that fails (a shape that needs a compile of its own, an op that waits for the GPU)
   leaves that micro-batch to the eager path and is tried again the next time; a shape failing
   twice stays eager, and after `MAX_FAILURES_IN_ALL` failures the whole job does. The pool is
-  handed back by a failed capture (torch's capture_end never does when the capture failed, and
-  every later capture was refused: "beginAllocateToPool: already recording").
+  handed back by a capture that failed in Python, e.g. on a recompile (torch's capture_end never
+  does when the capture failed, and every later capture was refused: "beginAllocateToPool:
+  already recording"); after a CUDA error inside the capture ("operation failed due to a previous
+  error during capture", seen with the dense mask in rows, which no plan captures) it is not yet.
 - A capture doesn't wait for the GPU (`_recording`): torch's `torch.cuda.graph` synchronizes and
   empties the allocator's caches before each one, so at each new shape the GPU's queue drained
   and the GPU idled while the host recorded (an H100, the default recipe: 18,421 tok/s at 14.49
